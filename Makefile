@@ -1,0 +1,25 @@
+# `make test` and `make demo` create .venv on first use and install requirements.txt into it.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: test demo bench clean
+
+$(VENV)/.installed: requirements.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.txt
+	touch $@
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q tests
+
+demo: $(VENV)/.installed
+	$(BIN)/python demo.py
+
+bench: $(VENV)/.installed
+	$(BIN)/python benchmarks/bench_training.py
+	$(BIN)/python benchmarks/bench_encoding.py
+
+clean:
+	rm -rf $(VENV) demo_data demo_output .pytest_cache

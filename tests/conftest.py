@@ -1,0 +1,38 @@
+"""Shared fixtures. Tests import the scripts and helpers from the repository root."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MASKS = REPO.parent / "shared" / "algonauts_roi_masks"
+sys.path.insert(0, str(REPO))
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _no_torch_downloads(tmp_path, monkeypatch):
+    """Point the torch cache at an empty folder so no test can find or fetch real weights."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+    """A small synthetic Algonauts dataset: 2 subjects, 240 images of 64 x 64, generated masks.
+
+    Shared by many tests: treat it as read-only (write outputs under another root, or copy).
+    """
+    import synthetic_data
+    root = tmp_path_factory.mktemp("synthetic")
+    synthetic_data.write_algonauts_dataset(root, n_subjects=2, n_images=240, image_size=64, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def shared_masks():
+    if not SHARED_MASKS.is_dir():
+        pytest.skip(f"real masks not found at {SHARED_MASKS}")
+    return SHARED_MASKS

@@ -1,0 +1,704 @@
+"""Shared helpers: constants, paths, ROI masks, datasets, splits, image cache, AlexNet, options.
+
+Scripts import this module; it never imports a script. Every path is built from a
+``root`` folder given by the caller, so nothing here depends on the working directory.
+"""
+
+import argparse
+import ast
+import hashlib
+import inspect
+import json
+import os
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+CODE_VERSION = "1.0"
+
+# --- ROIs ------------------------------------------------------------------------------
+
+ROI_CLASSES = {
+    "prf-visualrois": ["V1v", "V1d", "V2v", "V2d", "V3v", "V3d", "hV4"],
+    "floc-bodies": ["EBA", "FBA-1", "FBA-2", "mTL-bodies"],
+    "floc-faces": ["OFA", "FFA-1", "FFA-2", "mTL-faces", "aTL-faces"],
+    "floc-places": ["OPA", "PPA", "RSC"],
+    "floc-words": ["OWFA", "VWFA-1", "VWFA-2", "mfs-words", "mTL-words"],
+    "streams": ["early", "midventral", "midlateral", "midparietal", "ventral", "lateral", "parietal"],
+}
+ROIS = [roi for rois in ROI_CLASSES.values() for roi in rois]
+ROI_CLASS = {roi: cls for cls, rois in ROI_CLASSES.items() for roi in rois}
+# The integer code of each ROI inside its class mask (0 means "Unknown").
+ROI_CODE = {roi: i + 1 for rois in ROI_CLASSES.values() for i, roi in enumerate(rois)}
+HEMISPHERES = ("lh", "rh")
+N_SUBJECTS = 8
+N_FSAVERAGE_VERTICES = 163842
+
+# --- AlexNet ---------------------------------------------------------------------------
+
+LAYERS = [
+    "features.2", "features.5", "features.7", "features.9", "features.12",
+    "classifier.2", "classifier.5", "classifier.6",
+]
+# Flattened sizes at the default 224 x 224 input (see layer_dims for other sizes).
+LAYER_DIMS = {
+    "features.2": 64 * 27 * 27, "features.5": 192 * 13 * 13, "features.7": 384 * 13 * 13,
+    "features.9": 256 * 13 * 13, "features.12": 256 * 6 * 6,
+    "classifier.2": 4096, "classifier.5": 4096, "classifier.6": 1000,
+}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_WEIGHTS_FILE = "alexnet-owt-7be5be79.pth"
+IMAGENET_WEIGHTS_URL = "https://download.pytorch.org/models/" + IMAGENET_WEIGHTS_FILE
+
+
+class UserError(Exception):
+    """A problem with the user's input: reported as one line, without a traceback."""
+
+
+# --- Paths -----------------------------------------------------------------------------
+
+def subj_dir(subj):
+    """Folder name of a subject: 1 -> 'Subj1'."""
+    return f"Subj{int(subj)}"
+
+
+def hemi_code(hemisphere):
+    """Normalise a hemisphere name ('left', 'lh', 'right', 'rh') to 'lh' or 'rh'."""
+    h = str(hemisphere).lower()
+    if h in ("left", "lh", "l"):
+        return "lh"
+    if h in ("right", "rh", "r"):
+        return "rh"
+    raise UserError(f"unknown hemisphere {hemisphere!r}: use 'left' or 'right'")
+
+
+def check_roi(roi):
+    """Return ``roi`` if it is one of the 31 ROI names, else raise a UserError listing them."""
+    if roi not in ROI_CLASS:
+        raise UserError(f"unknown ROI {roi!r}: valid names are {', '.join(ROIS)}")
+    return roi
+
+
+def fmri_path(root, subj, hemisphere):
+    h = hemi_code(hemisphere)
+    return Path(root) / "training_fmri" / subj_dir(subj) / f"subj{int(subj)}_{h}_training_fmri.npy"
+
+
+def images_dir(root, subj):
+    return Path(root) / "training_images" / subj_dir(subj)
+
+
+def roi_masks_dir(root, subj):
+    return Path(root) / "roi_masks" / subj_dir(subj)
+
+
+def roi_mask_path(root, subj, hemisphere, roi_class):
+    return roi_masks_dir(root, subj) / f"{hemi_code(hemisphere)}.{roi_class}_challenge_space.npy"
+
+
+def roi_mapping_path(root, subj, roi_class):
+    return roi_masks_dir(root, subj) / f"mapping_{roi_class}.npy"
+
+
+def fsaverage_mask_path(root, subj, hemisphere):
+    return roi_masks_dir(root, subj) / f"{hemi_code(hemisphere)}.all-vertices_fsaverage_space.npy"
+
+
+def voxel_roi_mapping_path(root, subj, hemisphere):
+    h = hemi_code(hemisphere)
+    return Path(root) / "voxel_roi_mappings" / subj_dir(subj) / f"subj{int(subj)}_{h}_voxel_roi_mappings.joblib"
+
+
+def cl_model_path(root, subj, hemisphere, roi, epochs):
+    h = hemi_code(hemisphere)
+    return Path(root) / "cl_models" / subj_dir(subj) / f"subj{int(subj)}_{h}_{roi}_model_e{int(epochs)}.pt"
+
+
+def pooled_model_path(root, hemisphere, roi, epochs, h_method):
+    if h_method not in ("const", "avg"):
+        raise UserError(f"unknown H_METHOD {h_method!r}: use 'const' or 'avg'")
+    return Path(root) / "cl_models" / f"{hemi_code(hemisphere)}_{roi}_pooled_model_e{int(epochs)}_h{h_method}.pt"
+
+
+def reg_model_path(root, subj, hemisphere, roi, epochs):
+    h = hemi_code(hemisphere)
+    return (Path(root) / "baseline_models" / "nn_reg" / subj_dir(subj)
+            / f"subj{int(subj)}_{h}_{roi}_reg_model_e{int(epochs)}.pt")
+
+
+def encoding_dir(root, subj):
+    return Path(root) / "encoding_results" / subj_dir(subj)
+
+
+def results_dir(root):
+    return Path(root) / "results"
+
+
+def classification_preds_dir(root):
+    return Path(root) / "classification_preds"
+
+
+def cache_dir(root):
+    """Where derived caches (decoded images) live; safe to delete."""
+    return Path(root) / "cache"
+
+
+def require_dir(path, fix):
+    """Raise a UserError naming ``path`` and ``fix`` unless ``path`` is a folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"missing folder {path}: {fix}")
+    return path
+
+
+def require_file(path, fix):
+    """Raise a UserError naming ``path`` and ``fix`` unless ``path`` is a file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"missing file {path}: {fix}")
+    return path
+
+
+def find_subjects(root):
+    """Subjects (ints, sorted) that have a folder under ``root/roi_masks``."""
+    masks = require_dir(Path(root) / "roi_masks", "put the Algonauts roi_masks/SubjX folders there (see README)")
+    subjects = sorted(int(p.name[4:]) for p in masks.iterdir() if p.is_dir() and p.name[:4] == "Subj" and p.name[4:].isdigit())
+    if not subjects:
+        raise UserError(f"no SubjX folders in {masks}: put the Algonauts roi_masks/SubjX folders there (see README)")
+    return subjects
+
+
+# --- Atomic writes ---------------------------------------------------------------------
+
+@contextmanager
+def atomic_path(path):
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically.
+
+    A crash inside the block leaves ``path`` untouched and removes the temporary file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp" + path.suffix)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_torch_save(obj, path):
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def atomic_np_save(array, path):
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
+
+
+def atomic_joblib_dump(obj, path):
+    import joblib
+    with atomic_path(path) as tmp:
+        joblib.dump(obj, tmp)
+
+
+def atomic_write_text(text, path):
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+
+
+def atomic_json_dump(obj, path):
+    atomic_write_text(json.dumps(obj, indent=1, sort_keys=True), path)
+
+
+# --- ROI masks -------------------------------------------------------------------------
+
+def load_roi_mask(root, subj, hemisphere, roi_class):
+    """Integer label per challenge-space vertex, shape (n_vertices,)."""
+    path = require_file(roi_mask_path(root, subj, hemisphere, roi_class),
+                        "copy the Algonauts roi_masks folder for this subject (see README)")
+    return np.load(path)
+
+
+def load_roi_mapping(root, subj, roi_class):
+    """Dict code -> ROI name of one class (code 0 is 'Unknown')."""
+    path = require_file(roi_mapping_path(root, subj, roi_class),
+                        "copy the Algonauts roi_masks folder for this subject (see README)")
+    return {int(k): v for k, v in np.load(path, allow_pickle=True).item().items()}
+
+
+def n_vertices(root, subj, hemisphere):
+    """Number of challenge-space vertices of a hemisphere (from the fsaverage mask)."""
+    path = require_file(fsaverage_mask_path(root, subj, hemisphere),
+                        "copy the Algonauts roi_masks folder for this subject (see README)")
+    return int(np.load(path).sum())
+
+
+def roi_voxel_indices(root, subj, hemisphere, roi):
+    """Sorted indices (int64) of the challenge-space vertices inside ``roi``; empty if absent."""
+    roi_class = ROI_CLASS[check_roi(roi)]
+    mapping = load_roi_mapping(root, subj, roi_class)
+    codes = [code for code, name in mapping.items() if name == roi]
+    mask = load_roi_mask(root, subj, hemisphere, roi_class)
+    return np.flatnonzero(np.isin(mask, codes)).astype(np.int64)
+
+
+def roi_voxel_count(root, subj, hemisphere, roi):
+    return len(roi_voxel_indices(root, subj, hemisphere, roi))
+
+
+# --- fMRI and images -------------------------------------------------------------------
+
+def load_fmri(root, subj, hemisphere, voxels=None):
+    """Training fMRI of one hemisphere, float32 (n_images, n_vertices), or its ``voxels`` columns.
+
+    The width is checked against the subject's fsaverage mask.
+    """
+    path = require_file(fmri_path(root, subj, hemisphere),
+                        "place the Algonauts training_fmri files there (see README)")
+    try:
+        fmri = np.load(path, mmap_mode="r")
+    except ValueError as e:
+        raise UserError(f"cannot read {path} as a .npy array ({e}): re-copy the file") from None
+    if fmri.ndim != 2:
+        raise UserError(f"{path} has shape {fmri.shape}: expected 2-D (n_images, n_vertices)")
+    expected = n_vertices(root, subj, hemisphere)
+    if fmri.shape[1] != expected:
+        raise UserError(f"{path} has {fmri.shape[1]} columns but the roi_masks of {subj_dir(subj)} "
+                        f"have {expected} {hemi_code(hemisphere)} vertices: use the matching masks")
+    out = fmri if voxels is None else fmri[:, voxels]
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def list_images(root, subj):
+    """Sorted PNG paths of a subject; their order is the fMRI row order."""
+    d = require_dir(images_dir(root, subj), "place the Algonauts training_images there (see README)")
+    paths = sorted(p for p in d.iterdir() if p.suffix.lower() == ".png")
+    if not paths:
+        raise UserError(f"no .png images in {d}: place the Algonauts training_images there (see README)")
+    return paths
+
+
+def check_counts(n_images, fmri, what):
+    if fmri.shape[0] != n_images:
+        raise UserError(f"{what} has {fmri.shape[0]} rows but there are {n_images} images: "
+                        "fMRI rows and images must match one to one")
+
+
+def decode_image(path, image_size):
+    """Decode one image as RGB, squash-resize to (image_size, image_size): uint8 (S, S, 3).
+
+    Identical to torchvision's ``Resize((S, S))`` on a PIL image (bilinear, antialiased).
+    """
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+            return np.asarray(im, dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"cannot read image {path} ({e}): replace or remove the file") from None
+
+
+def _cache_key(paths, image_size):
+    h = hashlib.sha1(str(image_size).encode())
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{Path(p).name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def image_cache(paths, image_size, cache_folder, name="images", workers=None):
+    """Decode and resize every image once into a memory-mapped uint8 (n, S, S, 3) ``.npy``.
+
+    The file name holds a key of the file names, sizes, mtimes and image size, so a
+    changed image list builds a new cache; older caches of the same ``name`` are removed.
+
+    Parameters
+    ----------
+    paths : list of path-like, image files in row order.
+    image_size : int, side of the square output.
+    cache_folder : path-like, where the cache lives.
+    name : str, prefix of the cache file.
+
+    Returns
+    -------
+    images : np.memmap uint8, shape (n, image_size, image_size, 3), read-only.
+    """
+    paths = [Path(p) for p in paths]
+    cache_folder = Path(cache_folder)
+    target = cache_folder / f"{name}_s{image_size}_{_cache_key(paths, image_size)}.npy"
+    if target.exists():
+        return np.load(target, mmap_mode="r")
+    for old in cache_folder.glob(f"{name}_s{image_size}_*.npy"):
+        old.unlink()
+    cache_folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
+                                        shape=(len(paths), image_size, image_size, 3))
+        with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+            decoded = pool.map(lambda p: decode_image(p, image_size), paths)
+            for i, im in enumerate(tqdm(decoded, total=len(paths), desc=f"caching {name}", leave=False)):
+                out[i] = im
+        out.flush()
+        del out
+    return np.load(target, mmap_mode="r")
+
+
+def subject_images(root, subj, image_size):
+    """The cached uint8 images (n, S, S, 3) of a subject, in fMRI row order."""
+    return image_cache(list_images(root, subj), image_size, cache_dir(root), name=f"{subj_dir(subj)}")
+
+
+def normalize_images(batch, device=None):
+    """uint8 (B, S, S, 3) array or tensor -> float32 (B, 3, S, S) ImageNet-normalised on ``device``.
+
+    The permuted NHWC tensor is already channels_last, which is what CUDA convolutions want.
+    """
+    x = torch.as_tensor(np.asarray(batch) if not torch.is_tensor(batch) else batch)
+    x = x.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+class SubjectData:
+    """Images and fMRI of one subject and hemisphere, restricted to some voxels.
+
+    Attributes
+    ----------
+    images : np.memmap uint8 (n, S, S, 3), the image cache, rows in sorted file order.
+    fmri : np.ndarray float32 (n, n_voxels), row i is the response to image i.
+    voxels : np.ndarray int64 (n_voxels,), challenge-space indices of the columns.
+    train, test : np.ndarray int64, the seeded 85/15 split of the rows.
+    """
+
+    def __init__(self, root, subj, hemisphere, voxels=None, image_size=224):
+        self.subj, self.hemisphere, self.image_size = int(subj), hemi_code(hemisphere), image_size
+        paths = list_images(root, subj)
+        fmri = load_fmri(root, subj, hemisphere, voxels)
+        check_counts(len(paths), fmri, str(fmri_path(root, subj, hemisphere)))
+        self.fmri = fmri
+        self.voxels = np.arange(fmri.shape[1]) if voxels is None else np.asarray(voxels, dtype=np.int64)
+        self.image_paths = paths
+        self.images = image_cache(paths, image_size, cache_dir(root), name=subj_dir(subj))
+        self.train, self.test = train_test_split(len(paths))
+
+    def __len__(self):
+        return len(self.image_paths)
+
+
+def iterate_batches(images, fmri, indices, batch_size, device, shuffle=False, generator=None):
+    """Yield (normalised images (B, 3, S, S), fMRI (B, V)) tensors on ``device``.
+
+    Rows come from the uint8 cache, so no PNG is decoded; with ``shuffle`` the order of
+    ``indices`` is permuted by ``generator`` each call. ``fmri`` may be None.
+    """
+    indices = np.asarray(indices)
+    if shuffle:
+        indices = indices[torch.randperm(len(indices), generator=generator).numpy()]
+    pin = torch.device(device).type == "cuda"
+    for start in range(0, len(indices), batch_size):
+        idx = np.sort(indices[start:start + batch_size]) if not shuffle else indices[start:start + batch_size]
+        x = torch.from_numpy(np.ascontiguousarray(images[idx]))
+        y = None if fmri is None else torch.from_numpy(np.ascontiguousarray(fmri[idx]))
+        if pin:
+            x = x.pin_memory()
+            y = None if y is None else y.pin_memory()
+        yield normalize_images(x, device), (None if y is None else y.to(device, non_blocking=True))
+
+
+# --- Splits ----------------------------------------------------------------------------
+
+def train_test_split(n, train_fraction=0.85, seed=0):
+    """The seeded split of DESIGN.md: perm = randperm(n, seed); train = perm[:int(0.85 n)].
+
+    Returns
+    -------
+    train, test : np.ndarray int64, disjoint, covering range(n).
+    """
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+    cut = int(train_fraction * n)
+    return perm[:cut].astype(np.int64), perm[cut:].astype(np.int64)
+
+
+def cv_folds(train, n_folds=5):
+    """Contiguous folds inside ``train``: fold k validates on train[k v:(k+1) v], v = int(len/n_folds).
+
+    Returns
+    -------
+    folds : list of (fit_indices, val_indices) np.ndarray int64 pairs. Rows past
+        n_folds * v are never validated on and always fitted on.
+    """
+    train = np.asarray(train, dtype=np.int64)
+    v = int(len(train) / n_folds)
+    if v < 1:
+        raise UserError(f"{len(train)} training images cannot make {n_folds} folds: use fewer folds or more images")
+    folds = []
+    for k in range(n_folds):
+        val = train[k * v:(k + 1) * v]
+        fit = np.concatenate([train[:k * v], train[(k + 1) * v:]])
+        folds.append((fit, val))
+    return folds
+
+
+# --- Devices and AlexNet ---------------------------------------------------------------
+
+def resolve_device(name):
+    """'auto' -> cuda when available else cpu; 'cuda' without a GPU is a UserError."""
+    name = str(name).lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for but CUDA is not available: use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}: use auto, cpu or cuda") from None
+
+
+def autocast(device):
+    """bf16 autocast on CUDA, a no-op elsewhere."""
+    device = torch.device(device)
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def imagenet_weights_path():
+    """Where torchvision keeps the ImageNet AlexNet weights ($TORCH_HOME/hub/checkpoints/...)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / IMAGENET_WEIGHTS_FILE
+
+
+def load_state_dict_file(path, what="weights"):
+    """torch.load(path, weights_only=True) with a one-line UserError for missing or corrupt files."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} file {path} not found: check the path")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot load {what} file {path} ({type(e).__name__}): the file is corrupt, "
+                        "re-create or re-download it") from None
+
+
+def load_alexnet(weights="imagenet", seed=0):
+    """A torchvision AlexNet in eval mode.
+
+    Parameters
+    ----------
+    weights : 'imagenet' (torchvision's IMAGENET1K_V1 file, which must already be in the
+        torch cache: nothing is downloaded), 'none' (seeded random initialisation), or the
+        path of an AlexNet state dict.
+    seed : int, the seed of the random initialisation.
+    """
+    from torchvision.models import alexnet
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = alexnet(weights=None)
+    if str(weights).lower() == "none":
+        return model.eval()
+    if str(weights).lower() == "imagenet":
+        path = imagenet_weights_path()
+        if not path.is_file():
+            raise UserError(f"ImageNet AlexNet weights not found at {path}: download {IMAGENET_WEIGHTS_URL} "
+                            "to that path (or set TORCH_HOME), or use --weights none for random weights")
+    else:
+        path = Path(weights)
+    state = load_state_dict_file(path, "AlexNet weights")
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise UserError(f"{path} is not an AlexNet state dict ({str(e).splitlines()[0]}): "
+                        "pass a torchvision AlexNet state dict") from None
+    return model.eval()
+
+
+def layer_dims(image_size=224):
+    """Flattened size of each of LAYERS for a square input of side ``image_size``."""
+    if image_size == 224:
+        return dict(LAYER_DIMS)
+    with torch.no_grad():
+        feats = feature_extractor(load_alexnet("none"))(torch.zeros(1, 3, image_size, image_size))
+    return {k: int(v[0].numel()) for k, v in feats.items()}
+
+
+def feature_extractor(alexnet, layers=LAYERS):
+    """torchvision ``create_feature_extractor`` over ``layers`` of an AlexNet (eval mode)."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+    return create_feature_extractor(alexnet.eval(), return_nodes=list(layers))
+
+
+@torch.no_grad()
+def iter_features(alexnet, images, batch_size=256, device="cpu", layers=LAYERS, indices=None):
+    """One forward pass per batch through all ``layers`` at once.
+
+    Parameters
+    ----------
+    alexnet : torchvision AlexNet (or the ``alexnet`` of a tuned model).
+    images : uint8 array (n, S, S, 3), e.g. the image cache.
+    indices : optional rows of ``images`` to use, in order.
+
+    Yields
+    ------
+    (start, feats) : start row of the batch, and dict layer -> float32 tensor (B, d_layer) on ``device``.
+    """
+    device = torch.device(device)
+    extractor = feature_extractor(alexnet, layers).to(device)
+    if device.type == "cuda":
+        extractor = extractor.to(memory_format=torch.channels_last)
+    rows = np.arange(len(images)) if indices is None else np.asarray(indices)
+    for start in tqdm(range(0, len(rows), batch_size), desc="features", leave=False):
+        x = normalize_images(np.ascontiguousarray(images[rows[start:start + batch_size]]), device)
+        with autocast(device):
+            out = extractor(x)
+        yield start, {k: v.flatten(1).float() for k, v in out.items()}
+
+
+def extract_features(alexnet, images, batch_size=256, device="cpu", layers=LAYERS, indices=None):
+    """All ``layers`` for all rows as float32 numpy arrays: dict layer -> (n, d_layer)."""
+    out = {}
+    n = len(images) if indices is None else len(indices)
+    for start, feats in iter_features(alexnet, images, batch_size, device, layers, indices):
+        for k, v in feats.items():
+            if k not in out:
+                out[k] = np.empty((n, v.shape[1]), dtype=np.float32)
+            out[k][start:start + len(v)] = v.cpu().numpy()
+    return out
+
+
+# --- Options ---------------------------------------------------------------------------
+
+def _options_block(module):
+    """(name, comment) pairs of the ``# --- Options ---`` block of a script's source."""
+    lines = inspect.getsource(module).splitlines()
+    try:
+        start = next(i for i, line in enumerate(lines) if line.strip().lower().startswith("# --- options"))
+    except StopIteration:
+        raise RuntimeError(f"{module.__name__} has no '# --- Options ---' block") from None
+    names = []
+    for line in lines[start + 1:]:
+        s = line.strip()
+        if not s or s.startswith("#"):
+            if s.startswith("# ---"):
+                break
+            continue
+        target, sep, rest = s.partition("=")
+        if not sep or not target.strip().isupper():
+            break
+        _, _, comment = rest.partition("#")
+        names.append((target.strip(), comment.strip()))
+    return names
+
+
+def _parse_value(text, default):
+    """Parse a flag value in the type of its default (lists: comma- or space-separated)."""
+    if isinstance(default, bool):
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    if text.lower() == "none" and not isinstance(default, str):
+        return None
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        try:
+            return type(default)(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {type(default).__name__}, got {text!r}") from None
+    if isinstance(default, str):
+        return text
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_options(module, argv=None):
+    """Command-line flags built from a script's ``# --- Options ---`` block.
+
+    Each UPPER_CASE constant becomes a flag (``IMAGE_SIZE`` -> ``--image-size``) whose
+    default is the constant and whose help is its comment; ``--root`` (default '.') is
+    added unless the block has ROOT. Lists take several values (``--rois V1v V2v`` or
+    ``--rois V1v,V2v``); ``none`` gives None where the default is not a string.
+
+    Returns
+    -------
+    opts : SimpleNamespace with one UPPER_CASE attribute per option.
+    """
+    if isinstance(module, str):
+        module = sys.modules[module]
+    block = _options_block(module)
+    doc = (module.__doc__ or "").strip().splitlines()
+    parser = argparse.ArgumentParser(prog=Path(module.__file__).name, description=doc[0] if doc else None)
+    names = [n for n, _ in block]
+    if "ROOT" not in names:
+        block = [("ROOT", "project folder holding the data folders")] + block
+    for name, comment in block:
+        default = getattr(module, name, ".")
+        flag = "--" + name.lower().replace("_", "-")
+        if isinstance(default, (list, tuple)):
+            elem = default[0] if default else ""
+            parser.add_argument(flag, dest=name, nargs="*", default=list(default), metavar="V",
+                                type=lambda t, e=elem: [_parse_value(x, e) for x in t.split(",") if x],
+                                help=f"{comment} (default: {' '.join(map(str, default)) or 'empty'})")
+        elif isinstance(default, bool):
+            parser.add_argument(flag, dest=name, default=default, nargs="?", const=True, metavar="BOOL",
+                                type=lambda t, d=default: _parse_value(t, d),
+                                help=f"{comment} (default: {default})")
+        else:
+            metavar = type(default).__name__.upper() if default is not None else "V"
+            parser.add_argument(flag, dest=name, default=default, metavar=metavar,
+                                type=lambda t, d=default: _parse_value(t, d),
+                                help=f"{comment} (default: {default})")
+    args = parser.parse_args(argv)
+    for name, _ in block:
+        value = getattr(args, name)
+        if isinstance(value, list) and any(isinstance(v, list) for v in value):
+            setattr(args, name, [x for v in value for x in v])
+    return SimpleNamespace(**vars(args))
+
+
+def cli(main):
+    """Decorate a script's ``main(argv=None)``: a UserError becomes one line and exit code 2."""
+    def wrapped(argv=None):
+        try:
+            return main(argv)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+    wrapped.__name__, wrapped.__doc__, wrapped.__wrapped__ = main.__name__, main.__doc__, main
+    return wrapped
+
+
+# --- Feature-extraction methods ---------------------------------------------------------
+
+METHODS = ["untuned", "cl-tuned", "reg-tuned", "pooled-avg", "pooled-const"]
+# The script that writes each tuned method's checkpoints (named in "missing checkpoint" errors).
+METHOD_SCRIPTS = {
+    "cl-tuned": "cl_model_training.py", "reg-tuned": "reg_model_training.py",
+    "pooled-avg": "pooled_model_training.py --h-method avg",
+    "pooled-const": "pooled_model_training.py --h-method const",
+}
+
+
+def method_checkpoint_path(root, method, subj, hemisphere, roi, epochs):
+    """Checkpoint file of a tuned method ('cl-tuned', 'reg-tuned', 'pooled-avg', 'pooled-const').
+
+    ``subj`` is the subject the model was tuned on (ignored for pooled models).
+    """
+    if method == "cl-tuned":
+        return cl_model_path(root, subj, hemisphere, roi, epochs)
+    if method == "reg-tuned":
+        return reg_model_path(root, subj, hemisphere, roi, epochs)
+    if method in ("pooled-avg", "pooled-const"):
+        return pooled_model_path(root, hemisphere, roi, epochs, method.split("-")[1])
+    raise UserError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
