@@ -121,3 +121,58 @@ def test_post_hoc_scaling_never_lowers_the_bound():
         assert (grid <= np.log(k) + 1e-12).all()
     with pytest.raises(utils.UserError, match="K >= 2"):
         ru.mi_lower_bound(np.ones((1, 3)), np.ones((1, 3)))
+
+
+# --- Classification probes -------------------------------------------------------------
+
+COLOURS = {"blue": (20, 40, 220), "green": (30, 200, 40), "red": (220, 30, 30)}
+
+
+def write_colour_folder(folder, per_class=20, seed=0):
+    """An ImageFolder of solid colours (with brightness jitter and noise), 80 x 60 px."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for name, rgb in COLOURS.items():
+        (folder / name).mkdir(parents=True)
+        for i in range(per_class):
+            im = np.clip(np.array(rgb) * rng.uniform(0.7, 1.1) + rng.normal(0, 12, size=(60, 80, 3)), 0, 255)
+            Image.fromarray(im.astype(np.uint8)).save(folder / name / f"{i:03d}.png")
+
+
+def test_probe_separates_solid_colours(tmp_path):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+    from torchvision import transforms
+    from PIL import Image
+    write_colour_folder(tmp_path / "datasets" / "caltech256")
+    images, labels, classes = ru.dataset_images(tmp_path, "caltech256", image_size=64, workers=0)
+    assert classes == sorted(COLOURS) and images.shape == (60, 64, 64, 3)
+    alexnet = utils.load_alexnet("none", seed=0)
+    feats = ru.probe_features(alexnet, images)
+    # Independent path: torchvision transforms on PIL, then AlexNet up to ReLU(fc7).
+    samples, _ = ru.dataset_samples(tmp_path, "caltech256")
+    tf = transforms.Compose([transforms.Resize(73), transforms.CenterCrop(64), transforms.ToTensor(),
+                             transforms.Normalize(utils.IMAGENET_MEAN, utils.IMAGENET_STD)])
+    x = torch.stack([tf(Image.open(p).convert("RGB")) for p, _ in samples[::7]])
+    with torch.no_grad():
+        ref = alexnet.classifier[:6](torch.flatten(alexnet.avgpool(alexnet.features(x)), 1)).numpy()
+    np.testing.assert_allclose(feats[::7], ref, atol=2e-4, rtol=1e-3)
+    train, test = utils.train_test_split(60)
+    probe = ru.fit_probe(feats, labels, train, test, len(classes))
+    assert probe["accuracy"] == 1.0
+    scaler = StandardScaler().fit(feats[train])
+    lr = LogisticRegression(max_iter=5000).fit(scaler.transform(feats[train]), labels[train])
+    np.testing.assert_allclose(probe["probs"], lr.predict_proba(scaler.transform(feats[test])), atol=1e-6)
+    # The torch head built from the saved probe reproduces its probabilities.
+    logits = ru.probe_head(probe)(torch.from_numpy(feats[test]))
+    np.testing.assert_allclose(torch.softmax(logits, 1).detach().numpy(), probe["probs"], atol=1e-4)
+
+
+def test_missing_or_unknown_dataset_is_a_user_error(tmp_path):
+    with pytest.raises(utils.UserError, match=str(tmp_path / "datasets" / "places365")):
+        ru.dataset_samples(tmp_path, "places365")
+    with pytest.raises(utils.UserError, match="caltech256, places365"):
+        ru.dataset_samples(tmp_path, "cifar10")
+    (tmp_path / "datasets" / "sun397").mkdir(parents=True)
+    with pytest.raises(utils.UserError, match="sun397"):
+        ru.dataset_samples(tmp_path, "sun397")
