@@ -1,0 +1,131 @@
+"""NOD: CIFTI I/O, run-wise z-scoring, labels, HCP-MMP ROIs, top-R2 selection, missing files."""
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.io
+
+import nod_utils as nu
+import utils
+
+
+def _write_run(nod, subj, session, run, data, n_left, n_sub=3):
+    path = nu.beta_path(nod, subj, session, run)
+    nu.write_cortex_dscalar(data, n_left, path, n_subcortical=n_sub)
+    return path
+
+
+def test_cifti_round_trip_keeps_only_cortex(tmp_path):
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal((7, 11 + 13 + 5)).astype(np.float32)
+    path = tmp_path / "x.dscalar.nii"
+    nu.write_cortex_dscalar(data, 11, path, n_subcortical=5)
+    img = nib.load(str(path))
+    np.testing.assert_array_equal(np.asarray(img.dataobj), data)
+    names = [name for name, _, _ in img.header.get_axis(1).iter_structures()]
+    assert names == ["CIFTI_STRUCTURE_CORTEX_LEFT", "CIFTI_STRUCTURE_CORTEX_RIGHT", "CIFTI_STRUCTURE_THALAMUS_LEFT"]
+    cortex, n_left = nu.read_cortex_dscalar(path)
+    assert n_left == 11
+    np.testing.assert_array_equal(cortex, data[:, :24])
+
+
+def test_betas_are_zscored_within_each_run_and_cached(tmp_path):
+    rng = np.random.default_rng(1)
+    nod, raw = tmp_path / "nod", []
+    for session in (1, 2):
+        for run in (1, 2, 3):
+            data = rng.normal(5 * run, 1 + session, size=(20, 9 + 3)).astype(np.float32)
+            data[:, 2] = 4.0  # a constant vertex: z = 0, never NaN
+            _write_run(nod, 1, session, run, data, 4)
+            raw.append(data[:, :9])
+    betas = nu.load_betas(nod, 1, sessions=[1, 2], runs=[1, 2, 3])
+    expected = np.concatenate([(r - r.mean(0)) / np.where(r.std(0) > 0, r.std(0), np.inf) for r in raw])
+    np.testing.assert_allclose(betas, expected, atol=1e-5)
+    assert not np.isnan(betas).any() and (betas[:, 2] == 0).all()
+    np.testing.assert_allclose(betas[:20].std(0)[[0, 1, 3]], 1, atol=1e-5)
+    # The cache is what a second call returns, even after the raw files are gone.
+    for session in (1, 2):
+        for run in (1, 2, 3):
+            nu.beta_path(nod, 1, session, run).unlink()
+    np.testing.assert_array_equal(nu.load_betas(nod, 1, sessions=[1, 2], runs=[1, 2, 3]), betas)
+    with pytest.raises(utils.UserError, match="datalad get derivatives/ciftify/sub-01/results/"
+                                              "ses-imagenet01_task-imagenet_run-1/"):
+        nu.load_betas(nod, 1, sessions=[1, 2], runs=[1, 2, 3], overwrite=True)
+
+
+def test_mismatched_run_widths_are_a_user_error(tmp_path):
+    nod = tmp_path / "nod"
+    _write_run(nod, 2, 1, 1, np.ones((5, 10)), 4)
+    _write_run(nod, 2, 1, 2, np.ones((5, 11)), 4)
+    with pytest.raises(utils.UserError, match="cortical grayordinates"):
+        nu.load_betas(nod, 2, sessions=[1], runs=[1, 2])
+
+
+def _write_support(nod, mmp, n_classes=10):
+    sup = nu.support_dir(nod)
+    sup.mkdir(parents=True, exist_ok=True)
+    scipy.io.savemat(sup / "MMP_mpmLR32k.mat", {"glasser_MMP": mmp[None, :].astype(np.float64)})
+    areas = ["V1", "MST", "V6", "V2", "V3", "V4", "V8", "4"]
+    rows = [f"L_{a}_ROI" for a in areas] + [f"R_{a}_ROI" for a in areas]
+    (sup / "roilbl_mmp.csv").write_text("name\n" + "\n".join(rows) + "\n")
+    pd.DataFrame({"className": [f"c{i}" for i in range(n_classes)],
+                  "superClassID": np.arange(n_classes) % 3 + 1}).to_csv(sup / "superClassMapping.csv", index=False)
+
+
+def test_left_right_mmp_labels_map_to_rois(tmp_path):
+    rng = np.random.default_rng(2)
+    mmp = np.concatenate([rng.integers(1, 9, 300), rng.integers(181, 189, 300)])
+    nod = tmp_path / "nod"
+    _write_support(nod, mmp)
+    index = nu.mmp_area_index(nod)
+    assert [index[a] for a in nu.NOD_ROIS] == [1, 4, 5, 6]
+    for roi, left in zip(nu.NOD_ROIS, (1, 4, 5, 6)):
+        lh, rh = nu.roi_vertices(nod, roi, "left"), nu.roi_vertices(nod, roi, "right")
+        np.testing.assert_array_equal(lh, np.flatnonzero(mmp == left))
+        np.testing.assert_array_equal(rh, np.flatnonzero(mmp == left + 180))
+        assert lh.max() < 300 <= rh.min()
+    with pytest.raises(utils.UserError, match="unknown HCP-MMP area 'V9'"):
+        nu.roi_vertices(nod, "V9", "left")
+
+
+def test_top_vertices_by_prf_r2_match_a_direct_argsort(tmp_path):
+    rng = np.random.default_rng(3)
+    n_left, n = 400, 800
+    mmp = np.concatenate([rng.integers(1, 9, n_left), rng.integers(181, 189, n - n_left)])
+    params = rng.uniform(0, 1, size=(5, n + 4)).astype(np.float32)
+    params[3, rng.choice(n, 60, replace=False)] = np.nan
+    params[3, :40] = 0.5  # ties
+    nod = tmp_path / "nod"
+    _write_support(nod, mmp)
+    nu.write_cortex_dscalar(params, n_left, nu.prf_params_path(nod, 4), n_subcortical=4)
+    r2 = nu.load_prf_r2(nod, 4)
+    np.testing.assert_array_equal(r2, np.nan_to_num(params[3, :n]))
+    for roi in nu.NOD_ROIS:
+        for hemi, offset in (("lh", 0), ("rh", 180)):
+            cand = np.flatnonzero(mmp == nu.mmp_area_index(nod)[roi] + offset)
+            direct = cand[np.argsort(-np.nan_to_num(params[3, cand]), kind="stable")[:50]]
+            np.testing.assert_array_equal(nu.select_vertices(nod, 4, roi, hemi), direct)
+
+
+def test_labels_come_from_events_and_superclass_mapping(tmp_path):
+    nod = tmp_path / "nod"
+    _write_support(nod, np.ones(10, int), n_classes=10)
+    rows = []
+    for session, run in ((1, 1), (1, 2)):
+        ev = pd.DataFrame({"onset": np.arange(4) * 2.0, "duration": 1.0,
+                           "trial_type": [3, 10, 1, 3 + run],
+                           "stim_file": [f"n{run:08d}/n{run:08d}_{i}.JPEG" for i in range(4)]})
+        path = nu.events_path(nod, 6, session, run)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ev.to_csv(path, sep="\t", index=False)
+        rows.append(ev)
+    labels = nu.build_labels(nod, 6, sessions=[1], runs=[1, 2])
+    events = pd.concat(rows, ignore_index=True)
+    assert list(labels.columns) == ["class_id", "image_name", "superclass_id"]
+    np.testing.assert_array_equal(labels["class_id"], events["trial_type"])
+    np.testing.assert_array_equal(labels["superclass_id"], (events["trial_type"] - 1) % 3 + 1)
+    saved = pd.read_csv(nu.label_csv_path(nod, 6))
+    pd.testing.assert_frame_equal(saved, labels)
+    assert nu.stimulus_path(nod, "imagenet/n1/x.JPEG") == nu.stimulus_path(nod, "n1/x.JPEG") \
+        == nod / "stimuli" / "imagenet" / "n1" / "x.JPEG"
