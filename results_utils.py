@@ -155,7 +155,7 @@ def mi_lower_bound(z_img, z_fmri, temperature=TEMPERATURE, betas=BETAS):
 
     Returns
     -------
-    dict with K, log_K, nats, bits, scaled_nats, scaled_bits, best_beta, best_tau (floats / int).
+    dict with K, log_K, log2_K, nats, bits, scaled_nats, scaled_bits, best_beta, best_tau (floats / int).
     """
     cos = cosine_matrix(z_img, z_fmri)
     betas = np.union1d(np.asarray(betas, dtype=np.float64), [1.0])
@@ -163,7 +163,7 @@ def mi_lower_bound(z_img, z_fmri, temperature=TEMPERATURE, betas=BETAS):
     scaled = infonce_bounds(cos, temperature * betas)
     best = int(np.argmax(scaled))
     k = cos.shape[0]
-    return {"K": int(k), "log_K": float(np.log(k)), "nats": unscaled, "bits": unscaled / np.log(2),
+    return {"K": int(k), "log_K": float(np.log(k)), "log2_K": float(np.log2(k)), "nats": unscaled, "bits": unscaled / np.log(2),
             "scaled_nats": float(scaled[best]), "scaled_bits": float(scaled[best] / np.log(2)),
             "best_beta": float(betas[best]), "best_tau": float(temperature * betas[best])}
 
@@ -458,3 +458,456 @@ def classification_task(root, dataset, method, subj, hemisphere, rois, epochs, w
         utils.atomic_json_dump(summary, out)
     utils.atomic_json_dump(summary, out)
     return summary
+
+
+# --- MI bound task ---------------------------------------------------------------------
+
+@torch.no_grad()
+def embed_pairs(model, data, indices, device="cpu", batch_size=256, subj=None):
+    """Image and fMRI embeddings of rows ``indices`` of a SubjectData, in increasing row order.
+
+    ``subj`` selects the fMRI map of a pooled model. Returns two float32 arrays (n, z).
+    """
+    model = model.to(device).eval()
+    z_img, z_fmri = [], []
+    for x, y in utils.iterate_batches(data.images, data.fmri, np.sort(indices), batch_size, device):
+        with utils.autocast(device):
+            z_img.append(model.embed_images(x).float().cpu())
+            z_fmri.append((model.embed_fmri(y) if subj is None else model.embed_fmri(y, subj)).float().cpu())
+    return torch.cat(z_img).numpy(), torch.cat(z_fmri).numpy()
+
+
+
+def _load_tuned(root, method, subj, hemisphere, roi, epochs, device):
+    """(model, meta) of a tuned method's checkpoint; a missing file names the script that makes it."""
+    import models
+    path = utils.method_checkpoint_path(root, method, subj, hemisphere, roi, epochs)
+    utils.require_file(path, f"make it with python {utils.METHOD_SCRIPTS[method]}")
+    return models.load_checkpoint(path, device)
+
+
+def mi_task(root, method, subj, hemisphere, rois, epochs, device="cpu", batch_size=256, overwrite=False):
+    """InfoNCE MI bound on each subject's test split, for the tuned model and for the same model before tuning.
+
+    The untuned reference is the checkpoint's architecture built afresh with its
+    weights and seed: the untuned AlexNet with the initial maps and head. Writes
+    results/mi_bounds/<summary>.json ({'rois': {roi: {subject: {'tuned': bound,
+    'untuned': bound}}}}, bound as ``mi_lower_bound``) after each ROI.
+
+    Returns
+    -------
+    summary : dict.
+    """
+    import models
+    if method not in ("cl-tuned", "pooled-avg", "pooled-const"):
+        raise utils.UserError(f"the MI bound needs an fMRI embedding, which {method} models lack: "
+                              "use --method cl-tuned or a lower-bound-mi-pooled-* type")
+    rois = select_rois(root, method, subj, hemisphere, rois, epochs)
+    out = utils.results_dir(root) / "mi_bounds" / f"{summary_stem(method, subj, hemisphere, epochs)}.json"
+    summary = _load_summary(out, overwrite)
+    for roi in tqdm(rois, desc="MI bound"):
+        if roi in summary["rois"] and not overwrite:
+            continue
+        model, meta = _load_tuned(root, method, subj, hemisphere, roi, epochs, device)
+        pooled = meta["kind"] == "pooled"
+        if pooled:
+            counts = {int(s): n for s, n in meta["voxel_counts"].items()}
+            reference = models.PooledCLModel(counts, meta["h"], meta["z"], weights=meta["weights"], seed=meta["seed"])
+        else:
+            reference = models.CLModel(meta["n_voxels"], meta["h"], meta["z"], weights=meta["weights"], seed=meta["seed"])
+        result = {}
+        for s in (meta["subjects"] if pooled else [meta["subject"]]):
+            voxels = np.asarray(meta["voxels"][str(s)] if pooled else meta["voxels"], dtype=np.int64)
+            data = utils.SubjectData(root, s, hemisphere, voxels, meta["image_size"])
+            key = int(s) if pooled else None
+            result[str(s)] = {name: mi_lower_bound(*embed_pairs(m, data, data.test, device, batch_size, key))
+                              for name, m in (("tuned", model), ("untuned", reference))}
+        summary["rois"][roi] = result
+        utils.atomic_json_dump(summary, out)
+    utils.atomic_json_dump(summary, out)
+    return summary
+
+
+def save_embeddings(root, method, subj, hemisphere, rois, epochs, layer="", weights="imagenet", device="cpu",
+                    image_size=224, batch_size=256, seed=0, overwrite=False):
+    """Embeddings of all of a subject's images, one float32 (n_images, d) .npy per model.
+
+    ``layer`` '' takes the model's own output (CL: the image embedding; regression: the
+    predicted voxel responses; untuned: the 1000 fc8 logits), or one of utils.LAYERS.
+    Files: results/embeddings/<model>_<layer or 'output'>.npy; the untuned model is
+    'subjX_untuned'. Returns the paths written or found.
+    """
+    if method not in ("untuned", "cl-tuned", "reg-tuned"):
+        raise utils.UserError(f"save-embeddings takes --method untuned, cl-tuned or reg-tuned, not {method!r}")
+    if layer and layer not in utils.LAYERS:
+        raise utils.UserError(f"unknown layer {layer!r}: use '' (the model output) or one of {', '.join(utils.LAYERS)}")
+    images = utils.subject_images(root, subj, image_size)
+    folder = utils.results_dir(root) / "embeddings"
+    todo = [None] if method == "untuned" else select_rois(root, method, subj, hemisphere, rois, epochs)
+    paths = []
+    for roi in tqdm(todo, desc="embeddings"):
+        name = f"subj{int(subj)}_untuned" if roi is None else model_name(method, subj, hemisphere, roi, epochs)
+        path = folder / f"{name}_{layer or 'output'}.npy"
+        paths.append(path)
+        if path.is_file() and not overwrite:
+            continue
+        if roi is None:
+            model = utils.load_alexnet(weights, seed)
+            alexnet = model
+        else:
+            model, _ = _load_tuned(root, method, subj, hemisphere, roi, epochs, device)
+            alexnet = model.alexnet
+        if layer:
+            emb = utils.extract_features(alexnet, images, batch_size, device, layers=[layer])[layer]
+        else:
+            model = model.to(device).eval()
+            forward = model.embed_images if method == "cl-tuned" else model
+            chunks = []
+            with torch.no_grad():
+                for x, _ in utils.iterate_batches(images, None, np.arange(len(images)), batch_size, device):
+                    with utils.autocast(device):
+                        chunks.append(forward(x).float().cpu())
+            emb = torch.cat(chunks).numpy()
+        utils.atomic_np_save(emb.astype(np.float32), path)
+    return paths
+
+
+# --- Voxel counts, test fMRI, random ROIs ----------------------------------------------
+
+def voxel_counts(root, subjects=None):
+    """Voxel count of every (subject, hemisphere, ROI): a pandas DataFrame with columns
+    subject, hemisphere, roi, roi_class, n_voxels (0 for an ROI absent in a subject)."""
+    import pandas as pd
+    rows = []
+    for subj in subjects or utils.find_subjects(root):
+        for h in utils.HEMISPHERES:
+            for roi in utils.ROIS:
+                rows.append({"subject": int(subj), "hemisphere": h, "roi": roi, "roi_class": utils.ROI_CLASS[roi],
+                             "n_voxels": utils.roi_voxel_count(root, subj, h, roi)})
+    return pd.DataFrame(rows)
+
+
+def random_rois(counts, n, seed=0, min_voxels=1):
+    """``n`` distinct (subject, hemisphere, ROI) rows drawn at random among ROIs with ``min_voxels`` or more.
+
+    Parameters
+    ----------
+    counts : DataFrame from ``voxel_counts``.
+
+    Returns
+    -------
+    DataFrame, the chosen rows in the order drawn.
+    """
+    pool = counts[counts["n_voxels"] >= min_voxels].reset_index(drop=True)
+    if n > len(pool):
+        raise utils.UserError(f"asked for {n} random ROIs but only {len(pool)} have >= {min_voxels} voxels: ask for fewer")
+    pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:n].numpy()
+    return pool.iloc[pick].reset_index(drop=True)
+
+
+# --- Figures ---------------------------------------------------------------------------
+
+FAMILY_MARKERS = {"prf-visualrois": "o", "floc-bodies": "s", "floc-faces": "^", "floc-places": "D",
+                  "floc-words": "v", "streams": "P"}
+
+
+def save_figure(fig, stem):
+    """Save a matplotlib figure as ``stem``.png and ``stem``.pdf (atomically) and close it."""
+    import matplotlib.pyplot as plt
+    paths = []
+    for ext in ("png", "pdf"):
+        path = Path(f"{stem}.{ext}")
+        with utils.atomic_path(path) as tmp:
+            fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight")
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+def _summary_files(folder, method, epochs):
+    """{hemisphere: [(column, path)]} of the per-subject (or pooled) summaries of a method."""
+    out = {}
+    for h in utils.HEMISPHERES:
+        if method.startswith("pooled"):
+            files = [("pooled", folder / f"{h}_{method}_e{int(epochs)}.json")]
+        else:
+            files = [(f"subj{p.name.split('_')[0][4:]}", p)
+                     for p in sorted(folder.glob(f"subj*_{h}_{method}_e{int(epochs)}.json"))]
+        files = [(c, p) for c, p in files if p.is_file()]
+        if files:
+            out[h] = sorted(files, key=lambda cp: (len(cp[0]), cp[0]))
+    return out
+
+
+def _roi_table(columns):
+    """DataFrame (ROIs in canonical order, present ones only) x columns from {column: {roi: value}}."""
+    import pandas as pd
+    table = pd.DataFrame(columns, dtype=float)
+    return table.reindex([r for r in utils.ROIS if r in table.index])
+
+
+def classification_tables(root, dataset, method, epochs):
+    """Accuracy tables {hemisphere: DataFrame ROI x subject} and the untuned accuracy of a dataset."""
+    files = _summary_files(utils.results_dir(root) / "classification" / dataset, method, epochs)
+    if not files:
+        raise utils.UserError(f"no {method} classification results for {dataset} under {utils.results_dir(root)}: "
+                              "run generate_results.py --type classification-task first")
+    tables, untuned = {}, None
+    for h, cols in files.items():
+        summaries = {c: json.loads(p.read_text()) for c, p in cols}
+        untuned = next(iter(summaries.values()))["untuned"]
+        tables[h] = _roi_table({c: s["rois"] for c, s in summaries.items()})
+    return tables, untuned
+
+
+def mi_tables(root, method, epochs, value="scaled_bits"):
+    """MI-bound tables {hemisphere: (tuned, untuned)}, each a DataFrame ROI x subject of ``value``."""
+    files = _summary_files(utils.results_dir(root) / "mi_bounds", method, epochs)
+    if not files:
+        raise utils.UserError(f"no {method} MI bounds under {utils.results_dir(root) / 'mi_bounds'}: "
+                              "run generate_results.py --type lower-bound-mi first")
+    tables = {}
+    for h, cols in files.items():
+        tuned, untuned = {}, {}
+        for _, p in cols:
+            for roi, per_subj in json.loads(p.read_text())["rois"].items():
+                for s, res in per_subj.items():
+                    tuned.setdefault(f"subj{s}", {})[roi] = res["tuned"][value]
+                    untuned.setdefault(f"subj{s}", {})[roi] = res["untuned"][value]
+        tables[h] = (_roi_table(tuned), _roi_table(untuned))
+    return tables
+
+
+def plot_roi_heatmaps(tables, references, title, label, stem, fmt="{:.2f}"):
+    """ROI x subject heatmaps, one panel per hemisphere.
+
+    The colour is the change from the untuned reference (red: better, blue: worse), the
+    text the value itself, so both the level and the gain can be read.
+
+    Parameters
+    ----------
+    tables : {hemisphere: DataFrame ROI x column}.
+    references : {hemisphere: float or DataFrame of the same shape}, the untuned values.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import TwoSlopeNorm
+    hemis = list(tables)
+    diffs = {h: tables[h] - references[h] for h in hemis}
+    span = max(float(np.nanmax(np.abs(d.to_numpy()))) for d in diffs.values()) or 1.0
+    norm = TwoSlopeNorm(0.0, -span, span)
+    height = max(len(t) for t in tables.values())
+    fig, axes = plt.subplots(1, len(hemis), figsize=(2 + 1.1 * sum(t.shape[1] for t in tables.values()),
+                                                       1.5 + 0.32 * height), squeeze=False)
+    for ax, h in zip(axes[0], hemis):
+        t = tables[h]
+        im = ax.imshow(diffs[h].to_numpy(), cmap="RdBu_r", norm=norm, aspect="auto")
+        for (i, j), v in np.ndenumerate(t.to_numpy()):
+            if np.isfinite(v):
+                ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(t.shape[1]), t.columns, rotation=45)
+        ax.set_yticks(range(len(t)), t.index)
+        ax.set_title({"lh": "left hemisphere", "rh": "right hemisphere"}[h])
+    fig.colorbar(im, ax=list(axes[0]), label=f"{label} - untuned")
+    fig.suptitle(title)
+    return save_figure(fig, stem)
+
+
+def results_figures(root, dataset, method, epochs):
+    """The classification-accuracy and MI-bound heatmaps of one method, from the saved results.
+
+    Returns the written paths; a quantity without results is skipped, both missing is an error.
+    """
+    folder = utils.results_dir(root) / "figures"
+    paths, missing = [], []
+    try:
+        tables, untuned = classification_tables(root, dataset, method, epochs)
+        paths += plot_roi_heatmaps(tables, {h: untuned for h in tables},
+                                   f"{dataset} classification accuracy, {method} (untuned: {untuned:.3f})",
+                                   "accuracy", folder / f"classification_{dataset}_{method}_e{int(epochs)}")
+    except utils.UserError as e:
+        missing.append(str(e))
+    try:
+        mi = mi_tables(root, method, epochs)
+        paths += plot_roi_heatmaps({h: t for h, (t, _) in mi.items()}, {h: u for h, (_, u) in mi.items()},
+                                   f"InfoNCE MI lower bound (bits, post-hoc temperature), {method}",
+                                   "bits", folder / f"mi_bound_{method}_e{int(epochs)}")
+    except utils.UserError as e:
+        missing.append(str(e))
+    if not paths:
+        raise utils.UserError(" and ".join(missing))
+    return paths
+
+
+def landscape(root, dataset, names=None, method="inpca", oracle=True, chunk_size=16):
+    """Bhattacharyya distances between saved models' test probabilities, embedded in 2-D.
+
+    Parameters
+    ----------
+    names : model names to use (default: every saved model of ``dataset``).
+    method : 'inpca' or 'mds'.
+    oracle : add the one-hot distribution of the true labels as a model named 'oracle'.
+
+    Returns
+    -------
+    dict with names, metas (list of dict), distances (M, M), coords (M, 2), eigenvalues (2,).
+    """
+    names, probs, labels, metas = load_predictions(root, dataset, names)
+    if oracle:
+        probs = np.concatenate([probs, np.eye(probs.shape[2])[labels][None]])
+        names, metas = names + ["oracle"], metas + [{"method": "oracle", "accuracy": 1.0}]
+    distances = bhattacharyya_distances(probs, chunk_size)
+    coords, eigenvalues = embed(distances, method)
+    return {"names": names, "metas": metas, "distances": distances, "coords": coords,
+            "eigenvalues": eigenvalues, "method": method}
+
+
+def plot_landscape(land, stem, title=None):
+    """Scatter of a ``landscape``: colour = accuracy, marker = ROI family, untuned star, oracle cross."""
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    acc = np.array([m["accuracy"] for m in land["metas"]])
+    models = [i for i, m in enumerate(land["metas"]) if m["method"] not in ("untuned", "oracle")]
+    norm = plt.Normalize(acc[models].min() if models else acc.min(), acc[models].max() if models else acc.max())
+    xy = land["coords"]
+    for family, marker in FAMILY_MARKERS.items():
+        idx = [i for i in models if utils.ROI_CLASS.get(land["metas"][i].get("roi")) == family]
+        if idx:
+            ax.scatter(xy[idx, 0], xy[idx, 1], c=acc[idx], cmap="viridis", norm=norm, marker=marker, s=40,
+                       edgecolors="k", linewidths=0.3)
+    legend = [Line2D([], [], marker=m, ls="", color="grey", label=f) for f, m in FAMILY_MARKERS.items()
+              if any(utils.ROI_CLASS.get(land["metas"][i].get("roi")) == f for i in models)]
+    for special, marker, size in (("untuned", "*", 300), ("oracle", "X", 150)):
+        idx = [i for i, m in enumerate(land["metas"]) if m["method"] == special]
+        if idx:
+            ax.scatter(xy[idx, 0], xy[idx, 1], marker=marker, s=size, c="red" if special == "untuned" else "k",
+                       edgecolors="k", zorder=3)
+            legend.append(Line2D([], [], marker=marker, ls="", color="red" if special == "untuned" else "k",
+                                 markersize=10, label=f"{special} ({acc[idx[0]]:.3f})"))
+    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap="viridis"), ax=ax, label="test accuracy")
+    vals = land["eigenvalues"]
+    kind = "InPCA" if land["method"] == "inpca" else "MDS"
+    ax.set_xlabel(f"{kind} 1 (eigenvalue {vals[0]:.3g})")
+    ax.set_ylabel(f"{kind} 2 (eigenvalue {vals[1]:.3g})")
+    ax.legend(handles=legend, fontsize=7, loc="best")
+    ax.set_title(title or "model landscape")
+    return save_figure(fig, stem)
+
+
+# --- Grad-CAM --------------------------------------------------------------------------
+
+def fc7(alexnet, x):
+    """ReLU(fc7) of a torchvision AlexNet, differentiable: (B, 3, S, S) -> (B, 4096)."""
+    return alexnet.classifier[:6](torch.flatten(alexnet.avgpool(alexnet.features(x)), 1))
+
+
+def grad_cam(alexnet, head, x, target=None, layer="features.12"):
+    """Grad-CAM (Selvaraju et al. 2017) of ``head(fc7(alexnet, x))`` at ``layer``.
+
+    Parameters
+    ----------
+    head : module mapping fc7 features to class logits (see ``probe_head``).
+    x : tensor (B, 3, S, S), normalised images.
+    target : class index per image (tensor (B,)); default the predicted class.
+
+    Returns
+    -------
+    cam : tensor (B, S, S) in [0, 1]. target : tensor (B,).
+    """
+    acts = []
+    handle = alexnet.get_submodule(layer).register_forward_hook(lambda m, i, o: acts.append(o))
+    try:
+        with torch.enable_grad():
+            logits = head(fc7(alexnet.eval(), x))
+            target = logits.argmax(1) if target is None else torch.as_tensor(target).reshape(-1)
+            (grad,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), acts[0])
+    finally:
+        handle.remove()
+    weights = grad.mean((2, 3), keepdim=True)
+    cam = torch.relu((weights * acts[0]).sum(1, keepdim=True)).detach()
+    cam = torch.nn.functional.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    return cam / cam.flatten(1).amax(1).clamp_min(1e-12)[:, None, None], target
+
+
+def plot_salience(image, cams, titles, stem, suptitle=None):
+    """A panel: rows = models, columns = (image, mirrored image), each with its Grad-CAM overlaid.
+
+    Parameters
+    ----------
+    image : uint8 (S, S, 3). cams : array (n_models, 2, S, S). titles : list of str, one per model.
+    """
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(len(cams), 2, figsize=(5, 2.5 * len(cams)), squeeze=False)
+    for r, (pair, title) in enumerate(zip(cams, titles)):
+        for c, (img, cam) in enumerate(zip((image, image[:, ::-1]), pair)):
+            ax = axes[r, c]
+            ax.imshow(img)
+            ax.imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            ax.set_axis_off()
+            ax.set_title(f"{title}{' (mirrored)' if c else ''}", fontsize=8)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=9)
+    return save_figure(fig, stem)
+
+
+def save_test_fmri(root, subj, hemisphere, rois, overwrite=False):
+    """The test-split fMRI of each ROI (rows in test-split order), and the test indices of the subject.
+
+    Files: results/test_fmri/subjX_<h>_<roi>.npy (n_test, n_voxels) and
+    results/test_fmri/subjX_test_indices.npy. ``rois`` empty means every non-empty ROI.
+    Returns the paths written or found.
+    """
+    h = utils.hemi_code(hemisphere)
+    n_images = len(utils.list_images(root, subj))
+    _, test = utils.train_test_split(n_images)
+    folder = utils.results_dir(root) / "test_fmri"
+    paths = [folder / f"subj{int(subj)}_test_indices.npy"]
+    utils.atomic_np_save(test, paths[0])
+    for roi in rois or utils.ROIS:
+        voxels = utils.roi_voxel_indices(root, subj, h, roi)
+        if not len(voxels):
+            if rois:
+                raise utils.UserError(f"ROI {roi} is empty in {h} of {utils.subj_dir(subj)}: choose an ROI with voxels")
+            continue
+        path = folder / f"subj{int(subj)}_{h}_{roi}.npy"
+        paths.append(path)
+        if path.is_file() and not overwrite:
+            continue
+        fmri = utils.load_fmri(root, subj, h, voxels)
+        utils.check_counts(n_images, fmri, str(utils.fmri_path(root, subj, h)))
+        utils.atomic_np_save(fmri[test], path)
+    return paths
+
+
+def salience_maps(root, dataset, method, subj, roi, image_index, epochs, weights="imagenet", device="cpu",
+                  image_size=224, seed=0):
+    """Grad-CAM at features.12 of the left- and right-hemisphere models of an ROI, on a test image and its mirror.
+
+    The class scores come from each model's saved probe (``classification_task``); the
+    target class is the one that model predicts for the unmirrored image, used for both.
+    Writes results/figures/salience_<dataset>_<model>_img<i>.png/.pdf; returns the paths.
+    """
+    import models
+    images, labels, classes = dataset_images(root, dataset, image_size)
+    _, test = utils.train_test_split(len(labels))
+    if not 0 <= image_index < len(test):
+        raise utils.UserError(f"image index {image_index} is outside the {len(test)} test images of {dataset}: "
+                              f"use 0 to {len(test) - 1}")
+    image = np.ascontiguousarray(images[test[image_index]])
+    x = utils.normalize_images(np.stack([image, image[:, ::-1]]), device)
+    cams, titles = [], []
+    for h in utils.HEMISPHERES:
+        name = model_name(method, subj, h, roi, epochs)
+        fix = f"run generate_results.py --type classification-task --dataset {dataset} for that model first"
+        with np.load(utils.require_file(probe_path(root, dataset, name), fix)) as z:
+            probe = {k: z[k] for k in z.files}
+        alexnet, _ = models.load_feature_alexnet(root, method, subj, h, roi, epochs, weights, device, seed)
+        head = probe_head(probe).to(device)
+        first, target = grad_cam(alexnet, head, x[:1])
+        mirrored, _ = grad_cam(alexnet, head, x[1:], target)
+        cams.append(torch.cat([first, mirrored]).cpu().numpy())
+        titles.append(f"{h} {roi}: {classes[int(probe['classes'][int(target[0])])]}")
+    who = "" if method.startswith("pooled") else f"subj{int(subj)}_"
+    stem = utils.results_dir(root) / "figures" / f"salience_{dataset}_{who}{roi}_{method}_e{int(epochs)}_img{image_index}"
+    return plot_salience(image, np.stack(cams), titles, stem,
+                         f"Grad-CAM at features.12, true class: {classes[int(labels[test[image_index]])]}")

@@ -176,3 +176,24 @@ def test_missing_or_unknown_dataset_is_a_user_error(tmp_path):
     (tmp_path / "datasets" / "sun397").mkdir(parents=True)
     with pytest.raises(utils.UserError, match="sun397"):
         ru.dataset_samples(tmp_path, "sun397")
+
+
+def test_grad_cam_matches_a_direct_computation():
+    torch.manual_seed(0)
+    alexnet = utils.load_alexnet("none", seed=0)
+    head = torch.nn.Linear(4096, 3)
+    x = torch.randn(2, 3, 224, 224)
+    _, predicted = ru.grad_cam(alexnet, head, x)
+    target = torch.tensor([1, 1])  # a class whose CAM is not all zero for this random network
+    cam, _ = ru.grad_cam(alexnet, head, x, target)
+    assert all(p.grad is None for p in alexnet.parameters())
+    # Without hooks: differentiate with respect to the output of features.12 directly.
+    a = alexnet.features(x).detach().requires_grad_()
+    logits = head(alexnet.classifier[:6](torch.flatten(alexnet.avgpool(a), 1)))
+    assert torch.equal(predicted, logits.argmax(1))
+    logits.gather(1, target[:, None]).sum().backward()
+    ref = torch.relu((a.grad.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True)).detach()
+    ref = torch.nn.functional.interpolate(ref, size=(224, 224), mode="bilinear", align_corners=False)[:, 0]
+    ref = ref / ref.flatten(1).amax(1)[:, None, None]
+    torch.testing.assert_close(cam, ref, atol=1e-5, rtol=1e-4)
+    assert cam.min() >= 0 and cam.flatten(1).amax(1).allclose(torch.ones(2)) and cam.std() > 0.05
