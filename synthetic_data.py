@@ -1,0 +1,553 @@
+"""Write a complete synthetic Algonauts 2023 dataset with a planted, known ground truth.
+
+Layout written under ROOT (the same as the real data, see README):
+
+    training_images/SubjX/train-%04d_nsd-%05d.png     procedural images (1/f textures,
+                                                       colour gradients, gratings, shapes)
+    training_fmri/SubjX/subjX_{lh,rh}_training_fmri.npy  float32 (n_images, n_vertices)
+    roi_masks/SubjX/{lh,rh}.<class>_challenge_space.npy  int64 labels, one per vertex
+    roi_masks/SubjX/mapping_<class>.npy                  dict code -> ROI name
+    roi_masks/SubjX/{lh,rh}.all-vertices_fsaverage_space.npy  int64 (163842,) 0/1
+    synthetic_truth/SubjX/subjX_{lh,rh}_noise_free.npy   float32 (n_images, n_vertices)
+    synthetic_truth/SubjX/subjX_{lh,rh}_params.npz       planted per-vertex parameters
+    synthetic_truth/SubjX/subjX_image_stats.npy          float32 (n_images, 12) image statistics
+
+About a third of the images are shared by all subjects (as NSD's shared 1000); the
+rest are unique to each subject. The masks are either generated (small: about 800-2000
+vertices per hemisphere, ROIs of mostly 20-150 vertices) or copied from real Algonauts
+masks (``masks_from``), optionally keeping only ``max_vertices`` vertices per hemisphere.
+
+The planted model, per vertex (``kind`` code in the params file):
+
+- kind 1, pRF (vertices in prf-visualrois or in the 'early' stream): a Gaussian
+  population receptive field at (x, y) with width ``size`` (image coordinates in
+  [-1, 1], x to the right, y up; left hemispheres see the right half of the image,
+  ventral ROIs the upper half) and a preferred orientation (radians, of the grating's
+  wave vector, in [0, pi)) and spatial frequency (cycles per image). The response is
+  sqrt(sum over the field of the quadrature Gabor energy of that channel), computed
+  with FFT filters on a 32 x 32 grey version of the image.
+- kind 2, image statistics (every other ROI vertex): softplus of a weighted sum of 12
+  z-scored image statistics (colour opponency, luminance, saturation, contrast, edge
+  density, high spatial frequency fraction, up/down and centre/surround layout,
+  left/right edges, orientation anisotropy, colourfulness); each ROI has its own
+  weights, shared by its vertices, plus a per-vertex part.
+- kind 0 (vertices in no ROI): like kind 2 with per-vertex weights, and a ten times
+  lower SNR.
+
+Each noise-free response is z-scored over the subject's images (mean 0, variance 1),
+and the fMRI is ``noise_free + noise`` with Gaussian noise of variance 1 / snr_v. So
+the signal-to-noise ratio ``snr_v`` of a vertex is signal variance / noise variance,
+and the expected correlation between a vertex's fMRI and its noise-free response is
+sqrt(snr_v / (1 + snr_v)). ``snr_v = snr * 10**u`` with u uniform in
+[-SNR_SPREAD / 2, SNR_SPREAD / 2] (times 0.1 for kind 0).
+
+The params file holds per-vertex arrays (NaN where not applicable): ``kind`` (int8),
+``snr``, ``x``, ``y``, ``size``, ``orientation``, ``sf``, ``channel`` (int, -1 for
+non-pRF vertices), ``stat_weights`` (n_vertices, 12); and ``sfs``, ``orientations``
+(the filter bank) and ``nsd_ids`` (the subject's image ids, in row order).
+
+Usage: python synthetic_data.py --root DIR --subjects 2 --images 300 --image-size 425 --seed 0
+"""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+import utils
+
+# --- Options ---
+ROOT = "synthetic"  # folder to write the dataset into
+SUBJECTS = 2  # number of subjects (Subj1..SubjN)
+IMAGES = 300  # images per subject
+IMAGE_SIZE = 425  # side of the square PNG images, in pixels
+SEED = 0  # random seed: the same seed gives the same dataset
+SNR = 1.0  # median signal-to-noise ratio (signal variance / noise variance) of ROI vertices
+MASKS_FROM = None  # folder of real Algonauts roi_masks/SubjX folders to copy (None: generate masks)
+MAX_VERTICES = None  # with MASKS_FROM, keep only this many vertices per hemisphere (None: all)
+OVERWRITE = False  # rewrite a dataset that already exists under ROOT
+# ---
+
+GRID = 32  # side of the grey image the pRF model sees
+SFS = np.array([2.0, 4.0, 8.0])  # preferred spatial frequencies, cycles per image
+ORIENTATIONS = np.arange(8) * np.pi / 8  # preferred orientations of the filter bank
+N_STATS = 12  # number of image statistics driving kind-2 vertices
+SNR_SPREAD = 1.0  # decades over which the per-vertex SNR varies
+SHARED_FRACTION = 1 / 3  # fraction of each subject's images shown to all subjects
+CHUNK = 32  # images rendered at once
+# The prf-visualrois ROIs: visual field half ('v' ventral = upper, 'd' dorsal = lower),
+# pRF size scale and preferred spatial frequency probabilities (over SFS).
+PRF_ROIS = {
+    "V1v": (1, 1.0, (0.2, 0.4, 0.4)), "V1d": (-1, 1.0, (0.2, 0.4, 0.4)),
+    "V2v": (1, 1.4, (0.3, 0.4, 0.3)), "V2d": (-1, 1.4, (0.3, 0.4, 0.3)),
+    "V3v": (1, 1.8, (0.4, 0.4, 0.2)), "V3d": (-1, 1.8, (0.4, 0.4, 0.2)),
+    "hV4": (0, 2.5, (0.6, 0.3, 0.1)),
+}
+KIND_NONE, KIND_PRF, KIND_STATS = 0, 1, 2
+
+
+def _rng(seed, *keys):
+    """An independent generator for one part of the dataset (so parts do not shift each other)."""
+    return np.random.default_rng([int(seed), *keys])
+
+
+# --- Images ----------------------------------------------------------------------------
+
+def _pink_noise(rng, n, size):
+    """(n, size, size) float32 textures with a 1/f^alpha amplitude spectrum, unit variance."""
+    fy = np.fft.fftfreq(size)[:, None]
+    fx = np.fft.rfftfreq(size)[None, :]
+    f = np.sqrt(fx ** 2 + fy ** 2)
+    f[0, 0] = 1.0
+    alpha = rng.uniform(0.8, 1.8, size=(n, 1, 1))
+    spectrum = np.fft.rfft2(rng.standard_normal((n, size, size), dtype=np.float32))
+    noise = np.fft.irfft2(spectrum * f ** -alpha, s=(size, size)).astype(np.float32)
+    noise -= noise.mean(axis=(1, 2), keepdims=True)
+    noise /= noise.std(axis=(1, 2), keepdims=True) + 1e-8
+    return noise
+
+
+def _render_chunk(rng, n, size):
+    """Render ``n`` images: uint8 (n, size, size, 3).
+
+    Background: a colour gradient plus a tinted 1/f texture; then up to two windowed
+    colour gratings; then up to five flat or textured shapes (ellipses, rectangles,
+    triangles) drawn with PIL.
+    """
+    from PIL import Image, ImageDraw
+    c = (np.arange(size, dtype=np.float32) + 0.5) / size * 2 - 1
+    xx, yy = c[None, None, :], -c[None, :, None]
+    colour = lambda: rng.uniform(0, 1, size=(n, 1, 1, 3)).astype(np.float32)
+
+    theta = rng.uniform(0, 2 * np.pi, size=(n, 1, 1)).astype(np.float32)
+    g = (0.5 + 0.5 * (xx * np.cos(theta) + yy * np.sin(theta)) * rng.uniform(0.3, 1, (n, 1, 1)))[..., None]
+    img = colour() * (1 - g) + colour() * g
+    texture = _pink_noise(rng, n, size)[..., None]
+    img += rng.uniform(0.05, 0.3, (n, 1, 1, 1)) * texture * (0.5 + colour())
+
+    for _ in range(2):
+        present = (rng.random((n, 1, 1)) < 0.5).astype(np.float32)
+        ori = rng.uniform(0, np.pi, (n, 1, 1))
+        freq = rng.uniform(2, 20, (n, 1, 1))
+        cx, cy = rng.uniform(-0.7, 0.7, (2, n, 1, 1))
+        radius = rng.uniform(0.2, 0.8, (n, 1, 1))
+        wave = 0.5 + 0.5 * np.sin(np.pi * freq * (xx * np.cos(ori) + yy * np.sin(ori)) + rng.uniform(0, 2 * np.pi, (n, 1, 1)))
+        dist = np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2)
+        alpha = (present * np.clip((radius - dist) * size / 4, 0, 1))[..., None].astype(np.float32)
+        layer = colour() * (1 - wave[..., None]) + colour() * wave[..., None]
+        img = img * (1 - alpha) + layer.astype(np.float32) * alpha
+
+    base = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+    out = np.empty_like(base)
+    for i in range(n):
+        im = Image.fromarray(base[i])
+        other = Image.fromarray(base[(i + 1) % n]).transpose(Image.Transpose.ROTATE_90)
+        for _ in range(rng.integers(0, 6)):
+            polygon = _shape_polygon(rng, size)
+            colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+            if rng.random() < 0.3:
+                mask = Image.new("L", (size, size), 0)
+                ImageDraw.Draw(mask).polygon(polygon, fill=255)
+                im.paste(other, (0, 0), mask)
+            else:
+                ImageDraw.Draw(im).polygon(polygon, fill=colour)
+        out[i] = np.asarray(im)
+    return out
+
+
+def _shape_polygon(rng, size):
+    """Vertices (pixel coordinates) of a random ellipse, rectangle or triangle."""
+    centre = rng.uniform(0.1, 0.9, 2) * size
+    a, b = rng.uniform(0.05, 0.3, 2) * size
+    rot = rng.uniform(0, np.pi)
+    kind = rng.integers(3)
+    t = np.linspace(0, 2 * np.pi, (24, 4, 3)[kind], endpoint=False) + (0, np.pi / 4, 0)[kind]
+    u, v = a * np.cos(t), b * np.sin(t)
+    px = centre[0] + u * np.cos(rot) - v * np.sin(rot)
+    py = centre[1] + u * np.sin(rot) + v * np.cos(rot)
+    return [(float(x), float(y)) for x, y in zip(px, py)]
+
+
+# --- Image features the planted model reads ---------------------------------------------
+
+def _gabor_bank():
+    """Quadrature (one-sided) Gabor filters in the Fourier domain: (n_channels, GRID, GRID)."""
+    f = np.fft.fftfreq(GRID) * GRID
+    fx, fy = f[None, :], -f[:, None]  # y up, as in image coordinates
+    filters = []
+    for sf in SFS:
+        for ori in ORIENTATIONS:
+            cx, cy = sf * np.cos(ori), sf * np.sin(ori)
+            filters.append(np.exp(-((fx - cx) ** 2 + (fy - cy) ** 2) / (2 * (0.35 * sf) ** 2)))
+    return np.stack(filters).astype(np.float32)
+
+
+def _channel(sf_index, ori_index):
+    return sf_index * len(ORIENTATIONS) + ori_index
+
+
+def _grid_coords():
+    c = (np.arange(GRID) + 0.5) / GRID * 2 - 1
+    return np.meshgrid(c, -c)  # x right, y up, row 0 at the top
+
+
+def image_features(images):
+    """Features the planted model reads from uint8 images (n, S, S, 3).
+
+    Returns
+    -------
+    energy : float32 (n, n_channels, GRID * GRID), Gabor energy per channel and position.
+    stats : float32 (n, N_STATS), raw (not z-scored) image statistics.
+    """
+    from PIL import Image
+    n = len(images)
+    grey = np.empty((n, GRID, GRID), dtype=np.float32)
+    small = np.empty((n, 64, 64, 3), dtype=np.float32)
+    for i, im in enumerate(images):
+        pil = Image.fromarray(im)
+        grey[i] = np.asarray(pil.convert("L").resize((GRID, GRID), Image.BILINEAR), dtype=np.float32) / 255
+        small[i] = np.asarray(pil.resize((64, 64), Image.BILINEAR), dtype=np.float32) / 255
+    spectrum = np.fft.fft2(grey - grey.mean(axis=(1, 2), keepdims=True))
+    energy = np.abs(np.fft.ifft2(spectrum[:, None] * _gabor_bank()[None])) ** 2
+    return energy.reshape(n, -1, GRID * GRID).astype(np.float32), _image_stats(small)
+
+
+def _image_stats(rgb):
+    """(n, N_STATS) statistics of float RGB images (n, 64, 64, 3) in [0, 1]."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    lum = rgb.mean(-1)
+    sat = rgb.max(-1) - rgb.min(-1)
+    gy, gx = np.gradient(lum, axis=(1, 2))
+    edges = np.sqrt(gx ** 2 + gy ** 2)
+    power = np.abs(np.fft.fft2(lum - lum.mean(axis=(1, 2), keepdims=True))) ** 2
+    f = np.abs(np.fft.fftfreq(64) * 64)
+    high = np.maximum(f[:, None], f[None, :]) > 8
+    centre = np.zeros((64, 64), dtype=bool)
+    centre[16:48, 16:48] = True
+    stats = [
+        (r - g).mean(axis=(1, 2)),
+        ((r + g) / 2 - b).mean(axis=(1, 2)),
+        lum.mean(axis=(1, 2)),
+        sat.mean(axis=(1, 2)),
+        lum.std(axis=(1, 2)),
+        edges.mean(axis=(1, 2)),
+        power[:, high].sum(-1) / (power.sum(axis=(1, 2)) + 1e-8),
+        lum[:, :32].mean(axis=(1, 2)) - lum[:, 32:].mean(axis=(1, 2)),
+        edges[:, centre].mean(-1) - edges[:, ~centre].mean(-1),
+        edges[:, :, :32].mean(axis=(1, 2)) - edges[:, :, 32:].mean(axis=(1, 2)),
+        np.abs(gx).mean(axis=(1, 2)) - np.abs(gy).mean(axis=(1, 2)),
+        np.stack([r - g, (r + g) / 2 - b], -1).std(axis=(1, 2)).mean(-1),
+    ]
+    return np.stack(stats, 1).astype(np.float32)
+
+
+# --- ROI masks -------------------------------------------------------------------------
+
+def _layout(rng, sizes, lo, hi):
+    """Start positions of disjoint blocks of ``sizes`` placed in random order inside [lo, hi)."""
+    sizes = np.asarray(sizes)
+    order = rng.permutation(len(sizes))
+    gaps = rng.dirichlet(np.ones(len(sizes) + 1)) * (hi - lo - sizes.sum())
+    starts = np.empty(len(sizes), dtype=np.int64)
+    pos = lo
+    for gap, i in zip(gaps[:-1], order):
+        pos += int(gap)
+        starts[i] = pos
+        pos += sizes[i]
+    return starts
+
+
+def _roi_sizes(rng, subj, hemi):
+    """Vertex count of each ROI for one generated subject and hemisphere."""
+    sizes = {roi: int(rng.integers(20, 151)) for roi in utils.ROIS}
+    for roi in ("V1v", "V2v", "V3v", "hV4", "EBA", "FFA-1", "PPA"):
+        sizes[roi] = int(rng.integers(40, 151))
+    sizes["mTL-faces"] = 0
+    sizes["mTL-words"] = int(rng.integers(6, 16))
+    if subj % 2 == 0:
+        sizes["FBA-2"] = 0
+    if hemi == "rh" and subj % 2 == 1:
+        sizes["aTL-faces"] = 0
+    return sizes
+
+
+def generate_masks(seed, subj, hemi):
+    """Generated label arrays of one subject and hemisphere.
+
+    Vertices lie on a line: the prf-visualrois block first, the 'early' stream over most
+    of it, the other streams and the floc classes after it, each class with its own
+    random disjoint placement, so classes overlap and ROIs of one class do not.
+
+    Returns
+    -------
+    labels : dict class -> int64 (n_vertices,) codes (utils.ROI_CODE, 0 = no ROI).
+    """
+    rng = _rng(seed, 1, subj, utils.HEMISPHERES.index(hemi))
+    sizes = _roi_sizes(rng, subj, hemi)
+    prf = utils.ROI_CLASSES["prf-visualrois"]
+    prf_end = sum(sizes[r] for r in prf)
+    lo = int(0.8 * prf_end)
+    needed = max(sum(sizes[r] for r in rois) for cls, rois in utils.ROI_CLASSES.items() if cls != "prf-visualrois")
+    n = prf_end + needed + int(rng.integers(150, 400))
+    labels = {}
+    for cls, rois in utils.ROI_CLASSES.items():
+        codes = np.zeros(n, dtype=np.int64)
+        if cls == "prf-visualrois":
+            starts = np.cumsum([0] + [sizes[r] for r in rois[:-1]])
+        elif cls == "streams":
+            sizes["early"] = int(0.9 * prf_end)
+            starts = np.concatenate([[0], _layout(rng, [sizes[r] for r in rois[1:]], prf_end, n)])
+        else:
+            starts = _layout(rng, [sizes[r] for r in rois], lo, n)
+        for roi, start in zip(rois, starts):
+            codes[start:start + sizes[roi]] = utils.ROI_CODE[roi]
+        labels[cls] = codes
+    return labels
+
+
+def subsample_masks(seed, subj, hemi, labels, max_vertices):
+    """Keep ``max_vertices`` vertices (sorted indices) so that no non-empty ROI becomes empty.
+
+    Each non-empty ROI keeps min(size, 5) random vertices first; the rest are random.
+    """
+    n = len(next(iter(labels.values())))
+    if max_vertices is None or max_vertices >= n:
+        return np.arange(n)
+    rng = _rng(seed, 2, subj, utils.HEMISPHERES.index(hemi))
+    forced = [rng.choice(np.flatnonzero(codes == code), size=min(5, int((codes == code).sum())), replace=False)
+              for codes in labels.values() for code in np.unique(codes[codes > 0])]
+    keep = np.zeros(n, dtype=bool)
+    keep[np.concatenate(forced + [np.zeros(0, dtype=np.int64)]).astype(np.int64)] = True
+    rest = np.flatnonzero(~keep)
+    extra = max(0, max_vertices - int(keep.sum()))
+    keep[rng.choice(rest, size=min(extra, len(rest)), replace=False)] = True
+    return np.flatnonzero(keep)
+
+
+# --- Planted model ---------------------------------------------------------------------
+
+def plant_params(seed, subj, hemi, labels, snr):
+    """Per-vertex planted parameters from the ROI labels (see the module docstring)."""
+    rng = _rng(seed, 3, subj, utils.HEMISPHERES.index(hemi))
+    n = len(labels["prf-visualrois"])
+    prf_names = utils.ROI_CLASSES["prf-visualrois"]
+    prf_code = labels["prf-visualrois"]
+    in_roi = np.any([codes > 0 for codes in labels.values()], axis=0)
+    kind = np.where(in_roi, KIND_STATS, KIND_NONE).astype(np.int8)
+    kind[(prf_code > 0) | (labels["streams"] == utils.ROI_CODE["early"])] = KIND_PRF
+
+    side = 1.0 if hemi == "lh" else -1.0  # the left hemisphere sees the right visual field
+    half = np.zeros(n)
+    scale = np.full(n, 1.2)
+    sf_index = np.zeros(n, dtype=np.int64)
+    probs = np.full((n, len(SFS)), 1 / len(SFS))
+    for name in prf_names:
+        m = prf_code == utils.ROI_CODE[name]
+        half[m], scale[m], probs[m] = PRF_ROIS[name][0], PRF_ROIS[name][1], PRF_ROIS[name][2]
+    prf = kind == KIND_PRF
+    x = side * rng.uniform(0.05, 0.9, n)
+    y_mag = rng.uniform(0.05, 0.9, n)
+    y = np.where(half == 0, rng.uniform(-0.9, 0.9, n), half * y_mag)
+    size = scale * rng.uniform(0.06, 0.12, n) * (0.5 + np.sqrt(x ** 2 + y ** 2))
+    sf_index = (rng.random(n)[:, None] > np.cumsum(probs, 1)).sum(1).clip(0, len(SFS) - 1)
+    ori_index = rng.integers(0, len(ORIENTATIONS), n)
+    nan = np.full(n, np.nan)
+
+    n_rois = len(utils.ROIS)
+    roi_weights = rng.standard_normal((n_rois, N_STATS))
+    member = np.zeros((n, n_rois), dtype=bool)
+    for j, roi in enumerate(utils.ROIS):
+        member[:, j] = labels[utils.ROI_CLASS[roi]] == utils.ROI_CODE[roi]
+    stat_weights = member @ roi_weights + 0.5 * rng.standard_normal((n, N_STATS))
+    stat_weights[kind == KIND_NONE] = rng.standard_normal((int((kind == KIND_NONE).sum()), N_STATS))
+    stat_weights /= np.linalg.norm(stat_weights, axis=1, keepdims=True)
+    stat_weights[prf] = np.nan
+
+    vertex_snr = snr * 10 ** rng.uniform(-SNR_SPREAD / 2, SNR_SPREAD / 2, n)
+    vertex_snr[kind == KIND_NONE] *= 0.1
+    return {
+        "kind": kind, "snr": vertex_snr,
+        "x": np.where(prf, x, nan), "y": np.where(prf, y, nan), "size": np.where(prf, size, nan),
+        "orientation": np.where(prf, ORIENTATIONS[ori_index], nan), "sf": np.where(prf, SFS[sf_index], nan),
+        "channel": np.where(prf, _channel(sf_index, ori_index), -1),
+        "stat_weights": stat_weights,
+    }
+
+
+def _prf_weights(params):
+    """Normalised Gaussian field of every pRF vertex: float32 (GRID * GRID, n_prf)."""
+    gx, gy = _grid_coords()
+    prf = np.flatnonzero(params["kind"] == KIND_PRF)
+    d2 = (gx.reshape(-1, 1) - params["x"][prf]) ** 2 + (gy.reshape(-1, 1) - params["y"][prf]) ** 2
+    w = np.exp(-d2 / (2 * params["size"][prf] ** 2))
+    return (w / w.sum(0, keepdims=True)).astype(np.float32)
+
+
+def raw_responses(params, energy, stats_z, prf_weights):
+    """Noise-free, not yet standardised responses: float32 (n_images, n_vertices).
+
+    Parameters
+    ----------
+    params : dict from plant_params.
+    energy : (n_images, n_channels, GRID * GRID) from image_features.
+    stats_z : (n_images, N_STATS) z-scored image statistics.
+    prf_weights : (GRID * GRID, n_prf) from _prf_weights.
+    """
+    kind = params["kind"]
+    out = np.empty((len(energy), len(kind)), dtype=np.float32)
+    prf = np.flatnonzero(kind == KIND_PRF)
+    channels = params["channel"][prf]
+    for c in np.unique(channels):
+        cols = np.flatnonzero(channels == c)
+        out[:, prf[cols]] = np.sqrt(energy[:, c] @ prf_weights[:, cols] + 1e-12)
+    other = np.flatnonzero(kind != KIND_PRF)
+    out[:, other] = np.logaddexp(0, stats_z @ params["stat_weights"][other].T)
+    return out
+
+
+# --- The dataset -----------------------------------------------------------------------
+
+def _image_plan(seed, n_subjects, n_images):
+    """NSD ids of the image pool and, per subject, the sorted pool rows it sees."""
+    rng = _rng(seed, 4)
+    shared = int(round(SHARED_FRACTION * n_images)) if n_subjects > 1 else 0
+    unique = n_images - shared
+    n_pool = shared + n_subjects * unique
+    nsd_ids = np.sort(rng.choice(73000, size=n_pool, replace=False))
+    pool = rng.permutation(n_pool)
+    rows = []
+    for s in range(n_subjects):
+        mine = np.concatenate([pool[:shared], pool[shared + s * unique: shared + (s + 1) * unique]])
+        rows.append(np.sort(mine))
+    return nsd_ids, rows
+
+
+def _load_masks(masks_from, subj):
+    """Labels dict and fsaverage masks of a subject copied from a real roi_masks folder."""
+    out = {}
+    for hemi in utils.HEMISPHERES:
+        labels = {cls: utils.load_roi_mask(masks_from, subj, hemi, cls) for cls in utils.ROI_CLASSES}
+        fsavg = np.load(utils.require_file(utils.fsaverage_mask_path(masks_from, subj, hemi),
+                                           "point --masks-from at the folder holding the roi_masks"))
+        out[hemi] = (labels, fsavg)
+    return out
+
+
+def write_algonauts_dataset(root, n_subjects=2, n_images=300, image_size=425, seed=0, snr=1.0,
+                            masks_from=None, max_vertices=None):
+    """Write a synthetic Algonauts dataset with a planted model under ``root``.
+
+    Parameters
+    ----------
+    root : path-like, the project folder to write into (created if needed).
+    n_subjects : int, subjects Subj1..SubjN.
+    n_images : int, images (and fMRI rows) per subject.
+    image_size : int, side of the PNG images.
+    seed : int, the same seed gives identical files.
+    snr : float > 0, median signal variance / noise variance of ROI vertices.
+    masks_from : optional path of a folder with real ``SubjX`` roi_masks folders
+        (e.g. ../shared/algonauts_roi_masks); None generates small masks.
+    max_vertices : optional int, with ``masks_from``, vertices kept per hemisphere.
+
+    Returns
+    -------
+    summary : dict subj -> hemi -> {"n_vertices": int, "roi_sizes": {roi: int}}.
+    """
+    root = Path(root)
+    if n_subjects < 1 or n_images < 1 or image_size < 8:
+        raise utils.UserError(f"need at least 1 subject, 1 image and 8 px images, got {n_subjects}, "
+                              f"{n_images}, {image_size}: pass positive sizes")
+    if not snr > 0:
+        raise utils.UserError(f"snr must be positive, got {snr}: pass e.g. --snr 1.0")
+    if masks_from is not None:
+        masks_from = utils.require_dir(masks_from, "point --masks-from at the folder holding the SubjX roi_masks")
+        masks = {s: _load_masks(masks_from, s) for s in range(1, n_subjects + 1)}
+
+    summary, params, truth = {}, {}, {}
+    for s in range(1, n_subjects + 1):
+        summary[s] = {}
+        for hemi in utils.HEMISPHERES:
+            if masks_from is None:
+                labels = generate_masks(seed, s, hemi)
+                fsavg_rows = np.sort(_rng(seed, 5, s, utils.HEMISPHERES.index(hemi)).choice(
+                    utils.N_FSAVERAGE_VERTICES, size=len(labels["streams"]), replace=False))
+                mappings = {cls: {0: "Unknown", **{utils.ROI_CODE[r]: r for r in rois}}
+                            for cls, rois in utils.ROI_CLASSES.items()}
+            else:
+                labels, fsavg = masks[s][hemi]
+                keep = subsample_masks(seed, s, hemi, labels, max_vertices)
+                labels = {cls: codes[keep] for cls, codes in labels.items()}
+                fsavg_rows = np.flatnonzero(fsavg)[keep]
+                mappings = {cls: utils.load_roi_mapping(masks_from, s, cls) for cls in utils.ROI_CLASSES}
+            fsavg = np.zeros(utils.N_FSAVERAGE_VERTICES, dtype=np.int64)
+            fsavg[fsavg_rows] = 1
+            for cls, codes in labels.items():
+                utils.atomic_np_save(codes.astype(np.int64), utils.roi_mask_path(root, s, hemi, cls))
+            for cls, mapping in mappings.items():
+                with utils.atomic_path(utils.roi_mapping_path(root, s, cls)) as tmp, open(tmp, "wb") as f:
+                    np.save(f, mapping, allow_pickle=True)
+            utils.atomic_np_save(fsavg, utils.fsaverage_mask_path(root, s, hemi))
+            params[s, hemi] = plant_params(seed, s, hemi, labels, snr)
+            summary[s][hemi] = {"n_vertices": len(labels["streams"]), "roi_sizes": {
+                roi: int((labels[utils.ROI_CLASS[roi]] == utils.ROI_CODE[roi]).sum()) for roi in utils.ROIS}}
+
+    nsd_ids, rows = _image_plan(seed, n_subjects, n_images)
+    n_pool = len(nsd_ids)
+    where = np.full((n_subjects, n_pool), -1)
+    for s, r in enumerate(rows):
+        where[s, r] = np.arange(len(r))
+    for s in range(1, n_subjects + 1):
+        utils.images_dir(root, s).mkdir(parents=True, exist_ok=True)
+    energies = np.empty((n_pool, len(SFS) * len(ORIENTATIONS), GRID * GRID), dtype=np.float32)
+    stats = np.empty((n_pool, N_STATS), dtype=np.float32)
+    rng = _rng(seed, 6)
+    from PIL import Image
+    for start in tqdm(range(0, n_pool, CHUNK), desc="synthetic images", leave=False):
+        chunk = _render_chunk(rng, min(CHUNK, n_pool - start), image_size)
+        energies[start:start + len(chunk)], stats[start:start + len(chunk)] = image_features(chunk)
+        for i, im in enumerate(chunk):
+            for s in np.flatnonzero(where[:, start + i] >= 0):
+                name = f"train-{where[s, start + i] + 1:04d}_nsd-{nsd_ids[start + i]:05d}.png"
+                with utils.atomic_path(utils.images_dir(root, s + 1) / name) as tmp:
+                    Image.fromarray(im).save(tmp, format="PNG", compress_level=1)
+    stats_z = (stats - stats.mean(0)) / (stats.std(0) + 1e-8)
+
+    for s in range(1, n_subjects + 1):
+        r = rows[s - 1]
+        truth_dir = Path(root) / "synthetic_truth" / utils.subj_dir(s)
+        utils.atomic_np_save(stats[r], truth_dir / f"subj{s}_image_stats.npy")
+        for hemi in utils.HEMISPHERES:
+            p = params[s, hemi]
+            signal = raw_responses(p, energies[r], stats_z[r], _prf_weights(p))
+            sd = signal.std(0)
+            signal = (signal - signal.mean(0)) / np.where(sd > 1e-8, sd, np.inf)
+            noise = _rng(seed, 7, s, utils.HEMISPHERES.index(hemi)).standard_normal(signal.shape, dtype=np.float32)
+            fmri = signal + noise * np.sqrt(1 / p["snr"]).astype(np.float32)
+            utils.atomic_np_save(signal.astype(np.float32), truth_dir / f"subj{s}_{hemi}_noise_free.npy")
+            with utils.atomic_path(truth_dir / f"subj{s}_{hemi}_params.npz") as tmp:
+                np.savez(tmp, sfs=SFS, orientations=ORIENTATIONS, nsd_ids=nsd_ids[r], **p)
+            utils.atomic_np_save(fmri.astype(np.float32), utils.fmri_path(root, s, hemi))
+    return summary
+
+
+@utils.cli
+def main(argv=None):
+    opts = utils.parse_options(sys.modules[__name__], argv)
+    existing = [utils.fmri_path(opts.ROOT, s, h) for s in range(1, opts.SUBJECTS + 1) for h in utils.HEMISPHERES]
+    if all(p.exists() for p in existing) and not opts.OVERWRITE:
+        print(f"{opts.ROOT} already holds a dataset of {opts.SUBJECTS} subjects: skipped (use --overwrite)")
+        return None
+    summary = write_algonauts_dataset(opts.ROOT, opts.SUBJECTS, opts.IMAGES, opts.IMAGE_SIZE, opts.SEED,
+                                      opts.SNR, opts.MASKS_FROM, opts.MAX_VERTICES)
+    for s, hemis in summary.items():
+        for hemi, info in hemis.items():
+            empty = [roi for roi, k in info["roi_sizes"].items() if k == 0]
+            print(f"{utils.subj_dir(s)} {hemi}: {info['n_vertices']} vertices, "
+                  f"{len(utils.ROIS) - len(empty)} non-empty ROIs (empty: {', '.join(empty) or 'none'})")
+    print(f"wrote {opts.IMAGES} images of {opts.IMAGE_SIZE} px per subject and the fMRI under {opts.ROOT}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
