@@ -643,6 +643,7 @@ def parse_options(module, argv=None):
     if "ROOT" not in names:
         block = [("ROOT", "project folder holding the data folders")] + block
     for name, comment in block:
+        comment = comment.replace("%", "%%")  # argparse %-formats help strings ("85% split")
         default = getattr(module, name, ".")
         flag = "--" + name.lower().replace("_", "-")
         if isinstance(default, (list, tuple)):
@@ -702,3 +703,18 @@ def method_checkpoint_path(root, method, subj, hemisphere, roi, epochs):
     if method in ("pooled-avg", "pooled-const"):
         return pooled_model_path(root, hemisphere, roi, epochs, method.split("-")[1])
     raise UserError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+
+
+def shard(items, spec="1/1"):
+    """Part K of N of ``items`` for ``spec`` = "K/N" (1 <= K <= N): items[K-1::N].
+
+    Round-robin, so the N parts cover every item exactly once and mix large and small
+    ROIs; a SLURM array task passes ``--shard $SLURM_ARRAY_TASK_ID/N`` with ``--array=1-N``.
+    """
+    try:
+        k, n = (int(part) for part in str(spec).split("/"))
+    except ValueError:
+        raise UserError(f"bad shard {spec!r}: use K/N, e.g. 2/4 for the second of four parts") from None
+    if not 1 <= k <= n:
+        raise UserError(f"bad shard {spec!r}: K must be between 1 and N")
+    return list(items)[k - 1::n]

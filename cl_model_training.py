@@ -1,0 +1,46 @@
+"""Fine-tune AlexNet with the contrastive (InfoNCE) loss on the fMRI of one subject's ROI.
+
+Writes cl_models/SubjX/subjX_{lh,rh}_<ROI>_model_e<EPOCHS>.pt and, next to it, the
+per-epoch train and held-out losses (<name>.log.json). An interrupted run resumes from
+its last finished epoch when started again with the same options.
+"""
+
+import sys
+
+import models
+import utils
+
+# --- Options ---
+SUBJ = 1  # subject whose fMRI tunes the model
+HEMISPHERE = "left"  # left or right
+ROI = "V1v"  # one of the 31 ROI names
+BATCH_SIZE = 1024  # image-fMRI pairs per step
+EPOCHS = 30  # passes over the 85% training split
+LR = 1e-4  # Adam learning rate
+TEMPERATURE = 0.3  # InfoNCE temperature
+WEIGHTS = "imagenet"  # starting AlexNet: imagenet, none (seeded random) or a state-dict file
+DEVICE = "auto"  # auto, cpu or cuda
+SEED = 0  # seeds the initialisation, batch order and dropout
+IMAGE_SIZE = 224  # images are squash-resized to IMAGE_SIZE x IMAGE_SIZE
+MAX_VOXELS = None  # keep at most this many voxels of the ROI (seeded random subset); None keeps all
+OVERWRITE = False  # re-train even if the checkpoint exists
+# ---
+
+
+def train(opts, roi, skip_empty=False):
+    """Train the CL model of ``roi`` with the options ``opts``; returns its path, or None if skipped."""
+    return models.train_roi(
+        "cl", opts.ROOT, roi, opts.HEMISPHERE, [opts.SUBJ], epochs=opts.EPOCHS, lr=opts.LR,
+        batch_size=opts.BATCH_SIZE, temperature=opts.TEMPERATURE, weights=opts.WEIGHTS, device=opts.DEVICE,
+        seed=opts.SEED, image_size=opts.IMAGE_SIZE, max_voxels=opts.MAX_VOXELS, overwrite=opts.OVERWRITE,
+        skip_empty=skip_empty)
+
+
+@utils.cli
+def main(argv=None):
+    opts = utils.parse_options(sys.modules[__name__], argv)
+    return train(opts, opts.ROI)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""Fine-tune AlexNet to predict one subject's ROI fMRI with MSE (the regression baseline).
+
+Writes baseline_models/nn_reg/SubjX/subjX_{lh,rh}_<ROI>_reg_model_e<EPOCHS>.pt and, next
+to it, the per-epoch train and held-out losses (<name>.log.json). An interrupted run
+resumes from its last finished epoch when started again with the same options.
+"""
+
+import sys
+
+import models
+import utils
+
+# --- Options ---
+SUBJ = 1  # subject whose fMRI tunes the model
+HEMISPHERE = "left"  # left or right
+ROI = "V1v"  # one of the 31 ROI names
+BATCH_SIZE = 1024  # image-fMRI pairs per step
+EPOCHS = 75  # passes over the 85% training split
+LR = 2.5e-5  # Adam learning rate
+WEIGHTS = "imagenet"  # starting AlexNet: imagenet, none (seeded random) or a state-dict file
+DEVICE = "auto"  # auto, cpu or cuda
+SEED = 0  # seeds the initialisation, batch order and dropout
+IMAGE_SIZE = 224  # images are squash-resized to IMAGE_SIZE x IMAGE_SIZE
+MAX_VOXELS = None  # keep at most this many voxels of the ROI (seeded random subset); None keeps all
+OVERWRITE = False  # re-train even if the checkpoint exists
+# ---
+
+
+def train(opts, roi, skip_empty=False):
+    """Train the regression model of ``roi`` with the options ``opts``; returns its path, or None if skipped."""
+    return models.train_roi(
+        "reg", opts.ROOT, roi, opts.HEMISPHERE, [opts.SUBJ], epochs=opts.EPOCHS, lr=opts.LR,
+        batch_size=opts.BATCH_SIZE, weights=opts.WEIGHTS, device=opts.DEVICE, seed=opts.SEED,
+        image_size=opts.IMAGE_SIZE, max_voxels=opts.MAX_VOXELS, overwrite=opts.OVERWRITE, skip_empty=skip_empty)
+
+
+@utils.cli
+def main(argv=None):
+    opts = utils.parse_options(sys.modules[__name__], argv)
+    return train(opts, opts.ROI)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""Regression fine-tuning (reg_model_training.py) for every ROI of one subject and hemisphere.
+
+ROIs that are empty for the subject are skipped with a line, finished checkpoints are
+skipped unless --overwrite, and --shard K/N runs only the K-th of N parts of the ROI list
+(one part per task of a SLURM job array).
+"""
+
+import sys
+
+from tqdm.auto import tqdm
+
+import utils
+from reg_model_training import train
+
+# --- Options ---
+SUBJ = 1  # subject whose fMRI tunes the models
+HEMISPHERE = "left"  # left or right
+ROIS = []  # ROI names to train; empty means all 31
+SHARD = "1/1"  # K/N: train only the K-th of N round-robin parts of the ROI list
+BATCH_SIZE = 1024  # image-fMRI pairs per step
+EPOCHS = 75  # passes over the 85% training split
+LR = 2.5e-5  # Adam learning rate
+WEIGHTS = "imagenet"  # starting AlexNet: imagenet, none (seeded random) or a state-dict file
+DEVICE = "auto"  # auto, cpu or cuda
+SEED = 0  # seeds the initialisation, batch order and dropout
+IMAGE_SIZE = 224  # images are squash-resized to IMAGE_SIZE x IMAGE_SIZE
+MAX_VOXELS = None  # keep at most this many voxels per ROI (seeded random subset); None keeps all
+OVERWRITE = False  # re-train ROIs whose checkpoint exists
+# ---
+
+
+@utils.cli
+def main(argv=None):
+    opts = utils.parse_options(sys.modules[__name__], argv)
+    rois = utils.shard([utils.check_roi(r) for r in opts.ROIS or utils.ROIS], opts.SHARD)
+    return [train(opts, roi, skip_empty=True) for roi in tqdm(rois, desc="ROIs")]
+
+
+if __name__ == "__main__":
+    main()
