@@ -377,9 +377,12 @@ def load_predictions(root, dataset, names=None):
 # --- Tasks run by generate_results.py --------------------------------------------------
 
 def select_rois(root, method, subj, hemisphere, rois, epochs):
-    """The ROIs to process: ``rois`` as given (checked), or every ROI whose checkpoint exists."""
+    """The ROIs to process: ``rois`` as given (each must have a checkpoint), or every ROI whose checkpoint exists."""
     if rois:
-        return [utils.check_roi(r) for r in rois]
+        for roi in rois:
+            path = utils.method_checkpoint_path(root, method, subj, hemisphere, utils.check_roi(roi), epochs)
+            utils.require_file(path, f"make it with python {utils.METHOD_SCRIPTS[method]}")
+        return list(rois)
     found = [r for r in utils.ROIS if utils.method_checkpoint_path(root, method, subj, hemisphere, r, epochs).is_file()]
     if not found:
         example = utils.method_checkpoint_path(root, method, subj, hemisphere, "V1v", epochs)
@@ -696,8 +699,8 @@ def plot_roi_heatmaps(tables, references, title, label, stem, fmt="{:.2f}"):
     span = max(float(np.nanmax(np.abs(d.to_numpy()))) for d in diffs.values()) or 1.0
     norm = TwoSlopeNorm(0.0, -span, span)
     height = max(len(t) for t in tables.values())
-    fig, axes = plt.subplots(1, len(hemis), figsize=(2 + 1.1 * sum(t.shape[1] for t in tables.values()),
-                                                       1.5 + 0.32 * height), squeeze=False)
+    width = max(7.0, 2.5 + 0.9 * sum(t.shape[1] for t in tables.values()))
+    fig, axes = plt.subplots(1, len(hemis), figsize=(width, 2 + 0.3 * height), squeeze=False, layout="constrained")
     for ax, h in zip(axes[0], hemis):
         t = tables[h]
         im = ax.imshow(diffs[h].to_numpy(), cmap="RdBu_r", norm=norm, aspect="auto")

@@ -1,5 +1,8 @@
 """Downstream analyses: landscape distances and embeddings, MI bound, classification probes, pipeline."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -197,3 +200,194 @@ def test_grad_cam_matches_a_direct_computation():
     ref = ref / ref.flatten(1).amax(1)[:, None, None]
     torch.testing.assert_close(cam, ref, atol=1e-5, rtol=1e-4)
     assert cam.min() >= 0 and cam.flatten(1).amax(1).allclose(torch.ones(2)) and cam.std() > 0.05
+
+
+# --- The generate_results.py pipeline on a synthetic dataset ---------------------------
+
+BASE = ["--subjects", "1", "--epochs", "1", "--weights", "none", "--image-size", "64", "--device", "cpu",
+        "--batch-size", "64"]
+
+
+def pipeline_rois(root, n=2):
+    """The first ``n`` ROIs with at least 8 voxels in both hemispheres of subjects 1 and 2."""
+    ok = [r for r in utils.ROIS
+          if all(utils.roi_voxel_count(root, s, h, r) >= 8 for s in (1, 2) for h in ("lh", "rh"))]
+    return ok[:n]
+
+
+def write_checkpoints(root, rois, epochs=1):
+    """Seeded, untrained CL models (subject 1, both hemispheres) and a pooled-avg model (lh, rois[0])."""
+    import models
+    common = {"epochs": epochs, "seed": 1, "weights": "none", "image_size": 64}
+    for h in ("lh", "rh"):
+        for roi in rois:
+            v = utils.roi_voxel_indices(root, 1, h, roi)
+            model = models.CLModel(len(v), weights="none", seed=1)
+            meta = {"kind": "cl", "roi": roi, "hemisphere": h, "subject": 1, "n_voxels": len(v),
+                    "voxels": v.tolist(), "h": model.h, "z": model.z, **common}
+            models.save_checkpoint(model, meta, utils.cl_model_path(root, 1, h, roi, epochs))
+    voxels = {s: utils.roi_voxel_indices(root, s, "lh", rois[0]) for s in (1, 2)}
+    counts = {s: len(v) for s, v in voxels.items()}
+    model = models.PooledCLModel(counts, int(np.mean(list(counts.values()))), weights="none", seed=1)
+    meta = {"kind": "pooled", "roi": rois[0], "hemisphere": "lh", "subjects": [1, 2], "h_method": "avg",
+            "voxel_counts": {str(s): n for s, n in counts.items()},
+            "voxels": {str(s): v.tolist() for s, v in voxels.items()}, "h": model.h, "z": model.z, **common}
+    models.save_checkpoint(model, meta, utils.pooled_model_path(root, "lh", rois[0], epochs, "avg"))
+
+
+@pytest.fixture(scope="module")
+def pipeline_root(synthetic_root, tmp_path_factory):
+    import shutil
+    root = tmp_path_factory.mktemp("results_pipeline")
+    for d in ("training_fmri", "training_images", "roi_masks"):
+        shutil.copytree(synthetic_root / d, root / d)
+    write_colour_folder(root / "datasets" / "caltech256", per_class=14)
+    write_checkpoints(root, pipeline_rois(root))
+    return root
+
+
+def run(argv, root):
+    import generate_results
+    generate_results.main(["--root", str(root), *argv])
+
+
+def test_classification_task_saves_probes_and_resumes(pipeline_root, monkeypatch):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+    root, rois = pipeline_root, pipeline_rois(pipeline_root)
+    run(["--type", "classification-task", "--dataset", "caltech256", *BASE], root)
+    run(["--type", "classification-task-pooled-avg", "--dataset", "caltech256", "--hemispheres", "left", *BASE], root)
+    folder = utils.results_dir(root) / "classification" / "caltech256"
+    summary = json.loads((folder / "subj1_lh_cl-tuned_e1.json").read_text())
+    assert set(summary["rois"]) == set(rois)
+    # The untuned probe equals sklearn on independently extracted features.
+    images, labels, _ = ru.dataset_images(root, "caltech256", 64)
+    feats = utils.extract_features(utils.load_alexnet("none", 0), images, layers=["classifier.5"])["classifier.5"]
+    train, test = utils.train_test_split(len(labels))
+    scaler = StandardScaler().fit(feats[train])
+    lr = LogisticRegression(max_iter=5000).fit(scaler.transform(feats[train]), labels[train])
+    names, probs, saved_labels, metas = ru.load_predictions(root, "caltech256")
+    assert sorted(names) == sorted(["untuned", "lh_%s_pooled-avg_e1" % rois[0]]
+                                   + [f"subj1_{h}_{r}_cl-tuned_e1" for h in ("lh", "rh") for r in rois])
+    u = names.index("untuned")
+    np.testing.assert_allclose(probs[u], lr.predict_proba(scaler.transform(feats[test])), atol=1e-5)
+    np.testing.assert_array_equal(saved_labels, labels[test])
+    assert summary["untuned"] == metas[u]["accuracy"] == pytest.approx(lr.score(scaler.transform(feats[test]), labels[test]))
+    for roi in rois:
+        assert summary["rois"][roi] == metas[names.index(f"subj1_lh_{roi}_cl-tuned_e1")]["accuracy"]
+    # A rerun skips every finished model.
+    monkeypatch.setattr(ru, "fit_probe", lambda *a, **k: pytest.fail("a finished model was refitted"))
+    run(["--type", "classification-task", "--dataset", "caltech256", *BASE], root)
+    # Heatmaps read back the same numbers.
+    tables, untuned = ru.classification_tables(root, "caltech256", "cl-tuned", 1)
+    assert untuned == summary["untuned"] and list(tables["lh"]["subj1"]) == [summary["rois"][r] for r in rois]
+
+
+def test_mi_bound_task_matches_direct_computation(pipeline_root):
+    import models
+    root, rois = pipeline_root, pipeline_rois(pipeline_root)
+    run(["--type", "lower-bound-mi", *BASE], root)
+    run(["--type", "lower-bound-mi-pooled-avg", "--hemispheres", "left", *BASE], root)
+    summary = json.loads((utils.results_dir(root) / "mi_bounds" / "subj1_rh_cl-tuned_e1.json").read_text())
+    model, meta = models.load_checkpoint(utils.cl_model_path(root, 1, "rh", rois[1], 1))
+    data = utils.SubjectData(root, 1, "rh", np.array(meta["voxels"]), 64)
+    test = np.sort(data.test)
+    with torch.no_grad():
+        z_img = model.embed_images(utils.normalize_images(data.images[test])).numpy()
+        z_fmri = model.embed_fmri(torch.from_numpy(data.fmri[test])).numpy()
+    cos = (z_img / np.linalg.norm(z_img, axis=1, keepdims=True)) @ (z_fmri / np.linalg.norm(z_fmri, axis=1, keepdims=True)).T
+    c = cos / 0.3
+    direct = np.mean(np.diag(c) - np.log(np.exp(c).mean(1)))
+    res = summary["rois"][rois[1]]["1"]
+    assert res["tuned"]["nats"] == pytest.approx(direct, rel=1e-5, abs=1e-6)
+    assert res["tuned"]["K"] == len(test)
+    # These checkpoints are untrained, so the rebuilt untuned reference must give the same bound.
+    assert res["untuned"]["nats"] == pytest.approx(res["tuned"]["nats"], abs=1e-9)
+    pooled = json.loads((utils.results_dir(root) / "mi_bounds" / "lh_pooled-avg_e1.json").read_text())
+    assert set(pooled["rois"][rois[0]]) == {"1", "2"}
+    for res in pooled["rois"][rois[0]].values():
+        assert res["tuned"]["scaled_nats"] >= res["tuned"]["nats"] and res["tuned"]["scaled_nats"] <= res["tuned"]["log_K"]
+    mi = ru.mi_tables(root, "cl-tuned", 1)
+    assert mi["rh"][0].loc[rois[1], "subj1"] == summary["rois"][rois[1]]["1"]["tuned"]["scaled_bits"]
+
+
+def test_figures_salience_and_landscape_notebook(pipeline_root):
+    import nbclient
+    import nbformat
+    root, rois = pipeline_root, pipeline_rois(pipeline_root)
+    run(["--type", "classification-task", "--dataset", "caltech256", *BASE], root)
+    run(["--type", "classification-task-pooled-avg", "--dataset", "caltech256", "--hemispheres", "left", *BASE], root)
+    run(["--type", "lower-bound-mi", *BASE], root)
+    run(["--type", "figures", "--dataset", "caltech256", "--epochs", "1"], root)
+    run(["--type", "salience-maps", "--dataset", "caltech256", "--rois", rois[0], "--image-index", "3", *BASE], root)
+    figures = utils.results_dir(root) / "figures"
+    assert {p.name for p in figures.iterdir()} >= {
+        "classification_caltech256_cl-tuned_e1.png", "mi_bound_cl-tuned_e1.pdf",
+        f"salience_caltech256_subj1_{rois[0]}_cl-tuned_e1_img3.png"}
+    # The notebook, run headless on these outputs with injected parameters.
+    repo = Path(ru.__file__).resolve().parent
+    nb = nbformat.read(repo / "feature_extraction_model_landscape_imagenet.ipynb", 4)
+    params = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
+    assert len(params) == 1
+    nb.cells.insert(params[0] + 1, nbformat.v4.new_code_cell(f"ROOT = {str(root)!r}\nDATASET = 'caltech256'"))
+    nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
+                            resources={"metadata": {"path": str(repo)}}).execute()
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    n_models = len(list((utils.classification_preds_dir(root) / "caltech256").glob("*.npz")))
+    assert f"{n_models + 1} models (oracle included)" in text
+    assert (figures / "landscape_caltech256_inpca.png").is_file() and (figures / "landscape_caltech256_inpca.pdf").is_file()
+    # The oracle point: its distance to a model is mean_n -log sqrt(p_model[n, true class]).
+    land = ru.landscape(root, "caltech256")
+    _, probs, labels, _ = ru.load_predictions(root, "caltech256")
+    direct = -np.log(np.sqrt(probs[:, np.arange(len(labels)), labels])).mean(1)
+    np.testing.assert_allclose(land["distances"][-1, :-1], direct, rtol=1e-10)
+    assert land["names"][-1] == "oracle" and land["coords"].shape == (n_models + 1, 2)
+
+
+def test_fmri_side_outputs(pipeline_root):
+    import models
+    import pandas as pd
+    root, rois = pipeline_root, pipeline_rois(pipeline_root)
+    run(["--type", "voxel-counts"], root)
+    counts = pd.read_csv(utils.results_dir(root) / "voxel_counts.csv")
+    assert len(counts) == 2 * 2 * 31
+    for row in counts.sample(12, random_state=0).itertuples():
+        assert row.n_voxels == utils.roi_voxel_count(root, row.subject, row.hemisphere, row.roi)
+    run(["--type", "save-test-fmri-responses", "--hemispheres", "left", "--rois", *rois], root)
+    _, test = utils.train_test_split(len(utils.list_images(root, 1)))
+    saved = np.load(utils.results_dir(root) / "test_fmri" / f"subj1_lh_{rois[0]}.npy")
+    np.testing.assert_array_equal(saved, utils.load_fmri(root, 1, "lh", utils.roi_voxel_indices(root, 1, "lh", rois[0]))[test])
+    run(["--type", "save-embeddings", "--hemispheres", "right", *BASE], root)
+    emb = np.load(utils.results_dir(root) / "embeddings" / f"subj1_rh_{rois[0]}_cl-tuned_e1_output.npy")
+    model, _ = models.load_checkpoint(utils.cl_model_path(root, 1, "rh", rois[0], 1))
+    images = utils.subject_images(root, 1, 64)
+    with torch.no_grad():
+        np.testing.assert_allclose(emb[:20], model.embed_images(utils.normalize_images(np.array(images[:20]))).numpy(), atol=1e-5)
+    run(["--type", "save-embeddings", "--method", "untuned", "--embedding-layer", "features.5", *BASE], root)
+    emb = np.load(utils.results_dir(root) / "embeddings" / "subj1_untuned_features.5.npy")
+    assert emb.shape == (len(images), utils.layer_dims(64)["features.5"])
+    run(["--type", "random-rois-list", "--n-random-rois", "5", "--seed", "3"], root)
+    first = pd.read_csv(utils.results_dir(root) / "random_rois_n5_seed3.csv")
+    np.testing.assert_array_equal(first, ru.random_rois(ru.voxel_counts(root), 5, seed=3))
+    assert (first["n_voxels"] > 0).all() and not first.duplicated(["subject", "hemisphere", "roi"]).any()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--type", "histogram"], "unknown --type 'histogram'"),
+    (["--type", "classification-task", "--dataset", "places365", *BASE], "datasets/places365"),
+    (["--type", "classification-task", "--dataset", "caltech256", "--rois", "hV4", *BASE], "cl_model_training.py"),
+    (["--type", "lower-bound-mi", "--method", "reg-tuned", *BASE], "fMRI embedding"),
+    (["--type", "lower-bound-mi", "--rois", "V9", *BASE], "unknown ROI 'V9'"),
+    (["--type", "salience-maps", "--rois", "V1v", "V2v", *BASE], "one subject and one ROI"),
+    (["--type", "save-embeddings", "--embedding-layer", "conv9", *BASE], "unknown layer 'conv9'"),
+    (["--type", "random-rois-list", "--n-random-rois", "1000"], "ask for fewer"),
+])
+def test_bad_input_is_one_line_and_exit_2(pipeline_root, capsys, argv, message):
+    before = sorted(p for p in pipeline_root.rglob("*") if p.is_file())
+    with pytest.raises(SystemExit) as exc:
+        run(argv, pipeline_root)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+    after = sorted(p for p in pipeline_root.rglob("*") if p.is_file())
+    assert after == before

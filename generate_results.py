@@ -1,0 +1,102 @@
+"""Downstream analyses of the tuned models: classification probes, MI bounds, embeddings, figures.
+
+One --type per analysis (the logic lives in results_utils.py):
+  classification-task[-pooled-avg|-pooled-const]  fc7 logistic-regression probes on DATASET
+  lower-bound-mi[-pooled-avg|-pooled-const]       InfoNCE MI lower bound on the test split
+  voxel-counts, save-embeddings, save-test-fmri-responses, random-rois-list
+  figures                                         ROI x subject heatmaps (accuracy, MI bound)
+  salience-maps                                   Grad-CAM of a left and a right model on an image and its mirror
+Outputs go under ROOT/results and ROOT/classification_preds; reruns skip finished ROIs.
+"""
+
+import sys
+
+import utils
+
+# --- Options ---
+TYPE = "classification-task"  # analysis to run (see the list above)
+DATASET = "caltech256"  # classification dataset in ROOT/datasets/<name>: caltech256, places365, imagenet, sun397
+METHOD = "cl-tuned"  # tuned models to analyse: cl-tuned or reg-tuned (save-embeddings also untuned; pooled types set it)
+SUBJECTS = [1]  # subjects to process
+HEMISPHERES = ["left", "right"]  # hemispheres to process
+ROIS = []  # ROIs (default: every ROI with a checkpoint, or every non-empty ROI for the fMRI-only types)
+EPOCHS = None  # epochs in the checkpoint names (default: 30, or 75 for reg-tuned)
+WEIGHTS = "imagenet"  # untuned AlexNet: imagenet, none (seeded random) or a state-dict path
+SEED = 0  # seed of random weights and of random-rois-list
+DEVICE = "auto"  # auto, cpu or cuda
+IMAGE_SIZE = 224  # image side given to AlexNet (probes: Resize(size*256/224) + CenterCrop(size))
+BATCH_SIZE = 256  # images per forward pass
+EMBEDDING_LAYER = ""  # save-embeddings: '' for the model output (CL embedding, regression prediction, untuned fc8) or an AlexNet layer
+N_RANDOM_ROIS = 10  # random-rois-list: how many (subject, hemisphere, ROI) to draw
+IMAGE_INDEX = 0  # salience-maps: which test image of DATASET (position in the 15% split)
+OVERWRITE = False  # recompute results that exist
+# ---
+
+TYPES = ["classification-task", "classification-task-pooled-avg", "classification-task-pooled-const",
+         "lower-bound-mi", "lower-bound-mi-pooled-avg", "lower-bound-mi-pooled-const", "voxel-counts",
+         "save-embeddings", "save-test-fmri-responses", "random-rois-list", "figures", "salience-maps"]
+
+
+@utils.cli
+def main(argv=None):
+    opts = utils.parse_options(sys.modules[__name__], argv)
+    import results_utils as ru
+    if opts.TYPE not in TYPES:
+        raise utils.UserError(f"unknown --type {opts.TYPE!r}: use one of {', '.join(TYPES)}")
+    method = "pooled-" + opts.TYPE.rsplit("-", 1)[1] if "pooled" in opts.TYPE else opts.METHOD
+    epochs = opts.EPOCHS if opts.EPOCHS is not None else (75 if method == "reg-tuned" else 30)
+    device = utils.resolve_device(opts.DEVICE)
+    subjects = [None] if method.startswith("pooled") else opts.SUBJECTS
+    model_opts = dict(root=opts.ROOT, method=method, epochs=epochs, weights=opts.WEIGHTS, device=device,
+                  image_size=opts.IMAGE_SIZE, seed=opts.SEED)
+    if opts.TYPE.startswith("classification-task"):
+        for subj in subjects:
+            for h in opts.HEMISPHERES:
+                summary = ru.classification_task(dataset=opts.DATASET, subj=subj, hemisphere=h, rois=opts.ROIS,
+                                                 batch_size=opts.BATCH_SIZE, overwrite=opts.OVERWRITE, **model_opts)
+                print(f"{opts.DATASET} {ru.summary_stem(method, subj, h, epochs)}: untuned {summary['untuned']:.3f}, "
+                      + ", ".join(f"{r} {a:.3f}" for r, a in summary["rois"].items()))
+    elif opts.TYPE.startswith("lower-bound-mi"):
+        for subj in subjects:
+            for h in opts.HEMISPHERES:
+                summary = ru.mi_task(opts.ROOT, method, subj, h, opts.ROIS, epochs, device, opts.BATCH_SIZE,
+                                     opts.OVERWRITE)
+                for roi, per_subj in summary["rois"].items():
+                    for s, res in per_subj.items():
+                        print(f"subj{s} {utils.hemi_code(h)} {roi}: {res['tuned']['scaled_bits']:.3f} bits "
+                              f"(untuned {res['untuned']['scaled_bits']:.3f}, at most log2 K = {res['tuned']['log2_K']:.3f})")
+    elif opts.TYPE == "voxel-counts":
+        path = utils.results_dir(opts.ROOT) / "voxel_counts.csv"
+        utils.atomic_write_text(ru.voxel_counts(opts.ROOT).to_csv(index=False), path)
+        print(f"wrote {path}")
+    elif opts.TYPE == "save-embeddings":
+        for subj in opts.SUBJECTS:
+            for h in opts.HEMISPHERES:
+                for path in ru.save_embeddings(subj=subj, hemisphere=h, rois=opts.ROIS, layer=opts.EMBEDDING_LAYER,
+                                               batch_size=opts.BATCH_SIZE, overwrite=opts.OVERWRITE, **model_opts):
+                    print(f"wrote {path}")
+    elif opts.TYPE == "save-test-fmri-responses":
+        for subj in opts.SUBJECTS:
+            for h in opts.HEMISPHERES:
+                for path in ru.save_test_fmri(opts.ROOT, subj, h, opts.ROIS, opts.OVERWRITE):
+                    print(f"wrote {path}")
+    elif opts.TYPE == "random-rois-list":
+        chosen = ru.random_rois(ru.voxel_counts(opts.ROOT), opts.N_RANDOM_ROIS, opts.SEED)
+        path = utils.results_dir(opts.ROOT) / f"random_rois_n{opts.N_RANDOM_ROIS}_seed{opts.SEED}.csv"
+        utils.atomic_write_text(chosen.to_csv(index=False), path)
+        print(chosen.to_string(index=False))
+        print(f"wrote {path}")
+    elif opts.TYPE == "figures":
+        for path in ru.results_figures(opts.ROOT, opts.DATASET, method, epochs):
+            print(f"wrote {path}")
+    else:
+        if len(opts.ROIS) != 1 or len(opts.SUBJECTS) != 1:
+            raise utils.UserError(f"salience-maps takes one subject and one ROI, got --subjects {opts.SUBJECTS} "
+                                  f"--rois {opts.ROIS}: pass e.g. --subjects 1 --rois V1v")
+        for path in ru.salience_maps(dataset=opts.DATASET, subj=opts.SUBJECTS[0], roi=opts.ROIS[0],
+                                     image_index=opts.IMAGE_INDEX, **model_opts):
+            print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
