@@ -49,7 +49,9 @@ non-pRF vertices), ``stat_weights`` (n_vertices, 12); and ``sfs``, ``orientation
 Usage: python synthetic_data.py --root DIR --subjects 2 --images 300 --image-size 425 --seed 0
 """
 
+import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +78,7 @@ N_STATS = 12  # number of image statistics driving kind-2 vertices
 SNR_SPREAD = 1.0  # decades over which the per-vertex SNR varies
 SHARED_FRACTION = 1 / 3  # fraction of each subject's images shown to all subjects
 CHUNK = 32  # images rendered at once
+SMOOTH_SIZE = 256  # largest side at which the smooth image layers are rendered
 # The prf-visualrois ROIs: visual field half ('v' ventral = upper, 'd' dorsal = lower),
 # pRF size scale and preferred spatial frequency probabilities (over SFS).
 PRF_ROIS = {
@@ -113,47 +116,55 @@ def _render_chunk(rng, n, size):
 
     Background: a colour gradient plus a tinted 1/f texture; then up to two windowed
     colour gratings; then up to five flat or textured shapes (ellipses, rectangles,
-    triangles) drawn with PIL.
+    triangles) drawn with PIL. The smooth layers are rendered at most SMOOTH_SIZE px wide
+    and upsampled, which keeps large images fast; shape edges stay sharp.
     """
     from PIL import Image, ImageDraw
-    c = (np.arange(size, dtype=np.float32) + 0.5) / size * 2 - 1
+    inner = min(size, SMOOTH_SIZE)
+    c = (np.arange(inner, dtype=np.float32) + 0.5) / inner * 2 - 1
     xx, yy = c[None, None, :], -c[None, :, None]
-    colour = lambda: rng.uniform(0, 1, size=(n, 1, 1, 3)).astype(np.float32)
+    uniform = lambda lo, hi, shape: rng.uniform(lo, hi, shape).astype(np.float32)
+    colour = lambda: uniform(0, 1, (n, 1, 1, 3))
 
-    theta = rng.uniform(0, 2 * np.pi, size=(n, 1, 1)).astype(np.float32)
-    g = (0.5 + 0.5 * (xx * np.cos(theta) + yy * np.sin(theta)) * rng.uniform(0.3, 1, (n, 1, 1)))[..., None]
+    theta = uniform(0, 2 * np.pi, (n, 1, 1))
+    g = (0.5 + 0.5 * (xx * np.cos(theta) + yy * np.sin(theta)) * uniform(0.3, 1, (n, 1, 1)))[..., None]
     img = colour() * (1 - g) + colour() * g
-    texture = _pink_noise(rng, n, size)[..., None]
-    img += rng.uniform(0.05, 0.3, (n, 1, 1, 1)) * texture * (0.5 + colour())
+    img += uniform(0.05, 0.3, (n, 1, 1, 1)) * _pink_noise(rng, n, inner)[..., None] * (0.5 + colour())
 
     for _ in range(2):
-        present = (rng.random((n, 1, 1)) < 0.5).astype(np.float32)
-        ori = rng.uniform(0, np.pi, (n, 1, 1))
-        freq = rng.uniform(2, 20, (n, 1, 1))
-        cx, cy = rng.uniform(-0.7, 0.7, (2, n, 1, 1))
-        radius = rng.uniform(0.2, 0.8, (n, 1, 1))
-        wave = 0.5 + 0.5 * np.sin(np.pi * freq * (xx * np.cos(ori) + yy * np.sin(ori)) + rng.uniform(0, 2 * np.pi, (n, 1, 1)))
-        dist = np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2)
-        alpha = (present * np.clip((radius - dist) * size / 4, 0, 1))[..., None].astype(np.float32)
-        layer = colour() * (1 - wave[..., None]) + colour() * wave[..., None]
-        img = img * (1 - alpha) + layer.astype(np.float32) * alpha
+        present = rng.random(n) < 0.5
+        m = int(present.sum())
+        ori, freq, phase, cx, cy, radius = (uniform(lo, hi, (m, 1, 1)) for lo, hi in (
+            (0, np.pi), (2, 20), (0, 2 * np.pi), (-0.7, 0.7), (-0.7, 0.7), (0.2, 0.8)))
+        wave = (0.5 + 0.5 * np.sin(np.pi * freq * (xx * np.cos(ori) + yy * np.sin(ori)) + phase))[..., None]
+        alpha = np.clip((radius - np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2)) * (inner / 4), 0, 1)[..., None]
+        layer = uniform(0, 1, (m, 1, 1, 3)) * (1 - wave) + uniform(0, 1, (m, 1, 1, 3)) * wave
+        img[present] = img[present] * (1 - alpha) + layer * alpha
 
     base = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
-    out = np.empty_like(base)
+    out = np.empty((n, size, size, 3), dtype=np.uint8)
     for i in range(n):
         im = Image.fromarray(base[i])
-        other = Image.fromarray(base[(i + 1) % n]).transpose(Image.Transpose.ROTATE_90)
+        if inner != size:
+            im = im.resize((size, size), Image.BILINEAR)
+        other = im.transpose(Image.Transpose.ROTATE_90)
         for _ in range(rng.integers(0, 6)):
             polygon = _shape_polygon(rng, size)
-            colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+            fill = tuple(int(v) for v in rng.integers(0, 256, 3))
             if rng.random() < 0.3:
                 mask = Image.new("L", (size, size), 0)
                 ImageDraw.Draw(mask).polygon(polygon, fill=255)
                 im.paste(other, (0, 0), mask)
             else:
-                ImageDraw.Draw(im).polygon(polygon, fill=colour)
+                ImageDraw.Draw(im).polygon(polygon, fill=fill)
         out[i] = np.asarray(im)
     return out
+
+
+def _save_png(image, path):
+    from PIL import Image
+    with utils.atomic_path(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG", compress_level=1)
 
 
 def _shape_polygon(rng, size):
@@ -502,15 +513,13 @@ def write_algonauts_dataset(root, n_subjects=2, n_images=300, image_size=425, se
     energies = np.empty((n_pool, len(SFS) * len(ORIENTATIONS), GRID * GRID), dtype=np.float32)
     stats = np.empty((n_pool, N_STATS), dtype=np.float32)
     rng = _rng(seed, 6)
-    from PIL import Image
-    for start in tqdm(range(0, n_pool, CHUNK), desc="synthetic images", leave=False):
-        chunk = _render_chunk(rng, min(CHUNK, n_pool - start), image_size)
-        energies[start:start + len(chunk)], stats[start:start + len(chunk)] = image_features(chunk)
-        for i, im in enumerate(chunk):
-            for s in np.flatnonzero(where[:, start + i] >= 0):
-                name = f"train-{where[s, start + i] + 1:04d}_nsd-{nsd_ids[start + i]:05d}.png"
-                with utils.atomic_path(utils.images_dir(root, s + 1) / name) as tmp:
-                    Image.fromarray(im).save(tmp, format="PNG", compress_level=1)
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # PNG encoding releases the GIL
+        for start in tqdm(range(0, n_pool, CHUNK), desc="synthetic images", leave=False):
+            chunk = _render_chunk(rng, min(CHUNK, n_pool - start), image_size)
+            energies[start:start + len(chunk)], stats[start:start + len(chunk)] = image_features(chunk)
+            jobs = [(im, utils.images_dir(root, s + 1) / f"train-{where[s, start + i] + 1:04d}_nsd-{nsd_ids[start + i]:05d}.png")
+                    for i, im in enumerate(chunk) for s in np.flatnonzero(where[:, start + i] >= 0)]
+            list(pool.map(lambda job: _save_png(*job), jobs))
     stats_z = (stats - stats.mean(0)) / (stats.std(0) + 1e-8)
 
     for s in range(1, n_subjects + 1):

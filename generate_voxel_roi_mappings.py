@@ -1,0 +1,74 @@
+"""Write, for each subject and hemisphere, the ROI names of every challenge-space vertex.
+
+Output: ROOT/voxel_roi_mappings/SubjX/subjX_{lh,rh}_voxel_roi_mappings.joblib, a list
+with one entry per vertex; each entry is the list of ROI names (in the canonical order
+of utils.ROIS) whose mask contains the vertex, empty for vertices in no ROI.
+
+Usage: python generate_voxel_roi_mappings.py --root . [--subjects 1 2] [--overwrite]
+"""
+
+import sys
+
+import numpy as np
+from tqdm.auto import tqdm
+
+import utils
+
+# --- Options ---
+SUBJECTS = []  # subjects to process (empty: every SubjX folder under ROOT/roi_masks)
+OVERWRITE = False  # rewrite mapping files that already exist
+# ---
+
+
+def roi_membership(root, subj, hemisphere):
+    """Boolean matrix (n_vertices, 31): entry (v, j) is True when vertex v lies in utils.ROIS[j].
+
+    Every class mask must have one label per vertex of the fsaverage mask.
+    """
+    n = utils.n_vertices(root, subj, hemisphere)
+    member = np.zeros((n, len(utils.ROIS)), dtype=bool)
+    for cls in utils.ROI_CLASSES:
+        labels = utils.load_roi_mask(root, subj, hemisphere, cls)
+        if labels.shape != (n,):
+            raise utils.UserError(f"{utils.roi_mask_path(root, subj, hemisphere, cls)} has shape {labels.shape} "
+                                  f"but the fsaverage mask has {n} vertices: use masks from the same download")
+        mapping = utils.load_roi_mapping(root, subj, cls)
+        for code, name in mapping.items():
+            if name in utils.ROI_CLASS:
+                member[:, utils.ROIS.index(name)] |= labels == code
+    return member
+
+
+def voxel_roi_lists(member):
+    """List over vertices of the ROI names (canonical order) in each row of ``member`` (n, 31).
+
+    Rows are grouped by their unique membership pattern, so only a few dozen name lists
+    are built, then copied per vertex.
+    """
+    patterns, inverse = np.unique(member, axis=0, return_inverse=True)
+    names = [[roi for roi, inside in zip(utils.ROIS, row) if inside] for row in patterns]
+    return [list(names[i]) for i in inverse.ravel()]
+
+
+@utils.cli
+def main(argv=None):
+    opts = utils.parse_options(sys.modules[__name__], argv)
+    subjects = [int(s) for s in opts.SUBJECTS] or utils.find_subjects(opts.ROOT)
+    for subj in subjects:
+        utils.require_dir(utils.roi_masks_dir(opts.ROOT, subj), "copy the Algonauts roi_masks for this subject "
+                          "(see README) or leave it out of --subjects")
+    todo = [(subj, hemi) for subj in subjects for hemi in utils.HEMISPHERES]
+    for subj, hemi in list(todo):
+        path = utils.voxel_roi_mapping_path(opts.ROOT, subj, hemi)
+        if path.exists() and not opts.OVERWRITE:
+            print(f"{path} exists: skipped (use --overwrite)")
+            todo.remove((subj, hemi))
+    # Read every mask before writing anything, so a bad input leaves no partial output.
+    members = {job: roi_membership(opts.ROOT, *job) for job in tqdm(todo, desc="reading masks", leave=False)}
+    for (subj, hemi), member in members.items():
+        path = utils.voxel_roi_mapping_path(opts.ROOT, subj, hemi)
+        utils.atomic_joblib_dump(voxel_roi_lists(member), path)
+        print(f"{path}: {len(member)} vertices, {int(member.any(1).sum())} in at least one ROI")
+
+if __name__ == "__main__":
+    main()
