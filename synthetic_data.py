@@ -419,6 +419,35 @@ def raw_responses(params, energy, stats_z, prf_weights):
 
 # --- The dataset -----------------------------------------------------------------------
 
+def truth_dir(root, subj):
+    return Path(root) / "synthetic_truth" / utils.subj_dir(subj)
+
+
+def noise_free_path(root, subj, hemisphere):
+    return truth_dir(root, subj) / f"subj{int(subj)}_{utils.hemi_code(hemisphere)}_noise_free.npy"
+
+
+def params_path(root, subj, hemisphere):
+    return truth_dir(root, subj) / f"subj{int(subj)}_{utils.hemi_code(hemisphere)}_params.npz"
+
+
+def load_truth(root, subj, hemisphere):
+    """The planted parameters of a hemisphere (see the module docstring) plus "noise_free"."""
+    fix = "write the dataset with synthetic_data.py (only synthetic datasets have a ground truth)"
+    with np.load(utils.require_file(params_path(root, subj, hemisphere), fix)) as params:
+        truth = dict(params)
+    truth["noise_free"] = np.load(utils.require_file(noise_free_path(root, subj, hemisphere), fix))
+    return truth
+
+
+def column_correlation(a, b):
+    """Pearson r between matching columns of two (n, p) arrays: (p,); 0 for a constant column."""
+    a = a - a.mean(0)
+    b = b - b.mean(0)
+    denom = np.sqrt((a ** 2).sum(0) * (b ** 2).sum(0))
+    return np.where(denom > 0, (a * b).sum(0) / np.where(denom > 0, denom, 1), 0.0)
+
+
 def _image_plan(seed, n_subjects, n_images):
     """NSD ids of the image pool and, per subject, the sorted pool rows it sees."""
     rng = _rng(seed, 4)
@@ -524,8 +553,7 @@ def write_algonauts_dataset(root, n_subjects=2, n_images=300, image_size=425, se
 
     for s in range(1, n_subjects + 1):
         r = rows[s - 1]
-        truth_dir = Path(root) / "synthetic_truth" / utils.subj_dir(s)
-        utils.atomic_np_save(stats[r], truth_dir / f"subj{s}_image_stats.npy")
+        utils.atomic_np_save(stats[r], truth_dir(root, s) / f"subj{s}_image_stats.npy")
         for hemi in utils.HEMISPHERES:
             p = params[s, hemi]
             signal = raw_responses(p, energies[r], stats_z[r], _prf_weights(p))
@@ -533,11 +561,152 @@ def write_algonauts_dataset(root, n_subjects=2, n_images=300, image_size=425, se
             signal = (signal - signal.mean(0)) / np.where(sd > 1e-8, sd, np.inf)
             noise = _rng(seed, 7, s, utils.HEMISPHERES.index(hemi)).standard_normal(signal.shape, dtype=np.float32)
             fmri = signal + noise * np.sqrt(1 / p["snr"]).astype(np.float32)
-            utils.atomic_np_save(signal.astype(np.float32), truth_dir / f"subj{s}_{hemi}_noise_free.npy")
-            with utils.atomic_path(truth_dir / f"subj{s}_{hemi}_params.npz") as tmp:
+            utils.atomic_np_save(signal.astype(np.float32), noise_free_path(root, s, hemi))
+            with utils.atomic_path(params_path(root, s, hemi)) as tmp:
                 np.savez(tmp, sfs=SFS, orientations=ORIENTATIONS, nsd_ids=nsd_ids[r], **p)
             utils.atomic_np_save(fmri.astype(np.float32), utils.fmri_path(root, s, hemi))
     return summary
+
+
+
+# --- NOD -------------------------------------------------------------------------------
+
+# The first HCP-MMP areas in roilbl_mmp.csv order (V1 = 1, V2 = 4, V3 = 5, V4 = 6).
+NOD_MMP_AREAS = ["V1", "MST", "V6", "V2", "V3", "V4", "V8", "4"]
+# Planted pRF size (Gaussian sigma, fraction of the image side) per visual area.
+NOD_PRF_SIGMA = {"V1": 0.05, "V2": 0.07, "V3": 0.09, "V4": 0.12}
+
+
+def local_contrast_responses(images, x, y, sigma):
+    """pRF responses to local contrast: Gaussian-weighted mean of the squared high-pass luminance.
+
+    Parameters
+    ----------
+    images : uint8 (n, S, S, 3).
+    x, y, sigma : arrays (V,), pRF centres and sizes as fractions of the image side.
+
+    Returns
+    -------
+    responses : np.ndarray float64 (n, V), noise-free.
+    """
+    from scipy.ndimage import gaussian_filter
+    lum = np.asarray(images, dtype=np.float64) @ np.array([0.299, 0.587, 0.114]) / 255
+    size = lum.shape[1]
+    energy = (lum - gaussian_filter(lum, sigma=(0, size / 32, size / 32))) ** 2
+    grid = (np.arange(size) + 0.5) / size
+    gy = np.exp(-(grid[None, :] - np.asarray(y)[:, None]) ** 2 / (2 * np.asarray(sigma)[:, None] ** 2))
+    gx = np.exp(-(grid[None, :] - np.asarray(x)[:, None]) ** 2 / (2 * np.asarray(sigma)[:, None] ** 2))
+    weights = gy[:, :, None] * gx[:, None, :]
+    weights /= weights.sum(axis=(1, 2), keepdims=True)
+    return energy.reshape(len(energy), -1) @ weights.reshape(len(weights), -1).T
+
+
+def write_nod_dataset(root, n_subjects=2, n_sessions=1, n_runs=2, n_trials=100, image_size=64,
+                      n_vertices=(600, 620), n_subcortical=30, roi_size=70, n_planted=60, snr=1.0,
+                      n_classes=1000, seed=0):
+    """Write a small ds004496-shaped NOD tree with planted pRF responses under ``root/nod``.
+
+    Each subject sees its own ``n_sessions * n_runs * n_trials`` JPEG images once. Every
+    hemisphere's V1, V2, V3 and V4 hold ``roi_size`` vertices; ``n_planted`` of them respond
+    to the local contrast in a Gaussian receptive field (z-scored signal plus noise of
+    variance 1 / ``snr``, so their correlation with the signal is sqrt(snr / (1 + snr))) and
+    have a pRF R2 in [0.3, 0.9]; the others, and all other vertices, are noise, with R2
+    below 0.1 or NaN. Each run gets its own per-vertex gain and offset, which run-wise
+    z-scoring removes. CIFTI files hold ``n_vertices`` surface vertices per hemisphere and
+    ``n_subcortical`` volume voxels.
+
+    Ground truth goes to ``root/synthetic_truth/nod/sub-XX_truth.npz``: ``signal`` (the
+    z-scored noise-free responses, trials x cortex, 0 where nothing is planted), ``planted``
+    (bool per cortical vertex), and the pRF ``x``, ``y``, ``sigma``.
+
+    Returns
+    -------
+    nod : Path, the NOD root (root/nod).
+    """
+    import pandas as pd
+    import scipy.io
+    from PIL import Image
+
+    import nod_utils
+    root = Path(root)
+    nod = root / "nod"
+    rng = _rng(seed, 100)
+    n_left, n_right = n_vertices
+    n_cortex = n_left + n_right
+    utils.atomic_write_text('{"Name": "synthetic NOD (ds004496 layout)", "BIDSVersion": "1.8.0"}\n',
+                            nod / "dataset_description.json")
+
+    # Atlas: V1..V4 blocks at the start of each hemisphere, the rest spread over other areas.
+    areas = {a: i + 1 for i, a in enumerate(NOD_MMP_AREAS)}
+    mmp = np.zeros(n_cortex, dtype=np.int64)
+    roi_of = np.full(n_cortex, "", dtype=object)
+    for start, n, offset in ((0, n_left, 0), (n_left, n_right, nod_utils.N_MMP_AREAS)):
+        others = [areas[a] for a in NOD_MMP_AREAS if a not in NOD_PRF_SIGMA]
+        mmp[start:start + n] = rng.choice(others, n) + offset
+        for k, roi in enumerate(NOD_PRF_SIGMA):
+            block = slice(start + k * roi_size, start + (k + 1) * roi_size)
+            mmp[block], roi_of[block] = areas[roi] + offset, roi
+    with utils.atomic_path(nod_utils.mmp_path(nod)) as tmp:
+        scipy.io.savemat(tmp, {"glasser_MMP": mmp[None, :].astype(np.float64)})
+    rows = [f"{h}_{a}_ROI" for h in "LR" for a in NOD_MMP_AREAS]
+    utils.atomic_write_text("name\n" + "\n".join(rows) + "\n", nod_utils.roi_labels_path(nod))
+    superclass = pd.DataFrame({"classID": np.arange(1, n_classes + 1), "superClassID": rng.integers(1, 31, n_classes)})
+    utils.atomic_write_text(superclass.to_csv(index=False), nod_utils.superclass_path(nod))
+
+    for subj in range(1, n_subjects + 1):
+        sub = nod_utils.sub_name(subj)
+        rng = _rng(seed, 101, subj)
+        # Planted vertices: the first n_planted of each visual block.
+        planted = np.zeros(n_cortex, bool)
+        for start in (0, n_left):
+            for k in range(len(NOD_PRF_SIGMA)):
+                planted[start + k * roi_size:start + k * roi_size + n_planted] = True
+        idx = np.flatnonzero(planted)
+        x, y = np.zeros(n_cortex), np.zeros(n_cortex)
+        sigma = np.zeros(n_cortex)
+        x[idx], y[idx] = rng.uniform(0.2, 0.8, len(idx)), rng.uniform(0.2, 0.8, len(idx))
+        sigma[idx] = [NOD_PRF_SIGMA[r] for r in roi_of[idx]] * rng.uniform(0.8, 1.25, len(idx))
+        r2 = np.where(planted, rng.uniform(0.3, 0.9, n_cortex), rng.uniform(0, 0.1, n_cortex))
+        r2[(rng.random(n_cortex) < 0.05) & ~planted] = np.nan
+        prf = np.stack([x, y, sigma, r2]).astype(np.float32)
+        nod_utils.write_cortex_dscalar(np.concatenate([prf, np.zeros((4, n_subcortical), np.float32)], 1),
+                                       n_left, nod_utils.prf_params_path(nod, subj), n_subcortical,
+                                       map_names=["x", "y", "sigma", "R2"])
+
+        n_total = n_sessions * n_runs * n_trials
+        images = np.concatenate([_render_chunk(rng, min(CHUNK, n_total - start), image_size)
+                                 for start in range(0, n_total, CHUNK)])
+        signal = np.zeros((n_total, n_cortex), np.float32)
+        s = local_contrast_responses(images, x[idx], y[idx], sigma[idx])
+        signal[:, idx] = (s - s.mean(0)) / s.std(0)
+        noisy = signal + rng.standard_normal((n_total, n_cortex)).astype(np.float32) / np.sqrt(snr)
+
+        classes = rng.integers(1, n_classes + 1, n_total)
+        trial = 0
+        for session in range(1, n_sessions + 1):
+            for run in range(1, n_runs + 1):
+                rows = slice(trial, trial + n_trials)
+                stim = [f"n{c:08d}/n{c:08d}_{subj}{t:05d}.JPEG" for c, t in zip(classes[rows], range(rows.start, rows.stop))]
+                for name, im in zip(stim, images[rows]):
+                    path = nod_utils.stimulus_path(nod, name)
+                    with utils.atomic_path(path) as tmp:
+                        Image.fromarray(im).save(tmp, format="JPEG", quality=95)
+                events = pd.DataFrame({"onset": 12.0 + 4.0 * np.arange(n_trials), "duration": 1.0,
+                                       "trial_type": classes[rows], "stim_file": stim})
+                utils.atomic_write_text(events.to_csv(sep="\t", index=False),
+                                        nod_utils.events_path(nod, subj, session, run))
+                gain = rng.uniform(0.5, 2.0, n_cortex + n_subcortical).astype(np.float32)
+                offset = rng.normal(0, 3, n_cortex + n_subcortical).astype(np.float32)
+                run_betas = np.concatenate(
+                    [noisy[rows], rng.standard_normal((n_trials, n_subcortical)).astype(np.float32)], 1)
+                nod_utils.write_cortex_dscalar(run_betas * gain + offset, n_left,
+                                               nod_utils.beta_path(nod, subj, session, run), n_subcortical,
+                                               map_names=[f"trial{t + 1:03d}" for t in range(n_trials)])
+                trial += n_trials
+        truth = root / "synthetic_truth" / "nod" / f"{sub}_truth.npz"
+        with utils.atomic_path(truth) as tmp, open(tmp, "wb") as f:
+            np.savez(f, signal=signal, planted=planted, x=x, y=y, sigma=sigma)
+    return nod
 
 
 @utils.cli
