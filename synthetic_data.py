@@ -69,6 +69,7 @@ SNR = 1.0  # median signal-to-noise ratio (signal variance / noise variance) of 
 MASKS_FROM = None  # folder of real Algonauts roi_masks/SubjX folders to copy (None: generate masks)
 MAX_VERTICES = None  # with MASKS_FROM, keep only this many vertices per hemisphere (None: all)
 OVERWRITE = False  # rewrite a dataset that already exists under ROOT
+NOD = False  # write a synthetic NOD tree (ds004496 layout, IMAGES // 100 runs of 100 trials) under ROOT/nod instead
 # ---
 
 GRID = 32  # side of the grey image the pRF model sees
@@ -712,6 +713,13 @@ def write_nod_dataset(root, n_subjects=2, n_sessions=1, n_runs=2, n_trials=100, 
 @utils.cli
 def main(argv=None):
     opts = utils.parse_options(sys.modules[__name__], argv)
+    if opts.NOD:
+        n_runs = max(1, opts.IMAGES // 100)
+        nod = write_nod_dataset(opts.ROOT, opts.SUBJECTS, n_sessions=1, n_runs=n_runs, image_size=opts.IMAGE_SIZE,
+                                snr=opts.SNR, seed=opts.SEED)
+        print(f"wrote a synthetic NOD tree of {opts.SUBJECTS} subjects x {n_runs} runs of 100 trials under {nod}: "
+              f"use fit_encoding_models_nod.py --sessions 1 --runs {' '.join(map(str, range(1, n_runs + 1)))}")
+        return nod
     existing = [utils.fmri_path(opts.ROOT, s, h) for s in range(1, opts.SUBJECTS + 1) for h in utils.HEMISPHERES]
     if all(p.exists() for p in existing) and not opts.OVERWRITE:
         print(f"{opts.ROOT} already holds a dataset of {opts.SUBJECTS} subjects: skipped (use --overwrite)")
