@@ -129,3 +129,52 @@ def test_labels_come_from_events_and_superclass_mapping(tmp_path):
     pd.testing.assert_frame_equal(saved, labels)
     assert nu.stimulus_path(nod, "imagenet/n1/x.JPEG") == nu.stimulus_path(nod, "n1/x.JPEG") \
         == nod / "stimuli" / "imagenet" / "n1" / "x.JPEG"
+
+
+@pytest.fixture(scope="module")
+def tiny_nod(tmp_path_factory):
+    """A tiny synthetic NOD tree: 1 subject, 2 runs of 10 trials, 32 px images."""
+    import synthetic_data
+    root = tmp_path_factory.mktemp("tiny_nod")
+    synthetic_data.write_nod_dataset(root, n_subjects=1, n_runs=2, n_trials=10, image_size=32,
+                                     n_vertices=(300, 300), n_subcortical=5, roi_size=60, n_planted=55)
+    return root
+
+
+def test_synthetic_tree_loads_with_planted_top_vertices(tiny_nod):
+    data = nu.NODSubjectData(tiny_nod, 1, sessions=[1], runs=[1, 2], image_size=32)
+    truth = np.load(tiny_nod / "synthetic_truth" / "nod" / "sub-01_truth.npz")
+    assert data.betas.shape == (20, 600) and data.images.shape == (20, 32, 32, 3)
+    np.testing.assert_allclose(data.betas[:10].mean(0), 0, atol=1e-5)
+    for roi in nu.NOD_ROIS:
+        for hemi in ("lh", "rh"):
+            vertices, fmri = data.roi_fmri(roi, hemi)
+            assert len(vertices) == 50 and truth["planted"][vertices].all()
+            np.testing.assert_array_equal(fmri, np.asarray(data.betas)[:, vertices])
+
+
+def _fetch(nod, rel):
+    return f"cd {nod} && datalad get {rel}"
+
+
+@pytest.mark.parametrize("which", ["beta", "events", "prf", "stimulus", "mmp", "roilbl", "superclass"])
+def test_each_missing_file_names_its_path_and_how_to_fetch_it(tiny_nod, tmp_path, which):
+    import shutil
+    root = tmp_path / "root"
+    shutil.copytree(tiny_nod / "nod", root / "nod", ignore=shutil.ignore_patterns("*_imagenet-*"))
+    nod = root / "nod"
+    first_stim = pd.read_csv(nu.events_path(nod, 1, 1, 2), sep="\t")["stim_file"][3]
+    path = {"beta": nu.beta_path(nod, 1, 1, 2), "events": nu.events_path(nod, 1, 1, 2),
+            "prf": nu.prf_params_path(nod, 1), "stimulus": nu.stimulus_path(nod, first_stim),
+            "mmp": nu.mmp_path(nod), "roilbl": nu.roi_labels_path(nod),
+            "superclass": nu.superclass_path(nod)}[which]
+    path.unlink()
+    with pytest.raises(utils.UserError) as err:
+        nu.NODSubjectData(root, 1, sessions=[1], runs=[1, 2], image_size=32).roi_fmri("V1", "lh")
+    message = str(err.value)
+    assert str(path) in message
+    if which in ("mmp", "roilbl", "superclass"):
+        assert nu.SUPPORT_URL in message
+    else:
+        assert f"datalad clone {nu.DATASET_URL} {nod}" in message
+        assert _fetch(nod, path.relative_to(nod)) in message
