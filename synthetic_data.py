@@ -465,14 +465,22 @@ def _image_plan(seed, n_subjects, n_images):
 
 
 def _load_masks(masks_from, subj):
-    """Labels dict and fsaverage masks of a subject copied from a real roi_masks folder."""
+    """Labels, mappings and fsaverage masks of a subject in a folder of real ``SubjX`` mask folders.
+
+    Returns
+    -------
+    dict hemi -> (labels dict class -> int64 codes, fsaverage 0/1 mask), and dict class -> mapping.
+    """
+    fix = f"point --masks-from at a folder holding the Algonauts roi_masks {utils.subj_dir(subj)} folder"
+    # The utils path helpers give ROOT/roi_masks/SubjX/<file>; here the folder itself holds SubjX.
+    real = lambda path: utils.require_file(Path(masks_from) / path.relative_to("roi_masks"), fix)
     out = {}
     for hemi in utils.HEMISPHERES:
-        labels = {cls: utils.load_roi_mask(masks_from, subj, hemi, cls) for cls in utils.ROI_CLASSES}
-        fsavg = np.load(utils.require_file(utils.fsaverage_mask_path(masks_from, subj, hemi),
-                                           "point --masks-from at the folder holding the roi_masks"))
-        out[hemi] = (labels, fsavg)
-    return out
+        labels = {cls: np.load(real(utils.roi_mask_path("", subj, hemi, cls))) for cls in utils.ROI_CLASSES}
+        out[hemi] = (labels, np.load(real(utils.fsaverage_mask_path("", subj, hemi))))
+    mappings = {cls: np.load(real(utils.roi_mapping_path("", subj, cls)), allow_pickle=True).item()
+                for cls in utils.ROI_CLASSES}
+    return out, mappings
 
 
 def write_algonauts_dataset(root, n_subjects=2, n_images=300, image_size=425, seed=0, snr=1.0,
@@ -516,11 +524,11 @@ def write_algonauts_dataset(root, n_subjects=2, n_images=300, image_size=425, se
                 mappings = {cls: {0: "Unknown", **{utils.ROI_CODE[r]: r for r in rois}}
                             for cls, rois in utils.ROI_CLASSES.items()}
             else:
-                labels, fsavg = masks[s][hemi]
+                labels, fsavg = masks[s][0][hemi]
                 keep = subsample_masks(seed, s, hemi, labels, max_vertices)
                 labels = {cls: codes[keep] for cls, codes in labels.items()}
                 fsavg_rows = np.flatnonzero(fsavg)[keep]
-                mappings = {cls: utils.load_roi_mapping(masks_from, s, cls) for cls in utils.ROI_CLASSES}
+                mappings = masks[s][1]
             fsavg = np.zeros(utils.N_FSAVERAGE_VERTICES, dtype=np.int64)
             fsavg[fsavg_rows] = 1
             for cls, codes in labels.items():
