@@ -64,8 +64,8 @@ def main(argv=None):
             print(f"{path} exists: skipped (use --overwrite)")
             todo.remove((subj, hemi))
     # Read every mask before writing anything, so a bad input leaves no partial output.
-    members = {job: roi_membership(opts.ROOT, *job) for job in tqdm(todo, desc="reading masks", leave=False)}
-    for (subj, hemi), member in members.items():
+    members = {job: roi_membership(opts.ROOT, *job) for job in todo}
+    for (subj, hemi), member in tqdm(members.items(), desc="writing mappings", leave=False):
         path = utils.voxel_roi_mapping_path(opts.ROOT, subj, hemi)
         utils.atomic_joblib_dump(voxel_roi_lists(member), path)
         print(f"{path}: {len(member)} vertices, {int(member.any(1).sum())} in at least one ROI")
