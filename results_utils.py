@@ -5,6 +5,8 @@ ones (Bhattacharyya distances, InPCA / MDS, the MI bound) take and return plain 
 """
 
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -23,32 +25,36 @@ BETAS = np.logspace(-2, 2, 1000)
 
 # --- Landscape: Bhattacharyya distances and embeddings ---------------------------------
 
-def bhattacharyya_distances(probs, chunk_size=16):
+def bhattacharyya_distances(probs, chunk_size=64, device="cpu"):
     """Mean Bhattacharyya distance between every pair of models' class probabilities.
 
-    d(u, v) = mean_n -log sum_c sqrt(p_u[n, c] p_v[n, c]).
+    d(u, v) = mean_n -log sum_c sqrt(p_u[n, c] p_v[n, c]). The samples are processed in
+    blocks, each one batched matrix product, so memory stays at about
+    n_models * chunk_size * (n_classes + n_models) float64 whatever the test-set size.
 
     Parameters
     ----------
     probs : array (n_models, n_samples, n_classes), rows summing to 1.
-    chunk_size : int, models per block; memory is chunk_size * n_models * n_samples floats.
+    chunk_size : int, samples per block.
+    device : torch device of the computation.
 
     Returns
     -------
-    distances : np.ndarray float64 (n_models, n_models), symmetric, non-negative.
+    distances : np.ndarray float64 (n_models, n_models), symmetric, non-negative, zero diagonal.
     """
-    probs = np.asarray(probs, dtype=np.float64)
-    if probs.ndim != 3:
-        raise utils.UserError(f"probabilities have shape {probs.shape}: expected (n_models, n_samples, n_classes)")
-    if (probs < 0).any() or not np.isfinite(probs).all():
-        raise utils.UserError("probabilities must be finite and non-negative: pass predict_proba outputs")
-    roots = torch.from_numpy(np.sqrt(probs))
-    n = len(probs)
-    out = np.empty((n, n))
+    if np.ndim(probs) != 3:
+        raise utils.UserError(f"probabilities have shape {np.shape(probs)}: expected (n_models, n_samples, n_classes)")
+    n_models, n_samples, _ = np.shape(probs)
+    total = torch.zeros(n_models, n_models, dtype=torch.float64, device=device)
     tiny = np.finfo(np.float64).tiny
-    for start in range(0, n, chunk_size):
-        coef = torch.einsum("inc,jnc->ijn", roots[start:start + chunk_size], roots)
-        out[start:start + chunk_size] = (-torch.log(coef.clamp_min(tiny))).mean(-1).numpy()
+    for start in range(0, n_samples, chunk_size):
+        block = torch.as_tensor(np.asarray(probs[:, start:start + chunk_size]), dtype=torch.float64, device=device)
+        if (block < 0).any() or not torch.isfinite(block).all():
+            raise utils.UserError("probabilities must be finite and non-negative: pass predict_proba outputs")
+        roots = block.sqrt().transpose(0, 1)
+        coef = torch.bmm(roots, roots.transpose(1, 2))
+        total -= torch.log(coef.clamp_min(tiny)).sum(0)
+    out = (total / n_samples).cpu().numpy()
     # Rounding leaves |d| ~ 1e-16 on the diagonal and tiny asymmetries; both are exact in theory.
     out = np.maximum((out + out.T) / 2, 0.0)
     np.fill_diagonal(out, 0.0)
@@ -219,24 +225,20 @@ def crop_transform(image_size=224):
     return transforms.Compose([transforms.Resize(round(image_size * 256 / 224)), transforms.CenterCrop(image_size)])
 
 
-class _CroppedImages(torch.utils.data.Dataset):
-    def __init__(self, paths, image_size):
-        self.paths, self.transform = paths, crop_transform(image_size)
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        from PIL import Image
-        try:
-            with Image.open(self.paths[i]) as im:
-                return torch.from_numpy(np.asarray(self.transform(im.convert("RGB")), dtype=np.uint8).copy())
-        except (OSError, SyntaxError, ValueError) as e:
-            raise utils.UserError(f"cannot read image {self.paths[i]} ({e}): replace or remove the file") from None
+def decode_cropped(path, image_size):
+    """Decode one image as RGB with ``crop_transform``: uint8 (image_size, image_size, 3)."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return np.asarray(crop_transform(image_size)(im.convert("RGB")), dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise utils.UserError(f"cannot read image {path} ({e}): replace or remove the file") from None
 
 
-def dataset_images(root, name, image_size=224, workers=2):
+def dataset_images(root, name, image_size=224, workers=None):
     """Decode and crop a classification dataset once into a memory-mapped uint8 cache.
+
+    The cache (under ROOT/cache) is keyed by the file names, sizes, mtimes and image size.
 
     Returns
     -------
@@ -247,18 +249,16 @@ def dataset_images(root, name, image_size=224, workers=2):
     samples, classes = dataset_samples(root, name)
     paths = [p for p, _ in samples]
     labels = np.array([y for _, y in samples], dtype=np.int64)
-    key = utils._cache_key(paths, image_size)
-    target = utils.cache_dir(root) / f"{name}_crop_s{image_size}_{key}.npy"
+    target = utils.cache_dir(root) / f"{name}_crop_s{image_size}_{utils._cache_key(paths, image_size)}.npy"
     if not target.exists():
         for old in utils.cache_dir(root).glob(f"{name}_crop_s{image_size}_*.npy"):
             old.unlink()
-        loader = torch.utils.data.DataLoader(_CroppedImages(paths, image_size), batch_size=64, num_workers=workers)
         with utils.atomic_path(target) as tmp:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), image_size, image_size, 3))
-            start = 0
-            for batch in tqdm(loader, desc=f"caching {name}", leave=False):
-                out[start:start + len(batch)] = batch.numpy()
-                start += len(batch)
+            with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+                decoded = pool.map(lambda p: decode_cropped(p, image_size), paths)
+                for i, im in enumerate(tqdm(decoded, total=len(paths), desc=f"caching {name}", leave=False)):
+                    out[i] = im
             out.flush()
             del out
     return np.load(target, mmap_mode="r"), labels, classes
@@ -354,7 +354,7 @@ def load_predictions(root, dataset, names=None):
     Returns
     -------
     names : list of str (sorted, 'untuned' included when present).
-    probs : np.ndarray float64 (n_models, n_test, n_classes).
+    probs : np.ndarray float32 (n_models, n_test, n_classes).
     labels : np.ndarray int64 (n_test,).
     metas : list of dict, each with 'accuracy' added.
     """
@@ -369,7 +369,7 @@ def load_predictions(root, dataset, names=None):
             if labels is not None and not np.array_equal(z["labels"], labels):
                 raise utils.UserError(f"{f} was scored on other test images than {files[0]}: rerun with --overwrite")
             labels = z["labels"]
-            probs.append(z["probs"].astype(np.float64))
+            probs.append(z["probs"])
             metas.append({**json.loads(str(z["meta"])), "accuracy": float(z["accuracy"])})
     return [f.stem for f in files], np.stack(probs), labels, metas
 
@@ -741,7 +741,7 @@ def results_figures(root, dataset, method, epochs):
     return paths
 
 
-def landscape(root, dataset, names=None, method="inpca", oracle=True, chunk_size=16):
+def landscape(root, dataset, names=None, method="inpca", oracle=True, chunk_size=64, device="cpu"):
     """Bhattacharyya distances between saved models' test probabilities, embedded in 2-D.
 
     Parameters
@@ -749,6 +749,7 @@ def landscape(root, dataset, names=None, method="inpca", oracle=True, chunk_size
     names : model names to use (default: every saved model of ``dataset``).
     method : 'inpca' or 'mds'.
     oracle : add the one-hot distribution of the true labels as a model named 'oracle'.
+    chunk_size, device : as for ``bhattacharyya_distances``.
 
     Returns
     -------
@@ -756,9 +757,9 @@ def landscape(root, dataset, names=None, method="inpca", oracle=True, chunk_size
     """
     names, probs, labels, metas = load_predictions(root, dataset, names)
     if oracle:
-        probs = np.concatenate([probs, np.eye(probs.shape[2])[labels][None]])
+        probs = np.concatenate([probs, np.eye(probs.shape[2], dtype=probs.dtype)[labels][None]])
         names, metas = names + ["oracle"], metas + [{"method": "oracle", "accuracy": 1.0}]
-    distances = bhattacharyya_distances(probs, chunk_size)
+    distances = bhattacharyya_distances(probs, chunk_size, device)
     coords, eigenvalues = embed(distances, method)
     return {"names": names, "metas": metas, "distances": distances, "coords": coords,
             "eigenvalues": eigenvalues, "method": method}

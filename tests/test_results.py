@@ -23,7 +23,7 @@ def test_bhattacharyya_matches_direct_loop():
     rng = np.random.default_rng(0)
     probs = _random_probs(rng, 7, 30, 5)
     probs[3] = probs[1]
-    d = ru.bhattacharyya_distances(probs, chunk_size=3)
+    d = ru.bhattacharyya_distances(probs, chunk_size=7)
     direct = np.zeros((7, 7))
     for u in range(7):
         for v in range(7):
@@ -148,7 +148,7 @@ def test_probe_separates_solid_colours(tmp_path):
     from torchvision import transforms
     from PIL import Image
     write_colour_folder(tmp_path / "datasets" / "caltech256")
-    images, labels, classes = ru.dataset_images(tmp_path, "caltech256", image_size=64, workers=0)
+    images, labels, classes = ru.dataset_images(tmp_path, "caltech256", image_size=64)
     assert classes == sorted(COLOURS) and images.shape == (60, 64, 64, 3)
     alexnet = utils.load_alexnet("none", seed=0)
     feats = ru.probe_features(alexnet, images)
@@ -179,6 +179,12 @@ def test_missing_or_unknown_dataset_is_a_user_error(tmp_path):
     (tmp_path / "datasets" / "sun397").mkdir(parents=True)
     with pytest.raises(utils.UserError, match="sun397"):
         ru.dataset_samples(tmp_path, "sun397")
+    write_colour_folder(tmp_path / "datasets" / "caltech256", per_class=2)
+    bad = tmp_path / "datasets" / "caltech256" / "red" / "broken.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(utils.UserError, match=f"cannot read image {bad}"):
+        ru.dataset_images(tmp_path, "caltech256", image_size=32)
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 
 
 def test_grad_cam_matches_a_direct_computation():
@@ -339,7 +345,7 @@ def test_figures_salience_and_landscape_notebook(pipeline_root):
     # The oracle point: its distance to a model is mean_n -log sqrt(p_model[n, true class]).
     land = ru.landscape(root, "caltech256")
     _, probs, labels, _ = ru.load_predictions(root, "caltech256")
-    direct = -np.log(np.sqrt(probs[:, np.arange(len(labels)), labels])).mean(1)
+    direct = -np.log(np.sqrt(probs[:, np.arange(len(labels)), labels].astype(np.float64))).mean(1)
     np.testing.assert_allclose(land["distances"][-1, :-1], direct, rtol=1e-10)
     assert land["names"][-1] == "oracle" and land["coords"].shape == (n_models + 1, 2)
 
