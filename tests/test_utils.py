@@ -1,0 +1,302 @@
+"""utils.py: splits and folds, dataset pairing, image cache, options, AlexNet loading, bad input."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import generate_voxel_roi_mappings
+import synthetic_data
+import utils
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """One subject, 12 images of 16 px (read-only: copy before changing it)."""
+    root = tmp_path_factory.mktemp("tiny")
+    synthetic_data.write_algonauts_dataset(root, n_subjects=1, n_images=12, image_size=16, seed=1)
+    return root
+
+
+def copy_root(src, dst, skip=()):
+    for name in ("roi_masks", "training_fmri", "training_images"):
+        if name not in skip:
+            shutil.copytree(Path(src) / name, Path(dst) / name)
+    return Path(dst)
+
+
+def user_error(fn, capsys):
+    """Run ``fn`` the way a script's main runs: exit code 2 and one 'error: ...' line."""
+    with pytest.raises(SystemExit) as e:
+        utils.cli(lambda argv: fn())()
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    err = err[err.rindex("error: "):]  # progress bars may precede it
+    assert err.count("\n") == 1
+    return err
+
+
+# --- Split and folds -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [9841, 240, 7])
+def test_train_test_split(n):
+    train, test = utils.train_test_split(n)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0)).numpy()
+    assert len(train) == int(0.85 * n) and len(test) == n - int(0.85 * n)
+    assert np.array_equal(np.concatenate([train, test]), perm)
+    assert not set(train) & set(test) and set(train) | set(test) == set(range(n))
+    again = utils.train_test_split(n)
+    assert np.array_equal(again[0], train) and np.array_equal(again[1], test)
+
+
+def test_cv_folds():
+    train, test = utils.train_test_split(1000)
+    folds = utils.cv_folds(train)
+    v = int(0.2 * len(train))
+    assert len(folds) == 5
+    vals = [val for _, val in folds]
+    for k, (fit, val) in enumerate(folds):
+        assert np.array_equal(val, train[k * v:(k + 1) * v])
+        assert len(fit) == len(train) - v
+        assert not set(fit) & set(val) and set(fit) | set(val) == set(train)
+        assert not set(test) & (set(fit) | set(val))
+    assert len(set(np.concatenate(vals))) == 5 * v
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(folds, utils.cv_folds(train)))
+    with pytest.raises(utils.UserError, match="folds"):
+        utils.cv_folds(train[:3])
+
+
+def test_split_and_folds_identical_across_processes():
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import utils; "
+            "tr, te = utils.train_test_split(777); "
+            "print(json.dumps([tr.tolist(), te.tolist(), [v.tolist() for _, v in utils.cv_folds(tr)]]))")
+    out = subprocess.run([sys.executable, "-c", code, str(REPO)], capture_output=True, text=True, check=True)
+    train, test = utils.train_test_split(777)
+    assert json.loads(out.stdout) == [train.tolist(), test.tolist(), [v.tolist() for _, v in utils.cv_folds(train)]]
+
+
+# --- Dataset and cache ---------------------------------------------------------------------
+
+def test_subject_data_pairs_each_image_with_its_fmri_row(tmp_path, tiny):
+    """Image k (sorted names) is a flat colour coding k, and fMRI row k holds k: they must meet."""
+    root = copy_root(tiny, tmp_path, skip=("training_images", "training_fmri"))
+    folder = utils.images_dir(root, 1)
+    folder.mkdir(parents=True)
+    n, width = 12, utils.n_vertices(root, 1, "lh")
+    for k in reversed(range(1, n + 1)):  # written in reverse, so creation order is not row order
+        Image.new("RGB", (20, 20), (20 * k, 255 - 20 * k, 7)).save(folder / f"train-{k:04d}_nsd-{100 * k + 3:05d}.png")
+    fmri = np.repeat(np.arange(1, n + 1, dtype=np.float32)[:, None], width, 1)
+    fmri[:, 1] = np.arange(n)[::-1]
+    utils.fmri_path(root, 1, "lh").parent.mkdir(parents=True)
+    np.save(utils.fmri_path(root, 1, "lh"), fmri)
+    data = utils.SubjectData(root, 1, "left", voxels=[0, 1], image_size=8)
+    assert len(data) == n and data.images.shape == (n, 8, 8, 3) and data.fmri.shape == (n, 2)
+    for i in range(n):
+        k = int(data.fmri[i, 0])
+        assert k == i + 1 and data.fmri[i, 1] == n - 1 - i
+        assert (data.images[i, ..., 0] == 20 * k).all() and (data.images[i, ..., 1] == 255 - 20 * k).all()
+    assert np.array_equal(data.voxels, [0, 1])
+    assert np.array_equal(data.train, utils.train_test_split(n)[0])
+
+
+def test_cache_equals_torchvision_resize(synthetic_root, tmp_path):
+    from torchvision import transforms
+    paths = utils.list_images(synthetic_root, 1)[:20]
+    for size in (40, 224):
+        cache = utils.image_cache(paths, size, tmp_path)
+        direct = np.stack([np.asarray(transforms.Resize((size, size))(Image.open(p).convert("RGB"))) for p in paths])
+        assert cache.dtype == np.uint8 and np.array_equal(cache, direct)
+
+
+def test_cache_is_reused_and_rebuilt_when_the_image_list_changes(synthetic_root, tmp_path):
+    root = tmp_path
+    shutil.copytree(utils.images_dir(synthetic_root, 1), utils.images_dir(root, 1))
+    paths = utils.list_images(root, 1)
+    first = utils.subject_images(root, 1, 16)
+    files = list(utils.cache_dir(root).glob("*.npy"))
+    assert len(files) == 1 and len(first) == 240
+    mtime = files[0].stat().st_mtime_ns
+    assert np.array_equal(utils.subject_images(root, 1, 16), first)
+    assert files[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
+
+    paths[5].unlink()
+    fewer = utils.subject_images(root, 1, 16)
+    assert len(fewer) == 239 and np.array_equal(fewer[5], first[6])
+    Image.open(paths[0]).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(paths[0])
+    os.utime(paths[0], ns=(mtime + 10 ** 9, mtime + 10 ** 9))
+    changed = utils.subject_images(root, 1, 16)
+    assert not np.array_equal(changed[0], first[0])
+    assert np.array_equal(changed[0], utils.decode_image(paths[0], 16))
+    assert len(list(utils.cache_dir(root).glob("*.npy"))) == 1  # the stale caches were removed
+
+
+# --- Options -------------------------------------------------------------------------------
+
+OPTIONS_SCRIPT = '''"""A test script with every kind of option.
+
+More text that is not the description.
+"""
+import sys
+
+# --- Options ---
+SUBJ = 1  # subject number
+LR = 1e-4  # learning rate
+HEMISPHERE = "left"  # left or right
+ROIS = ["V1v", "V2v"]  # ROIs to run
+EPOCHS_LIST = [1, 2]  # integer list
+OVERWRITE = False  # rewrite outputs
+MAX_VOXELS = None  # cap on voxels
+# ---
+NOT_AN_OPTION = 3
+'''
+
+
+@pytest.fixture
+def options_module(tmp_path):
+    path = tmp_path / "script_with_options.py"
+    path.write_text(OPTIONS_SCRIPT)
+    module = types.ModuleType("script_with_options")
+    module.__file__ = str(path)
+    exec(compile(OPTIONS_SCRIPT, str(path), "exec"), module.__dict__)
+    return module
+
+
+def test_parse_options_defaults_and_types(options_module):
+    opts = utils.parse_options(options_module, [])
+    assert vars(opts) == {"ROOT": ".", "SUBJ": 1, "LR": 1e-4, "HEMISPHERE": "left", "ROIS": ["V1v", "V2v"],
+                          "EPOCHS_LIST": [1, 2], "OVERWRITE": False, "MAX_VOXELS": None}
+    opts = utils.parse_options(options_module, [
+        "--root", "data", "--subj", "3", "--lr", "0.01", "--hemisphere", "right", "--rois", "V1v", "hV4", "EBA",
+        "--epochs-list", "3,4", "--overwrite", "--max-voxels", "50"])
+    assert vars(opts) == {"ROOT": "data", "SUBJ": 3, "LR": 0.01, "HEMISPHERE": "right",
+                          "ROIS": ["V1v", "hV4", "EBA"], "EPOCHS_LIST": [3, 4], "OVERWRITE": True, "MAX_VOXELS": 50}
+    assert type(opts.SUBJ) is int and type(opts.LR) is float
+    assert utils.parse_options(options_module, ["--rois", "V1v,V3v", "--overwrite", "false"]).ROIS == ["V1v", "V3v"]
+    assert utils.parse_options(options_module, ["--overwrite", "false"]).OVERWRITE is False
+    assert utils.parse_options(options_module, ["--max-voxels", "none"]).MAX_VOXELS is None
+
+
+def test_parse_options_help_and_errors(options_module, capsys):
+    with pytest.raises(SystemExit) as e:
+        utils.parse_options(options_module, ["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "A test script with every kind of option." in out and "More text" not in out
+    for flag, comment in [("--subj", "subject number"), ("--lr", "learning rate"), ("--rois", "ROIs to run"),
+                          ("--overwrite", "rewrite outputs"), ("--max-voxels", "cap on voxels"), ("--root", "")]:
+        assert flag in out and comment in out
+    assert "--not-an-option" not in out
+    for bad in (["--subj", "x"], ["--lr", "fast"], ["--overwrite", "maybe"], ["--unknown", "1"]):
+        with pytest.raises(SystemExit) as e:
+            utils.parse_options(options_module, bad)
+        assert e.value.code == 2
+
+
+@pytest.mark.parametrize("module", [synthetic_data, generate_voxel_roi_mappings])
+def test_script_flags_match_their_options_block(module):
+    names = [name for name, _ in utils._options_block(module)]
+    opts = utils.parse_options(module, [])
+    assert set(vars(opts)) == set(names) | {"ROOT"}
+    assert all(getattr(opts, name) == getattr(module, name) for name in names)
+
+
+# --- AlexNet -------------------------------------------------------------------------------
+
+def same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_load_alexnet_none_is_seeded():
+    a, b, c = utils.load_alexnet("none", seed=0), utils.load_alexnet("none", seed=0), utils.load_alexnet("none", seed=1)
+    assert same_weights(a, b) and not same_weights(a, c)
+    assert not a.training
+
+
+def test_load_alexnet_from_a_path_and_from_the_imagenet_cache(tmp_path):
+    reference = utils.load_alexnet("none", seed=5)
+    path = tmp_path / "weights.pth"
+    torch.save(reference.state_dict(), path)
+    assert same_weights(utils.load_alexnet(str(path)), reference)
+
+    cached = Path(os.environ["TORCH_HOME"]) / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth"
+    assert utils.imagenet_weights_path() == cached
+    with pytest.raises(utils.UserError) as e:
+        utils.load_alexnet("imagenet")
+    assert str(cached) in str(e.value) and utils.IMAGENET_WEIGHTS_URL in str(e.value)
+    cached.parent.mkdir(parents=True)
+    shutil.copy(path, cached)
+    assert same_weights(utils.load_alexnet("imagenet"), reference)
+
+
+def test_load_alexnet_bad_files(tmp_path, capsys):
+    missing = tmp_path / "missing.pth"
+    assert str(missing) in user_error(lambda: utils.load_alexnet(str(missing)), capsys)
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"not a checkpoint")
+    err = user_error(lambda: utils.load_alexnet(str(corrupt)), capsys)
+    assert str(corrupt) in err and "corrupt" in err
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"fc.weight": torch.zeros(2, 2)}, wrong)
+    assert "not an AlexNet state dict" in user_error(lambda: utils.load_alexnet(str(wrong)), capsys)
+
+
+# --- Bad input -----------------------------------------------------------------------------
+
+def test_missing_root_and_subfolders(tmp_path, tiny, capsys):
+    err = user_error(lambda: utils.SubjectData(tmp_path / "nowhere", 1, "left"), capsys)
+    assert str(utils.images_dir(tmp_path / "nowhere", 1)) in err and "README" in err
+    for missing, path in [("training_fmri", utils.fmri_path(tmp_path / "a", 1, "lh")),
+                          ("roi_masks", utils.fsaverage_mask_path(tmp_path / "a", 1, "lh"))]:
+        root = copy_root(tiny, tmp_path / "a", skip=(missing,))
+        assert str(path) in user_error(lambda: utils.SubjectData(root, 1, "left", image_size=8), capsys)
+        assert not utils.cache_dir(root).exists()
+        shutil.rmtree(root)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda f: f[:-1], "11 rows but there are 12 images"),
+    (lambda f: f[:, 0], "expected 2-D"),
+    (lambda f: np.concatenate([f, f[:, :1]], 1), "columns"),
+])
+def test_bad_fmri(tmp_path, tiny, capsys, change, message):
+    root = copy_root(tiny, tmp_path)
+    path = utils.fmri_path(root, 1, "rh")
+    np.save(path, change(np.load(path)))
+    err = user_error(lambda: utils.SubjectData(root, 1, "right", image_size=8), capsys)
+    assert str(path) in err and message in err
+    assert not utils.cache_dir(root).exists()
+
+
+def test_unknown_roi_and_hemisphere(tiny, capsys):
+    err = user_error(lambda: utils.roi_voxel_indices(tiny, 1, "lh", "V9"), capsys)
+    assert "'V9'" in err and all(roi in err for roi in utils.ROIS)
+    err = user_error(lambda: utils.load_fmri(tiny, 1, "up"), capsys)
+    assert "'up'" in err and "left" in err and "right" in err
+    assert utils.hemi_code("Left") == "lh" and utils.hemi_code("rh") == "rh"
+
+
+def test_unreadable_image(tmp_path, tiny, capsys):
+    root = copy_root(tiny, tmp_path)
+    bad = utils.list_images(root, 1)[4]
+    bad.write_bytes(b"\x89PNG broken")
+    err = user_error(lambda: utils.subject_images(root, 1, 8), capsys)
+    assert str(bad) in err
+    assert not list(utils.cache_dir(root).iterdir())  # no cache, no temporary file
+
+
+def test_missing_mapping_file(tmp_path, tiny, capsys):
+    root = copy_root(tiny, tmp_path)
+    path = utils.roi_mapping_path(root, 1, "floc-places")
+    path.unlink()
+    assert str(path) in user_error(lambda: utils.roi_voxel_indices(root, 1, "lh", "PPA"), capsys)
