@@ -396,26 +396,30 @@ def _prf_weights(params):
     return (w / w.sum(0, keepdims=True)).astype(np.float32)
 
 
-def raw_responses(params, energy, stats_z, prf_weights):
-    """Noise-free, not yet standardised responses: float32 (n_images, n_vertices).
+def prf_responses(params, energy, prf_weights):
+    """Noise-free, not yet standardised responses of the pRF vertices: float32 (n_images, n_prf).
 
     Parameters
     ----------
     params : dict from plant_params.
     energy : (n_images, n_channels, GRID * GRID) from image_features.
-    stats_z : (n_images, N_STATS) z-scored image statistics.
     prf_weights : (GRID * GRID, n_prf) from _prf_weights.
     """
-    kind = params["kind"]
-    out = np.empty((len(energy), len(kind)), dtype=np.float32)
-    prf = np.flatnonzero(kind == KIND_PRF)
-    channels = params["channel"][prf]
+    channels = params["channel"][params["kind"] == KIND_PRF]
+    out = np.empty((len(energy), len(channels)), dtype=np.float32)
     for c in np.unique(channels):
         cols = np.flatnonzero(channels == c)
-        out[:, prf[cols]] = np.sqrt(energy[:, c] @ prf_weights[:, cols] + 1e-12)
-    other = np.flatnonzero(kind != KIND_PRF)
-    out[:, other] = np.logaddexp(0, stats_z @ params["stat_weights"][other].T)
+        out[:, cols] = np.sqrt(energy[:, c] @ prf_weights[:, cols] + 1e-12)
     return out
+
+
+def stats_responses(params, stats_z):
+    """Noise-free, not yet standardised responses of the other vertices: (n_images, n_other).
+
+    ``stats_z`` is (n_images, N_STATS) z-scored image statistics.
+    """
+    other = params["kind"] != KIND_PRF
+    return np.logaddexp(0, stats_z @ params["stat_weights"][other].T).astype(np.float32)
 
 
 # --- The dataset -----------------------------------------------------------------------
@@ -513,7 +517,7 @@ def write_algonauts_dataset(root, n_subjects=2, n_images=300, image_size=425, se
         masks_from = utils.require_dir(masks_from, "point --masks-from at the folder holding the SubjX roi_masks")
         masks = {s: _load_masks(masks_from, s) for s in range(1, n_subjects + 1)}
 
-    summary, params, truth = {}, {}, {}
+    summary, params = {}, {}
     for s in range(1, n_subjects + 1):
         summary[s] = {}
         for hemi in utils.HEMISPHERES:
@@ -548,15 +552,21 @@ def write_algonauts_dataset(root, n_subjects=2, n_images=300, image_size=425, se
         where[s, r] = np.arange(len(r))
     for s in range(1, n_subjects + 1):
         utils.images_dir(root, s).mkdir(parents=True, exist_ok=True)
-    energies = np.empty((n_pool, len(SFS) * len(ORIENTATIONS), GRID * GRID), dtype=np.float32)
+    # pRF responses are computed chunk by chunk, so the Gabor energy of all images is never held.
+    prf_weights = {key: _prf_weights(p) for key, p in params.items()}
+    prf_raw = {key: np.empty((n_images, prf_weights[key].shape[1]), dtype=np.float32) for key in params}
     stats = np.empty((n_pool, N_STATS), dtype=np.float32)
     rng = _rng(seed, 6)
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # PNG encoding releases the GIL
         for start in tqdm(range(0, n_pool, CHUNK), desc="synthetic images", leave=False):
             chunk = _render_chunk(rng, min(CHUNK, n_pool - start), image_size)
-            energies[start:start + len(chunk)], stats[start:start + len(chunk)] = image_features(chunk)
-            jobs = [(im, utils.images_dir(root, s + 1) / f"train-{where[s, start + i] + 1:04d}_nsd-{nsd_ids[start + i]:05d}.png")
-                    for i, im in enumerate(chunk) for s in np.flatnonzero(where[:, start + i] >= 0)]
+            energy, stats[start:start + len(chunk)] = image_features(chunk)
+            rows_here = where[:, start:start + len(chunk)]
+            for (s, hemi), p in params.items():
+                seen = rows_here[s - 1] >= 0
+                prf_raw[s, hemi][rows_here[s - 1][seen]] = prf_responses(p, energy[seen], prf_weights[s, hemi])
+            jobs = [(im, utils.images_dir(root, s + 1) / f"train-{rows_here[s, i] + 1:04d}_nsd-{nsd_ids[start + i]:05d}.png")
+                    for i, im in enumerate(chunk) for s in np.flatnonzero(rows_here[:, i] >= 0)]
             list(pool.map(lambda job: _save_png(*job), jobs))
     stats_z = (stats - stats.mean(0)) / (stats.std(0) + 1e-8)
 
@@ -565,15 +575,19 @@ def write_algonauts_dataset(root, n_subjects=2, n_images=300, image_size=425, se
         utils.atomic_np_save(stats[r], truth_dir(root, s) / f"subj{s}_image_stats.npy")
         for hemi in utils.HEMISPHERES:
             p = params[s, hemi]
-            signal = raw_responses(p, energies[r], stats_z[r], _prf_weights(p))
+            prf = p["kind"] == KIND_PRF
+            signal = np.empty((n_images, len(prf)), dtype=np.float32)
+            signal[:, prf] = prf_raw.pop((s, hemi))
+            signal[:, ~prf] = stats_responses(p, stats_z[r])
             sd = signal.std(0)
             signal = (signal - signal.mean(0)) / np.where(sd > 1e-8, sd, np.inf)
-            noise = _rng(seed, 7, s, utils.HEMISPHERES.index(hemi)).standard_normal(signal.shape, dtype=np.float32)
-            fmri = signal + noise * np.sqrt(1 / p["snr"]).astype(np.float32)
-            utils.atomic_np_save(signal.astype(np.float32), noise_free_path(root, s, hemi))
+            utils.atomic_np_save(signal, noise_free_path(root, s, hemi))
             with utils.atomic_path(params_path(root, s, hemi)) as tmp:
                 np.savez(tmp, sfs=SFS, orientations=ORIENTATIONS, nsd_ids=nsd_ids[r], **p)
-            utils.atomic_np_save(fmri.astype(np.float32), utils.fmri_path(root, s, hemi))
+            fmri = _rng(seed, 7, s, utils.HEMISPHERES.index(hemi)).standard_normal(signal.shape, dtype=np.float32)
+            fmri *= np.sqrt(1 / p["snr"]).astype(np.float32)
+            fmri += signal
+            utils.atomic_np_save(fmri, utils.fmri_path(root, s, hemi))
     return summary
 
 
