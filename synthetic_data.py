@@ -80,8 +80,8 @@ SNR_SPREAD = 1.0  # decades over which the per-vertex SNR varies
 SHARED_FRACTION = 1 / 3  # fraction of each subject's images shown to all subjects
 CHUNK = 32  # images rendered at once
 SMOOTH_SIZE = 256  # largest side at which the smooth image layers are rendered
-# The prf-visualrois ROIs: visual field half ('v' ventral = upper, 'd' dorsal = lower),
-# pRF size scale and preferred spatial frequency probabilities (over SFS).
+# The prf-visualrois ROIs: visual field half (1: upper, as ventral ROIs see it; -1: lower,
+# dorsal ROIs; 0: both), pRF size scale and preferred spatial frequency probabilities (over SFS).
 PRF_ROIS = {
     "V1v": (1, 1.0, (0.2, 0.4, 0.4)), "V1d": (-1, 1.0, (0.2, 0.4, 0.4)),
     "V2v": (1, 1.4, (0.3, 0.4, 0.3)), "V2d": (-1, 1.4, (0.3, 0.4, 0.3)),
