@@ -557,7 +557,9 @@ def write_algonauts_dataset(root, n_subjects=2, n_images=300, image_size=425, se
     prf_raw = {key: np.empty((n_images, prf_weights[key].shape[1]), dtype=np.float32) for key in params}
     stats = np.empty((n_pool, N_STATS), dtype=np.float32)
     rng = _rng(seed, 6)
-    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # PNG encoding releases the GIL
+    # PNG encoding releases the GIL: a chunk is saved by threads while the next one renders.
+    pending = []
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         for start in tqdm(range(0, n_pool, CHUNK), desc="synthetic images", leave=False):
             chunk = _render_chunk(rng, min(CHUNK, n_pool - start), image_size)
             energy, stats[start:start + len(chunk)] = image_features(chunk)
@@ -567,7 +569,9 @@ def write_algonauts_dataset(root, n_subjects=2, n_images=300, image_size=425, se
                 prf_raw[s, hemi][rows_here[s - 1][seen]] = prf_responses(p, energy[seen], prf_weights[s, hemi])
             jobs = [(im, utils.images_dir(root, s + 1) / f"train-{rows_here[s, i] + 1:04d}_nsd-{nsd_ids[start + i]:05d}.png")
                     for i, im in enumerate(chunk) for s in np.flatnonzero(rows_here[:, i] >= 0)]
-            list(pool.map(lambda job: _save_png(*job), jobs))
+            for future in pending:
+                future.result()
+            pending = [pool.submit(_save_png, *job) for job in jobs]
     stats_z = (stats - stats.mean(0)) / (stats.std(0) + 1e-8)
 
     for s in range(1, n_subjects + 1):
