@@ -413,19 +413,19 @@ def untuned_features(root, dataset, images, weights, seed, device, batch_size):
     return np.load(path, mmap_mode="r")
 
 
-def _score_model(root, dataset, name, feats, labels, train, test, n_classes, meta, save_probe):
+def _score_model(root, dataset, name, feats, labels, train, test, n_classes, meta):
     probe = fit_probe(feats, labels, train, test, n_classes)
-    if save_probe:
-        with utils.atomic_path(probe_path(root, dataset, name)) as tmp, open(tmp, "wb") as f:
-            np.savez(f, **{k: probe[k] for k in ("mean", "scale", "coef", "intercept", "classes")})
+    with utils.atomic_path(probe_path(root, dataset, name)) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **{k: probe[k] for k in ("mean", "scale", "coef", "intercept", "classes")})
     save_predictions(root, dataset, name, probe, labels[test], meta)
     return probe["accuracy"]
 
 
 def classification_task(root, dataset, method, subj, hemisphere, rois, epochs, weights="imagenet",
-                        device="cpu", image_size=224, batch_size=256, seed=0, overwrite=False, save_probes=True):
+                        device="cpu", image_size=224, batch_size=256, seed=0, overwrite=False):
     """Probe accuracy of the untuned AlexNet and of one tuned model per ROI on a dataset.
 
+    The untuned probe is refitted only when its saved weights or image size differ.
     Writes classification_preds/<dataset>/<model>.npz per model, the probes under
     results/classification/<dataset>/probes/, and results/classification/<dataset>/<summary>.json
     ({'untuned': acc, 'rois': {roi: acc}}) after each ROI; finished ROIs are skipped
@@ -441,12 +441,12 @@ def classification_task(root, dataset, method, subj, hemisphere, rois, epochs, w
     train, test = utils.train_test_split(len(labels))
     out = utils.results_dir(root) / "classification" / dataset / f"{summary_stem(method, subj, hemisphere, epochs)}.json"
     summary = _load_summary(out, overwrite)
-    if overwrite or not preds_path(root, dataset, "untuned").is_file():
+    untuned_meta = {"method": "untuned", "weights": _weights_tag(weights, seed), "image_size": image_size}
+    saved = load_predictions(root, dataset, ["untuned"])[3][0] if preds_path(root, dataset, "untuned").is_file() else {}
+    if overwrite or {k: saved.get(k) for k in untuned_meta} != untuned_meta:
         feats = untuned_features(root, dataset, images, weights, seed, device, batch_size)
-        _score_model(root, dataset, "untuned", feats, labels, train, test, len(classes),
-                     {"method": "untuned", "weights": str(weights), "image_size": image_size}, save_probes)
-    with np.load(preds_path(root, dataset, "untuned")) as z:
-        summary["untuned"] = float(z["accuracy"])
+        saved["accuracy"] = _score_model(root, dataset, "untuned", feats, labels, train, test, len(classes), untuned_meta)
+    summary["untuned"] = saved["accuracy"]
     for roi in tqdm(rois, desc=f"classification {dataset}"):
         name = model_name(method, subj, hemisphere, roi, epochs)
         if roi in summary["rois"] and preds_path(root, dataset, name).is_file() and not overwrite:
@@ -456,8 +456,7 @@ def classification_task(root, dataset, method, subj, hemisphere, rois, epochs, w
         feats = probe_features(alexnet, images, device, batch_size)
         meta = {"method": method, "subj": None if method.startswith("pooled") else int(subj),
                 "hemisphere": utils.hemi_code(hemisphere), "roi": roi, "epochs": int(epochs), "image_size": image_size}
-        summary["rois"][roi] = _score_model(root, dataset, name, feats, labels, train, test, len(classes), meta,
-                                            save_probes)
+        summary["rois"][roi] = _score_model(root, dataset, name, feats, labels, train, test, len(classes), meta)
         utils.atomic_json_dump(summary, out)
     utils.atomic_json_dump(summary, out)
     return summary
@@ -478,7 +477,6 @@ def embed_pairs(model, data, indices, device="cpu", batch_size=256, subj=None):
             z_img.append(model.embed_images(x).float().cpu())
             z_fmri.append((model.embed_fmri(y) if subj is None else model.embed_fmri(y, subj)).float().cpu())
     return torch.cat(z_img).numpy(), torch.cat(z_fmri).numpy()
-
 
 
 def _load_tuned(root, method, subj, hemisphere, roi, epochs, device):
@@ -555,8 +553,7 @@ def save_embeddings(root, method, subj, hemisphere, rois, epochs, layer="", weig
         if path.is_file() and not overwrite:
             continue
         if roi is None:
-            model = utils.load_alexnet(weights, seed)
-            alexnet = model
+            model = alexnet = utils.load_alexnet(weights, seed)
         else:
             model, _ = _load_tuned(root, method, subj, hemisphere, roi, epochs, device)
             alexnet = model.alexnet
