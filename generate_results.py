@@ -14,7 +14,7 @@ import sys
 import utils
 
 # --- Options ---
-TYPE = "classification-task"  # analysis to run (see the list above)
+TYPE = "classification-task"  # classification-task[-pooled-avg|-pooled-const], lower-bound-mi[-pooled-avg|-pooled-const], voxel-counts, save-embeddings, save-test-fmri-responses, random-rois-list, figures or salience-maps
 DATASET = "caltech256"  # classification dataset in ROOT/datasets/<name>: caltech256, places365, imagenet, sun397
 METHOD = "cl-tuned"  # tuned models to analyse: cl-tuned or reg-tuned (save-embeddings also untuned; pooled types set it)
 SUBJECTS = [1]  # subjects to process
