@@ -281,9 +281,17 @@ def test_classification_task_saves_probes_and_resumes(pipeline_root, monkeypatch
     assert summary["untuned"] == metas[u]["accuracy"] == pytest.approx(lr.score(scaler.transform(feats[test]), labels[test]))
     for roi in rois:
         assert summary["rois"][roi] == metas[names.index(f"subj1_lh_{roi}_cl-tuned_e1")]["accuracy"]
-    # A rerun skips every finished model.
-    monkeypatch.setattr(ru, "fit_probe", lambda *a, **k: pytest.fail("a finished model was refitted"))
+    # A rerun skips every finished model; other untuned weights refit the untuned probe only.
+    fitted, fit = [], ru.fit_probe
+    monkeypatch.setattr(ru, "fit_probe", lambda *a: fitted.append(1) or fit(*a))
     run(["--type", "classification-task", "--dataset", "caltech256", *BASE], root)
+    assert fitted == []
+    weights = root / "other_weights.pt"
+    torch.save(utils.load_alexnet("none", seed=5).state_dict(), weights)
+    run(["--type", "classification-task", "--dataset", "caltech256", *BASE, "--weights", str(weights)], root)
+    assert fitted == [1] and ru.load_predictions(root, "caltech256", ["untuned"])[3][0]["weights"] == "other_weights"
+    run(["--type", "classification-task", "--dataset", "caltech256", *BASE], root)
+    assert fitted == [1, 1]
     # Heatmaps read back the same numbers.
     tables, untuned = ru.classification_tables(root, "caltech256", "cl-tuned", 1)
     assert untuned == summary["untuned"] and list(tables["lh"]["subj1"]) == [summary["rois"][r] for r in rois]
