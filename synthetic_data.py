@@ -55,6 +55,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 import utils
@@ -387,29 +388,40 @@ def plant_params(seed, subj, hemi, labels, snr):
     }
 
 
-def _prf_weights(params):
-    """Normalised Gaussian field of every pRF vertex: float32 (GRID * GRID, n_prf)."""
+def prf_fields(params):
+    """Normalised Gaussian fields of the pRF vertices, grouped by preferred channel.
+
+    Returns
+    -------
+    fields : list of (channel, cols, weights): ``cols`` are the vertices' positions among
+        the pRF vertices, ``weights`` float32 (GRID * GRID, len(cols)), each column summing to 1.
+    """
     gx, gy = _grid_coords()
     prf = np.flatnonzero(params["kind"] == KIND_PRF)
-    d2 = (gx.reshape(-1, 1) - params["x"][prf]) ** 2 + (gy.reshape(-1, 1) - params["y"][prf]) ** 2
-    w = np.exp(-d2 / (2 * params["size"][prf] ** 2))
-    return (w / w.sum(0, keepdims=True)).astype(np.float32)
+    channels = params["channel"][prf]
+    fields = []
+    for c in np.unique(channels):
+        cols = np.flatnonzero(channels == c)
+        v = prf[cols]
+        d2 = (gx.reshape(-1, 1) - params["x"][v]) ** 2 + (gy.reshape(-1, 1) - params["y"][v]) ** 2
+        w = np.exp(-d2 / (2 * params["size"][v] ** 2))
+        w[w < 1e-6 * w.max(0)] = 0  # float32 denormals would slow the products down ~100x
+        fields.append((int(c), cols, (w / w.sum(0, keepdims=True)).astype(np.float32)))
+    return fields
 
 
-def prf_responses(params, energy, prf_weights):
+def prf_responses(energy, fields, n_prf):
     """Noise-free, not yet standardised responses of the pRF vertices: float32 (n_images, n_prf).
 
     Parameters
     ----------
-    params : dict from plant_params.
     energy : (n_images, n_channels, GRID * GRID) from image_features.
-    prf_weights : (GRID * GRID, n_prf) from _prf_weights.
+    fields : from prf_fields.
+    n_prf : number of pRF vertices.
     """
-    channels = params["channel"][params["kind"] == KIND_PRF]
-    out = np.empty((len(energy), len(channels)), dtype=np.float32)
-    for c in np.unique(channels):
-        cols = np.flatnonzero(channels == c)
-        out[:, cols] = np.sqrt(energy[:, c] @ prf_weights[:, cols] + 1e-12)
+    out = np.empty((len(energy), n_prf), dtype=np.float32)
+    for c, cols, weights in fields:
+        out[:, cols] = np.sqrt(energy[:, c] @ weights + 1e-12)
     return out
 
 
@@ -487,6 +499,8 @@ def _load_masks(masks_from, subj):
     return out, mappings
 
 
+# Small products: OpenBLAS threads spinning against torch's on a busy CPU made them ~100x slower.
+@threadpool_limits.wrap(limits=1, user_api="blas")
 def write_algonauts_dataset(root, n_subjects=2, n_images=300, image_size=425, seed=0, snr=1.0,
                             masks_from=None, max_vertices=None):
     """Write a synthetic Algonauts dataset with a planted model under ``root``.
@@ -553,8 +567,9 @@ def write_algonauts_dataset(root, n_subjects=2, n_images=300, image_size=425, se
     for s in range(1, n_subjects + 1):
         utils.images_dir(root, s).mkdir(parents=True, exist_ok=True)
     # pRF responses are computed chunk by chunk, so the Gabor energy of all images is never held.
-    prf_weights = {key: _prf_weights(p) for key, p in params.items()}
-    prf_raw = {key: np.empty((n_images, prf_weights[key].shape[1]), dtype=np.float32) for key in params}
+    fields = {key: prf_fields(p) for key, p in params.items()}
+    n_prf = {key: int((p["kind"] == KIND_PRF).sum()) for key, p in params.items()}
+    prf_raw = {key: np.empty((n_images, n_prf[key]), dtype=np.float32) for key in params}
     stats = np.empty((n_pool, N_STATS), dtype=np.float32)
     rng = _rng(seed, 6)
     # PNG encoding releases the GIL: a chunk is saved by threads while the next one renders.
@@ -566,7 +581,7 @@ def write_algonauts_dataset(root, n_subjects=2, n_images=300, image_size=425, se
             rows_here = where[:, start:start + len(chunk)]
             for (s, hemi), p in params.items():
                 seen = rows_here[s - 1] >= 0
-                prf_raw[s, hemi][rows_here[s - 1][seen]] = prf_responses(p, energy[seen], prf_weights[s, hemi])
+                prf_raw[s, hemi][rows_here[s - 1][seen]] = prf_responses(energy[seen], fields[s, hemi], n_prf[s, hemi])
             jobs = [(im, utils.images_dir(root, s + 1) / f"train-{rows_here[s, i] + 1:04d}_nsd-{nsd_ids[start + i]:05d}.png")
                     for i, im in enumerate(chunk) for s in np.flatnonzero(rows_here[:, i] >= 0)]
             for future in pending:
