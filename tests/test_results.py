@@ -332,11 +332,16 @@ def test_figures_salience_and_landscape_notebook(pipeline_root):
     run(["--type", "classification-task", "--dataset", "caltech256", *BASE], root)
     run(["--type", "classification-task-pooled-avg", "--dataset", "caltech256", "--hemispheres", "left", *BASE], root)
     run(["--type", "lower-bound-mi", *BASE], root)
+    run(["--type", "lower-bound-mi-pooled-avg", "--hemispheres", "left", *BASE], root)
     run(["--type", "figures", "--dataset", "caltech256", "--epochs", "1"], root)
+    run(["--type", "figures", "--dataset", "caltech256", "--epochs", "1", "--method", "pooled-avg"], root)
+    mi = ru.mi_tables(root, "pooled-avg", 1)
+    assert list(mi) == ["lh"] and list(mi["lh"][0].columns) == ["subj1", "subj2"]
     run(["--type", "salience-maps", "--dataset", "caltech256", "--rois", rois[0], "--image-index", "3", *BASE], root)
     figures = utils.results_dir(root) / "figures"
     assert {p.name for p in figures.iterdir()} >= {
-        "classification_caltech256_cl-tuned_e1.png", "mi_bound_cl-tuned_e1.pdf",
+        "classification_caltech256_cl-tuned_e1.png", "mi_bound_cl-tuned_e1.pdf", "mi_bound_pooled-avg_e1.png",
+        "classification_caltech256_pooled-avg_e1.png",
         f"salience_caltech256_subj1_{rois[0]}_cl-tuned_e1_img3.png"}
     # The notebook, run headless on these outputs with injected parameters.
     repo = Path(ru.__file__).resolve().parent
