@@ -674,7 +674,7 @@ def cli(main):
         try:
             return main(argv)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
+            tqdm.write(f"error: {e}", file=sys.stderr)  # clears a progress bar left open by the error
             raise SystemExit(2) from None
     wrapped.__name__, wrapped.__doc__, wrapped.__wrapped__ = main.__name__, main.__doc__, main
     return wrapped
