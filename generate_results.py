@@ -48,7 +48,7 @@ def main(argv=None):
     device = utils.resolve_device(opts.DEVICE)
     subjects = [None] if method.startswith("pooled") else opts.SUBJECTS
     model_opts = dict(root=opts.ROOT, method=method, epochs=epochs, weights=opts.WEIGHTS, device=device,
-                  image_size=opts.IMAGE_SIZE, seed=opts.SEED)
+                      image_size=opts.IMAGE_SIZE, seed=opts.SEED)
     if opts.TYPE.startswith("classification-task"):
         for subj in subjects:
             for h in opts.HEMISPHERES:

@@ -378,6 +378,8 @@ def load_predictions(root, dataset, names=None):
 
 def select_rois(root, method, subj, hemisphere, rois, epochs):
     """The ROIs to process: ``rois`` as given (each must have a checkpoint), or every ROI whose checkpoint exists."""
+    if method not in utils.METHOD_SCRIPTS:
+        raise utils.UserError(f"method {method!r} has no per-ROI checkpoints: use one of {', '.join(utils.METHOD_SCRIPTS)}")
     if rois:
         for roi in rois:
             path = utils.method_checkpoint_path(root, method, subj, hemisphere, utils.check_roi(roi), epochs)

@@ -397,6 +397,7 @@ def test_fmri_side_outputs(pipeline_root):
     (["--type", "classification-task", "--dataset", "caltech256", "--rois", "hV4", *BASE], "cl_model_training.py"),
     (["--type", "lower-bound-mi", "--method", "reg-tuned", *BASE], "fMRI embedding"),
     (["--type", "lower-bound-mi", "--rois", "V9", *BASE], "unknown ROI 'V9'"),
+    (["--type", "classification-task", "--method", "untuned", *BASE], "no per-ROI checkpoints"),
     (["--type", "salience-maps", "--rois", "V1v", "V2v", *BASE], "one subject and one ROI"),
     (["--type", "save-embeddings", "--embedding-layer", "conv9", *BASE], "unknown layer 'conv9'"),
     (["--type", "random-rois-list", "--n-random-rois", "1000"], "ask for fewer"),
