@@ -222,7 +222,7 @@ def pipeline_rois(root, n=2):
 
 
 def write_checkpoints(root, rois, epochs=1):
-    """Seeded, untrained CL models (subject 1, both hemispheres) and a pooled-avg model (lh, rois[0])."""
+    """Seeded, untrained CL models (subject 1, both hemispheres), a regression and a pooled-avg model (lh, rois[0])."""
     import models
     common = {"epochs": epochs, "seed": 1, "weights": "none", "image_size": 64}
     for h in ("lh", "rh"):
@@ -232,6 +232,11 @@ def write_checkpoints(root, rois, epochs=1):
             meta = {"kind": "cl", "roi": roi, "hemisphere": h, "subject": 1, "n_voxels": len(v),
                     "voxels": v.tolist(), "h": model.h, "z": model.z, **common}
             models.save_checkpoint(model, meta, utils.cl_model_path(root, 1, h, roi, epochs))
+    v = utils.roi_voxel_indices(root, 1, "lh", rois[0])
+    meta = {"kind": "reg", "roi": rois[0], "hemisphere": "lh", "subject": 1, "n_voxels": len(v), "voxels": v.tolist(),
+            **common}
+    models.save_checkpoint(models.RegressionModel(len(v), weights="none", seed=1), meta,
+                           utils.reg_model_path(root, 1, "lh", rois[0], epochs))
     voxels = {s: utils.roi_voxel_indices(root, s, "lh", rois[0]) for s in (1, 2)}
     counts = {s: len(v) for s, v in voxels.items()}
     model = models.PooledCLModel(counts, int(np.mean(list(counts.values()))), weights="none", seed=1)
@@ -382,6 +387,12 @@ def test_fmri_side_outputs(pipeline_root):
     images = utils.subject_images(root, 1, 64)
     with torch.no_grad():
         np.testing.assert_allclose(emb[:20], model.embed_images(utils.normalize_images(np.array(images[:20]))).numpy(), atol=1e-5)
+    run(["--type", "save-embeddings", "--method", "reg-tuned", "--hemispheres", "left", *BASE], root)
+    emb = np.load(utils.results_dir(root) / "embeddings" / f"subj1_lh_{rois[0]}_reg-tuned_e1_output.npy")
+    model, _ = models.load_checkpoint(utils.reg_model_path(root, 1, "lh", rois[0], 1))
+    with torch.no_grad():
+        np.testing.assert_allclose(emb[-20:], model(utils.normalize_images(np.array(images[-20:]))).numpy(), atol=1e-5)
+    assert emb.shape == (len(images), utils.roi_voxel_count(root, 1, "lh", rois[0]))
     run(["--type", "save-embeddings", "--method", "untuned", "--embedding-layer", "features.5", *BASE], root)
     emb = np.load(utils.results_dir(root) / "embeddings" / "subj1_untuned_features.5.npy")
     assert emb.shape == (len(images), utils.layer_dims(64)["features.5"])
