@@ -11,6 +11,7 @@ import json
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -340,6 +341,17 @@ def _history_row(epoch, datasets, train_losses, test_losses, seconds):
     return row
 
 
+def _cpu_copy(state):
+    """A deep copy of a nested state whose tensors are cloned to the CPU (safe to save while training goes on)."""
+    if torch.is_tensor(state):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: _cpu_copy(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_cpu_copy(v) for v in state)
+    return state
+
+
 def _rng_state(generator, device):
     state = {"shuffle": generator.get_state(), "torch": torch.get_rng_state()}
     if device.type == "cuda":
@@ -411,18 +423,26 @@ def train_model(model, datasets, checkpoint, meta, epochs, lr, batch_size, tempe
     # The fused kernel is several times faster than the default, on the CPU too.
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
     generator = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    # The partial state (weights and Adam moments, ~0.7 GB) is written by a background
+    # thread while the next epoch runs; leaving the block waits for the write in flight.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), ThreadPoolExecutor(1) as writer:
         torch.manual_seed(seed)
         start, history = _resume(model, optimizer, generator, meta, checkpoint, device, overwrite)
+        saving = None
         for epoch in tqdm(range(start, epochs), initial=start, total=epochs, desc=Path(checkpoint).stem):
             t0 = time.perf_counter()
             train_losses = _run_epoch(model, optimizer, datasets, batch_size, device, generator, temperature)
             test_losses = evaluate(model, datasets, batch_size, device, temperature)
             history.append(_history_row(epoch + 1, datasets, train_losses, test_losses, time.perf_counter() - t0))
-            utils.atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                     "epoch": epoch + 1, "rng": _rng_state(generator, device),
-                                     "history": history, "meta": meta}, partial_path(checkpoint))
+            state = _cpu_copy({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                               "epoch": epoch + 1, "rng": _rng_state(generator, device),
+                               "history": history, "meta": meta})
+            if saving is not None:
+                saving.result()
+            saving = writer.submit(utils.atomic_torch_save, state, partial_path(checkpoint))
             utils.atomic_write_text(json.dumps(history, indent=1), log_path(checkpoint))
+        if saving is not None:
+            saving.result()
     meta = dict(meta, history=history)
     save_checkpoint(model, meta, checkpoint)
     partial_path(checkpoint).unlink(missing_ok=True)

@@ -1,0 +1,163 @@
+"""The six training scripts on the synthetic dataset (64 px images, 1-3 epochs, CPU)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import cl_model_training
+import cl_model_training_all_rois
+import models
+import pooled_model_training
+import pooled_model_training_all_rois
+import reg_model_training
+import reg_model_training_all_rois
+import utils
+
+FAST = ["--weights", "none", "--device", "cpu", "--image-size", "64", "--batch-size", "64", "--epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def root(synthetic_root, shared_cache, tmp_path):
+    """A fresh project folder whose inputs link to the shared synthetic dataset (outputs stay here)."""
+    for name in ("training_images", "training_fmri", "roi_masks"):
+        os.symlink(synthetic_root / name, tmp_path / name)
+    os.symlink(shared_cache, tmp_path / "cache")
+    return tmp_path
+
+
+def run_error(main, argv, capsys):
+    """Run a script that must fail with a user error; returns its stderr."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and "Traceback" not in err
+    return err
+
+
+def test_reg_script_writes_checkpoint_meta_and_log(root):
+    path = reg_model_training.main(["--root", str(root), "--subj", "2", "--hemisphere", "right", "--roi", "EBA"]
+                                   + FAST)
+    assert path == utils.reg_model_path(root, 2, "rh", "EBA", 1)
+    model, meta = models.load_checkpoint(path)
+    voxels = utils.roi_voxel_indices(root, 2, "rh", "EBA")
+    assert isinstance(model, models.RegressionModel) and model.n_voxels == len(voxels)
+    assert meta["voxels"] == voxels.tolist() and meta["n_voxels"] == len(voxels)
+    assert (meta["kind"], meta["subject"], meta["hemisphere"], meta["roi"], meta["epochs"]) == ("reg", 2, "rh", "EBA", 1)
+    assert (meta["lr"], meta["batch_size"], meta["weights"], meta["image_size"]) == (2.5e-5, 64, "none", 64)
+    assert meta["code_version"] == utils.CODE_VERSION
+    log = json.loads(models.log_path(path).read_text())
+    assert [row["epoch"] for row in log] == [1] and log == meta["history"]
+    # The logged held-out loss is the MSE of the saved model on the 15% test split.
+    data = utils.SubjectData(root, 2, "rh", voxels, 64)
+    with torch.no_grad():
+        x, y = next(utils.iterate_batches(data.images, data.fmri, data.test, len(data.test), "cpu"))
+        mse = torch.mean((model(x) - y) ** 2).item()
+    assert log[-1]["test_loss"] == pytest.approx(mse, rel=1e-4)
+    alexnet, _ = models.load_feature_alexnet(root, "reg-tuned", 2, "right", "EBA", 1)
+    assert torch.equal(alexnet.features[0].weight, model.alexnet.features[0].weight)
+
+
+def test_all_rois_skips_empty_and_finished_rois(root, capsys):
+    argv = ["--root", str(root), "--rois", "mTL-faces", "V1v"] + FAST + ["--max-voxels", "40"]
+    assert cl_model_training_all_rois.main(argv) == [None, utils.cl_model_path(root, 1, "lh", "V1v", 1)]
+    assert "skip mTL-faces: empty in lh of Subj1" in capsys.readouterr().out
+    path = utils.cl_model_path(root, 1, "lh", "V1v", 1)
+    _, meta = models.load_checkpoint(path)
+    all_voxels = utils.roi_voxel_indices(root, 1, "lh", "V1v")
+    assert meta["n_voxels"] == 40 and len(all_voxels) > 40 and set(meta["voxels"]) <= set(all_voxels.tolist())
+    assert meta["voxels"] == models.select_voxels(all_voxels, 40, 0).tolist() == sorted(meta["voxels"])
+    before = path.stat().st_mtime_ns
+    assert cl_model_training_all_rois.main(argv) == [None, None]
+    assert f"skip V1v: {path} exists" in capsys.readouterr().out
+    assert path.stat().st_mtime_ns == before
+    # A finished checkpoint that no longer matches the data is an error, not a silent skip.
+    err = run_error(cl_model_training_all_rois.main, argv + ["--max-voxels", "41"], capsys)
+    assert "trained on 40 voxels" in err and "the data have 41" in err
+
+
+def test_all_rois_shard_runs_only_its_part(root, capsys):
+    argv = ["--root", str(root), "--rois", "mTL-faces", "V1v"] + FAST
+    assert reg_model_training_all_rois.main(argv + ["--shard", "1/2"]) == [None]
+    assert "skip mTL-faces: empty in lh of Subj1" in capsys.readouterr().out
+    assert pooled_model_training_all_rois.main(argv + ["--shard", "1/2"]) == [None]
+    assert "skip mTL-faces: empty in lh of Subj1, Subj2" in capsys.readouterr().out
+    assert not (root / "baseline_models").exists() and not (root / "cl_models").exists()
+    err = run_error(reg_model_training_all_rois.main, argv + ["--shard", "3/2"], capsys)
+    assert "bad shard '3/2'" in err
+
+
+def test_pooled_script_uses_subjects_with_the_roi_in_order(root):
+    # lh FBA-2 is empty in Subj2 of the synthetic dataset, so only Subj1 is pooled.
+    counts = {s: utils.roi_voxel_count(root, s, "lh", "FBA-2") for s in (1, 2)}
+    assert counts[1] > 0 and counts[2] == 0
+    path = pooled_model_training.main(["--root", str(root), "--roi", "FBA-2", "--h-method", "const",
+                                       "--h-const", "24"] + FAST)
+    assert path == utils.pooled_model_path(root, "lh", "FBA-2", 1, "const")
+    model, meta = models.load_checkpoint(path)
+    assert meta["subjects"] == [1] and meta["voxel_counts"] == {"1": counts[1]}
+    assert (meta["h"], meta["z"], meta["h_method"]) == (24, 6, "const") and list(model.fmri_maps) == ["Subj1"]
+
+
+def test_pooled_avg_over_two_subjects(root):
+    path = pooled_model_training.main(["--root", str(root), "--roi", "V2v", "--h-method", "avg",
+                                       "--subjects", "2", "1"] + FAST)
+    model, meta = models.load_checkpoint(path)
+    counts = [utils.roi_voxel_count(root, s, "lh", "V2v") for s in (1, 2)]
+    assert meta["subjects"] == [1, 2] and meta["voxel_counts"] == {"1": counts[0], "2": counts[1]}
+    assert meta["h"] == int(np.mean(counts)) and meta["z"] == int(0.25 * meta["h"])
+    assert [model.fmri_maps[f"Subj{s}"].in_features for s in (1, 2)] == counts
+    row = meta["history"][0]
+    assert {"train_loss_Subj1", "train_loss_Subj2", "test_loss_Subj1", "test_loss_Subj2"} <= set(row)
+    n_test = [len(utils.train_test_split(240)[1])] * 2
+    assert row["test_loss"] == pytest.approx(np.average([row["test_loss_Subj1"], row["test_loss_Subj2"]],
+                                                        weights=n_test))
+
+
+# --- Bad input -------------------------------------------------------------------------
+
+def test_empty_roi_is_an_error_for_the_single_script(root, capsys):
+    err = run_error(cl_model_training.main, ["--root", str(root), "--roi", "mTL-faces"] + FAST, capsys)
+    assert "ROI mTL-faces is empty in lh of Subj1" in err
+    err = run_error(pooled_model_training.main, ["--root", str(root), "--roi", "mTL-faces"] + FAST, capsys)
+    assert "ROI mTL-faces is empty in lh of Subj1, Subj2" in err
+    assert not (root / "cl_models").exists()
+
+
+@pytest.mark.parametrize("main, argv", [
+    (cl_model_training.main, ["--roi", "V9"]),
+    (reg_model_training_all_rois.main, ["--rois", "V1v", "V9"]),
+    (pooled_model_training.main, ["--roi", "V9"]),
+])
+def test_unknown_roi(root, capsys, main, argv):
+    err = run_error(main, ["--root", str(root)] + argv + FAST, capsys)
+    assert "unknown ROI 'V9'" in err and "V1v" in err
+    assert not (root / "cl_models").exists() and not (root / "baseline_models").exists()
+
+
+def test_missing_or_corrupt_weights(root, capsys, tmp_path):
+    missing = tmp_path / "nope.pth"
+    err = run_error(cl_model_training.main, ["--root", str(root), "--weights", str(missing)] + FAST[2:], capsys)
+    assert str(missing) in err and "not found" in err
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"\x00garbage")
+    err = run_error(reg_model_training.main, ["--root", str(root), "--weights", str(corrupt)] + FAST[2:], capsys)
+    assert str(corrupt) in err and "corrupt" in err
+    # The default 'imagenet' without the file in the torch cache says where to put it.
+    err = run_error(cl_model_training.main, ["--root", str(root)] + FAST[2:], capsys)
+    assert utils.IMAGENET_WEIGHTS_FILE in err and "--weights none" in err
+    assert not (root / "cl_models").exists() and not (root / "baseline_models").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_asked_for_but_not_available(root, capsys):
+    err = run_error(cl_model_training.main, ["--root", str(root)] + FAST + ["--device", "cuda"], capsys)
+    assert "CUDA is not available" in err and "--device cpu" in err
