@@ -207,14 +207,16 @@ def _heldout_bound(model, data):
 
 
 def test_cl_training_lowers_train_loss_raises_heldout_bound_and_logs(tmp_path):
-    data = [_planted_data(n=96, n_voxels=50)]
+    data = [_planted_data(n=144, n_voxels=50)]
+    # 64 held-out pairs rather than 15% of 144, so that the bound is less noisy.
+    data[0].train, data[0].test = np.arange(80), np.arange(80, 144)
     model = models.CLModel(50, seed=0)
     before = _heldout_bound(model, data[0])
-    trained, meta = _train(tmp_path, model, data, "cl")
+    trained, meta = _train(tmp_path, model, data, "cl", epochs=5)
     history = meta["history"]
-    assert [row["epoch"] for row in history] == [1, 2, 3]
+    assert [row["epoch"] for row in history] == [1, 2, 3, 4, 5]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
-    assert _heldout_bound(trained, data[0]) > before + 0.2
+    assert _heldout_bound(trained, data[0]) > before + 0.15
     assert utils.load_state_dict_file(tmp_path / "cl.pt")["meta"]["history"] == history
     assert json.loads((tmp_path / "cl.log.json").read_text()) == history
     assert not models.partial_path(tmp_path / "cl.pt").exists()
