@@ -1,0 +1,153 @@
+"""Run one job per (subject, hemisphere, ROI) of a script on SLURM (or here) through submitit.
+
+Scripts: cl_model_training.py, reg_model_training.py, pooled_model_training.py (one job
+per hemisphere and ROI, pooled over SUBJECTS) and fit_encoding_models.py (one ROI per
+job). Each job imports the script and calls its main() with --root, the job's subject,
+hemisphere and ROI, then ARGS and everything after `--`:
+
+    python launch.py --script cl_model_training.py --subjects 1 2 --rois V1v EBA -- --epochs 30
+    python launch.py --script fit_encoding_models.py --args "--method cl-tuned" --cluster local
+
+On SLURM all jobs go in one job array (at most ARRAY_PARALLELISM running at once).
+ROIs that are empty for a subject and hemisphere get no job. The launcher waits for the
+jobs, prints one status line per job, and exits non-zero if any failed. submitit is
+needed only here: `pip install submitit`.
+"""
+
+import importlib
+import shlex
+import sys
+from pathlib import Path
+
+import utils
+
+# --- Options ---
+SCRIPT = "cl_model_training.py"  # cl_model_training.py, reg_model_training.py, pooled_model_training.py or fit_encoding_models.py
+SUBJECTS = []  # subjects; empty means every roi_masks/SubjX (pooled: the subjects pooled over)
+HEMISPHERES = ["left", "right"]  # hemispheres
+ROIS = []  # ROI names; empty means all 31 (ROIs empty for a subject and hemisphere are skipped)
+ARGS = ""  # more arguments for every job's script, e.g. "--epochs 30 --weights imagenet" (or give them after --)
+CLUSTER = "slurm"  # slurm (sbatch job array), local (subprocesses on this machine) or debug (in this process, in turn)
+PARTITION = ""  # SLURM partition (empty: the cluster's default)
+TIME = 240  # minutes per job before it is stopped
+GPUS = 1  # GPUs per job
+CPUS = 8  # CPUs per job
+MEM_GB = 32  # memory per job, GiB
+ARRAY_PARALLELISM = 32  # SLURM: at most this many jobs of the array run at once
+LOG_FOLDER = "launch_logs"  # submitit's job files and logs, under ROOT
+WAIT = True  # wait for the jobs and print their status (False: submit and return)
+# ---
+
+SCRIPTS = ["cl_model_training.py", "reg_model_training.py", "pooled_model_training.py", "fit_encoding_models.py"]
+CLUSTERS = ["slurm", "local", "debug"]
+
+
+def run_job(script, argv):
+    """The body of one job: ``script``'s main(argv), in this process.
+
+    The undecorated main is called, so a UserError reaches submitit as the job's error
+    (and its log) instead of ending the worker with SystemExit.
+    """
+    module = importlib.import_module(Path(script).stem)
+    result = module.main.__wrapped__(argv)
+    return str(result) if isinstance(result, Path) else result
+
+
+def job_list(root, script, subjects, hemispheres, rois):
+    """The (label, argv) of every job, leaving out ROIs without voxels.
+
+    Returns
+    -------
+    jobs : list of (str, list of str); the argv holds --root and the job's subject,
+        hemisphere and ROI flags, in the script's own option names.
+    """
+    jobs = []
+    for hemi in (utils.hemi_code(h) for h in hemispheres):
+        for roi in rois:
+            counts = {s: utils.roi_voxel_count(root, s, hemi, roi) for s in subjects}
+            if script == "pooled_model_training.py":
+                if any(counts.values()):
+                    jobs.append((f"{hemi} {roi}", ["--root", str(root), "--hemisphere", hemi, "--roi", roi,
+                                                   "--subjects", *map(str, subjects)]))
+                continue
+            flag = "--rois" if script == "fit_encoding_models.py" else "--roi"
+            jobs += [(f"{utils.subj_dir(s)} {hemi} {roi}",
+                      ["--root", str(root), "--subj", str(s), "--hemisphere", hemi, flag, roi])
+                     for s, n in counts.items() if n]
+    return jobs
+
+
+def executor(opts, n_jobs):
+    """A submitit AutoExecutor for CLUSTER with the job resources of ``opts``."""
+    try:
+        import submitit
+    except ImportError:
+        raise utils.UserError("launch.py needs submitit, which is not installed: pip install submitit") from None
+    ex = submitit.AutoExecutor(folder=Path(opts.ROOT) / opts.LOG_FOLDER, cluster=opts.CLUSTER)
+    # Jobs import the scripts by name wherever they start.
+    setup = [f"export PYTHONPATH={shlex.quote(str(Path(__file__).resolve().parent))}${{PYTHONPATH:+:$PYTHONPATH}}"]
+    params = dict(name=Path(opts.SCRIPT).stem, timeout_min=opts.TIME, gpus_per_node=opts.GPUS,
+                  cpus_per_task=opts.CPUS, mem_gb=opts.MEM_GB, tasks_per_node=1, nodes=1,
+                  slurm_array_parallelism=min(opts.ARRAY_PARALLELISM, n_jobs), slurm_setup=setup, local_setup=setup)
+    if opts.PARTITION:
+        params["slurm_partition"] = opts.PARTITION
+    ex.update_parameters(**params)
+    return ex
+
+
+def failure_line(error):
+    """One line saying why a job failed, e.g. 'UserError: ROI ... is empty ...'.
+
+    submitit's FailedJobError (local and SLURM jobs) holds the job's traceback, whose last
+    line names the error; a debug job's error is the exception itself.
+    """
+    text = str(error)
+    if "\n----------------------\n" in text:
+        lines = [line.strip() for line in text.split("\n----------------------\n")[1].splitlines() if line.strip()]
+        return lines[-1] if lines else type(error).__name__
+    return f"{type(error).__name__}: {text.strip().splitlines()[0] if text.strip() else ''}"
+
+
+@utils.cli
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    opts = utils.parse_options(sys.modules[__name__], argv[:argv.index("--")] if "--" in argv else argv)
+    if opts.SCRIPT not in SCRIPTS:
+        raise utils.UserError(f"unknown --script {opts.SCRIPT!r}: use one of {', '.join(SCRIPTS)}")
+    if opts.CLUSTER not in CLUSTERS:
+        raise utils.UserError(f"unknown --cluster {opts.CLUSTER!r}: use one of {', '.join(CLUSTERS)}")
+    try:
+        subjects = [int(s) for s in opts.SUBJECTS] or utils.find_subjects(opts.ROOT)
+    except ValueError:
+        raise utils.UserError(f"bad --subjects {opts.SUBJECTS}: give subject numbers, e.g. --subjects 1 2") from None
+    rois = [utils.check_roi(r) for r in opts.ROIS] or utils.ROIS
+    jobs = job_list(opts.ROOT, opts.SCRIPT, subjects, opts.HEMISPHERES, rois)
+    if not jobs:
+        raise utils.UserError(f"no job to run: the ROIs {', '.join(rois)} are empty for subjects {subjects} "
+                              f"in {', '.join(opts.HEMISPHERES)}; choose other ROIs or subjects")
+    extra = shlex.split(opts.ARGS) + extra
+    ex = executor(opts, len(jobs))
+    with ex.batch():
+        submitted = [ex.submit(run_job, opts.SCRIPT, job_argv + extra) for _, job_argv in jobs]
+    print(f"submitted {len(submitted)} {opts.SCRIPT} jobs to {opts.CLUSTER} (logs: {ex.folder})")
+    if not opts.WAIT:
+        return submitted
+    from tqdm.auto import tqdm
+    failed = 0
+    for (label, _), job in tqdm(list(zip(jobs, submitted)), desc="jobs"):
+        error = job.exception()
+        if error is None:
+            result = job.result()
+            tqdm.write(f"{job.job_id:>14}  {label:22} done" + (f": {result}" if isinstance(result, str) else ""))
+        else:
+            failed += 1
+            tqdm.write(f"{job.job_id:>14}  {label:22} FAILED: {failure_line(error)}")
+    if failed:
+        raise utils.UserError(f"{failed} of {len(jobs)} {opts.SCRIPT} jobs failed: see the lines above and "
+                              f"their logs in {ex.folder}")
+    return submitted
+
+
+if __name__ == "__main__":
+    main()
