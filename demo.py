@@ -1,49 +1,220 @@
-"""Demo: write a small synthetic Algonauts dataset and build its voxel-to-ROI mappings.
+"""Demo: the whole pipeline on a small synthetic dataset, on a CPU in about five minutes.
 
-Runs on a CPU in seconds: `make demo` (or `python demo.py`). The dataset goes to
-DEMO_ROOT; the planted ground truth is under DEMO_ROOT/synthetic_truth.
+`make demo` (or `python demo.py`) runs, in order:
+  1. synthetic_data.py: 2 subjects x 300 images with a planted ground truth, under ROOT;
+  2. generate_voxel_roi_mappings.py;
+  3. CL, regression and pooled (h-avg) tuning of the ROIS of SUBJ, for a few epochs;
+  4. fit_encoding_models.py for untuned, cl-tuned, reg-tuned and pooled-avg;
+  5. generate_results.py: MI bounds, fc7 classification probes on a synthetic ImageFolder
+     (ROOT/datasets/caltech256, classes of separable colour and orientation), figures;
+  6. the landscape notebook, headless.
+It prints a summary per ROI (test r of untuned, CL, regression and pooled, % of voxels
+where CL beats untuned, MI bound) and says whether CL beats untuned on the planted pRF
+ROIs. Every figure is copied to OUTPUT. A rerun skips finished work (--overwrite redoes it).
 """
 
+import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 
+import cl_model_training
+import fit_encoding_models
+import generate_results
 import generate_voxel_roi_mappings
+import pooled_model_training
+import reg_model_training
 import synthetic_data
 import utils
 
 # --- Options ---
-DEMO_ROOT = "demo_data"  # folder the synthetic dataset and all outputs go to
+ROOT = "demo_data"  # folder the synthetic dataset and all results go to
+OUTPUT = "demo_output"  # folder every figure is copied to
 SUBJECTS = 2  # number of synthetic subjects
 IMAGES = 300  # images per subject
-IMAGE_SIZE = 64  # side of the synthetic images, in pixels (small keeps the CPU time low)
-SEED = 0  # seed of the synthetic dataset
+IMAGE_SIZE = 64  # side of the synthetic images and of AlexNet's input, in pixels (small keeps the CPU time low)
 SNR = 1.0  # median signal-to-noise ratio of the planted responses
-OVERWRITE = False  # regenerate the dataset and mappings even if they exist
+SEED = 0  # seed of the dataset, the random weights and the training
+SUBJ = 1  # subject whose models are tuned and evaluated
+HEMISPHERE = "left"  # hemisphere of the ROIs
+ROIS = ["V1v", "EBA"]  # ROIs to tune (V1v..hV4 hold planted pRFs; the others image-statistics responses)
+EPOCHS = 8  # epochs of CL, regression and pooled tuning
+BATCH_SIZE = 64  # image-fMRI pairs per step (small: a few hundred images give several steps per epoch)
+WEIGHTS = "auto"  # auto (ImageNet weights if in the torch cache, else seeded random), imagenet, none or a state-dict path
+CLASSES = 4  # classes of the synthetic classification dataset
+CLASS_IMAGES = 40  # images per class
+NOTEBOOK = True  # run the landscape notebook headless
+DEVICE = "auto"  # auto, cpu or cuda
+OVERWRITE = False  # redo every step even if its outputs exist
 # ---
+
+DATASET = "caltech256"  # the ImageFolder-layout dataset name of generate_results.py
+# The encoding methods and their columns in the summary table.
+METHODS = {"untuned": "untuned r", "cl-tuned": "CL r", "reg-tuned": "reg r", "pooled-avg": "pooled r"}
+
+
+def resolve_weights(weights):
+    """WEIGHTS, with 'auto' resolved to 'imagenet' when the file is in the torch cache, else 'none'."""
+    if weights != "auto":
+        return weights
+    path = utils.imagenet_weights_path()
+    if path.is_file():
+        return "imagenet"
+    print(f"notice: no ImageNet AlexNet weights at {path}, so the demo starts from seeded random weights "
+          f"(download {utils.IMAGENET_WEIGHTS_URL} there to use them)")
+    return "none"
+
+
+def write_image_folder(folder, n_classes, per_class, size=80, seed=0):
+    """A synthetic ImageFolder: class k is a grating of orientation k pi / n_classes and its own hue.
+
+    Each image has a random colour background, 1/f-like noise, and the class grating with
+    jittered orientation, frequency, phase and tint, so the classes are separable but not
+    trivially (see the planted ``orientation`` and ``hue``).
+    """
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    c = (np.arange(size) + 0.5) / size * 2 - 1
+    xx, yy = np.meshgrid(c, -c)
+    hues = np.array([[0.9, 0.2, 0.2], [0.2, 0.8, 0.2], [0.2, 0.3, 0.9], [0.9, 0.8, 0.1],
+                     [0.8, 0.2, 0.8], [0.1, 0.8, 0.8]])
+    for k in range(n_classes):
+        d = Path(folder) / f"{k + 1:03d}.class{k + 1}"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            ori = np.pi * k / n_classes + rng.normal(0, 0.15)
+            freq = rng.uniform(3, 6)
+            wave = 0.5 + 0.5 * np.sin(np.pi * freq * (xx * np.cos(ori) + yy * np.sin(ori)) + rng.uniform(0, 2 * np.pi))
+            tint = np.clip(hues[k % len(hues)] + rng.normal(0, 0.15, 3), 0, 1)
+            background = rng.uniform(0, 1, 3)
+            image = background * (1 - 0.6 * wave[..., None]) + tint * 0.6 * wave[..., None]
+            image += rng.normal(0, 0.08, image.shape)
+            Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8)).save(d / f"{i:03d}.png")
+
+
+def run_notebook(root, dataset):
+    """Execute the landscape notebook with ROOT and DATASET injected after its parameters cell."""
+    import nbclient
+    import nbformat
+    repo = Path(__file__).resolve().parent
+    nb = nbformat.read(repo / "feature_extraction_model_landscape_imagenet.ipynb", 4)
+    params = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+    nb.cells.insert(params + 1, nbformat.v4.new_code_cell(f"ROOT = {str(Path(root).resolve())!r}\nDATASET = {dataset!r}"))
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(repo)}}).execute()
+
+
+def copy_figures(root, output):
+    """Copy every .png and .pdf under ROOT's result folders to ``output`` (flat); returns the copies."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    copies = []
+    for folder in (utils.results_dir(root), Path(root) / "encoding_results"):
+        for path in sorted(p for p in folder.rglob("*") if p.suffix in (".png", ".pdf")):
+            copies.append(Path(shutil.copy2(path, output / path.name)))
+    return copies
+
+
+def summary_table(root, subj, hemisphere, rois, epochs):
+    """Per ROI: mean test r of each method, % of voxels where CL beats untuned, MI bounds (bits).
+
+    Read back from the saved encoding results and MI bounds.
+
+    Returns
+    -------
+    DataFrame indexed by ROI.
+    """
+    import pandas as pd
+    mi = mi_bounds(root, subj, hemisphere, rois, epochs)
+    rows = {}
+    for roi in rois:
+        test_r = {m: fit_encoding_models.load_result(
+            fit_encoding_models.result_path(root, subj, m, hemisphere, roi))["test_r"] for m in METHODS}
+        rows[roi] = {"voxels": len(test_r["untuned"]),
+                     **{METHODS[m]: float(np.mean(r)) for m, r in test_r.items()},
+                     "CL > untuned %": 100 * float(np.mean(test_r["cl-tuned"] > test_r["untuned"])),
+                     "MI CL bits": mi[roi][0], "MI untuned bits": mi[roi][1]}
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def mi_bounds(root, subj, hemisphere, rois, epochs):
+    """{roi: (tuned, untuned)} MI bounds in bits (post-hoc temperature) of the CL models, from results/mi_bounds."""
+    import json
+    import results_utils as ru
+    path = utils.results_dir(root) / "mi_bounds" / f"{ru.summary_stem('cl-tuned', subj, hemisphere, epochs)}.json"
+    saved = json.loads(path.read_text())["rois"]
+    return {roi: tuple(saved[roi][str(subj)][k]["scaled_bits"] for k in ("tuned", "untuned")) for roi in rois}
+
+
+def report_prf(table):
+    """Print, for each planted-pRF ROI of the table, whether CL's mean test r beats untuned's."""
+    prf = [roi for roi in table.index if roi in synthetic_data.PRF_ROIS]
+    for roi in prf:
+        cl, untuned = table.loc[roi, "CL r"], table.loc[roi, "untuned r"]
+        verdict = "beats" if cl > untuned else "does not beat"
+        print(f"{roi} (planted pRFs): CL {verdict} untuned, mean test r {cl:.3f} vs {untuned:.3f}, "
+              f"{table.loc[roi, 'CL > untuned %']:.0f}% of voxels improved")
+    if not prf:
+        print("no planted-pRF ROI among ROIS (V1v, V1d, V2v, V2d, V3v, V3d, hV4)")
 
 
 @utils.cli
 def main(argv=None):
     opts = utils.parse_options(sys.modules[__name__], argv)
-    root = opts.DEMO_ROOT
+    root, hemi, subj = opts.ROOT, utils.hemi_code(opts.HEMISPHERE), opts.SUBJ
+    rois = [utils.check_roi(r) for r in opts.ROIS]
     overwrite = ["--overwrite"] if opts.OVERWRITE else []
+    weights = resolve_weights(opts.WEIGHTS)
+    common = ["--root", root, "--image-size", str(opts.IMAGE_SIZE), "--device", opts.DEVICE, "--seed", str(opts.SEED)]
+    train = common + ["--hemisphere", hemi, "--epochs", str(opts.EPOCHS), "--batch-size", str(opts.BATCH_SIZE),
+                      "--weights", weights] + overwrite
+
+    print("1. synthetic dataset")
     synthetic_data.main(["--root", root, "--subjects", str(opts.SUBJECTS), "--images", str(opts.IMAGES),
                          "--image-size", str(opts.IMAGE_SIZE), "--seed", str(opts.SEED), "--snr", str(opts.SNR)]
                         + overwrite)
+    print("2. voxel-ROI mappings")
     generate_voxel_roi_mappings.main(["--root", root] + overwrite)
-
-    print(f"\n{'subject':8} {'hemi':4} {'vertices':>8} {'ROIs':>4} {'pRF':>5} {'r(noise-free)':>13}")
-    for subj in range(1, opts.SUBJECTS + 1):
-        for hemi in utils.HEMISPHERES:
-            fmri = utils.load_fmri(root, subj, hemi)
-            truth = synthetic_data.load_truth(root, subj, hemi)
-            r = synthetic_data.column_correlation(fmri, truth["noise_free"])
-            n_rois = sum(utils.roi_voxel_count(root, subj, hemi, roi) > 0 for roi in utils.ROIS)
-            prf = truth["kind"] == synthetic_data.KIND_PRF
-            print(f"{utils.subj_dir(subj):8} {hemi:4} {fmri.shape[1]:8d} {n_rois:4d} {int(prf.sum()):5d} "
-                  f"{np.mean(r[prf]):13.3f}")
-    print("r(noise-free): mean correlation of the pRF vertices' fMRI with their planted noise-free response")
+    print(f"3. tuning {', '.join(rois)} ({hemi}) for {opts.EPOCHS} epochs: CL and regression on "
+          f"{utils.subj_dir(subj)}, pooled over all subjects")
+    for roi in rois:
+        cl_model_training.main(train + ["--subj", str(subj), "--roi", roi])
+        reg_model_training.main(train + ["--subj", str(subj), "--roi", roi])
+        pooled_model_training.main(train + ["--roi", roi, "--h-method", "avg"])
+    print("4. encoding models")
+    for method in METHODS:
+        fit_encoding_models.main(common + ["--subj", str(subj), "--hemisphere", hemi, "--rois", *rois,
+                                           "--method", method, "--weights", weights, "--cl-epochs", str(opts.EPOCHS),
+                                           "--reg-epochs", str(opts.EPOCHS), "--pooled-epochs", str(opts.EPOCHS)]
+                                 + overwrite)
+    print("5. MI bounds, classification probes and figures")
+    folder = Path(root) / "datasets" / DATASET
+    if not folder.is_dir() or opts.OVERWRITE:
+        shutil.rmtree(folder, ignore_errors=True)
+        write_image_folder(folder, opts.CLASSES, opts.CLASS_IMAGES, seed=opts.SEED)
+        print(f"wrote a synthetic {opts.CLASSES}-class ImageFolder under {folder} (standing in for {DATASET})")
+    results = ["--root", root, "--subjects", str(subj), "--hemispheres", hemi, "--rois", *rois,
+               "--epochs", str(opts.EPOCHS), "--device", opts.DEVICE, "--seed", str(opts.SEED)] + overwrite
+    probes = ["--dataset", DATASET, "--image-size", str(opts.IMAGE_SIZE), "--weights", weights]
+    generate_results.main(results + ["--type", "lower-bound-mi"])
+    generate_results.main(results + ["--type", "lower-bound-mi-pooled-avg"])
+    for method in ("cl-tuned", "reg-tuned"):
+        generate_results.main(results + probes + ["--type", "classification-task", "--method", method])
+    generate_results.main(results + probes + ["--type", "classification-task-pooled-avg"])
+    for method in ("cl-tuned", "pooled-avg"):
+        generate_results.main(["--root", root, "--type", "figures", "--dataset", DATASET, "--method", method,
+                               "--epochs", str(opts.EPOCHS)])
+    if opts.NOTEBOOK:
+        print("6. landscape notebook")
+        run_notebook(root, DATASET)
+    figures = copy_figures(root, opts.OUTPUT)
+    table = summary_table(root, subj, hemi, rois, opts.EPOCHS)
+    print(f"\nSummary: {utils.subj_dir(subj)} {hemi}, {opts.EPOCHS} epochs, weights {weights}; "
+          "mean test r over the ROI's voxels, % of voxels where CL beats untuned, MI bound (bits, test split)")
+    print(table.to_string(float_format=lambda v: f"{v:.3f}"))
+    report_prf(table)
+    print(f"{len(figures)} figures in {opts.OUTPUT}/")
+    return table
 
 
 if __name__ == "__main__":
