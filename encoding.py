@@ -227,9 +227,13 @@ def encode_roi(layers, fmri, train, test, folds, alphas=ALPHAS, n_components=N_C
                fixed_layer=None, fixed_alpha_index=None, device="cpu", voxel_batch=4096):
     """The whole encoding protocol for one ROI.
 
+    Independent of the dataset: NSD (fit_encoding_models.py) and NOD (fit_encoding_models_nod.py)
+    both call it with their own rows, folds and features.
+
     Parameters
     ----------
-    layers : dict layer name -> LayerFeatures (all images, in fMRI row order).
+    layers : dict layer name -> LayerFeatures, or -> array (n, d) as from utils.extract_features
+        (all images, in fMRI row order); arrays are wrapped by as_layer_features.
     fmri : array (n, V), responses of every image.
     train, test : index arrays; folds : list of (fit, val) index arrays inside ``train``.
     fixed_layer, fixed_alpha_index : reuse a layer and per-voxel alphas chosen elsewhere (the
@@ -242,6 +246,7 @@ def encode_roi(layers, fmri, train, test, folds, alphas=ALPHAS, n_components=N_C
     best layer, 'test_r' (V,), 'n_constant' (voxels constant on train, r = 0). Arrays numpy.
     """
     device = torch.device(device)
+    layers = as_layer_features(layers, device)
     y = torch.as_tensor(np.asarray(fmri), dtype=torch.float64, device=device)
     alphas = np.asarray(alphas, dtype=np.float64)
     scores, choice = {}, {}
@@ -262,6 +267,16 @@ def encode_roi(layers, fmri, train, test, folds, alphas=ALPHAS, n_components=N_C
         "cv_r": best_r.cpu().numpy(), "test_r": test_r.cpu().numpy(),
         "n_constant": constant_voxels(y, train),
     }
+
+
+# The name fit_encoding_models_nod.py calls it by.
+fit_roi = encode_roi
+
+
+def as_layer_features(layers, device="cpu"):
+    """dict layer -> LayerFeatures; arrays or tensors (n, d) are moved to ``device`` and wrapped."""
+    return {name: f if isinstance(f, LayerFeatures) else LayerFeatures(torch.as_tensor(f, device=device))
+            for name, f in layers.items()}
 
 
 def layer_features(alexnet, images, device="cpu", batch_size=128, layers=utils.LAYERS, keep_gram=None):
