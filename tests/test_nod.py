@@ -178,3 +178,98 @@ def test_each_missing_file_names_its_path_and_how_to_fetch_it(tiny_nod, tmp_path
     else:
         assert f"datalad clone {nu.DATASET_URL} {nod}" in message
         assert _fetch(nod, path.relative_to(nod)) in message
+
+
+# --- fit_encoding_models_nod.py --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def nod_run(tmp_path_factory):
+    """A synthetic NOD tree (1 subject, 400 trials of 64 px) with untuned results for V1 and V4."""
+    import joblib
+    import synthetic_data
+    import fit_encoding_models_nod as script
+    import encoding
+    root = tmp_path_factory.mktemp("nod_run")
+    synthetic_data.write_nod_dataset(root, n_subjects=1, n_runs=4, image_size=64, seed=0, snr=1.0)
+    calls, fit = [], encoding.encode_roi
+
+    def spy(layers, fmri, train, test, folds, *args, **kwargs):
+        calls.append(folds)
+        return fit(layers, fmri, train, test, folds, *args, **kwargs)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(encoding, "encode_roi", spy)
+    try:
+        table = script.main(["--root", str(root), "--subjects", "1", "--sessions", "1", "--runs", "1", "2", "3", "4",
+                             "--rois", "V1", "V4", "--hemispheres", "lh", "--methods", "untuned",
+                             "--weights", "none", "--image-size", "64", "--batch-size", "200"])
+    finally:
+        mp.undo()
+    results = {p.name: joblib.load(p) for p in (root / "encoding_results" / "nod").glob("sub-*/*.joblib")}
+    return root, table, calls, results
+
+
+def test_script_uses_five_distinct_folds_covering_train(nod_run):
+    root, _, calls, _ = nod_run
+    data = nu.NODSubjectData(root, 1, sessions=[1], runs=[1, 2, 3, 4], image_size=64)
+    assert len(calls) == 2
+    for folds in calls:
+        assert len(folds) == 5
+        vals = [set(val.tolist()) for _, val in folds]
+        assert all(len(v) == 68 for v in vals) and len(set.union(*vals)) == 340
+        assert set.union(*vals) == set(data.train.tolist()) and not set.union(*vals) & set(data.test.tolist())
+        for fit, val in folds:
+            assert sorted(np.concatenate([fit, val]).tolist()) == sorted(data.train.tolist())
+
+
+def test_planted_prf_responses_are_recovered(nod_run):
+    import encoding
+    root, table, _, results = nod_run
+    truth = np.load(root / "synthetic_truth" / "nod" / "sub-01_truth.npz")
+    v1 = results["sub-01_lh_V1_untuned.joblib"]
+    assert truth["planted"][v1["vertices"]].all()
+    # Noise-only control: the same features and protocol on unplanted vertices.
+    data = nu.NODSubjectData(root, 1, sessions=[1], runs=[1, 2, 3, 4], image_size=64)
+    noise = np.flatnonzero(~truth["planted"])[:50]
+    feats = utils.extract_features(utils.load_alexnet("none"), data.images, 200)
+    control = encoding.encode_roi(feats, np.ascontiguousarray(data.betas[:, noise]), data.train, data.test,
+                                  utils.cv_folds(data.train, 5))
+    ceiling = np.sqrt(1.0 / 2.0)  # snr 1: corr(fMRI, signal) = sqrt(snr / (1 + snr))
+    assert np.mean(v1["test_r"]) > 0.35 * ceiling
+    assert np.mean(v1["test_r"]) > np.mean(control["test_r"]) + 0.2
+    assert abs(np.mean(control["test_r"])) < 0.1
+    row = table[(table["roi"] == "V1") & (table["method"] == "untuned")].iloc[0]
+    assert row["mean_test_r"] == pytest.approx(np.mean(v1["test_r"]))
+    assert row["mean_cv_r"] == pytest.approx(np.mean(v1["cv_r"]))
+    saved = pd.read_csv(root / "encoding_results" / "nod" / "summary.csv")
+    assert len(saved) == 2 and (root / "encoding_results" / "nod" / "nod_transfer.pdf").stat().st_size > 0
+
+
+def test_tuned_model_of_an_nsd_subject_extracts_nod_features(nod_run, tmp_path, capsys):
+    import shutil
+    import models
+    import fit_encoding_models_nod as script
+    src, _, _, _ = nod_run
+    root = tmp_path / "root"
+    shutil.copytree(src / "nod", root / "nod")
+    shutil.copytree(src / "encoding_results", root / "encoding_results")
+    args = ["--root", str(root), "--subjects", "1", "--sessions", "1", "--runs", "1", "2", "3", "4",
+            "--rois", "V1", "--hemispheres", "lh", "--methods", "untuned", "cl-tuned", "--weights", "none",
+            "--image-size", "64", "--batch-size", "200", "--model-subj", "2", "--cl-epochs", "3"]
+    with pytest.raises(SystemExit) as e:
+        script.main(args)
+    assert e.value.code == 2
+    expected = utils.cl_model_path(root, 2, "lh", "V1v", 3)
+    assert f"no cl-tuned checkpoint at {expected}" in capsys.readouterr().err
+    model = models.CLModel(20, weights="none", seed=1)
+    models.save_checkpoint(model, {"kind": "cl", "n_voxels": 20, "h": model.h, "z": model.z, "subject": 2,
+                                   "hemisphere": "lh", "roi": "V1v", "weights": "none"}, expected)
+    table = script.main(args)
+    cl = table[table["method"] == "cl-tuned"].iloc[0]
+    assert (cl["nsd_roi"], cl["model_subj"], cl["n_voxels"]) == ("V1v", 2, 50)
+    untuned = table[(table["method"] == "untuned") & (table["roi"] == "V1")].iloc[0]
+    assert cl["mean_test_r"] != untuned["mean_test_r"]
+    import joblib
+    r_cl = joblib.load(script.result_path(root, 1, "lh", "V1", "cl-tuned"))["test_r"]
+    r_un = joblib.load(script.result_path(root, 1, "lh", "V1", "untuned"))["test_r"]
+    assert cl["pct_improved_over_untuned"] == pytest.approx(100 * np.mean(r_cl > r_un))
