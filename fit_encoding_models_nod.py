@@ -76,7 +76,7 @@ def check_options(opts):
     return [utils.hemi_code(h) for h in opts.HEMISPHERES]
 
 
-def summary_table(root, rows_wanted=None):
+def summary_table(root):
     """One row per saved result: subject, hemisphere, area, method, best layer, mean CV r,
     mean test r and % of vertices whose test r beats untuned (NaN without an untuned result)."""
     import joblib
