@@ -158,12 +158,14 @@ def beats_untuned(result, untuned):
 
 
 def _save_figure(fig, path):
+    """Save ``fig`` as PNG and PDF and close it; returns it (its artists stay inspectable)."""
     import matplotlib.pyplot as plt
     fig.tight_layout()
     for suffix in (".png", ".pdf"):
         with utils.atomic_path(Path(path).with_suffix(suffix)) as tmp:
             fig.savefig(tmp, dpi=150, format=suffix[1:])
     plt.close(fig)
+    return fig
 
 
 def _pyplot():
@@ -189,7 +191,7 @@ def plot_layer_scores(table, path):
     ax.set_xticks(range(len(utils.LAYERS)), utils.LAYERS, rotation=45, ha="right")
     ax.set_yticks(range(len(table)), table["roi"])
     fig.colorbar(im, ax=ax, label="mean CV r")
-    _save_figure(fig, path)
+    return _save_figure(fig, path)
 
 
 def plot_methods(table, path):
@@ -206,7 +208,7 @@ def plot_methods(table, path):
     ax.set_ylabel("mean test r")
     ax.axhline(0, color="k", lw=0.5)
     ax.legend(fontsize=7)
-    _save_figure(fig, path)
+    return _save_figure(fig, path)
 
 
 def plot_scatter(x, y, label, path):
@@ -219,7 +221,7 @@ def plot_scatter(x, y, label, path):
     ax.set_xlabel("untuned test r")
     ax.set_ylabel(f"{label} test r")
     ax.set_title(f"{100 * np.mean(y > x):.1f}% of voxels above the line")
-    _save_figure(fig, path)
+    return _save_figure(fig, path)
 
 
 def write_summaries(root, subj):
@@ -313,7 +315,7 @@ def plot_transfer(mean_r, frac, title, path):
         ax.set_ylabel("model subject")
         ax.set_title(f"{title}: {label}", fontsize=9)
         fig.colorbar(im, ax=ax)
-    _save_figure(fig, path)
+    return _save_figure(fig, path)
 
 
 def run_transfer_matrix(opts):

@@ -1,0 +1,218 @@
+"""fit_encoding_models.py on the synthetic dataset (64 px, seeded random AlexNet, CPU)."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import encoding
+import fit_encoding_models as fem
+import models
+import utils
+
+FAST = ["--weights", "none", "--device", "cpu", "--image-size", "64", "--batch-size", "128"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: the small eigendecompositions here slow down many-fold on a busy shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def root(synthetic_root, shared_cache, tmp_path):
+    """A fresh project folder whose inputs link to the shared synthetic dataset (outputs stay here)."""
+    for name in ("training_images", "training_fmri", "roi_masks"):
+        os.symlink(synthetic_root / name, tmp_path / name)
+    os.symlink(shared_cache, tmp_path / "cache")
+    return tmp_path
+
+
+def run_error(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        fem.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and "Traceback" not in err
+    return err
+
+
+def untuned_reference(root, subj, hemi, roi, alexnet=None):
+    """encode_roi run directly on the subject's data (the independent path the script must match)."""
+    images = utils.subject_images(root, subj, 64)
+    train, test = utils.train_test_split(len(images))
+    voxels = utils.roi_voxel_indices(root, subj, hemi, roi)
+    layers = encoding.layer_features(alexnet or utils.load_alexnet("none", 0), images, batch_size=128)
+    return encoding.encode_roi(layers, utils.load_fmri(root, subj, hemi, voxels), train, test, utils.cv_folds(train))
+
+
+def save_cl_checkpoint(root, subj, hemi, roi, seed):
+    """A seeded untrained CL checkpoint with the meta the training script writes."""
+    voxels = utils.roi_voxel_indices(root, subj, hemi, roi)
+    model = models.CLModel(len(voxels), weights="none", seed=seed)
+    meta = {"kind": "cl", "roi": roi, "hemisphere": hemi, "epochs": 1, "lr": 1e-4, "batch_size": 64,
+            "seed": seed, "weights": "none", "image_size": 64, "max_voxels": None,
+            "code_version": utils.CODE_VERSION, "subject": subj, "n_voxels": len(voxels),
+            "voxels": voxels.tolist(), "h": model.h, "z": model.z, "temperature": 0.3}
+    path = utils.cl_model_path(root, subj, hemi, roi, 1)
+    models.save_checkpoint(model, meta, path)
+    return model
+
+
+def test_untuned_results_summaries_absent_rois_and_resume(root, capsys):
+    argv = ["--root", str(root), "--rois", "V1v", "mTL-words", "EBA"] + FAST
+    written = fem.main(argv)
+    out = capsys.readouterr().out
+    # lh mTL-words has 10 voxels in Subj1: skipped with a line and recorded as absent.
+    assert written["mTL-words"] is None
+    assert "skip mTL-words: 10 voxels in lh of Subj1 (fewer than MIN_VOXELS=20)" in out
+    absent = json.loads((utils.encoding_dir(root, 1) / "absent_rois.json").read_text())
+    assert absent == {"lh": {"mTL-words": 10}}
+    assert not fem.result_path(root, 1, "untuned", "lh", "mTL-words").exists()
+
+    results = {}
+    for roi in ("V1v", "EBA"):
+        assert written[roi] == fem.result_path(root, 1, "untuned", "lh", roi)
+        r = results[roi] = fem.load_result(written[roi])
+        ref = untuned_reference(root, 1, "lh", roi)
+        assert r["best_layer"] == ref["best_layer"]
+        assert r["layer_scores"] == pytest.approx(ref["layer_scores"], abs=1e-10)
+        np.testing.assert_allclose(r["cv_r"], ref["cv_r"], atol=1e-10)
+        np.testing.assert_allclose(r["test_r"], ref["test_r"], atol=1e-10)
+        np.testing.assert_array_equal(r["alphas"], ref["alphas"])
+        np.testing.assert_array_equal(r["voxels"], utils.roi_voxel_indices(root, 1, "lh", roi))
+        assert r["layer_scores"][r["best_layer"]] == max(r["layer_scores"].values())
+
+    # Summaries match the per-ROI results.
+    scores = pd.read_csv(utils.encoding_dir(root, 1) / "untuned" / "layer_scores.csv")
+    assert list(scores["roi"]) == ["V1v", "EBA"]
+    for _, row in scores.iterrows():
+        r = results[row["roi"]]
+        assert row["best_layer"] == r["best_layer"]
+        np.testing.assert_allclose(row[utils.LAYERS].to_numpy(float), [r["layer_scores"][k] for k in utils.LAYERS])
+    methods = pd.read_csv(utils.encoding_dir(root, 1) / "methods.csv")
+    for _, row in methods.iterrows():
+        r = results[row["roi"]]
+        assert row["mean_cv_r"] == pytest.approx(r["cv_r"].mean()) and row["mean_test_r"] == pytest.approx(r["test_r"].mean())
+        assert row["n_voxels"] == len(r["voxels"]) and np.isnan(row["pct_beats_untuned"])
+
+    # Rerun: finished ROIs are skipped untouched; --overwrite refits them.
+    before = written["EBA"].stat().st_mtime_ns
+    again = fem.main(argv)
+    assert again["EBA"] is None and f"skip EBA: {written['EBA']} exists" in capsys.readouterr().out
+    assert written["EBA"].stat().st_mtime_ns == before
+    fem.main(["--root", str(root), "--rois", "EBA", "--overwrite"] + FAST)
+    assert written["EBA"].stat().st_mtime_ns != before
+    np.testing.assert_array_equal(fem.load_result(written["EBA"])["test_r"], results["EBA"]["test_r"])
+
+
+def test_figures_show_the_saved_results(root):
+    fem.main(["--root", str(root), "--rois", "V1v", "EBA"] + FAST)
+    results = fem.collect_results(root, 1)
+    table = pd.read_csv(utils.encoding_dir(root, 1) / "untuned" / "layer_scores.csv")
+    fig = fem.plot_layer_scores(table, root / "heat.png")
+    image = fig.axes[0].images[0].get_array()
+    for i, roi in enumerate(table["roi"]):
+        r = results["untuned", "lh", roi]
+        np.testing.assert_allclose(image[i], [r["layer_scores"][k] for k in utils.LAYERS])
+        box, = [p for p in fig.axes[0].patches if p.get_y() == i - 0.5]
+        assert box.get_x() + 0.5 == utils.LAYERS.index(r["best_layer"])
+    assert (root / "heat.pdf").stat().st_size > 0
+
+    methods = pd.read_csv(utils.encoding_dir(root, 1) / "methods.csv")
+    fig = fem.plot_methods(methods, root / "bars.png")
+    heights = [p.get_height() for p in fig.axes[0].patches]
+    assert heights == pytest.approx([results["untuned", "lh", roi]["test_r"].mean() for roi in ("V1v", "EBA")])
+
+
+def test_missing_checkpoint_names_file_and_script(root, capsys):
+    err = run_error(["--root", str(root), "--method", "cl-tuned", "--rois", "EBA", "--cl-epochs", "3"] + FAST, capsys)
+    assert str(utils.cl_model_path(root, 1, "lh", "EBA", 3)) in err
+    assert "cl_model_training.py --subj 1 --hemisphere lh --roi EBA --epochs 3" in err
+    err = run_error(["--root", str(root), "--method", "pooled-avg", "--rois", "EBA"] + FAST, capsys)
+    assert str(utils.pooled_model_path(root, "lh", "EBA", 30, "avg")) in err and "pooled_model_training.py" in err
+    assert not (utils.encoding_dir(root, 1) / "cl-tuned").exists()
+
+
+def test_untuned_layer_protocol_needs_and_reuses_untuned_choice(root, capsys):
+    save_cl_checkpoint(root, 1, "lh", "EBA", seed=1)
+    argv = ["--root", str(root), "--method", "cl-tuned", "--cl-epochs", "1", "--rois", "EBA",
+            "--protocol", "untuned-layer"] + FAST
+    err = run_error(argv, capsys)
+    assert str(fem.result_path(root, 1, "untuned", "lh", "EBA")) in err and "--method untuned" in err
+    fem.main(["--root", str(root), "--rois", "EBA"] + FAST)
+    written = fem.main(argv)
+    assert written["EBA"] == fem.result_path(root, 1, "cl-tuned_untuned-layer", "lh", "EBA")
+    base, r = fem.load_result(fem.result_path(root, 1, "untuned", "lh", "EBA")), fem.load_result(written["EBA"])
+    assert r["best_layer"] == base["best_layer"] and r["protocol"] == "untuned-layer"
+    np.testing.assert_array_equal(r["alpha_index"], base["alpha_index"])
+
+
+def test_transfer_uses_the_model_subjects_checkpoint_and_fills_the_matrix(root, capsys):
+    model = save_cl_checkpoint(root, 2, "lh", "EBA", seed=1)
+    save_cl_checkpoint(root, 1, "lh", "EBA", seed=2)
+    common = ["--root", str(root), "--rois", "EBA"] + FAST
+    cl = ["--method", "cl-tuned", "--cl-epochs", "1"]
+    fem.main(common)
+    transfer = fem.main(common + cl + ["--model-subj", "2"])["EBA"]
+    own = fem.main(common + cl)["EBA"]
+    assert transfer == fem.result_path(root, 1, "cl-tuned_from-Subj2", "lh", "EBA")
+    r = fem.load_result(transfer)
+    assert r["model_subj"] == 2 and r["subject"] == 1
+    assert r["checkpoint"] == str(utils.cl_model_path(root, 2, "lh", "EBA", 1))
+    # Subject 2's trunk applied to subject 1's images and fMRI.
+    ref = untuned_reference(root, 1, "lh", "EBA", alexnet=model.alexnet.eval())
+    np.testing.assert_allclose(r["test_r"], ref["test_r"], atol=1e-10)
+    untuned = fem.load_result(fem.result_path(root, 1, "untuned", "lh", "EBA"))
+    assert not np.allclose(r["test_r"], untuned["test_r"])
+
+    methods = pd.read_csv(utils.encoding_dir(root, 1) / "methods.csv").set_index("tag")
+    assert set(methods.index) == {"untuned", "cl-tuned", "cl-tuned_from-Subj2"}
+    assert methods.loc["cl-tuned_from-Subj2", "pct_beats_untuned"] == pytest.approx(
+        100 * np.mean(r["test_r"] > untuned["test_r"]))
+    assert (utils.encoding_dir(root, 1) / "scatter_cl-tuned_from-Subj2_vs_untuned_lh.pdf").is_file()
+    fig = fem.plot_scatter(untuned["test_r"], r["test_r"], "cl-tuned", root / "scatter.png")
+    np.testing.assert_allclose(fig.axes[0].collections[0].get_offsets(), np.column_stack([untuned["test_r"], r["test_r"]]))
+    assert f"{methods.loc['cl-tuned_from-Subj2', 'pct_beats_untuned']:.1f}%" in fig.axes[0].get_title()
+
+    long, mean_r, frac = fem.main(["--root", str(root), "--method", "cl-tuned", "--rois", "EBA", "V1v",
+                                   "--transfer-matrix"])
+    own_r = fem.load_result(own)
+    assert mean_r.loc[2, 1] == pytest.approx(r["test_r"].mean())
+    assert mean_r.loc[1, 1] == pytest.approx(own_r["test_r"].mean())
+    assert frac.loc[2, 1] == pytest.approx(np.mean(r["test_r"] > untuned["test_r"]))
+    assert list(mean_r.index) == [1, 2] and list(mean_r.columns) == [1] and not mean_r.isna().any().any()
+    saved = pd.read_csv(root / "encoding_results" / "transfer_cl-tuned_lh_mean_r.csv", index_col=0)
+    np.testing.assert_allclose(saved.to_numpy(), mean_r.to_numpy())
+    assert len(long) == 2 and (root / "encoding_results" / "transfer_cl-tuned_lh.png").is_file()
+    err = run_error(["--root", str(root), "--method", "untuned", "--transfer-matrix"], capsys)
+    assert "--method cl-tuned or reg-tuned" in err
+
+
+def test_constant_voxel_gets_r_zero_and_a_warning(synthetic_root, tmp_path, capsys):
+    for name in ("training_images", "roi_masks"):
+        os.symlink(synthetic_root / name, tmp_path / name)
+    shutil.copytree(synthetic_root / "training_fmri", tmp_path / "training_fmri")
+    voxels = utils.roi_voxel_indices(tmp_path, 1, "lh", "EBA")
+    path = utils.fmri_path(tmp_path, 1, "lh")
+    fmri = np.load(path)
+    fmri[:, voxels[[3, 7]]] = 1.5
+    np.save(path, fmri)
+    written = fem.main(["--root", str(tmp_path), "--rois", "EBA"] + FAST)
+    assert "warning: EBA: 2 constant voxel(s) on the training split; their r is set to 0" in capsys.readouterr().out
+    r = fem.load_result(written["EBA"])
+    assert r["n_constant"] == 2
+    assert (r["cv_r"][[3, 7]] == 0).all() and (r["test_r"][[3, 7]] == 0).all()
+    assert np.isfinite(r["test_r"]).all() and np.count_nonzero(r["test_r"]) == len(voxels) - 2
