@@ -531,26 +531,40 @@ def mi_task(root, method, subj, hemisphere, rois, epochs, device="cpu", batch_si
     return summary
 
 
+def best_encoding_layer(root, method, subj, hemisphere, roi):
+    """The best layer fit_encoding_models.py chose for a method on its own subject and ROI."""
+    path = utils.encoding_dir(root, subj) / method / f"{utils.hemi_code(hemisphere)}_{roi}.json"
+    fix = f"run fit_encoding_models.py --method {method} --subj {int(subj)} first"
+    layer = json.loads(utils.require_file(path, fix).read_text()).get("best_layer")
+    if layer not in utils.LAYERS:
+        raise utils.UserError(f"{path} records no best layer (the ROI was absent or too small): choose --embedding-layer")
+    return layer
+
+
 def save_embeddings(root, method, subj, hemisphere, rois, epochs, layer="", weights="imagenet", device="cpu",
                     image_size=224, batch_size=256, seed=0, overwrite=False):
     """Embeddings of all of a subject's images, one float32 (n_images, d) .npy per model.
 
     ``layer`` '' takes the model's own output (CL: the image embedding; regression: the
-    predicted voxel responses; untuned: the 1000 fc8 logits), or one of utils.LAYERS.
+    predicted voxel responses; untuned: the 1000 fc8 logits), 'best' the layer that
+    fit_encoding_models.py chose for that model and ROI, or one of utils.LAYERS.
     Files: results/embeddings/<model>_<layer or 'output'>.npy; the untuned model is
     'subjX_untuned'. Returns the paths written or found.
     """
     if method not in ("untuned", "cl-tuned", "reg-tuned"):
         raise utils.UserError(f"save-embeddings takes --method untuned, cl-tuned or reg-tuned, not {method!r}")
-    if layer and layer not in utils.LAYERS:
-        raise utils.UserError(f"unknown layer {layer!r}: use '' (the model output) or one of {', '.join(utils.LAYERS)}")
+    if layer and layer != "best" and layer not in utils.LAYERS:
+        raise utils.UserError(f"unknown layer {layer!r}: use '' (the model output), 'best' or one of {', '.join(utils.LAYERS)}")
+    if layer == "best" and method == "untuned":
+        raise utils.UserError("--embedding-layer best needs an ROI's encoding result: use it with cl-tuned or reg-tuned")
+    todo = [None] if method == "untuned" else select_rois(root, method, subj, hemisphere, rois, epochs)
+    layers = [best_encoding_layer(root, method, subj, hemisphere, roi) if layer == "best" else layer for roi in todo]
     images = utils.subject_images(root, subj, image_size)
     folder = utils.results_dir(root) / "embeddings"
-    todo = [None] if method == "untuned" else select_rois(root, method, subj, hemisphere, rois, epochs)
     paths = []
-    for roi in tqdm(todo, desc="embeddings"):
+    for roi, roi_layer in zip(tqdm(todo, desc="embeddings"), layers):
         name = f"subj{int(subj)}_untuned" if roi is None else model_name(method, subj, hemisphere, roi, epochs)
-        path = folder / f"{name}_{layer or 'output'}.npy"
+        path = folder / f"{name}_{roi_layer or 'output'}.npy"
         paths.append(path)
         if path.is_file() and not overwrite:
             continue
@@ -559,8 +573,8 @@ def save_embeddings(root, method, subj, hemisphere, rois, epochs, layer="", weig
         else:
             model, _ = _load_tuned(root, method, subj, hemisphere, roi, epochs, device)
             alexnet = model.alexnet
-        if layer:
-            emb = utils.extract_features(alexnet, images, batch_size, device, layers=[layer])[layer]
+        if roi_layer:
+            emb = utils.extract_features(alexnet, images, batch_size, device, layers=[roi_layer])[roi_layer]
         else:
             model = model.to(device).eval()
             forward = model.embed_images if method == "cl-tuned" else model

@@ -393,6 +393,13 @@ def test_fmri_side_outputs(pipeline_root):
     with torch.no_grad():
         np.testing.assert_allclose(emb[-20:], model(utils.normalize_images(np.array(images[-20:]))).numpy(), atol=1e-5)
     assert emb.shape == (len(images), utils.roi_voxel_count(root, 1, "lh", rois[0]))
+    # 'best' reads the layer fit_encoding_models.py chose for this model and ROI.
+    utils.atomic_json_dump({"best_layer": "features.9"}, utils.encoding_dir(root, 1) / "cl-tuned" / f"rh_{rois[1]}.json")
+    run(["--type", "save-embeddings", "--hemispheres", "right", "--rois", rois[1], "--embedding-layer", "best", *BASE], root)
+    emb = np.load(utils.results_dir(root) / "embeddings" / f"subj1_rh_{rois[1]}_cl-tuned_e1_features.9.npy")
+    model, _ = models.load_checkpoint(utils.cl_model_path(root, 1, "rh", rois[1], 1))
+    ref = utils.extract_features(model.alexnet, images, layers=["features.9"], indices=np.arange(10))["features.9"]
+    np.testing.assert_allclose(emb[:10], ref, atol=1e-5)
     run(["--type", "save-embeddings", "--method", "untuned", "--embedding-layer", "features.5", *BASE], root)
     emb = np.load(utils.results_dir(root) / "embeddings" / "subj1_untuned_features.5.npy")
     assert emb.shape == (len(images), utils.layer_dims(64)["features.5"])
@@ -412,6 +419,8 @@ def test_fmri_side_outputs(pipeline_root):
     (["--type", "salience-maps", "--rois", "V1v", "V2v", *BASE], "one subject and one ROI"),
     (["--type", "save-embeddings", "--embedding-layer", "conv9", *BASE], "unknown layer 'conv9'"),
     (["--type", "random-rois-list", "--n-random-rois", "1000"], "ask for fewer"),
+    (["--type", "save-embeddings", "--embedding-layer", "best", "--hemispheres", "left", *BASE],
+     "run fit_encoding_models.py --method cl-tuned --subj 1 first"),
 ])
 def test_bad_input_is_one_line_and_exit_2(pipeline_root, capsys, argv, message):
     before = sorted(p for p in pipeline_root.rglob("*") if p.is_file())
