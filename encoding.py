@@ -269,10 +269,6 @@ def encode_roi(layers, fmri, train, test, folds, alphas=ALPHAS, n_components=N_C
     }
 
 
-# The name fit_encoding_models_nod.py calls it by.
-fit_roi = encode_roi
-
-
 def as_layer_features(layers, device="cpu"):
     """dict layer -> LayerFeatures; arrays or tensors (n, d) are moved to ``device`` and wrapped."""
     return {name: f if isinstance(f, LayerFeatures) else LayerFeatures(torch.as_tensor(f, device=device))
