@@ -14,10 +14,12 @@ ALPHAS = np.logspace(-1, 7, 9)
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    """One torch thread: the small eigendecompositions here slow down many-fold on a busy shared CPU."""
+    """One torch and BLAS thread: the small decompositions here slow down many-fold on a busy shared CPU."""
+    from threadpoolctl import threadpool_limits
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with threadpool_limits(1):
+        yield
     torch.set_num_threads(threads)
 
 
