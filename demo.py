@@ -105,13 +105,18 @@ def run_notebook(root, dataset):
 
 
 def copy_figures(root, output):
-    """Copy every .png and .pdf under ROOT's result folders to ``output`` (flat); returns the copies."""
+    """Copy every .png and .pdf under ROOT's result folders to ``output``; returns the copies.
+
+    The copy's name is the path below the figure or subject folder with '_' for '/', so
+    results/figures/x.png -> x.png and encoding_results/Subj1/cl-tuned/y.png -> cl-tuned_y.png.
+    """
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     copies = []
     for folder in (utils.results_dir(root), Path(root) / "encoding_results"):
         for path in sorted(p for p in folder.rglob("*") if p.suffix in (".png", ".pdf")):
-            copies.append(Path(shutil.copy2(path, output / path.name)))
+            name = "_".join(path.relative_to(folder).parts[1:])
+            copies.append(Path(shutil.copy2(path, output / name)))
     return copies
 
 

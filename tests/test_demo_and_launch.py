@@ -109,3 +109,53 @@ def test_launch_without_submitit_says_how_to_install(root, capsys, monkeypatch):
     err = run_error(launch.main, ["--root", str(root), "--cluster", "debug", "--rois", "V1v"], capsys)
     assert "pip install submitit" in err
     assert not (root / "cl_models").exists()
+
+
+# --- demo.py ---------------------------------------------------------------------------
+
+def test_demo_tiny_run_reports_what_it_saved(tmp_path, capsys):
+    import json
+
+    import demo
+    import fit_encoding_models as fem
+    import results_utils as ru
+    root, output = tmp_path / "demo_data", tmp_path / "demo_output"
+    argv = ["--root", str(root), "--output", str(output), "--images", "120", "--rois", "V1v", "--epochs", "1",
+            "--classes", "3", "--class-images", "12", "--device", "cpu"]
+    table = demo.main(argv)
+    out = capsys.readouterr().out
+    # No ImageNet file in the test's torch cache: seeded random weights, said so.
+    assert "notice: no ImageNet AlexNet weights" in out and "weights none" in out
+    # Every number of the summary is the saved result.
+    test_r = {m: fem.load_result(fem.result_path(root, 1, m, "lh", "V1v"))["test_r"] for m in demo.METHODS}
+    assert len(test_r["untuned"]) == utils.roi_voxel_count(root, 1, "lh", "V1v") == table.loc["V1v", "voxels"]
+    for method, column in demo.METHODS.items():
+        assert table.loc["V1v", column] == pytest.approx(test_r[method].mean(), abs=1e-12)
+    improved = 100 * (test_r["cl-tuned"] > test_r["untuned"]).mean()
+    assert table.loc["V1v", "CL > untuned %"] == pytest.approx(improved)
+    mi = json.loads((utils.results_dir(root) / "mi_bounds" / "subj1_lh_cl-tuned_e1.json").read_text())
+    bound = mi["rois"]["V1v"]["1"]
+    assert table.loc["V1v", "MI CL bits"] == bound["tuned"]["scaled_bits"]
+    assert table.loc["V1v", "MI untuned bits"] == bound["untuned"]["scaled_bits"]
+    row = next(line.split() for line in out.splitlines() if line.startswith("V1v "))
+    assert row[2:5] == [f"{test_r[m].mean():.3f}" for m in ("untuned", "cl-tuned", "reg-tuned")]
+    assert row[-2] == f"{bound['tuned']['scaled_bits']:.3f}"
+    verdict = "beats" if test_r["cl-tuned"].mean() > test_r["untuned"].mean() else "does not beat"
+    assert f"V1v (planted pRFs): CL {verdict} untuned, mean test r {test_r['cl-tuned'].mean():.3f}" in out
+    # The probes saw the synthetic ImageFolder: 3 classes, the 15% split of 36 images.
+    names, probs, labels, _ = ru.load_predictions(root, "caltech256")
+    samples, classes = ru.dataset_samples(root, "caltech256")
+    test = utils.train_test_split(len(samples))[1]
+    assert len(classes) == 3 and probs.shape == (4, 6, 3) and labels.tolist() == [samples[i][1] for i in test]
+    assert {"untuned", "subj1_lh_V1v_cl-tuned_e1", "subj1_lh_V1v_reg-tuned_e1", "lh_V1v_pooled-avg_e1"} == set(names)
+    # Every figure written under the results folders is in OUTPUT, the notebook's landscape included.
+    written = [p for d in (utils.results_dir(root), root / "encoding_results") for p in d.rglob("*")
+               if p.suffix in (".png", ".pdf")]
+    copies = {p.name: p.read_bytes() for p in output.iterdir()}
+    assert len(copies) == len(written) and sorted(copies.values()) == sorted(p.read_bytes() for p in written)
+    assert {"landscape_caltech256_inpca.png", "cl-tuned_layer_scores_lh.png", "untuned_layer_scores_lh.png"} <= set(copies)
+    # A rerun trains and fits nothing again, and reports the same table.
+    stamps = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.suffix in (".pt", ".npz")}
+    again = demo.main(argv + ["--notebook", "false"])
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert again.equals(table)
