@@ -185,22 +185,3 @@ def test_cli_bad_input(tmp_path, capsys, args, message):
     err = err[err.rindex("error: "):]
     assert err.count("\n") == 1 and message in err
     assert not root.exists()
-
-
-def test_demo_writes_a_dataset_and_its_mappings(tmp_path, capsys):
-    import joblib
-
-    import demo
-    root = tmp_path / "demo"
-    demo.main(["--demo-root", str(root), "--images", "30", "--image-size", "16", "--snr", "4"])
-    out = capsys.readouterr().out
-    for subj in (1, 2):
-        for hemi in utils.HEMISPHERES:
-            mapping = joblib.load(utils.voxel_roi_mapping_path(root, subj, hemi))
-            assert sum("V1v" in rois for rois in mapping) == utils.roi_voxel_count(root, subj, hemi, "V1v")
-            truth = synthetic_data.load_truth(root, subj, hemi)
-            prf = truth["kind"] == synthetic_data.KIND_PRF
-            row = next(line for line in out.splitlines() if line.startswith(f"Subj{subj} ") and f" {hemi} " in line)
-            assert int(row.split()[4]) == prf.sum()
-            expected = np.mean(np.sqrt(truth["snr"][prf] / (1 + truth["snr"][prf])))
-            assert abs(float(row.split()[5]) - expected) < 0.05
