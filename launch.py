@@ -19,6 +19,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 import utils
 
 # --- Options ---
@@ -133,7 +135,6 @@ def main(argv=None):
     print(f"submitted {len(submitted)} {opts.SCRIPT} jobs to {opts.CLUSTER} (logs: {ex.folder})")
     if not opts.WAIT:
         return submitted
-    from tqdm.auto import tqdm
     failed = 0
     for (label, _), job in tqdm(list(zip(jobs, submitted)), desc="jobs"):
         error = job.exception()
