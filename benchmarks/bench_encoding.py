@@ -196,8 +196,12 @@ def main(argv=None):
         print(f"  {layer:13s} project {proj['layer_scores'][layer]:.4f} reference {ref['layer_scores'][layer]:.4f} "
               f"|diff| {d:.1e}")
     for n, t in results["scale-images"].items():
+        if n == "peak_rss_mib":
+            continue
         print(f"  {n:>5} images: features {t['features_s']:.1f} s, fit {t['fit_s']:.1f} s")
     for v, t in results["scale-voxels"].items():
+        if v == "peak_rss_mib":
+            continue
         print(f"  {v:>5} voxels: fit {t['fit_s']:.1f} s")
     return summary
 
