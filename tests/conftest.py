@@ -1,5 +1,6 @@
 """Shared fixtures. Tests import the scripts and helpers from the repository root."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -36,3 +37,28 @@ def shared_masks():
     if not SHARED_MASKS.is_dir():
         pytest.skip(f"real masks not found at {SHARED_MASKS}")
     return SHARED_MASKS
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory):
+    """One image-cache folder for every test root (caches are keyed by their image list)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def root(synthetic_root, shared_cache, tmp_path):
+    """A fresh project folder whose inputs link to the shared synthetic dataset (outputs stay here)."""
+    for name in ("training_images", "training_fmri", "roi_masks"):
+        os.symlink(synthetic_root / name, tmp_path / name)
+    os.symlink(shared_cache, tmp_path / "cache")
+    return tmp_path
+
+
+def run_error(main, argv, capsys):
+    """Run a script's main that must fail with a user error; returns its stderr."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and "Traceback" not in err
+    return err

@@ -8,26 +8,9 @@ import pytest
 import launch
 import models
 import utils
+from conftest import run_error
 
 FAST = "--weights none --device cpu --image-size 64 --batch-size 128 --epochs 1"
-
-
-@pytest.fixture
-def root(synthetic_root, tmp_path):
-    """A fresh project folder whose inputs link to the shared synthetic dataset (outputs stay here)."""
-    for name in ("training_images", "training_fmri", "roi_masks"):
-        os.symlink(synthetic_root / name, tmp_path / name)
-    return tmp_path
-
-
-def run_error(main, argv, capsys):
-    """Run a script that must fail with a user error; returns its stderr."""
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert "error: " in err and "Traceback" not in err
-    return err
 
 
 def check_cl_checkpoint(root, subj, roi):

@@ -13,6 +13,7 @@ import encoding
 import fit_encoding_models as fem
 import models
 import utils
+import conftest
 
 FAST = ["--weights", "none", "--device", "cpu", "--image-size", "64", "--batch-size", "128"]
 
@@ -28,27 +29,8 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def shared_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture
-def root(synthetic_root, shared_cache, tmp_path):
-    """A fresh project folder whose inputs link to the shared synthetic dataset (outputs stay here)."""
-    for name in ("training_images", "training_fmri", "roi_masks"):
-        os.symlink(synthetic_root / name, tmp_path / name)
-    os.symlink(shared_cache, tmp_path / "cache")
-    return tmp_path
-
-
 def run_error(argv, capsys):
-    with pytest.raises(SystemExit) as exc:
-        fem.main(argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert "error: " in err and "Traceback" not in err
-    return err
+    return conftest.run_error(fem.main, argv, capsys)
 
 
 def untuned_reference(root, subj, hemi, roi, alexnet=None):

@@ -1,7 +1,6 @@
 """The six training scripts on the synthetic dataset (64 px images, 1-3 epochs, CPU)."""
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -15,32 +14,9 @@ import pooled_model_training_all_rois
 import reg_model_training
 import reg_model_training_all_rois
 import utils
+from conftest import run_error
 
 FAST = ["--weights", "none", "--device", "cpu", "--image-size", "64", "--batch-size", "64", "--epochs", "1"]
-
-
-@pytest.fixture(scope="module")
-def shared_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture
-def root(synthetic_root, shared_cache, tmp_path):
-    """A fresh project folder whose inputs link to the shared synthetic dataset (outputs stay here)."""
-    for name in ("training_images", "training_fmri", "roi_masks"):
-        os.symlink(synthetic_root / name, tmp_path / name)
-    os.symlink(shared_cache, tmp_path / "cache")
-    return tmp_path
-
-
-def run_error(main, argv, capsys):
-    """Run a script that must fail with a user error; returns its stderr."""
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert "error: " in err and "Traceback" not in err
-    return err
 
 
 def test_reg_script_writes_checkpoint_meta_and_log(root):
