@@ -5,8 +5,6 @@ ones (Bhattacharyya distances, InPCA / MDS, the MI bound) take and return plain 
 """
 
 import json
-import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -249,19 +247,9 @@ def dataset_images(root, name, image_size=224, workers=None):
     samples, classes = dataset_samples(root, name)
     paths = [p for p, _ in samples]
     labels = np.array([y for _, y in samples], dtype=np.int64)
-    target = utils.cache_dir(root) / f"{name}_crop_s{image_size}_{utils._cache_key(paths, image_size)}.npy"
-    if not target.exists():
-        for old in utils.cache_dir(root).glob(f"{name}_crop_s{image_size}_*.npy"):
-            old.unlink()
-        with utils.atomic_path(target) as tmp:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), image_size, image_size, 3))
-            with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-                decoded = pool.map(lambda p: decode_cropped(p, image_size), paths)
-                for i, im in enumerate(tqdm(decoded, total=len(paths), desc=f"caching {name}", leave=False)):
-                    out[i] = im
-            out.flush()
-            del out
-    return np.load(target, mmap_mode="r"), labels, classes
+    images = utils.image_cache(paths, image_size, utils.cache_dir(root), name=f"{name}_crop",
+                               workers=workers, decode=decode_cropped)
+    return images, labels, classes
 
 
 # --- Classification probes -------------------------------------------------------------

@@ -317,7 +317,7 @@ def _cache_key(paths, image_size):
     return h.hexdigest()[:16]
 
 
-def image_cache(paths, image_size, cache_folder, name="images", workers=None):
+def image_cache(paths, image_size, cache_folder, name="images", workers=None, decode=decode_image):
     """Decode and resize every image once into a memory-mapped uint8 (n, S, S, 3) ``.npy``.
 
     The file name holds a key of the file names, sizes, mtimes and image size, so a
@@ -329,6 +329,8 @@ def image_cache(paths, image_size, cache_folder, name="images", workers=None):
     image_size : int, side of the square output.
     cache_folder : path-like, where the cache lives.
     name : str, prefix of the cache file.
+    decode : function (path, image_size) -> uint8 (S, S, 3); default the squash resize
+        of decode_image (the probes pass a resize + centre crop).
 
     Returns
     -------
@@ -346,7 +348,7 @@ def image_cache(paths, image_size, cache_folder, name="images", workers=None):
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
                                         shape=(len(paths), image_size, image_size, 3))
         with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-            decoded = pool.map(lambda p: decode_image(p, image_size), paths)
+            decoded = pool.map(lambda p: decode(p, image_size), paths)
             for i, im in enumerate(tqdm(decoded, total=len(paths), desc=f"caching {name}", leave=False)):
                 out[i] = im
         out.flush()
