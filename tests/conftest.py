@@ -62,3 +62,14 @@ def run_error(main, argv, capsys):
     err = capsys.readouterr().err
     assert "error: " in err and "Traceback" not in err
     return err
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch and BLAS thread: small decompositions slow down many-fold on a busy shared CPU."""
+    from threadpoolctl import threadpool_limits
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(threads)

@@ -12,16 +12,7 @@ import utils
 
 ALPHAS = np.logspace(-1, 7, 9)
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch and BLAS thread: the small decompositions here slow down many-fold on a busy shared CPU."""
-    from threadpoolctl import threadpool_limits
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference_cv(x, y, folds, alphas, n_components):

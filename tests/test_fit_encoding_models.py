@@ -7,7 +7,6 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 import encoding
 import fit_encoding_models as fem
@@ -18,15 +17,7 @@ import conftest
 FAST = ["--weights", "none", "--device", "cpu", "--image-size", "64", "--batch-size", "128"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch and BLAS thread: the small decompositions here slow down many-fold on a busy shared CPU."""
-    from threadpoolctl import threadpool_limits
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_error(argv, capsys):
