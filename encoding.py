@@ -20,6 +20,14 @@ Why it is fast and exact:
 - Features of all layers come from one forward pass (utils.iter_features).
 """
 
+import os
+import shutil
+import socket
+import tempfile
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -29,6 +37,9 @@ ALPHAS = np.logspace(-1, 7, 9)
 N_COMPONENTS = 1000
 # Eigenvalues below this fraction of the largest are numerically zero (rank n_train - 1).
 EIG_TOL = 1e-10
+# Feature columns per block when building a Gram matrix or spilling features to disk.
+GRAM_CHUNK = 4096
+SPILL_PREFIX = "features-spill"
 
 
 class LayerFeatures:
@@ -47,23 +58,32 @@ class LayerFeatures:
     """
 
     def __init__(self, features, keep_gram=None):
-        self.n, self.dims = features.shape
-        keep_gram = self.dims > self.n if keep_gram is None else keep_gram
-        if keep_gram:
-            # Column chunks keep the float64 copy small for wide layers (features.7: 64896 dims).
-            self.x = None
-            self.k = torch.zeros(self.n, self.n, dtype=torch.float64, device=features.device)
-            for c in range(0, self.dims, 4096):
-                f = features[:, c:c + 4096].to(torch.float64)
-                self.k.addmm_(f, f.T)
-        else:
-            self.x, self.k = features.to(torch.float64), None
+        n, dims = features.shape
+        chunks = (features[:, c:c + GRAM_CHUNK] for c in range(0, dims, GRAM_CHUNK))
+        self._fill(chunks, n, dims, features.device, keep_gram)
 
     @classmethod
-    def from_gram(cls, gram, dims):
+    def from_chunks(cls, chunks, n, dims, device="cpu", keep_gram=None):
+        """Build from an iterable of column blocks (n, c) that together hold the ``dims`` columns in order.
+
+        Only one block is held at a time besides the result, so the float32 features of a
+        wide layer never need to be in memory whole.
+        """
         obj = cls.__new__(cls)
-        obj.n, obj.dims, obj.x, obj.k = gram.shape[0], int(dims), None, gram.to(torch.float64)
+        obj._fill(chunks, n, dims, torch.device(device), keep_gram)
         return obj
+
+    def _fill(self, chunks, n, dims, device, keep_gram):
+        self.n, self.dims = int(n), int(dims)
+        keep_gram = self.dims > self.n if keep_gram is None else keep_gram
+        self.x = self.k = None
+        if keep_gram:
+            self.k = torch.zeros(self.n, self.n, dtype=torch.float64, device=device)
+            for block in chunks:
+                f = torch.as_tensor(block).to(device=device, dtype=torch.float64)
+                self.k.addmm_(f, f.T)
+        else:
+            self.x = torch.cat([torch.as_tensor(b).to(device=device, dtype=torch.float64) for b in chunks], 1)
 
     def gram(self, rows_a, rows_b):
         """Block (len(rows_a), len(rows_b)) of the Gram matrix."""
@@ -170,7 +190,36 @@ def choose_alphas(fold_mean_r, alphas):
     return index, fold_mean_r.gather(0, index[None]).squeeze(0)
 
 
-def cv_scores(layer, y, folds, alphas=ALPHAS, n_components=N_COMPONENTS, voxel_batch=4096):
+def validation_scores(layer, y, fit_rows, eval_rows, alphas=ALPHAS, n_components=N_COMPONENTS,
+                      voxel_batch=4096, timer=None):
+    """PCA + ridge fitted on ``fit_rows``; r of every voxel on ``eval_rows``, for every alpha.
+
+    Parameters
+    ----------
+    layer : LayerFeatures.
+    y : tensor (n, V) float64, fMRI of every image (only the given rows are read).
+    fit_rows, eval_rows : index arrays.
+    timer : StageTimer or None; times the 'pca' and 'ridge' stages.
+
+    Returns
+    -------
+    r : tensor (n_alphas, V).
+    """
+    dev = y.device
+    fit_rows = torch.as_tensor(fit_rows, device=dev)
+    eval_rows = torch.as_tensor(eval_rows, device=dev)
+    with _stage(timer, "pca"):
+        z_fit, z_eval, lam = fit_pca(layer, fit_rows, eval_rows, n_components)
+    out = torch.empty(len(alphas), y.shape[1], dtype=y.dtype, device=dev)
+    with _stage(timer, "ridge"):
+        for v0 in range(0, y.shape[1], voxel_batch):
+            cols = slice(v0, v0 + voxel_batch)
+            pred = ridge_predictions(z_fit, z_eval, lam, y[fit_rows, cols], alphas)
+            out[:, cols] = pearson_r(pred, y[eval_rows, cols])
+    return out
+
+
+def cv_scores(layer, y, folds, alphas=ALPHAS, n_components=N_COMPONENTS, voxel_batch=4096, timer=None):
     """Fold-mean validation r for every alpha and voxel of one layer.
 
     Parameters
@@ -183,106 +232,251 @@ def cv_scores(layer, y, folds, alphas=ALPHAS, n_components=N_COMPONENTS, voxel_b
     -------
     r : tensor (n_alphas, V), the mean over folds of the validation r.
     """
-    dev = y.device
-    total = torch.zeros(len(alphas), y.shape[1], dtype=y.dtype, device=dev)
-    for fit_rows, val_rows in folds:
-        fit_rows = torch.as_tensor(fit_rows, device=dev)
-        val_rows = torch.as_tensor(val_rows, device=dev)
-        z_fit, z_val, lam = fit_pca(layer, fit_rows, val_rows, n_components)
-        for v0 in range(0, y.shape[1], voxel_batch):
-            cols = slice(v0, v0 + voxel_batch)
-            pred = ridge_predictions(z_fit, z_val, lam, y[fit_rows, cols], alphas)
-            total[:, cols] += pearson_r(pred, y[val_rows, cols])
+    total = sum(validation_scores(layer, y, fit, val, alphas, n_components, voxel_batch, timer)
+                for fit, val in folds)
     return total / len(folds)
 
 
-def refit_and_test(layer, y, train, test, alpha_index, alphas=ALPHAS, n_components=N_COMPONENTS,
-                   voxel_batch=4096):
-    """Refit PCA + ridge on ``train`` with each voxel's alpha; r per voxel on ``test``.
+def constant_voxels(y, rows, voxel_batch=4096):
+    """Mask (V,) of the voxels that are constant over ``rows`` (their r is 0 by convention)."""
+    rows = torch.as_tensor(rows, device=y.device)
+    return torch.cat([y[rows, v0:v0 + voxel_batch].std(0) == 0 for v0 in range(0, y.shape[1], voxel_batch)])
+
+
+def encode_rois(layers, fmri, roi_columns, train, test, folds, alphas=ALPHAS, n_components=N_COMPONENTS,
+                fixed=None, device="cpu", voxel_batch=4096, timer=None):
+    """The whole encoding protocol for several ROIs whose features are the same, in one pass.
+
+    Each layer is scored once for all the voxels (columns of ``fmri``): the fold-mean
+    validation r and the test r (PCA + ridge refitted on all of ``train``) for every alpha.
+    Each ROI then chooses, from its own voxels only, every voxel's alpha (best fold-mean r)
+    and its best layer (best mean over its voxels), and takes the test r of that layer and
+    alpha. A voxel's numbers do not depend on the other voxels, so every ROI's result is the
+    one it gets when fitted alone; the PCA of each (layer, fold) and of the refit is computed
+    once for all ROIs instead of once per ROI.
+
+    Parameters
+    ----------
+    layers : dict layer name -> LayerFeatures or array (n, d) (all images, in fMRI row order),
+        or an iterable of (name, layer) pairs, consumed one layer at a time (with a generator
+        such as FeatureSpill.layers only one layer is in memory).
+    fmri : array (n, V), responses of every image for the union of the ROIs' voxels.
+    roi_columns : dict ROI -> int array of its columns in ``fmri`` (ROIs may share columns).
+    train, test : index arrays; folds : list of (fit, val) index arrays inside ``train``.
+    fixed : None, or dict ROI -> (layer, alpha_index (V_roi,)): reuse a layer and per-voxel
+        alphas chosen elsewhere (the 'untuned-layer' protocol); CV scores are still reported.
+    timer : StageTimer or None; times the 'pca' and 'ridge' stages.
 
     Returns
     -------
-    test_r : tensor (V,).
+    dict ROI -> dict with 'layer_scores' {layer: mean over voxels of the best fold-mean r},
+    'best_layer', 'alphas' (V_roi,) chosen alpha values, 'alpha_index' (V_roi,), 'cv_r' (V_roi,)
+    at the best layer, 'test_r' (V_roi,), 'n_constant' (voxels constant on train, r = 0).
+    Arrays numpy.
     """
-    dev = y.device
-    train = torch.as_tensor(train, device=dev)
-    test = torch.as_tensor(test, device=dev)
-    z_fit, z_test, lam = fit_pca(layer, train, test, n_components)
-    out = torch.empty(y.shape[1], dtype=y.dtype, device=dev)
-    for v0 in range(0, y.shape[1], voxel_batch):
-        cols = slice(v0, v0 + voxel_batch)
-        pred = ridge_predictions(z_fit, z_test, lam, y[train, cols], alphas)
-        pick = alpha_index[cols]
-        pred = pred.gather(0, pick[None, None, :].expand(1, pred.shape[1], -1)).squeeze(0)
-        out[cols] = pearson_r(pred, y[test, cols])
+    device = torch.device(device)
+    y = torch.as_tensor(np.asarray(fmri), dtype=torch.float64, device=device)
+    alphas = np.asarray(alphas, dtype=np.float64)
+    fixed = fixed or {}
+    cv, tested = {}, {}
+    for name, layer in (layers.items() if isinstance(layers, dict) else layers):
+        layer = as_layer_features(layer, device)
+        cv[name] = cv_scores(layer, y, folds, alphas, n_components, voxel_batch, timer)
+        tested[name] = validation_scores(layer, y, train, test, alphas, n_components, voxel_batch, timer)
+        del layer  # a generator builds the next layer only after this one is freed
+    constant = constant_voxels(y, train, voxel_batch)
+    out = {}
+    for roi, cols in roi_columns.items():
+        cols = torch.as_tensor(np.asarray(cols), device=device)
+        choice = {name: choose_alphas(r[:, cols], alphas) for name, r in cv.items()}
+        scores = {name: float(best_r.mean()) for name, (_, best_r) in choice.items()}
+        best, index = max(scores, key=scores.get), None
+        if roi in fixed:
+            best, index = fixed[roi][0], torch.as_tensor(np.asarray(fixed[roi][1]), device=device)
+        index = choice[best][0] if index is None else index
+        pick = index[None]
+        out[roi] = {
+            "layer_scores": scores, "best_layer": best,
+            "alpha_index": index.cpu().numpy(), "alphas": alphas[index.cpu().numpy()],
+            "cv_r": cv[best][:, cols].gather(0, pick).squeeze(0).cpu().numpy(),
+            "test_r": tested[best][:, cols].gather(0, pick).squeeze(0).cpu().numpy(),
+            "n_constant": int(constant[cols].sum()),
+        }
     return out
-
-
-def constant_voxels(y, rows):
-    """Number of voxels that are constant over ``rows`` (their r is 0 by convention)."""
-    return int((y[torch.as_tensor(rows, device=y.device)].std(0) == 0).sum())
 
 
 def encode_roi(layers, fmri, train, test, folds, alphas=ALPHAS, n_components=N_COMPONENTS,
                fixed_layer=None, fixed_alpha_index=None, device="cpu", voxel_batch=4096):
-    """The whole encoding protocol for one ROI.
+    """The whole encoding protocol for one ROI: encode_rois with all of ``fmri``'s columns.
 
     Independent of the dataset: NSD (fit_encoding_models.py) and NOD (fit_encoding_models_nod.py)
-    both call it with their own rows, folds and features.
+    both use it with their own rows, folds and features.
 
     Parameters
     ----------
-    layers : dict layer name -> LayerFeatures, or -> array (n, d) as from utils.extract_features
-        (all images, in fMRI row order); arrays are wrapped by as_layer_features.
+    layers, train, test, folds, alphas, n_components : as encode_rois.
     fmri : array (n, V), responses of every image.
-    train, test : index arrays; folds : list of (fit, val) index arrays inside ``train``.
     fixed_layer, fixed_alpha_index : reuse a layer and per-voxel alphas chosen elsewhere (the
         'untuned-layer' protocol); the CV scores are still computed and reported.
 
     Returns
     -------
-    dict with 'layer_scores' {layer: mean over voxels of the best fold-mean r},
-    'best_layer', 'alphas' (V,) chosen alpha values, 'alpha_index' (V,), 'cv_r' (V,) at the
-    best layer, 'test_r' (V,), 'n_constant' (voxels constant on train, r = 0). Arrays numpy.
+    dict, the result of encode_rois for this ROI.
     """
-    device = torch.device(device)
-    layers = as_layer_features(layers, device)
-    y = torch.as_tensor(np.asarray(fmri), dtype=torch.float64, device=device)
-    alphas = np.asarray(alphas, dtype=np.float64)
-    scores, choice = {}, {}
-    for name, layer in layers.items():
-        r = cv_scores(layer, y, folds, alphas, n_components, voxel_batch)
-        index, best_r = choose_alphas(r, alphas)
-        scores[name] = float(best_r.mean())
-        choice[name] = (index, best_r, r)
-    best = max(scores, key=scores.get) if fixed_layer is None else fixed_layer
-    index, best_r, all_r = choice[best]
-    if fixed_alpha_index is not None:
-        index = torch.as_tensor(np.asarray(fixed_alpha_index), device=device)
-        best_r = all_r.gather(0, index[None]).squeeze(0)
-    test_r = refit_and_test(layers[best], y, train, test, index, alphas, n_components, voxel_batch)
-    return {
-        "layer_scores": scores, "best_layer": best,
-        "alpha_index": index.cpu().numpy(), "alphas": alphas[index.cpu().numpy()],
-        "cv_r": best_r.cpu().numpy(), "test_r": test_r.cpu().numpy(),
-        "n_constant": constant_voxels(y, train),
-    }
+    columns = np.arange(np.shape(fmri)[1])
+    fixed = None if fixed_layer is None else {"roi": (fixed_layer, fixed_alpha_index)}
+    return encode_rois(layers, fmri, {"roi": columns}, train, test, folds, alphas, n_components,
+                       fixed, device, voxel_batch)["roi"]
 
 
-def as_layer_features(layers, device="cpu"):
-    """dict layer -> LayerFeatures; arrays or tensors (n, d) are moved to ``device`` and wrapped."""
-    return {name: f if isinstance(f, LayerFeatures) else LayerFeatures(torch.as_tensor(f, device=device))
-            for name, f in layers.items()}
+def as_layer_features(layer, device="cpu"):
+    """A LayerFeatures as it is, or an array or tensor (n, d) moved to ``device`` and wrapped."""
+    return layer if isinstance(layer, LayerFeatures) else LayerFeatures(torch.as_tensor(layer, device=device))
 
 
 def layer_features(alexnet, images, device="cpu", batch_size=128, layers=utils.LAYERS, keep_gram=None):
-    """One forward pass over all images; each layer as LayerFeatures on ``device``.
+    """One forward pass over all images; each layer as LayerFeatures on ``device``, all in memory.
 
-    Wide layers are turned into Gram matrices one at a time, so the peak memory is the
-    float32 features of all layers plus one Gram matrix.
+    For small data (tests, NOD runs); the float32 features of all layers are held at once.
+    FeatureSpill keeps one layer at a time for full-size subjects.
     """
     feats = utils.extract_features(alexnet, images, batch_size, device, layers)
     out = {}
     for name in layers:
         out[name] = LayerFeatures(torch.from_numpy(feats.pop(name)).to(device), keep_gram)
     return out
+
+
+class StageTimer:
+    """Wall-clock seconds spent in named stages; CUDA work is synchronised at each stage boundary.
+
+    Use as ``with timer("gram"): ...``; ``str(timer)`` is the one-line summary
+    'cache 1.2 s, forward 3.4 s, ...' in the order the stages first ran.
+    """
+
+    def __init__(self, device="cpu"):
+        self.seconds = {}
+        self._cuda = torch.device(device).type == "cuda"
+
+    @contextmanager
+    def __call__(self, stage):
+        if self._cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self._cuda:
+                torch.cuda.synchronize()
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+    def __str__(self):
+        return ", ".join(f"{stage} {s:.1f} s" for stage, s in self.seconds.items())
+
+
+def _stage(timer, stage):
+    return nullcontext() if timer is None else timer(stage)
+
+
+class FeatureSpill:
+    """Every layer's float32 features of all images, on disk in column blocks, read back one layer at a time.
+
+    At full size (9841 images at 224 px) the eight layers hold about 8 GB of float32
+    features; a wide layer's Gram matrix needs only one block of columns at a time, so the
+    features go to disk during the forward pass and each layer is rebuilt from its blocks
+    when the engine reaches it (peak: one Gram matrix plus one block, instead of everything).
+
+    Use as a context manager: entering runs the forward pass into a folder
+    ``<folder>/features-spill-<host>-<pid>-*``; leaving removes it. Folders of runs on this
+    host whose process is gone (killed) are removed on entry; those of live runs are kept.
+
+    Parameters
+    ----------
+    alexnet : torchvision AlexNet (or a tuned model's ``alexnet``).
+    images : uint8 array (n, S, S, 3), e.g. the image cache.
+    folder : path-like, where the spill folder is made (the project's cache folder).
+    device, batch_size, layers : as utils.iter_features.
+    timer : StageTimer or None; times the 'forward' stage here and 'gram' in layers().
+    """
+
+    def __init__(self, alexnet, images, folder, device="cpu", batch_size=128, layers=utils.LAYERS, timer=None):
+        self.alexnet, self.images, self.folder = alexnet, images, Path(folder)
+        self.device, self.batch_size, self.names, self.timer = device, batch_size, list(layers), timer
+        self.n, self.dims, self.path = len(images), {}, None
+
+    def __enter__(self):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_spills(self.folder)
+        host = socket.gethostname().replace("-", "_")
+        self.path = Path(tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}-{host}-{os.getpid()}-", dir=self.folder))
+        try:
+            with _stage(self.timer, "forward"):
+                self._write()
+        except BaseException:
+            shutil.rmtree(self.path, ignore_errors=True)
+            raise
+        self.alexnet = self.images = None  # the caller may free them: the features are on disk
+        return self
+
+    def __exit__(self, *exc):
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def _block_path(self, name, j):
+        return self.path / f"{name}.{j}.f32"
+
+    def _write(self):
+        files = {}
+        try:
+            for _, feats in utils.iter_features(self.alexnet, self.images, self.batch_size, self.device, self.names):
+                for name, v in feats.items():
+                    v = v.cpu().numpy()
+                    if name not in files:
+                        self.dims[name] = v.shape[1]
+                        files[name] = [open(self._block_path(name, j), "wb")
+                                       for j in range(-(-v.shape[1] // GRAM_CHUNK))]
+                    for j, f in enumerate(files[name]):
+                        f.write(np.ascontiguousarray(v[:, j * GRAM_CHUNK:(j + 1) * GRAM_CHUNK]).tobytes())
+        except OSError as e:
+            gb = self.n * sum(utils.layer_dims(self.images.shape[1]).values()) * 4 / 2**30
+            raise utils.UserError(f"cannot write the features to {self.path} ({e.strerror or e}): "
+                                  f"this run needs about {gb:.1f} GB free there") from None
+        finally:
+            for f in (f for fs in files.values() for f in fs):
+                f.close()
+
+    def layers(self, device="cpu", keep_gram=None):
+        """Yield (layer name, LayerFeatures on ``device``), building each layer only when asked."""
+        for name in self.names:
+            dims = self.dims[name]
+            blocks = (torch.from_numpy(np.fromfile(self._block_path(name, j), dtype=np.float32)
+                                       .reshape(self.n, -1)) for j in range(-(-dims // GRAM_CHUNK)))
+            with _stage(self.timer, "gram"):
+                layer = LayerFeatures.from_chunks(blocks, self.n, dims, device, keep_gram)
+            yield name, layer
+            del layer
+
+
+def remove_stale_spills(folder):
+    """Remove the feature spill folders under ``folder`` left by killed runs on this host.
+
+    Returns
+    -------
+    removed : list of Path.
+    """
+    host = socket.gethostname().replace("-", "_")
+    removed = []
+    for path in Path(folder).glob(f"{SPILL_PREFIX}-{host}-*"):
+        try:
+            pid = int(path.name.split("-")[3])
+        except (IndexError, ValueError):
+            continue
+        try:
+            os.kill(pid, 0)
+            continue
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed

@@ -338,6 +338,23 @@ def run_transfer_matrix(opts):
 
 # --- Fitting ---------------------------------------------------------------------------
 
+def pending_rois(opts, root, subj, hemi, tag):
+    """The ROIs still to fit, as (roi, voxels, result path); absent and finished ones are skipped with a line."""
+    pending = []
+    for roi in opts.ROIS:
+        voxels = utils.roi_voxel_indices(root, subj, hemi, roi)
+        path = result_path(root, subj, tag, hemi, roi)
+        if len(voxels) < opts.MIN_VOXELS:
+            tqdm.write(f"skip {roi}: {len(voxels)} voxels in {hemi} of {utils.subj_dir(subj)} "
+                       f"(fewer than MIN_VOXELS={opts.MIN_VOXELS}); recorded as absent")
+            record_absent(root, subj, hemi, roi, len(voxels))
+        elif path.with_suffix(".json").is_file() and not opts.OVERWRITE:
+            tqdm.write(f"skip {roi}: {path} exists (use --overwrite to refit)")
+        else:
+            pending.append((roi, voxels, path))
+    return pending
+
+
 @utils.cli
 def main(argv=None):
     opts = utils.parse_options(sys.modules[__name__], argv)
@@ -348,59 +365,57 @@ def main(argv=None):
     model_subj = subj if opts.MODEL_SUBJ is None else int(opts.MODEL_SUBJ)
     tag = method_tag(method, subj, model_subj, opts.PROTOCOL)
     device = utils.resolve_device(opts.DEVICE)
-    images = utils.subject_images(root, subj, opts.IMAGE_SIZE)
-    train, test = utils.train_test_split(len(images))
+    timer = encoding.StageTimer(device)
+    with timer("cache"):
+        n_images = len(utils.subject_images(root, subj, opts.IMAGE_SIZE))
+    train, test = utils.train_test_split(n_images)
     folds = utils.cv_folds(train, opts.N_FOLDS)
-    untuned_layers = None
-    written = {}
-    for roi in tqdm(opts.ROIS, desc=f"{utils.subj_dir(subj)} {hemi} {tag}"):
-        voxels = utils.roi_voxel_indices(root, subj, hemi, roi)
-        path = result_path(root, subj, tag, hemi, roi)
-        written[roi] = None
-        if len(voxels) < opts.MIN_VOXELS:
-            tqdm.write(f"skip {roi}: {len(voxels)} voxels in {hemi} of {utils.subj_dir(subj)} "
-                       f"(fewer than MIN_VOXELS={opts.MIN_VOXELS}); recorded as absent")
-            record_absent(root, subj, hemi, roi, len(voxels))
-            continue
-        if path.with_suffix(".json").is_file() and not opts.OVERWRITE:
-            tqdm.write(f"skip {roi}: {path} exists (use --overwrite to refit)")
-            continue
+    pending = pending_rois(opts, root, subj, hemi, tag)
+    written = {roi: None for roi in opts.ROIS}
+    # The untuned network's features are the same for every ROI: one pass serves them all.
+    # A tuned network belongs to one ROI: one pass each.
+    passes = [pending] if method == "untuned" and pending else [[item] for item in pending]
+    epochs = method_epochs(opts, method)
+    for group in tqdm(passes, desc=f"{utils.subj_dir(subj)} {hemi} {tag}", disable=len(passes) < 2):
+        voxels = np.unique(np.concatenate([v for _, v, _ in group]))
         fmri = utils.load_fmri(root, subj, hemi, voxels)
-        utils.check_counts(len(images), fmri, str(utils.fmri_path(root, subj, hemi)))
-        fixed_layer = fixed_alphas = None
+        utils.check_counts(n_images, fmri, str(utils.fmri_path(root, subj, hemi)))
+        columns = {roi: np.searchsorted(voxels, v) for roi, v, _ in group}
+        fixed = None
         if opts.PROTOCOL == "untuned-layer" and method != "untuned":
-            fixed_layer, fixed_alphas = untuned_choice(root, subj, hemi, roi, voxels, opts.ALPHAS)
-        epochs, meta = method_epochs(opts, method), None
-        if method == "untuned":
-            # The untuned network is the same for every ROI: its features are extracted once.
-            if untuned_layers is None:
-                alexnet = utils.load_alexnet(opts.WEIGHTS, opts.SEED).to(device)
-                untuned_layers = encoding.layer_features(alexnet, images, device, opts.BATCH_SIZE)
-            layers = untuned_layers
-        else:
-            alexnet, meta = models.load_feature_alexnet(root, method, model_subj, hemi, roi, epochs,
-                                                        opts.WEIGHTS, device, opts.SEED)
-            layers = encoding.layer_features(alexnet, images, device, opts.BATCH_SIZE)
-        result = encoding.encode_roi(layers, fmri, train, test, folds, opts.ALPHAS, opts.N_COMPONENTS,
-                                     fixed_layer, fixed_alphas, device)
-        if result["n_constant"]:
-            tqdm.write(f"warning: {roi}: {result['n_constant']} constant voxel(s) on the training split; "
-                       "their r is set to 0")
-        result.update(
-            method=method, subject=subj, model_subj=model_subj if method in TRANSFER_METHODS else None,
-            hemisphere=hemi, roi=roi, protocol=opts.PROTOCOL, voxels=voxels, alpha_grid=list(map(float, opts.ALPHAS)),
-            n_components=opts.N_COMPONENTS, n_folds=opts.N_FOLDS, image_size=opts.IMAGE_SIZE, epochs=epochs,
-            weights=opts.WEIGHTS if meta is None else meta.get("weights"),
-            checkpoint=None if method == "untuned" else str(
-                utils.method_checkpoint_path(root, method, model_subj, hemi, roi, epochs)),
-            mean_cv_r=float(np.mean(result["cv_r"])), mean_test_r=float(np.mean(result["test_r"])),
-            code_version=utils.CODE_VERSION)
-        save_result(result, path)
-        record_absent(root, subj, hemi, roi, None)
-        written[roi] = path
-        tqdm.write(f"{roi}: best layer {result['best_layer']}, mean CV r {result['mean_cv_r']:.3f}, "
-                   f"mean test r {result['mean_test_r']:.3f} ({len(voxels)} voxels)")
-    write_summaries(root, subj)
+            fixed = {roi: untuned_choice(root, subj, hemi, roi, v, opts.ALPHAS) for roi, v, _ in group}
+        alexnet, meta = models.load_feature_alexnet(root, method, model_subj, hemi, group[0][0], epochs,
+                                                    opts.WEIGHTS, device, opts.SEED)
+        images = utils.subject_images(root, subj, opts.IMAGE_SIZE)
+        with encoding.FeatureSpill(alexnet, images, utils.cache_dir(root), device, opts.BATCH_SIZE,
+                                   timer=timer) as spill:
+            del images, alexnet  # the cache's pages and the network are not needed past the forward pass
+            results = encoding.encode_rois(spill.layers(device), fmri, columns, train, test, folds, opts.ALPHAS,
+                                           opts.N_COMPONENTS, fixed, device, timer=timer)
+        for roi, roi_voxels, path in group:
+            result = results[roi]
+            if result["n_constant"]:
+                tqdm.write(f"warning: {roi}: {result['n_constant']} constant voxel(s) on the training split; "
+                           "their r is set to 0")
+            result.update(
+                method=method, subject=subj, model_subj=model_subj if method in TRANSFER_METHODS else None,
+                hemisphere=hemi, roi=roi, protocol=opts.PROTOCOL, voxels=roi_voxels,
+                alpha_grid=list(map(float, opts.ALPHAS)), n_components=opts.N_COMPONENTS, n_folds=opts.N_FOLDS,
+                image_size=opts.IMAGE_SIZE, epochs=epochs,
+                weights=opts.WEIGHTS if meta is None else meta.get("weights"),
+                checkpoint=None if method == "untuned" else str(
+                    utils.method_checkpoint_path(root, method, model_subj, hemi, roi, epochs)),
+                mean_cv_r=float(np.mean(result["cv_r"])), mean_test_r=float(np.mean(result["test_r"])),
+                code_version=utils.CODE_VERSION)
+            with timer("write"):
+                save_result(result, path)
+                record_absent(root, subj, hemi, roi, None)
+            written[roi] = path
+            tqdm.write(f"{roi}: best layer {result['best_layer']}, mean CV r {result['mean_cv_r']:.3f}, "
+                       f"mean test r {result['mean_test_r']:.3f} ({len(roi_voxels)} voxels)")
+    with timer("write"):
+        write_summaries(root, subj)
+    print(f"stage times: {timer}")
     return written
 
 

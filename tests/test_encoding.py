@@ -1,5 +1,9 @@
 """The encoding engine against sklearn, scipy and himalaya; planted layers; the test split kept out."""
 
+import os
+import socket
+import subprocess
+
 import numpy as np
 import pytest
 import torch
@@ -65,7 +69,8 @@ def test_cv_and_test_r_match_sklearn_pca_ridge_and_scipy(n, d, n_voxels, n_compo
     np.testing.assert_allclose(r, reference_cv(x, y, folds, ALPHAS, n_components), atol=1e-4)
 
     index, best = encoding.choose_alphas(torch.from_numpy(r), ALPHAS)
-    test_r = encoding.refit_and_test(layer, yt, train, test, index, ALPHAS, n_components, voxel_batch=4).numpy()
+    all_test_r = encoding.validation_scores(layer, yt, train, test, ALPHAS, n_components, voxel_batch=4)
+    test_r = all_test_r.gather(0, index[None]).squeeze(0).numpy()
     expected = reference_test_r(x, y, train, test, ALPHAS[index.numpy()], n_components)
     np.testing.assert_allclose(test_r, expected, atol=1e-4)
 
@@ -189,3 +194,57 @@ def test_fixed_layer_and_alphas_are_used_for_the_refit(seeded_layers):
     np.testing.assert_allclose(res["test_r"], reference_test_r(x, fmri, train, test, ALPHAS[fixed], 1000), atol=1e-4)
     all_r = encoding.cv_scores(layers["classifier.6"], torch.from_numpy(fmri), folds).numpy()
     np.testing.assert_allclose(res["cv_r"], all_r[fixed, np.arange(5)])
+
+
+def test_feature_spill_rebuilds_each_layer_exactly_and_cleans_up(tmp_path):
+    alexnet = utils.load_alexnet("none", 0)
+    images = np.random.default_rng(0).integers(0, 256, (40, 64, 64, 3), dtype=np.uint8)
+    in_memory = encoding.layer_features(alexnet, images, batch_size=16)
+    timer = encoding.StageTimer()
+    with encoding.FeatureSpill(alexnet, images, tmp_path, batch_size=16, timer=timer) as spill:
+        assert spill.path.parent == tmp_path and spill.path.name.startswith(encoding.SPILL_PREFIX)
+        names = []
+        for name, layer in spill.layers():
+            names.append(name)
+            ref = in_memory[name]
+            assert (layer.k is None) == (ref.k is None) and layer.dims == ref.dims
+            got, want = (layer.k, ref.k) if ref.k is not None else (layer.x, ref.x)
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert names == utils.LAYERS
+    assert not spill.path.exists()
+    assert set(timer.seconds) == {"forward", "gram"}
+
+
+def test_stale_spills_of_dead_runs_are_removed_live_ones_kept(tmp_path):
+    host = socket.gethostname().replace("-", "_")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f"{encoding.SPILL_PREFIX}-{host}-{dead.pid}-abc"
+    live = tmp_path / f"{encoding.SPILL_PREFIX}-{host}-{os.getpid()}-def"
+    other_host = tmp_path / f"{encoding.SPILL_PREFIX}-otherhost-{dead.pid}-ghi"
+    for d in (stale, live, other_host):
+        d.mkdir()
+        (d / "features.2.0.f32").write_bytes(b"0" * 16)
+    assert encoding.remove_stale_spills(tmp_path) == [stale]
+    assert not stale.exists() and live.exists() and other_host.exists()
+
+
+def test_encode_rois_equals_encode_roi_per_roi_with_overlap():
+    x, y = make_data(120, 300, 9)
+    train, test = utils.train_test_split(120)
+    folds = utils.cv_folds(train)
+    layers = {"wide": x, "narrow": x[:, :40]}
+    columns = {"a": np.array([0, 1, 2, 3, 4]), "b": np.array([3, 4, 5, 6, 7, 8])}
+    fixed_alphas = np.arange(6) % len(ALPHAS)
+    together = encoding.encode_rois(layers, y, columns, train, test, folds, ALPHAS, 50,
+                                    fixed={"b": ("narrow", fixed_alphas)})
+    alone_a = encoding.encode_roi(layers, y[:, columns["a"]], train, test, folds, ALPHAS, 50)
+    alone_b = encoding.encode_roi(layers, y[:, columns["b"]], train, test, folds, ALPHAS, 50,
+                                  fixed_layer="narrow", fixed_alpha_index=fixed_alphas)
+    for got, want in ((together["a"], alone_a), (together["b"], alone_b)):
+        assert got["best_layer"] == want["best_layer"]
+        assert got["layer_scores"] == pytest.approx(want["layer_scores"], abs=1e-12)
+        np.testing.assert_array_equal(got["alpha_index"], want["alpha_index"])
+        for key in ("cv_r", "test_r"):
+            np.testing.assert_allclose(got[key], want[key], rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(together["b"]["alpha_index"], fixed_alphas)
