@@ -1,9 +1,10 @@
 """Run one job per (subject, hemisphere, ROI) of a script on SLURM (or here) through submitit.
 
 Scripts: cl_model_training.py, reg_model_training.py, pooled_model_training.py (one job
-per hemisphere and ROI, pooled over SUBJECTS) and fit_encoding_models.py (one ROI per
-job). Each job imports the script and calls its main() with --root, the job's subject,
-hemisphere and ROI, then ARGS and everything after `--`:
+per hemisphere and ROI, pooled over SUBJECTS) and fit_encoding_models.py (one ROI per job
+for the tuned methods; one job per subject and hemisphere for the untuned method, whose one
+pass serves all its ROIs). Each job imports the script and calls its main() with --root,
+the job's subject, hemisphere and ROI(s), then ARGS and everything after `--`:
 
     python launch.py --script cl_model_training.py --subjects 1 2 --rois V1v EBA -- --epochs 30
     python launch.py --script fit_encoding_models.py --args "--method cl-tuned" --cluster local
@@ -14,6 +15,7 @@ jobs, prints one status line per job, and exits non-zero if any failed. submitit
 needed only here: `pip install submitit`.
 """
 
+import argparse
 import importlib
 import shlex
 import sys
@@ -55,8 +57,14 @@ def run_job(script, argv):
     return str(result) if isinstance(result, Path) else result
 
 
-def job_list(root, script, subjects, hemispheres, rois):
+def job_list(root, script, subjects, hemispheres, rois, shared_pass=False):
     """The (label, argv) of every job, leaving out ROIs without voxels.
+
+    Parameters
+    ----------
+    shared_pass : bool, fit_encoding_models.py only: one job per subject and hemisphere
+        holding all its non-empty ROIs (the untuned method, whose features are the same for
+        every ROI) instead of one job per ROI.
 
     Returns
     -------
@@ -65,18 +73,33 @@ def job_list(root, script, subjects, hemispheres, rois):
     """
     jobs = []
     for hemi in (utils.hemi_code(h) for h in hemispheres):
+        counts = {roi: {s: utils.roi_voxel_count(root, s, hemi, roi) for s in subjects} for roi in rois}
+        if script == "fit_encoding_models.py" and shared_pass:
+            for s in subjects:
+                present = [roi for roi in rois if counts[roi][s]]
+                if present:
+                    jobs.append((f"{utils.subj_dir(s)} {hemi} {len(present)} ROIs",
+                                 ["--root", str(root), "--subj", str(s), "--hemisphere", hemi, "--rois", *present]))
+            continue
         for roi in rois:
-            counts = {s: utils.roi_voxel_count(root, s, hemi, roi) for s in subjects}
             if script == "pooled_model_training.py":
-                if any(counts.values()):
+                if any(counts[roi].values()):
                     jobs.append((f"{hemi} {roi}", ["--root", str(root), "--hemisphere", hemi, "--roi", roi,
                                                    "--subjects", *map(str, subjects)]))
                 continue
             flag = "--rois" if script == "fit_encoding_models.py" else "--roi"
             jobs += [(f"{utils.subj_dir(s)} {hemi} {roi}",
                       ["--root", str(root), "--subj", str(s), "--hemisphere", hemi, flag, roi])
-                     for s, n in counts.items() if n]
+                     for s, n in counts[roi].items() if n]
     return jobs
+
+
+def encoding_method(args):
+    """The --method among a fit_encoding_models.py job's arguments (its default when absent)."""
+    import fit_encoding_models
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--method", default=fit_encoding_models.METHOD)
+    return parser.parse_known_args(args)[0].method
 
 
 def executor(opts, n_jobs):
@@ -124,11 +147,12 @@ def main(argv=None):
     except ValueError:
         raise utils.UserError(f"bad --subjects {opts.SUBJECTS}: give subject numbers, e.g. --subjects 1 2") from None
     rois = [utils.check_roi(r) for r in opts.ROIS] or utils.ROIS
-    jobs = job_list(opts.ROOT, opts.SCRIPT, subjects, opts.HEMISPHERES, rois)
+    extra = shlex.split(opts.ARGS) + extra
+    shared_pass = opts.SCRIPT == "fit_encoding_models.py" and encoding_method(extra) == "untuned"
+    jobs = job_list(opts.ROOT, opts.SCRIPT, subjects, opts.HEMISPHERES, rois, shared_pass)
     if not jobs:
         raise utils.UserError(f"no job to run: the ROIs {', '.join(rois)} are empty for subjects {subjects} "
                               f"in {', '.join(opts.HEMISPHERES)}; choose other ROIs or subjects")
-    extra = shlex.split(opts.ARGS) + extra
     ex = executor(opts, len(jobs))
     with ex.batch():
         submitted = [ex.submit(run_job, opts.SCRIPT, job_argv + extra) for _, job_argv in jobs]

@@ -39,6 +39,12 @@ def test_launch_debug_runs_one_job_per_non_empty_roi(root, capsys):
     assert pooled == [("lh V1v", ["--root", str(root), "--hemisphere", "lh", "--roi", "V1v", "--subjects", "1", "2"])]
     fit = launch.job_list(root, "fit_encoding_models.py", [2], ["right"], ["EBA"])
     assert fit == [("Subj2 rh EBA", ["--root", str(root), "--subj", "2", "--hemisphere", "rh", "--rois", "EBA"])]
+    # Untuned encoding: one job per subject and hemisphere with its non-empty ROIs.
+    shared = launch.job_list(root, "fit_encoding_models.py", [1, 2], ["left"], ["V1v", "mTL-faces", "EBA"], True)
+    assert shared == [(f"Subj{s} lh 2 ROIs", ["--root", str(root), "--subj", str(s), "--hemisphere", "lh",
+                                                "--rois", "V1v", "EBA"]) for s in (1, 2)]
+    assert launch.encoding_method(["--image-size", "64"]) == "untuned"
+    assert launch.encoding_method(["--method", "cl-tuned"]) == launch.encoding_method(["--method=cl-tuned"]) == "cl-tuned"
 
 
 def test_launch_local_reports_a_failed_job_and_exits_non_zero(root, capsys, tmp_path):
