@@ -1,0 +1,187 @@
+"""Encoding at the real Algonauts size, run as a user runs it, with time per stage and peak memory.
+
+Writes once, under ROOT, a synthetic Subj1 of the real size: 9841 images of 425 px (PNG, like
+the real ones) and the real Subj1 masks from MASKS_FROM (all 19004 lh vertices). Then each
+part runs a script in its own process; the benchmark reads the wall time, the script's own
+'stage times' line (decode/cache, forward pass, Gram, PCA eigendecompositions, ridge and
+scoring, writing) and the peak resident memory from the OS (wait4's ru_maxrss):
+
+  untuned  fit_encoding_models.py --method untuned over every non-empty lh ROI: one shared
+           pass (the image cache is deleted first, so its decode is part of the run)
+  per-roi  the same script on each ROI of PER_ROI alone, in a second root that shares the
+           inputs and the image cache (the per-ROI path that the shared pass replaces)
+  train    cl_model_training.py on TUNED_ROI for TRAIN_EPOCHS epoch(s): the checkpoint of 'tuned'
+  tuned    fit_encoding_models.py --method cl-tuned --rois TUNED_ROI
+
+Each finished part is saved at once in benchmarks/output/bench_full_scale.json; a rerun skips
+the parts already there (--overwrite measures them again). The ratio of the per-ROI path to
+the shared pass is reported measured on the PER_ROI subset, and extrapolated to all ROIs
+(labelled as such) from the mean per-ROI time.
+
+    python benchmarks/bench_full_scale.py                       # everything (hours on a 2-core CPU)
+    python benchmarks/bench_full_scale.py --parts untuned --device cuda
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import synthetic_data  # noqa: E402
+import utils  # noqa: E402
+
+# --- Options ---
+ROOT = "benchmarks/output/full_scale"  # dataset and outputs (written on first use)
+MASKS_FROM = "../shared/algonauts_roi_masks"  # real Algonauts roi_masks/SubjX folders
+N_IMAGES = 9841  # images of Subj1 in the Algonauts release
+PNG_SIZE = 425  # side of the PNG files, as the real ones
+IMAGE_SIZE = 224  # side the images are resized to (the protocol's)
+DEVICE = "cpu"  # cpu or cuda, for every part
+PARTS = ["untuned", "per-roi", "train", "tuned"]  # parts to run, in this order
+PER_ROI = ["V1v"]  # ROIs fitted one at a time by the per-ROI path
+TUNED_ROI = "EBA"  # ROI of the tuned method (lh EBA of Subj1: 2837 voxels)
+TRAIN_EPOCHS = 1  # epochs of the CL checkpoint that 'tuned' reads
+TRAIN_BATCH_SIZE = 256  # batch size of that training run (the paper's 1024 needs a GPU's memory)
+OVERWRITE = False  # measure again the parts already in the JSON
+# ---
+
+PART_NAMES = ["untuned", "per-roi", "train", "tuned"]
+
+
+def ensure_dataset(opts):
+    """The synthetic full-size subject under ROOT (written once, about 5 GB)."""
+    root = Path(opts.ROOT)
+    if not utils.fmri_path(root, 1, "lh").is_file():
+        masks = Path(opts.MASKS_FROM)
+        utils.require_dir(masks / "Subj1", "give --masks-from the folder holding the real SubjX roi_masks")
+        synthetic_data.write_algonauts_dataset(root, n_subjects=1, n_images=opts.N_IMAGES,
+                                               image_size=opts.PNG_SIZE, seed=0, masks_from=masks)
+    return root.resolve()
+
+
+def run_measured(cmd, log):
+    """Run ``cmd`` (a list) in its own process; wall seconds, peak RSS in GiB and its stdout.
+
+    The peak is the child's own maximum resident set size, as the kernel reports it (wait4).
+    """
+    start = time.perf_counter()
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True)
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed: see {log}\n{out[-2000:]}")
+    return {"seconds": seconds, "peak_rss_gib": usage.ru_maxrss / 2**20, "stdout": out}
+
+
+def stage_times(stdout):
+    """The script's 'stage times: cache 1.2 s, forward 3.4 s, ...' line as a dict of seconds."""
+    line = [l for l in stdout.splitlines() if l.startswith("stage times:")][-1]
+    return {k: float(v) for k, v in re.findall(r"(\w+) ([\d.]+) s", line)}
+
+
+def fit_command(opts, root, *args):
+    return [sys.executable, "fit_encoding_models.py", "--root", str(root), "--subj", "1", "--hemisphere", "lh",
+            "--weights", "none", "--device", opts.DEVICE, "--image-size", str(opts.IMAGE_SIZE), "--overwrite", *args]
+
+
+def present_rois(root):
+    """The lh ROIs of Subj1 with at least MIN_VOXELS voxels."""
+    import fit_encoding_models
+    return [r for r in utils.ROIS if utils.roi_voxel_count(root, 1, "lh", r) >= fit_encoding_models.MIN_VOXELS]
+
+
+def run_part(opts, part, root):
+    logs = Path(opts.ROOT).parent
+    if part == "untuned":
+        for old in utils.cache_dir(root).glob(f"Subj1_s{opts.IMAGE_SIZE}_*.npy"):
+            old.unlink()
+        rois = present_rois(root)
+        res = run_measured(fit_command(opts, root, "--rois", *rois), logs / "full_scale_untuned.log")
+        voxels = set().union(*(utils.roi_voxel_indices(root, 1, "lh", r).tolist() for r in rois))
+        return {"rois": rois, "n_rois": len(rois), "n_union_voxels": len(voxels),
+                "stages": stage_times(res.pop("stdout")), **res}
+    if part == "per-roi":
+        alone = Path(opts.ROOT + "_per_roi")
+        alone.mkdir(parents=True, exist_ok=True)
+        for name in ("training_images", "training_fmri", "roi_masks", "cache"):
+            if not (alone / name).exists():
+                os.symlink((root / name).resolve(), alone / name)
+        runs = {}
+        for roi in opts.PER_ROI:
+            res = run_measured(fit_command(opts, alone, "--rois", roi), logs / f"full_scale_per_roi_{roi}.log")
+            runs[roi] = {"n_voxels": int(utils.roi_voxel_count(root, 1, "lh", roi)),
+                         "stages": stage_times(res.pop("stdout")), **res}
+        return runs
+    if part == "train":
+        cmd = [sys.executable, "cl_model_training.py", "--root", str(root), "--subj", "1", "--hemisphere", "lh",
+               "--roi", opts.TUNED_ROI, "--epochs", str(opts.TRAIN_EPOCHS), "--batch-size", str(opts.TRAIN_BATCH_SIZE),
+               "--weights", "none", "--device", opts.DEVICE, "--image-size", str(opts.IMAGE_SIZE), "--overwrite"]
+        res = run_measured(cmd, logs / "full_scale_train.log")
+        res.pop("stdout")
+        n_train = len(utils.train_test_split(opts.N_IMAGES)[0])
+        return {"roi": opts.TUNED_ROI, "epochs": opts.TRAIN_EPOCHS, "batch_size": opts.TRAIN_BATCH_SIZE,
+                "images_per_s": n_train * opts.TRAIN_EPOCHS / res["seconds"], **res}
+    res = run_measured(fit_command(opts, root, "--method", "cl-tuned", "--cl-epochs", str(opts.TRAIN_EPOCHS),
+                                   "--rois", opts.TUNED_ROI), logs / "full_scale_tuned.log")
+    return {"roi": opts.TUNED_ROI, "n_voxels": int(utils.roi_voxel_count(root, 1, "lh", opts.TUNED_ROI)),
+            "stages": stage_times(res.pop("stdout")), **res}
+
+
+def report(results):
+    """Print the measured table and the ratios."""
+    def line(name, r):
+        stages = ", ".join(f"{k} {v:.0f} s" for k, v in r["stages"].items()) if "stages" in r else ""
+        print(f"{name:28s} {r['seconds'] / 60:7.1f} min  peak RSS {r['peak_rss_gib']:5.2f} GiB  {stages}")
+    if "untuned" in results:
+        u = results["untuned"]
+        line(f"untuned, {u['n_rois']} ROIs, one pass", u)
+    for roi, r in results.get("per-roi", {}).items():
+        line(f"untuned, {roi} alone", r)
+    if "train" in results:
+        t = results["train"]
+        line(f"CL training, {t['epochs']} epoch", t)
+        print(f"{'':28s} {t['images_per_s']:.1f} training images/s")
+    if "tuned" in results:
+        line(f"cl-tuned, {results['tuned']['roi']}", results["tuned"])
+    if "untuned" in results and results.get("per-roi"):
+        u, per = results["untuned"], results["per-roi"]
+        mean_alone = sum(r["seconds"] for r in per.values()) / len(per)
+        print(f"per-ROI path: {mean_alone / 60:.1f} min per ROI (measured on {', '.join(per)}); the shared pass "
+              f"fits {u['n_rois']} ROIs in {u['seconds'] / 60:.1f} min, {u['seconds'] / mean_alone:.2f}x one ROI alone")
+        print(f"extrapolated: the per-ROI path over all {u['n_rois']} ROIs would take "
+              f"{u['n_rois'] * mean_alone / 3600:.1f} h, {u['n_rois'] * mean_alone / u['seconds']:.1f}x the shared pass")
+
+
+def main(argv=None):
+    import bench_full_scale
+    opts = utils.parse_options(bench_full_scale, argv)
+    unknown = [p for p in opts.PARTS if p not in PART_NAMES]
+    if unknown:
+        raise SystemExit(f"unknown --parts {unknown}: use {' '.join(PART_NAMES)}")
+    root = ensure_dataset(opts)
+    out_path = Path(opts.ROOT).parent / "bench_full_scale.json"
+    results = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    results["device"] = opts.DEVICE
+    for part in opts.PARTS:
+        if part in results and not opts.OVERWRITE:
+            print(f"{part}: measured before (use --overwrite to measure again)")
+            continue
+        print(f"{part}: running ...", flush=True)
+        results[part] = run_part(opts, part, root)
+        utils.atomic_json_dump(results, out_path)
+    report(results)
+    print(f"wrote {out_path}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
