@@ -5,12 +5,15 @@ the layout and conventions), hemisphere and HCP-MMP area (V1, V2, V3, V4), the r
 of the area's top-N_VOXELS vertices by pRF R2 are predicted from the AlexNet features of
 each method (untuned, cl-tuned, reg-tuned, pooled-avg, pooled-const) tuned on NSD subject
 MODEL_SUBJ, same hemisphere, NSD ROI V1v/V2v/V3v/hV4 (dorsal V1d/V2d/V3d with NSD_STREAM).
+The betas are z-scored per run block (ZSCORE); the hemisphere of a vertex comes from the
+CIFTI brain models, or from the label numbers as in the authors' code (HEMISPHERE_CONVENTION).
 The protocol is the NSD one (encoding.py): the seeded 85/15 split of the trials, 5
 contiguous folds inside train (utils.cv_folds), PCA + ridge per layer and fold,
 per-vertex alpha, best layer by mean CV r, refit on train, test r per vertex.
 
 Outputs under ROOT/encoding_results/nod/: sub-XX/sub-XX_<hemi>_<area>_<method>.joblib
-(written after each one; reruns skip them unless --overwrite), summary.csv and the
+(written after each one; reruns skip them unless --overwrite, and refuse results made
+with another ZSCORE or HEMISPHERE_CONVENTION), summary.csv and the
 figure nod_transfer.png / .pdf (mean test r per area and method across subjects).
 """
 
@@ -32,6 +35,8 @@ SESSIONS = [1, 2, 3, 4]  # NOD ImageNet sessions
 RUNS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]  # runs of each session
 ROIS = ["V1", "V2", "V3", "V4"]  # NOD (HCP-MMP) areas
 HEMISPHERES = ["lh", "rh"]  # hemispheres; NSD models of the same hemisphere extract the features
+HEMISPHERE_CONVENTION = "anatomical"  # anatomical (CIFTI CORTEX_LEFT/RIGHT) or authors (lh = HCP-MMP labels 1..180)
+ZSCORE = "run"  # run: one mean and std per 100-trial run block (the authors'); vertex: per vertex within each run
 N_VOXELS = 50  # vertices per area and hemisphere: the top ones by pRF R2
 METHODS = ["untuned", "cl-tuned", "reg-tuned", "pooled-avg", "pooled-const"]  # feature extractors
 MODEL_SUBJ = 1  # the NSD subject whose tuned models extract the features
@@ -73,7 +78,27 @@ def check_options(opts):
             raise utils.UserError(f"unknown NOD area {roi!r}: use some of {', '.join(nod_utils.NOD_ROIS)}")
     if opts.NSD_STREAM not in nod_utils.NSD_ROI:
         raise utils.UserError(f"unknown NSD_STREAM {opts.NSD_STREAM!r}: use ventral or dorsal")
+    nod_utils.check_conventions(opts.ZSCORE, opts.HEMISPHERE_CONVENTION)
     return [utils.hemi_code(h) for h in opts.HEMISPHERES]
+
+
+def settings(opts):
+    """The options that change the data a result was fitted on (recorded in each result)."""
+    return {"zscore": opts.ZSCORE, "hemisphere_convention": opts.HEMISPHERE_CONVENTION}
+
+
+def pending(opts, subj, hemi, roi, method):
+    """Whether a result must be fitted; an existing one made with other settings is an error."""
+    import joblib
+    path = result_path(opts.ROOT, subj, hemi, roi, method)
+    if opts.OVERWRITE or not path.exists():
+        return True
+    saved = joblib.load(path)
+    made = {k: saved.get(k) for k in settings(opts)}
+    if made != settings(opts):
+        raise utils.UserError(f"{path} was made with {made}, not {settings(opts)}: rerun with --overwrite, or "
+                              "write these settings under another --root")
+    return False
 
 
 def summary_table(root):
@@ -92,6 +117,7 @@ def summary_table(root):
         improved = np.nan if base is None else 100 * float(np.mean(r["test_r"] > base["test_r"]))
         rows.append({"subject": subj, "hemisphere": hemi, "roi": roi, "method": method,
                      "nsd_roi": r["nsd_roi"], "model_subj": r["model_subj"], "n_voxels": len(r["vertices"]),
+                     "zscore": r.get("zscore"), "hemisphere_convention": r.get("hemisphere_convention"),
                      "best_layer": r["best_layer"], "mean_cv_r": float(np.mean(r["cv_r"])),
                      "mean_test_r": float(np.mean(r["test_r"])), "pct_improved_over_untuned": improved})
     return pd.DataFrame(rows)
@@ -117,7 +143,9 @@ def plot_summary(table, path):
                 ys = sub[sub["roi"] == roi]["mean_test_r"].to_numpy()
                 ax.plot(np.full(len(ys), x[i]), ys, "k.", ms=3)
         ax.set_xticks(np.arange(len(rois)), rois)
-        ax.set_title(f"NOD {hemi}, {table['subject'].nunique()} subject(s)")
+        ax.set_title(f"NOD {hemi}, {table['subject'].nunique()} subject(s)\n"
+                     f"z-score per {table['zscore'].iloc[0]}, {table['hemisphere_convention'].iloc[0]} hemispheres",
+                     fontsize=9)
         ax.axhline(0, color="k", lw=0.5)
     axes[0, 0].set_ylabel("mean test r")
     axes[0, -1].legend(fontsize=7)
@@ -151,7 +179,8 @@ def fit_method(opts, data, folds, device, subj, hemi, method, todo, cache):
                        "their r is set to 0")
         result.update(subject=subj, hemisphere=hemi, roi=roi, method=method, nsd_roi=nsd_roi,
                       model_subj=opts.MODEL_SUBJ if method in ("cl-tuned", "reg-tuned") else None,
-                      vertices=vertices, weights=opts.WEIGHTS if meta is None else meta.get("weights"))
+                      vertices=vertices, weights=opts.WEIGHTS if meta is None else meta.get("weights"),
+                      **settings(opts))
         utils.atomic_joblib_dump(result, result_path(opts.ROOT, subj, hemi, roi, method))
         print(f"{nod_utils.sub_name(subj)} {hemi} {roi} {method}: best layer {result['best_layer']}, "
               f"mean CV r {np.mean(result['cv_r']):.3f}, mean test r {np.mean(result['test_r']):.3f}")
@@ -163,18 +192,24 @@ def main(argv=None):
     hemis = check_options(opts)
     device = utils.resolve_device(opts.DEVICE)
     for subj in tqdm(opts.SUBJECTS, desc="NOD subjects"):
-        jobs = {(method, hemi): [roi for roi in opts.ROIS
-                                 if opts.OVERWRITE or not result_path(opts.ROOT, subj, hemi, roi, method).exists()]
+        jobs = {(method, hemi): [roi for roi in opts.ROIS if pending(opts, subj, hemi, roi, method)]
                 for method in opts.METHODS for hemi in hemis}
         if not any(jobs.values()):
             print(f"{nod_utils.sub_name(subj)}: all results exist, skipped (use --overwrite)")
             continue
-        data = nod_utils.NODSubjectData(opts.ROOT, subj, opts.NOD_ROOT, opts.SESSIONS, opts.RUNS, opts.IMAGE_SIZE)
+        data = nod_utils.NODSubjectData(opts.ROOT, subj, opts.NOD_ROOT, opts.SESSIONS, opts.RUNS, opts.IMAGE_SIZE,
+                                        opts.ZSCORE, opts.HEMISPHERE_CONVENTION)
         folds, cache = utils.cv_folds(data.train, opts.N_FOLDS), {}
         for (method, hemi), todo in jobs.items():
             if todo:
                 fit_method(opts, data, folds, device, subj, hemi, method, todo, cache)
     table = summary_table(opts.ROOT)
+    if not table.empty:
+        other = (table["zscore"] != opts.ZSCORE) | (table["hemisphere_convention"] != opts.HEMISPHERE_CONVENTION)
+        if other.any():
+            print(f"{int(other.sum())} result(s) under {output_dir(opts.ROOT)} made with other ZSCORE or "
+                  "HEMISPHERE_CONVENTION settings are left out of the summary")
+        table = table[~other].reset_index(drop=True)
     if table.empty:
         raise utils.UserError(f"no NOD results under {output_dir(opts.ROOT)}: check SUBJECTS and METHODS")
     utils.atomic_write_text(table.to_csv(index=False), output_dir(opts.ROOT) / "summary.csv")

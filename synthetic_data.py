@@ -617,6 +617,15 @@ def write_algonauts_dataset(root, n_subjects=2, n_images=300, image_size=425, se
 NOD_MMP_AREAS = ["V1", "MST", "V6", "V2", "V3", "V4", "V8", "4"]
 # Planted pRF size (Gaussian sigma, fraction of the image side) per visual area.
 NOD_PRF_SIGMA = {"V1": 0.05, "V2": 0.07, "V3": 0.09, "V4": 0.12}
+# The maps of the real ses-prf_task-prf_params.dscalar.nii (R2 in percent, map 3).
+NOD_PRF_MAPS = ["ang", "ecc", "gain", "R2", "rfsize"]
+NOD_IMAGE_DEG = 16.0  # visual angle of the image side (the NOD stimuli: 200 px at 16/200 deg per px)
+NOD_MESH_RATIO = 32492 / 29696  # fs_LR 32k mesh vertices per listed cortex vertex (the medial wall is left out)
+
+
+def nod_wnids(n_classes):
+    """Made-up WordNet ids, ascending like the 1000 ImageNet classes (class id i + 1 = row i)."""
+    return [f"n{1440764 + 97 * i:08d}" for i in range(n_classes)]
 
 
 def local_contrast_responses(images, x, y, sigma):
@@ -648,18 +657,32 @@ def write_nod_dataset(root, n_subjects=2, n_sessions=1, n_runs=2, n_trials=100, 
                       n_classes=1000, seed=0):
     """Write a small ds004496-shaped NOD tree with planted pRF responses under ``root/nod``.
 
+    The files have the structure of the real ones (see nod_utils), only smaller:
+
+    - betas: float32 CIFTI dscalar files with only the CORTEX_LEFT and CORTEX_RIGHT models
+      (``n_vertices`` columns each, numbered on meshes with a medial-wall gap),
+      ``n_trials`` maps per run named after the stimulus files;
+    - events: ``onset, duration, trial_type`` (the class id as a float), ``response_time``
+      (``n/a`` where no response), ``stim_file`` (``imagenet/<wnid>/<wnid>_<n>.JPEG``),
+      and a ``response`` column in even runs;
+    - ``superClassMapping.csv`` (classID wnid, superClassID 1..30, className,
+      superClassName; ``n_classes`` rows), ``roilbl_mmp.csv`` (a header line, then
+      ``L_<area>_ROI,R_<area>_ROI`` rows), ``MMP_mpmLR32k.mat`` with labels 181.. in the
+      CORTEX_LEFT block and 1.. in the CORTEX_RIGHT block, as the real file;
+    - pRF: maps ang, ecc, gain, R2 (percent), rfsize over the cortex and ``n_subcortical``
+      volume voxels.
+
     Each subject sees its own ``n_sessions * n_runs * n_trials`` JPEG images once. Every
     hemisphere's V1, V2, V3 and V4 hold ``roi_size`` vertices; ``n_planted`` of them respond
     to the local contrast in a Gaussian receptive field (z-scored signal plus noise of
     variance 1 / ``snr``, so their correlation with the signal is sqrt(snr / (1 + snr))) and
-    have a pRF R2 in [0.3, 0.9]; the others, and all other vertices, are noise, with R2
-    below 0.1 or NaN. Each run gets its own per-vertex gain and offset, which run-wise
-    z-scoring removes. CIFTI files hold ``n_vertices`` surface vertices per hemisphere and
-    ``n_subcortical`` volume voxels.
+    have a pRF R2 in [30, 90]; the others, and all other vertices, are noise, with R2
+    below 10 or NaN. Each run is scaled and shifted by its own gain and offset, which both
+    run-wise z-scorings remove.
 
     Ground truth goes to ``root/synthetic_truth/nod/sub-XX_truth.npz``: ``signal`` (the
     z-scored noise-free responses, trials x cortex, 0 where nothing is planted), ``planted``
-    (bool per cortical vertex), and the pRF ``x``, ``y``, ``sigma``.
+    (bool per cortical vertex), and the pRF ``x``, ``y``, ``sigma`` (fractions of the image).
 
     Returns
     -------
@@ -675,14 +698,16 @@ def write_nod_dataset(root, n_subjects=2, n_sessions=1, n_runs=2, n_trials=100, 
     rng = _rng(seed, 100)
     n_left, n_right = n_vertices
     n_cortex = n_left + n_right
+    meshes = tuple(int(round(n * NOD_MESH_RATIO)) for n in n_vertices)
     utils.atomic_write_text('{"Name": "synthetic NOD (ds004496 layout)", "BIDSVersion": "1.8.0"}\n',
                             nod / "dataset_description.json")
 
-    # Atlas: V1..V4 blocks at the start of each hemisphere, the rest spread over other areas.
+    # Atlas: V1..V4 blocks at the start of each hemisphere, the rest spread over other areas;
+    # as in the real file, the left cortex carries the labels 181..360.
     areas = {a: i + 1 for i, a in enumerate(NOD_MMP_AREAS)}
     mmp = np.zeros(n_cortex, dtype=np.int64)
     roi_of = np.full(n_cortex, "", dtype=object)
-    for start, n, offset in ((0, n_left, 0), (n_left, n_right, nod_utils.N_MMP_AREAS)):
+    for start, n, offset in ((0, n_left, nod_utils.N_MMP_AREAS), (n_left, n_right, 0)):
         others = [areas[a] for a in NOD_MMP_AREAS if a not in NOD_PRF_SIGMA]
         mmp[start:start + n] = rng.choice(others, n) + offset
         for k, roi in enumerate(NOD_PRF_SIGMA):
@@ -690,10 +715,14 @@ def write_nod_dataset(root, n_subjects=2, n_sessions=1, n_runs=2, n_trials=100, 
             mmp[block], roi_of[block] = areas[roi] + offset, roi
     with utils.atomic_path(nod_utils.mmp_path(nod)) as tmp:
         scipy.io.savemat(tmp, {"glasser_MMP": mmp[None, :].astype(np.float64)})
-    rows = [f"{h}_{a}_ROI" for h in "LR" for a in NOD_MMP_AREAS]
-    utils.atomic_write_text("name\n" + "\n".join(rows) + "\n", nod_utils.roi_labels_path(nod))
-    superclass = pd.DataFrame({"classID": np.arange(1, n_classes + 1), "superClassID": rng.integers(1, 31, n_classes)})
-    utils.atomic_write_text(superclass.to_csv(index=False), nod_utils.superclass_path(nod))
+    rows = [f"L_{a}_ROI,R_{a}_ROI" for a in NOD_MMP_AREAS]
+    utils.atomic_write_text("???,???\n" + "\n".join(rows) + "\n", nod_utils.roi_labels_path(nod))
+    wnids = nod_wnids(n_classes)
+    superclass = rng.integers(1, 31, n_classes)
+    mapping = pd.DataFrame({"classID": wnids, "superClassID": superclass,
+                            "className": [f"class {i + 1}" for i in range(n_classes)],
+                            "superClassName": [f"superclass {c}" for c in superclass]})
+    utils.atomic_write_text(mapping.to_csv(index=False), nod_utils.superclass_path(nod))
 
     for subj in range(1, n_subjects + 1):
         sub = nod_utils.sub_name(subj)
@@ -708,12 +737,15 @@ def write_nod_dataset(root, n_subjects=2, n_sessions=1, n_runs=2, n_trials=100, 
         sigma = np.zeros(n_cortex)
         x[idx], y[idx] = rng.uniform(0.2, 0.8, len(idx)), rng.uniform(0.2, 0.8, len(idx))
         sigma[idx] = [NOD_PRF_SIGMA[r] for r in roi_of[idx]] * rng.uniform(0.8, 1.25, len(idx))
-        r2 = np.where(planted, rng.uniform(0.3, 0.9, n_cortex), rng.uniform(0, 0.1, n_cortex))
+        r2 = np.where(planted, rng.uniform(30, 90, n_cortex), rng.uniform(0, 10, n_cortex))
         r2[(rng.random(n_cortex) < 0.05) & ~planted] = np.nan
-        prf = np.stack([x, y, sigma, r2]).astype(np.float32)
-        nod_utils.write_cortex_dscalar(np.concatenate([prf, np.zeros((4, n_subcortical), np.float32)], 1),
-                                       n_left, nod_utils.prf_params_path(nod, subj), n_subcortical,
-                                       map_names=["x", "y", "sigma", "R2"])
+        # Image coordinates (y down) to the visual field (degrees, y up), as the pRF maps hold it.
+        fx, fy = (x - 0.5) * NOD_IMAGE_DEG, (0.5 - y) * NOD_IMAGE_DEG
+        prf = np.stack([np.arctan2(fy, fx), np.hypot(fx, fy), planted * rng.uniform(0.5, 2, n_cortex),
+                        r2, sigma * NOD_IMAGE_DEG]).astype(np.float32)
+        prf = np.concatenate([prf, np.full((len(NOD_PRF_MAPS), n_subcortical), np.nan, np.float32)], 1)
+        nod_utils.write_cortex_dscalar(prf, n_left, nod_utils.prf_params_path(nod, subj), n_subcortical,
+                                       map_names=NOD_PRF_MAPS, mesh_sizes=meshes)
 
         n_total = n_sessions * n_runs * n_trials
         images = np.concatenate([_render_chunk(rng, min(CHUNK, n_total - start), image_size)
@@ -728,22 +760,25 @@ def write_nod_dataset(root, n_subjects=2, n_sessions=1, n_runs=2, n_trials=100, 
         for session in range(1, n_sessions + 1):
             for run in range(1, n_runs + 1):
                 rows = slice(trial, trial + n_trials)
-                stim = [f"n{c:08d}/n{c:08d}_{subj}{t:05d}.JPEG" for c, t in zip(classes[rows], range(rows.start, rows.stop))]
+                stim = [f"imagenet/{wnids[c - 1]}/{wnids[c - 1]}_{subj}{t:05d}.JPEG"
+                        for c, t in zip(classes[rows], range(rows.start, rows.stop))]
                 for name, im in zip(stim, images[rows]):
                     path = nod_utils.stimulus_path(nod, name)
                     with utils.atomic_path(path) as tmp:
                         Image.fromarray(im).save(tmp, format="JPEG", quality=95)
-                events = pd.DataFrame({"onset": 12.0 + 4.0 * np.arange(n_trials), "duration": 1.0,
-                                       "trial_type": classes[rows], "stim_file": stim})
-                utils.atomic_write_text(events.to_csv(sep="\t", index=False),
+                answered = rng.random(n_trials) < 0.8
+                events = pd.DataFrame({"onset": 4.0 * np.arange(n_trials), "duration": 1.0,
+                                       "trial_type": classes[rows].astype(np.float64),
+                                       "response_time": np.where(answered, rng.uniform(0.4, 1.5, n_trials), np.nan),
+                                       "stim_file": stim})
+                if run % 2 == 0:
+                    events["response"] = np.where(answered, rng.integers(1, 3, n_trials), np.nan)
+                utils.atomic_write_text(events.to_csv(sep="\t", index=False, na_rep="n/a"),
                                         nod_utils.events_path(nod, subj, session, run))
-                gain = rng.uniform(0.5, 2.0, n_cortex + n_subcortical).astype(np.float32)
-                offset = rng.normal(0, 3, n_cortex + n_subcortical).astype(np.float32)
-                run_betas = np.concatenate(
-                    [noisy[rows], rng.standard_normal((n_trials, n_subcortical)).astype(np.float32)], 1)
-                nod_utils.write_cortex_dscalar(run_betas * gain + offset, n_left,
-                                               nod_utils.beta_path(nod, subj, session, run), n_subcortical,
-                                               map_names=[f"trial{t + 1:03d}" for t in range(n_trials)])
+                gain, offset = rng.uniform(0.5, 2.0), rng.normal(0, 3)
+                nod_utils.write_cortex_dscalar(noisy[rows] * gain + offset, n_left,
+                                               nod_utils.beta_path(nod, subj, session, run),
+                                               map_names=[Path(n).name for n in stim], mesh_sizes=meshes)
                 trial += n_trials
         truth = root / "synthetic_truth" / "nod" / f"{sub}_truth.npz"
         with utils.atomic_path(truth) as tmp, open(tmp, "wb") as f:

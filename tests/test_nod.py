@@ -1,111 +1,212 @@
-"""NOD: CIFTI I/O, run-wise z-scoring, labels, HCP-MMP ROIs, top-R2 selection, missing files."""
+"""NOD: CIFTI I/O, run z-scoring, checks against events, labels, hemispheres, top-R2 selection, missing files."""
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
 import scipy.io
+import scipy.stats
 
 import nod_utils as nu
 import utils
+from conftest import run_error
 
 
-def _write_run(nod, subj, session, run, data, n_left, n_sub=3):
-    path = nu.beta_path(nod, subj, session, run)
-    nu.write_cortex_dscalar(data, n_left, path, n_subcortical=n_sub)
-    return path
+def _write_run(nod, subj, session, run, data, n_left, names=None):
+    """A cortex-only beta file and its events file, maps named after the stimuli (as in ds004496)."""
+    stims = [f"imagenet/n{run:08d}/n{run:08d}_{session}{t}.JPEG" for t in range(len(data))]
+    nu.write_cortex_dscalar(data, n_left, nu.beta_path(nod, subj, session, run),
+                            map_names=names or [s.split("/")[-1] for s in stims])
+    events = pd.DataFrame({"onset": 4.0 * np.arange(len(data)), "duration": 1.0,
+                           "trial_type": np.arange(len(data)) % 7 + 1.0, "response_time": 0.5, "stim_file": stims})
+    path = nu.events_path(nod, subj, session, run)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    events.to_csv(path, sep="\t", index=False)
+    return nu.beta_path(nod, subj, session, run)
 
 
 def test_cifti_round_trip_keeps_only_cortex(tmp_path):
     rng = np.random.default_rng(0)
     data = rng.standard_normal((7, 11 + 13 + 5)).astype(np.float32)
     path = tmp_path / "x.dscalar.nii"
-    nu.write_cortex_dscalar(data, 11, path, n_subcortical=5)
+    names = [f"n0_{i}.JPEG" for i in range(7)]
+    nu.write_cortex_dscalar(data, 11, path, n_subcortical=5, map_names=names, mesh_sizes=(14, 15))
     img = nib.load(str(path))
     np.testing.assert_array_equal(np.asarray(img.dataobj), data)
-    names = [name for name, _, _ in img.header.get_axis(1).iter_structures()]
-    assert names == ["CIFTI_STRUCTURE_CORTEX_LEFT", "CIFTI_STRUCTURE_CORTEX_RIGHT", "CIFTI_STRUCTURE_THALAMUS_LEFT"]
-    cortex, n_left = nu.read_cortex_dscalar(path)
-    assert n_left == 11
+    structures = [(name, len(bm.vertex)) for name, _, bm in img.header.get_axis(1).iter_structures()]
+    assert [s for s, _ in structures] == ["CIFTI_STRUCTURE_CORTEX_LEFT", "CIFTI_STRUCTURE_CORTEX_RIGHT",
+                                          "CIFTI_STRUCTURE_THALAMUS_LEFT"]
+    left = img.header.get_axis(1).vertex[:11]
+    np.testing.assert_array_equal(left, [0, 1, 2, 3, 4, 8, 9, 10, 11, 12, 13])  # a medial-wall gap
+    cortex, n_left, read_names = nu.read_cortex_dscalar(path)
+    assert n_left == 11 and read_names == names
     np.testing.assert_array_equal(cortex, data[:, :24])
 
 
-def test_betas_are_zscored_within_each_run_and_cached(tmp_path):
+@pytest.mark.filterwarnings("ignore:Precision loss:RuntimeWarning")  # scipy on the constant vertex
+def test_run_zscore_is_scipy_zscore_over_the_whole_block():
+    block = np.array([[0.0, 2.0], [4.0, 6.0]])
+    # Hand-computed: mean 3, population std sqrt(5).
+    np.testing.assert_allclose(nu.zscore_runs(block, [2]), np.array([[-3, -1], [1, 3]]) / np.sqrt(5), rtol=1e-6)
+    rng = np.random.default_rng(1)
+    betas = rng.normal(3, 2, size=(30, 9)) * rng.uniform(0.5, 3, 9)
+    betas[10:, 4] = 7.0  # constant within the second and third runs
+    lengths = [10, 12, 8]
+    starts = np.cumsum([0] + lengths)
+    run = nu.zscore_runs(betas, lengths, "run")
+    vertex = nu.zscore_runs(betas, lengths, "vertex")
+    assert run.dtype == vertex.dtype == np.float32
+    for a, b in zip(starts[:-1], starts[1:]):
+        np.testing.assert_allclose(run[a:b], scipy.stats.zscore(betas[a:b], axis=None), rtol=1e-5, atol=1e-6)
+        expected = np.nan_to_num(scipy.stats.zscore(betas[a:b], axis=0))  # constant vertex: scipy NaN, here 0
+        np.testing.assert_allclose(vertex[a:b], expected, rtol=1e-5, atol=1e-6)
+    assert (vertex[10:, 4] == 0).all() and not np.allclose(run[10:, 4], 0)
+    np.testing.assert_array_equal(nu.zscore_runs(np.full((3, 2), 5.0), [3]), 0)
+
+
+def test_betas_are_zscored_per_run_and_cached_per_normalisation(tmp_path):
     rng = np.random.default_rng(1)
     nod, raw = tmp_path / "nod", []
     for session in (1, 2):
         for run in (1, 2, 3):
-            data = rng.normal(5 * run, 1 + session, size=(20, 9 + 3)).astype(np.float32)
-            data[:, 2] = 4.0  # a constant vertex: z = 0, never NaN
+            data = rng.normal(5 * run, 1 + session, size=(20, 9)).astype(np.float32) * rng.uniform(1, 4, 9)
             _write_run(nod, 1, session, run, data, 4)
-            raw.append(data[:, :9])
-    betas = nu.load_betas(nod, 1, sessions=[1, 2], runs=[1, 2, 3])
-    expected = np.concatenate([(r - r.mean(0)) / np.where(r.std(0) > 0, r.std(0), np.inf) for r in raw])
-    np.testing.assert_allclose(betas, expected, atol=1e-5)
-    assert not np.isnan(betas).any() and (betas[:, 2] == 0).all()
-    np.testing.assert_allclose(betas[:20].std(0)[[0, 1, 3]], 1, atol=1e-5)
+            raw.append(data)
+    args = dict(sessions=[1, 2], runs=[1, 2, 3])
+    run = nu.load_betas(nod, 1, **args)
+    vertex = nu.load_betas(nod, 1, zscore="vertex", **args)
+    np.testing.assert_allclose(run, np.concatenate([scipy.stats.zscore(r.astype(np.float64), axis=None)
+                                                    for r in raw]), atol=1e-5)
+    np.testing.assert_allclose(vertex, np.concatenate([scipy.stats.zscore(r.astype(np.float64), axis=0)
+                                                       for r in raw]), atol=1e-5)
+    caches = {z: nu.beta_cache_path(nod, 1, zscore=z, **args) for z in ("run", "vertex")}
+    assert caches["run"] != caches["vertex"] and all(p.is_file() for p in caches.values())
+    assert "zscore-run" in caches["run"].name and "zscore-vertex" in caches["vertex"].name
     # The cache is what a second call returns, even after the raw files are gone.
     for session in (1, 2):
-        for run in (1, 2, 3):
-            nu.beta_path(nod, 1, session, run).unlink()
-    np.testing.assert_array_equal(nu.load_betas(nod, 1, sessions=[1, 2], runs=[1, 2, 3]), betas)
+        for run_ in (1, 2, 3):
+            nu.beta_path(nod, 1, session, run_).unlink()
+    np.testing.assert_array_equal(nu.load_betas(nod, 1, **args), run)
     with pytest.raises(utils.UserError, match="datalad get derivatives/ciftify/sub-01/results/"
                                               "ses-imagenet01_task-imagenet_run-1/"):
-        nu.load_betas(nod, 1, sessions=[1, 2], runs=[1, 2, 3], overwrite=True)
+        nu.load_betas(nod, 1, overwrite=True, **args)
+    with pytest.raises(utils.UserError, match="unknown ZSCORE 'session'"):
+        nu.load_betas(nod, 1, zscore="session", **args)
+
+
+def test_beta_maps_must_follow_the_events_and_be_finite(tmp_path):
+    nod, data = tmp_path / "nod", np.random.default_rng(2).standard_normal((5, 10))
+    _write_run(nod, 2, 1, 1, data, 4)
+    names = [f"n00000002_1{t}.JPEG" for t in range(5)]
+    names[2], names[3] = names[3], names[2]
+    path = _write_run(nod, 2, 1, 2, data, 4, names=names)
+    with pytest.raises(utils.UserError, match=f"map 2 of {path} is named 'n00000002_13.JPEG' but row 2 of .* "
+                                              r"shows 'n00000002_12.JPEG' \(2 of 5 differ\)"):
+        nu.load_betas(nod, 2, sessions=[1], runs=[1, 2])
+    path = _write_run(nod, 2, 1, 2, data, 4)
+    nu.write_cortex_dscalar(data[:4], 4, path, map_names=[f"n00000002_1{t}.JPEG" for t in range(4)])
+    with pytest.raises(utils.UserError, match=f"{path} has 4 beta maps but .* lists 5 trials"):
+        nu.load_betas(nod, 2, sessions=[1], runs=[1, 2])
+    bad = data.copy()
+    bad[3, 7] = np.nan
+    path = _write_run(nod, 2, 1, 2, bad, 4)
+    with pytest.raises(utils.UserError, match=f"{path} has a non-finite beta \\(nan\\) in map 3, cortical column 7"):
+        nu.load_betas(nod, 2, sessions=[1], runs=[1, 2])
 
 
 def test_mismatched_run_widths_are_a_user_error(tmp_path):
     nod = tmp_path / "nod"
-    _write_run(nod, 2, 1, 1, np.ones((5, 10)), 4)
-    _write_run(nod, 2, 1, 2, np.ones((5, 11)), 4)
+    _write_run(nod, 2, 1, 1, np.random.default_rng(0).random((5, 10)), 4)
+    _write_run(nod, 2, 1, 2, np.random.default_rng(1).random((5, 11)), 4)
     with pytest.raises(utils.UserError, match="cortical grayordinates"):
         nu.load_betas(nod, 2, sessions=[1], runs=[1, 2])
 
 
+AREAS = ["V1", "MST", "V6", "V2", "V3", "V4", "V8", "4"]
+
+
 def _write_support(nod, mmp, n_classes=10):
+    """The three support files in their real formats (roilbl_mmp.csv with a non-UTF-8 header line)."""
     sup = nu.support_dir(nod)
     sup.mkdir(parents=True, exist_ok=True)
-    scipy.io.savemat(sup / "MMP_mpmLR32k.mat", {"glasser_MMP": mmp[None, :].astype(np.float64)})
-    areas = ["V1", "MST", "V6", "V2", "V3", "V4", "V8", "4"]
-    rows = [f"L_{a}_ROI" for a in areas] + [f"R_{a}_ROI" for a in areas]
-    (sup / "roilbl_mmp.csv").write_text("name\n" + "\n".join(rows) + "\n")
-    pd.DataFrame({"className": [f"c{i}" for i in range(n_classes)],
-                  "superClassID": np.arange(n_classes) % 3 + 1}).to_csv(sup / "superClassMapping.csv", index=False)
+    scipy.io.savemat(sup / "MMP_mpmLR32k.mat", {"glasser_MMP": np.asarray(mmp)[None, :].astype(np.float64)})
+    rows = "".join(f"L_{a}_ROI,R_{a}_ROI\n" for a in AREAS)
+    (sup / "roilbl_mmp.csv").write_bytes(b"\xc3\xfb\xb3\xc6,\xc3\xfb\xb3\xc6\n" + rows.encode())
+    pd.DataFrame({"classID": [f"n{i:08d}" for i in range(n_classes)], "superClassID": np.arange(n_classes) % 3 + 1,
+                  "className": [f"c{i}" for i in range(n_classes)],
+                  "superClassName": [f"s{i % 3}" for i in range(n_classes)]}).to_csv(sup / "superClassMapping.csv",
+                                                                                   index=False)
 
 
-def test_left_right_mmp_labels_map_to_rois(tmp_path):
-    rng = np.random.default_rng(2)
-    mmp = np.concatenate([rng.integers(1, 9, 300), rng.integers(181, 189, 300)])
+def test_hemisphere_conventions_on_a_hand_made_atlas(tmp_path):
+    # CORTEX_LEFT = the first 5 grayordinates, labelled 181.. as in the real MMP_mpmLR32k.mat,
+    # except grayordinate 3, which carries label 1 (V1 numbered as a 'left' label).
+    mmp = np.array([181, 184, 181, 1, 186, 1, 4, 1, 6, 181, 0])
     nod = tmp_path / "nod"
     _write_support(nod, mmp)
-    index = nu.mmp_area_index(nod)
-    assert [index[a] for a in nu.NOD_ROIS] == [1, 4, 5, 6]
-    for roi, left in zip(nu.NOD_ROIS, (1, 4, 5, 6)):
-        lh, rh = nu.roi_vertices(nod, roi, "left"), nu.roi_vertices(nod, roi, "right")
-        np.testing.assert_array_equal(lh, np.flatnonzero(mmp == left))
-        np.testing.assert_array_equal(rh, np.flatnonzero(mmp == left + 180))
-        assert lh.max() < 300 <= rh.min()
+    assert [nu.mmp_area_index(nod)[a] for a in nu.NOD_ROIS] == [1, 4, 5, 6]
+    lh = {roi: nu.roi_vertices(nod, roi, "left", 5).tolist() for roi in ("V1", "V2", "V4")}
+    rh = {roi: nu.roi_vertices(nod, roi, "right", 5).tolist() for roi in ("V1", "V2", "V4")}
+    assert lh == {"V1": [0, 2, 3], "V2": [1], "V4": [4]}
+    assert rh == {"V1": [5, 7, 9], "V2": [6], "V4": [8]}
+    # The authors' code: 'left' = labels 1..180 wherever they are, 'right' = 181..360.
+    assert nu.roi_vertices(nod, "V1", "lh", 5, "authors").tolist() == [3, 5, 7]
+    assert nu.roi_vertices(nod, "V1", "rh", 5, "authors").tolist() == [0, 2, 9]
+    assert nu.roi_vertices(nod, "V4", "lh", 5, "authors").tolist() == [8]
     with pytest.raises(utils.UserError, match="unknown HCP-MMP area 'V9'"):
-        nu.roi_vertices(nod, "V9", "left")
+        nu.roi_vertices(nod, "V9", "left", 5)
+    with pytest.raises(utils.UserError, match="unknown HEMISPHERE_CONVENTION 'nsd'"):
+        nu.roi_vertices(nod, "V1", "left", 5, "nsd")
 
 
-def test_top_vertices_by_prf_r2_match_a_direct_argsort(tmp_path):
+def test_top_vertices_are_the_authors_argsort_tail():
+    r2 = np.array([0.1, 0.9, 0.3, 0.7, 0.5])
+    # Candidates 0, 2, 3, 4 have R2 0.1, 0.3, 0.7, 0.5: the top two, in ascending R2, are 4 then 3.
+    assert nu.top_vertices(r2, [0, 2, 3, 4], k=2).tolist() == [4, 3]
+    assert nu.top_vertices(r2, [0, 2, 3, 4], k=9).tolist() == [0, 2, 4, 3]
     rng = np.random.default_rng(3)
+    r2 = rng.integers(0, 4, 1000).astype(np.float32)  # many ties across the cut
+    cand = np.sort(rng.choice(1000, 300, replace=False))
+    authors = cand[np.argsort(r2[cand].astype(np.float64))[-50:]]
+    np.testing.assert_array_equal(nu.top_vertices(r2, cand), authors)
+
+
+def test_select_vertices_reproduces_the_authors_pipeline(tmp_path, capsys):
+    rng = np.random.default_rng(4)
     n_left, n = 400, 800
-    mmp = np.concatenate([rng.integers(1, 9, n_left), rng.integers(181, 189, n - n_left)])
-    params = rng.uniform(0, 1, size=(5, n + 4)).astype(np.float32)
+    mmp = np.concatenate([rng.integers(181, 189, n_left), rng.integers(1, 9, n - n_left)])
+    params = (rng.uniform(0, 100, size=(5, n + 4)) // 5).astype(np.float32)  # many ties
     params[3, rng.choice(n, 60, replace=False)] = np.nan
-    params[3, :40] = 0.5  # ties
     nod = tmp_path / "nod"
     _write_support(nod, mmp)
-    nu.write_cortex_dscalar(params, n_left, nu.prf_params_path(nod, 4), n_subcortical=4)
-    r2 = nu.load_prf_r2(nod, 4)
+    nu.write_cortex_dscalar(params, n_left, nu.prf_params_path(nod, 4), n_subcortical=4,
+                            map_names=["ang", "ecc", "gain", "R2", "rfsize"])
+    r2, left = nu.load_prf_r2(nod, 4)
+    assert left == n_left and r2.dtype == np.float64
     np.testing.assert_array_equal(r2, np.nan_to_num(params[3, :n]))
-    for roi in nu.NOD_ROIS:
-        for hemi, offset in (("lh", 0), ("rh", 180)):
-            cand = np.flatnonzero(mmp == nu.mmp_area_index(nod)[roi] + offset)
-            direct = cand[np.argsort(-np.nan_to_num(params[3, cand]), kind="stable")[:50]]
-            np.testing.assert_array_equal(nu.select_vertices(nod, 4, roi, hemi), direct)
+    # The authors: r2 = get_fdata()[3, :59412]; NaN -> 0; np.argsort(r2[roi])[-50:], with 'L' = labels 1..180.
+    full = np.asarray(nib.load(str(nu.prf_params_path(nod, 4))).get_fdata())[3, :n]
+    for roi, area in zip(nu.NOD_ROIS, (1, 4, 5, 6)):
+        for hemi, label in (("lh", area), ("rh", area + 180)):
+            roi_idx = np.flatnonzero(mmp == label)
+            authors = roi_idx[np.argsort(np.nan_to_num(full[roi_idx]))[-50:]]
+            np.testing.assert_array_equal(nu.select_vertices(nod, 4, roi, hemi, convention="authors"), authors)
+    # Anatomical: the left hemisphere is the CORTEX_LEFT block, whatever its label numbers.
+    lh = nu.select_vertices(nod, 4, "V1", "lh")
+    assert lh.max() < n_left and set(lh) <= set(np.flatnonzero(mmp == 181))
+    assert set(nu.select_vertices(nod, 4, "V1", "rh")) == set(nu.select_vertices(nod, 4, "V1", "lh",
+                                                                                   convention="authors"))
+    params[3] = 0
+    nu.write_cortex_dscalar(params, n_left, nu.prf_params_path(nod, 4), n_subcortical=4,
+                            map_names=["a", "b", "c", "d", "e"])  # unnamed maps: R2 is map 3
+    capsys.readouterr()
+    top = nu.select_vertices(nod, 4, "V2", "lh")
+    k = len(top)
+    assert f"warning: sub-04 lh V2: {k} of the {k} selected vertices have pRF R2 <= 0" in capsys.readouterr().out
+    nu.write_cortex_dscalar(params, n_left, nu.prf_params_path(nod, 4), n_subcortical=4,
+                            map_names=["ang", "ecc", "R2", "gain", "x"])
+    with pytest.raises(utils.UserError, match="names map 2 'R2' .* but R2 is read from map 3"):
+        nu.load_prf_r2(nod, 4)
 
 
 def test_labels_come_from_events_and_superclass_mapping(tmp_path):
@@ -114,21 +215,26 @@ def test_labels_come_from_events_and_superclass_mapping(tmp_path):
     rows = []
     for session, run in ((1, 1), (1, 2)):
         ev = pd.DataFrame({"onset": np.arange(4) * 2.0, "duration": 1.0,
-                           "trial_type": [3, 10, 1, 3 + run],
-                           "stim_file": [f"n{run:08d}/n{run:08d}_{i}.JPEG" for i in range(4)]})
+                           "trial_type": [3.0, 10.0, 1.0, 3.0 + run], "response_time": [0.5, np.nan, 0.7, 0.8],
+                           "stim_file": [f"imagenet/n{run:08d}/n{run:08d}_{i}.JPEG" for i in range(4)]})
         path = nu.events_path(nod, 6, session, run)
         path.parent.mkdir(parents=True, exist_ok=True)
-        ev.to_csv(path, sep="\t", index=False)
+        ev.to_csv(path, sep="\t", index=False, na_rep="n/a")
         rows.append(ev)
     labels = nu.build_labels(nod, 6, sessions=[1], runs=[1, 2])
     events = pd.concat(rows, ignore_index=True)
     assert list(labels.columns) == ["class_id", "image_name", "superclass_id"]
+    assert labels["class_id"].dtype == np.int64
     np.testing.assert_array_equal(labels["class_id"], events["trial_type"])
     np.testing.assert_array_equal(labels["superclass_id"], (events["trial_type"] - 1) % 3 + 1)
     saved = pd.read_csv(nu.label_csv_path(nod, 6))
-    pd.testing.assert_frame_equal(saved, labels)
+    pd.testing.assert_frame_equal(saved, labels, check_dtype=False)
     assert nu.stimulus_path(nod, "imagenet/n1/x.JPEG") == nu.stimulus_path(nod, "n1/x.JPEG") \
         == nod / "stimuli" / "imagenet" / "n1" / "x.JPEG"
+    rows[1].loc[2, "trial_type"] = 2.5
+    rows[1].to_csv(nu.events_path(nod, 6, 1, 2), sep="\t", index=False)
+    with pytest.raises(utils.UserError, match="trial_type 2.5 of sub-06 is not a class id in 1..10"):
+        nu.build_labels(nod, 6, sessions=[1], runs=[1, 2])
 
 
 @pytest.fixture(scope="module")
@@ -141,16 +247,56 @@ def tiny_nod(tmp_path_factory):
     return root
 
 
-def test_synthetic_tree_loads_with_planted_top_vertices(tiny_nod):
+def test_synthetic_tree_has_the_structure_of_ds004496(tiny_nod):
+    import re
+    import synthetic_data
+    nod = tiny_nod / "nod"
+    mapping = pd.read_csv(nu.superclass_path(nod))
+    assert list(mapping.columns) == ["classID", "superClassID", "className", "superClassName"]
+    assert len(mapping) == 1000 and mapping["classID"].is_monotonic_increasing
+    assert mapping["classID"].str.fullmatch(r"n\d{8}").all() and mapping["superClassID"].between(1, 30).all()
+    for run in (1, 2):
+        events = pd.read_csv(nu.events_path(nod, 1, 1, run), sep="\t")
+        assert list(events.columns) == ["onset", "duration", "trial_type", "response_time", "stim_file"] \
+            + (["response"] if run == 2 else [])
+        assert events["trial_type"].dtype == events["onset"].dtype == events["response_time"].dtype == np.float64
+        assert "n/a" in nu.events_path(nod, 1, 1, run).read_text()  # trials without a response
+        wnids = [re.fullmatch(r"imagenet/(n\d{8})/\1_\d+\.JPEG", s).group(1) for s in events["stim_file"]]
+        assert wnids == mapping["classID"].to_numpy()[events["trial_type"].astype(int) - 1].tolist()
+        img = nib.load(str(nu.beta_path(nod, 1, 1, run)))
+        assert img.get_data_dtype() == np.float32 and img.shape == (10, 600)
+        assert [n for n, _, _ in img.header.get_axis(1).iter_structures()] == list(nu.CORTEX_STRUCTURES)
+        assert list(img.header.get_axis(0).name) == [s.split("/")[-1] for s in events["stim_file"]]
+    lines = nu.roi_labels_path(nod).read_text().splitlines()
+    assert not lines[0].startswith("L_")
+    assert lines[1:] == [f"L_{a}_ROI,R_{a}_ROI" for a in synthetic_data.NOD_MMP_AREAS]
+    mmp = nu.load_mmp(nod)
+    assert (mmp[:300] > 180).all() and ((mmp[300:] >= 1) & (mmp[300:] <= 180)).all()
+    prf = nib.load(str(nu.prf_params_path(nod, 1)))
+    assert list(prf.header.get_axis(0).name) == ["ang", "ecc", "gain", "R2", "rfsize"]
+    r2, n_left = nu.load_prf_r2(nod, 1)
+    truth = np.load(tiny_nod / "synthetic_truth" / "nod" / "sub-01_truth.npz")
+    assert n_left == 300 and (r2[truth["planted"]] >= 30).all() and (r2[~truth["planted"]] < 10).all()
+
+
+def test_left_hemisphere_is_the_cortex_left_block(tiny_nod):
+    n_left = nu.read_cortex_dscalar(nu.beta_path(tiny_nod / "nod", 1, 1, 1))[1]
     data = nu.NODSubjectData(tiny_nod, 1, sessions=[1], runs=[1, 2], image_size=32)
+    authors = nu.NODSubjectData(tiny_nod, 1, sessions=[1], runs=[1, 2], image_size=32,
+                                hemisphere_convention="authors")
     truth = np.load(tiny_nod / "synthetic_truth" / "nod" / "sub-01_truth.npz")
     assert data.betas.shape == (20, 600) and data.images.shape == (20, 32, 32, 3)
-    np.testing.assert_allclose(data.betas[:10].mean(0), 0, atol=1e-5)
+    for run in (slice(0, 10), slice(10, 20)):  # one mean and one std per run block
+        assert abs(float(np.mean(data.betas[run]))) < 1e-5 and float(np.std(data.betas[run])) == pytest.approx(1)
     for roi in nu.NOD_ROIS:
-        for hemi in ("lh", "rh"):
-            vertices, fmri = data.roi_fmri(roi, hemi)
-            assert len(vertices) == 50 and truth["planted"][vertices].all()
-            np.testing.assert_array_equal(fmri, np.asarray(data.betas)[:, vertices])
+        lh, fmri = data.roi_fmri(roi, "left")
+        rh, _ = data.roi_fmri(roi, "right")
+        assert len(lh) == len(rh) == 50 and truth["planted"][np.concatenate([lh, rh])].all()
+        assert lh.max() < n_left <= rh.min()
+        np.testing.assert_array_equal(fmri, np.asarray(data.betas)[:, lh])
+        # The authors' 'left' (labels 1..180) is the right cortex of these files, as of the real ones.
+        np.testing.assert_array_equal(authors.roi_fmri(roi, "left")[0], rh)
+        np.testing.assert_array_equal(authors.roi_fmri(roi, "right")[0], lh)
 
 
 def _fetch(nod, rel):
@@ -273,3 +419,18 @@ def test_tuned_model_of_an_nsd_subject_extracts_nod_features(nod_run, tmp_path, 
     r_cl = joblib.load(script.result_path(root, 1, "lh", "V1", "cl-tuned"))["test_r"]
     r_un = joblib.load(script.result_path(root, 1, "lh", "V1", "untuned"))["test_r"]
     assert cl["pct_improved_over_untuned"] == pytest.approx(100 * np.mean(r_cl > r_un))
+
+
+def test_results_record_their_settings_and_other_settings_are_refused(nod_run, capsys):
+    import fit_encoding_models_nod as script
+    root, table, _, results = nod_run
+    assert nib.load(str(nu.beta_path(root / "nod", 1, 1, 4))).shape == (100, 1220)  # 100 maps per run
+    assert {(r["zscore"], r["hemisphere_convention"]) for r in results.values()} == {("run", "anatomical")}
+    assert set(zip(table["zscore"], table["hemisphere_convention"])) == {("run", "anatomical")}
+    args = ["--root", str(root), "--subjects", "1", "--sessions", "1", "--runs", "1", "2", "3", "4",
+            "--rois", "V1", "--hemispheres", "lh", "--methods", "untuned", "--weights", "none"]
+    err = run_error(script.main, args + ["--zscore", "vertex"], capsys)
+    assert str(script.result_path(root, 1, "lh", "V1", "untuned")) in err and "--overwrite" in err
+    assert "'zscore': 'run'" in err and "'zscore': 'vertex'" in err
+    err = run_error(script.main, args + ["--hemisphere-convention", "nsd"], capsys)
+    assert "unknown HEMISPHERE_CONVENTION 'nsd'" in err
