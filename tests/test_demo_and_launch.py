@@ -39,6 +39,10 @@ def test_launch_debug_runs_one_job_per_non_empty_roi(root, capsys):
     assert pooled == [("lh V1v", ["--root", str(root), "--hemisphere", "lh", "--roi", "V1v", "--subjects", "1", "2"])]
     fit = launch.job_list(root, "fit_encoding_models.py", [2], ["right"], ["EBA"])
     assert fit == [("Subj2 rh EBA", ["--root", str(root), "--subj", "2", "--hemisphere", "rh", "--rois", "EBA"])]
+    # rh FBA-2 has 33 voxels in Subj1 and none in Subj2; rh mTL-words 14 and 7: under MIN_VOXELS = 20, no job.
+    small = launch.job_list(root, "cl_model_training.py", [1, 2], ["right"], ["FBA-2", "mTL-words"])
+    assert [label for label, _ in small] == ["Subj1 rh FBA-2"]
+    assert launch.job_list(root, "pooled_model_training.py", [1, 2], ["right"], ["mTL-words"]) == []
 
 
 def test_launch_local_reports_a_failed_job_and_exits_non_zero(root, capsys, tmp_path):
