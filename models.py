@@ -521,7 +521,8 @@ def train_roi(kind, root, roi, hemisphere, subjects, epochs, lr, batch_size, tem
                               "choose a larger ROI (the authors skip ROIs under 20 voxels) or lower --min-voxels")
     for s, v in indices.items():
         if 0 < len(v) < min_voxels and kind == "pooled":
-            tqdm.write(f"{roi}: {utils.subj_dir(s)} left out ({len(v)} voxels in {hemi}, fewer than MIN_VOXELS={min_voxels})")
+            tqdm.write(f"{roi}: {utils.subj_dir(s)} left out "
+                       f"({len(v)} voxels in {hemi}, fewer than MIN_VOXELS={min_voxels})")
     if path.exists() and not overwrite:
         meta = read_meta(path)
         for s, v in voxels.items():

@@ -1,8 +1,8 @@
 """Contrastive fine-tuning of one AlexNet pooled over the subjects that have an ROI.
 
 One image map and head are shared; each subject with at least MIN_VOXELS voxels in the ROI
-has its own fMRI map, and each epoch runs the subjects one after another in increasing order. h is 5741 (H_METHOD const) or the
-mean voxel count (avg); z = int(0.25 h). Writes
+has its own fMRI map, and each epoch runs the subjects one after another in increasing
+order. h is 5741 (H_METHOD const) or the mean voxel count (avg); z = int(0.25 h). Writes
 cl_models/{lh,rh}_<ROI>_pooled_model_e<EPOCHS>_h{const,avg}.pt (the per-subject voxel
 counts and voxels are in its meta) and the per-epoch losses (<name>.log.json).
 """

@@ -382,7 +382,8 @@ def select_rois(root, method, subj, hemisphere, rois, epochs, min_voxels=utils.M
             utils.require_file(path, f"make it with python {utils.METHOD_SCRIPTS[method]}")
             if not large_enough(root, method, subj, hemisphere, roi, min_voxels):
                 raise utils.UserError(f"ROI {roi} has fewer than MIN_VOXELS={min_voxels} voxels in "
-                                      f"{utils.hemi_code(hemisphere)} of {utils.subj_dir(subj)}: drop it or lower --min-voxels")
+                                      f"{utils.hemi_code(hemisphere)} of {utils.subj_dir(subj)}: "
+                                      "drop it or lower --min-voxels")
         return list(rois)
     found = [r for r in utils.ROIS if utils.method_checkpoint_path(root, method, subj, hemisphere, r, epochs).is_file()
              and large_enough(root, method, subj, hemisphere, r, min_voxels)]
@@ -975,4 +976,5 @@ def salience_maps(root, dataset, method, subj, roi, image_index, epochs, weights
         titles.append("untuned" if h is None else f"{h} {roi} {method}")
     who = "" if method.startswith("pooled") else f"subj{int(subj)}_"
     stem = utils.results_dir(root) / "figures" / f"salience_{dataset}_{who}{roi}_{method}_e{int(epochs)}_img{image_index}"
-    return plot_salience(image, np.stack(cams), titles, stem, f"Grad-CAM at features.12 for the true class: {classes[label]}")
+    return plot_salience(image, np.stack(cams), titles, stem,
+                         f"Grad-CAM at features.12 for the true class: {classes[label]}")
