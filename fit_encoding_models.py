@@ -408,16 +408,23 @@ def transfer_matrices(table, rois, aggregation="authors"):
 
 
 def plot_transfer(mean_r, frac, title, path):
+    """Two model-subject x target-subject heatmaps, each cell labelled with its value ('n/a': not fitted)."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
-    for ax, m, label in zip(axes, (mean_r, frac), ("mean test r", "fraction improved over untuned")):
-        im = ax.imshow(m.to_numpy(dtype=float), cmap="viridis")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+    for ax, m, label in zip(axes, (mean_r, frac), ("mean test r", "fraction of voxels improved over untuned")):
+        values = m.to_numpy(dtype=float)
+        im = ax.imshow(values, cmap="viridis")
+        for (i, j), v in np.ndenumerate(values):
+            # Dark text on the bright end of viridis, light text on the dark end.
+            ax.text(j, i, "n/a" if np.isnan(v) else f"{v:.3f}", ha="center", va="center", fontsize=7,
+                    color="k" if np.isnan(v) or im.norm(v) > 0.6 else "w")
         ax.set_xticks(range(m.shape[1]), [utils.subj_dir(s) for s in m.columns], rotation=45)
         ax.set_yticks(range(m.shape[0]), [utils.subj_dir(s) for s in m.index])
         ax.set_xlabel("target subject")
         ax.set_ylabel("model subject")
-        ax.set_title(f"{title}: {label}", fontsize=9)
-        fig.colorbar(im, ax=ax)
+        ax.set_title(label, fontsize=9)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.suptitle(title, fontsize=10)
     return _save_figure(fig, path)
 
 

@@ -248,6 +248,8 @@ def test_transfer_average_is_the_authors_unweighted_mean_with_absent_rois_as_zer
                             "--transfer-matrix"])
     m = matrices["higher"][0]
     assert m.loc[1, 1] == pytest.approx((0.2 + 0.6) / 2) and np.isnan(m.loc[2, 1]) and np.isnan(m.loc[1, 2])
+    fig = fem.plot_transfer(m, matrices["higher"][1], "t", root / "t.png")
+    assert [t.get_text() for t in fig.axes[0].texts] == [f"{(0.2 + 0.6) / 2:.3f}", "n/a", "n/a", "n/a"]
 
 
 def test_group_summary_averages_rois_without_weights(root):
