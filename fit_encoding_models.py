@@ -16,9 +16,14 @@ Outputs, under ROOT/encoding_results/SubjX/:
   methods.csv, methods_<hemi>.png/.pdf                          every method present, per ROI
   scatter_<tag>_vs_untuned_<hemi>.png/.pdf                      per-voxel test r against untuned
   absent_rois.json                                              ROIs skipped for having < MIN_VOXELS voxels
+  group_summary.csv (and ../group_summary.csv for all subjects) per ROI group (all, early,
+                     higher) and score (test r, CV r): mean r per method, % of voxels where
+                     CL > untuned, CL > reg, pooled > CL (the authors' unweighted ROI averages)
 With --transfer-matrix nothing is fitted: the model-subject x target-subject matrices of
-METHOD (mean test r, fraction of target voxels improved over untuned) are built from the
-results that exist, as ROOT/encoding_results/transfer_<method>_<hemi>*.csv and .png/.pdf.
+METHOD (mean test r, fraction of target voxels improved over untuned) per ROI group are
+built from the results that exist, as ROOT/encoding_results/transfer_<method>_<hemi>*.csv
+and .png/.pdf; TRANSFER_AGGREGATION authors averages the per-ROI matrices without weights
+(an ROI absent in a subject counts as 0), voxels pools the voxels of the ROIs.
 """
 
 import json
@@ -51,13 +56,19 @@ CL_EPOCHS = 30  # epochs in the cl-tuned checkpoint names
 REG_EPOCHS = 75  # epochs in the reg-tuned checkpoint names
 POOLED_EPOCHS = 30  # epochs in the pooled checkpoint names
 BATCH_SIZE = 128  # images per forward pass
-MIN_VOXELS = 20  # ROIs with fewer voxels are skipped and recorded as absent
+MIN_VOXELS = utils.MIN_VOXELS  # ROIs with fewer voxels are skipped and recorded as absent (the authors' 20)
 OVERWRITE = False  # recompute ROIs whose results exist
 TRANSFER_MATRIX = False  # only build the model-subject x target-subject matrices from existing results
+TRANSFER_AGGREGATION = "authors"  # transfer matrices: authors (unweighted mean over ROIs, absent ROI = 0) or voxels (pooled)
 # ---
 
 PROTOCOLS = ("per-method", "untuned-layer")
 TRANSFER_METHODS = ("cl-tuned", "reg-tuned")
+AGGREGATIONS = ("authors", "voxels")
+# The methods of the group summaries, each on its own subject with the per-method protocol.
+SUMMARY_METHODS = ("untuned", "cl-tuned", "reg-tuned", "pooled-avg", "pooled-const")
+SUMMARY_COMPARISONS = (("cl-tuned", "untuned"), ("cl-tuned", "reg-tuned"), ("pooled-avg", "cl-tuned"),
+                       ("pooled-const", "cl-tuned"))
 
 
 def method_tag(method, subj, model_subj, protocol):
@@ -100,6 +111,8 @@ def check_options(opts):
         utils.check_roi(roi)
     if list(opts.ALPHAS) != sorted(set(opts.ALPHAS)):
         raise utils.UserError(f"ALPHAS {opts.ALPHAS} must be strictly ascending: sort them")
+    if opts.TRANSFER_AGGREGATION not in AGGREGATIONS:
+        raise utils.UserError(f"unknown TRANSFER_AGGREGATION {opts.TRANSFER_AGGREGATION!r}: use authors or voxels")
     transfer = opts.MODEL_SUBJ is not None and int(opts.MODEL_SUBJ) != int(opts.SUBJ)
     if transfer and opts.METHOD not in TRANSFER_METHODS:
         raise utils.UserError(f"MODEL_SUBJ {opts.MODEL_SUBJ} is for cl-tuned or reg-tuned models only "
@@ -224,8 +237,54 @@ def plot_scatter(x, y, label, path):
     return _save_figure(fig, path)
 
 
+def group_summary(results, subj):
+    """Per ROI group (utils.ROI_GROUPS) and score (test r, CV r at the best layer): the authors' summaries.
+
+    For every method of SUMMARY_METHODS with results, averaged without weights over the
+    (hemisphere, ROI) pairs of the group that every such method has fitted on the same
+    voxels: the mean r, and for each pair of SUMMARY_COMPARISONS the % of voxels where the
+    first method's r beats the second's (NaN where a method has no results).
+
+    Parameters
+    ----------
+    results : dict (tag, hemisphere, roi) -> result, from ``collect_results``.
+
+    Returns
+    -------
+    DataFrame, one row per (group, score).
+    """
+    methods = [m for m in SUMMARY_METHODS if any(k[0] == m for k in results)]
+    rows = []
+    for group, members in utils.ROI_GROUPS.items():
+        pairs = []
+        for hemi in utils.HEMISPHERES:
+            for roi in members:
+                found = [results.get((m, hemi, roi)) for m in methods]
+                if methods and all(r is not None and np.array_equal(r["voxels"], found[0]["voxels"]) for r in found):
+                    pairs.append(dict(zip(methods, found)))
+        for score in ("test_r", "cv_r"):
+            row = {"subject": int(subj), "group": group, "score": score, "n_rois": len(pairs)}
+            for m in SUMMARY_METHODS:
+                row[f"mean_{m}"] = (float(np.mean([p[m][score].mean() for p in pairs]))
+                                    if pairs and m in methods else np.nan)
+            for a, b in SUMMARY_COMPARISONS:
+                row[f"pct_{a}_gt_{b}"] = (100 * float(np.mean([np.mean(p[a][score] > p[b][score]) for p in pairs]))
+                                          if pairs and a in methods and b in methods else np.nan)
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def write_group_summaries(root, subj, results):
+    """The subject's group_summary.csv, then encoding_results/group_summary.csv of every subject that has one."""
+    utils.atomic_write_text(group_summary(results, subj).to_csv(index=False),
+                            utils.encoding_dir(root, subj) / "group_summary.csv")
+    files = [utils.encoding_dir(root, s) / "group_summary.csv" for s in utils.find_subjects(root)]
+    every = pd.concat([pd.read_csv(f) for f in files if f.is_file()], ignore_index=True)
+    utils.atomic_write_text(every.to_csv(index=False), Path(root) / "encoding_results" / "group_summary.csv")
+
+
 def write_summaries(root, subj):
-    """Regenerate the subject's summary tables and figures from every result that exists.
+    """Regenerate the subject's summary tables (group_summary.csv included) and figures from every result.
 
     Returns
     -------
@@ -244,6 +303,7 @@ def write_summaries(root, subj):
     table = pd.DataFrame(rows)
     if table.empty:
         return table
+    write_group_summaries(root, subj, results)
     methods = table.drop(columns=utils.LAYERS)
     utils.atomic_write_text(methods.to_csv(index=False), out_dir / "methods.csv")
     for tag, sub in table.groupby("tag", sort=False):
@@ -264,76 +324,135 @@ def write_summaries(root, subj):
     return methods
 
 
-def transfer_matrices(root, method, hemisphere, rois):
-    """Model-subject x target-subject matrices of ``method`` from the results that exist.
+def transfer_table(root, method, hemisphere, rois, min_voxels=utils.MIN_VOXELS):
+    """One row per (ROI, model subject, target subject) of ``method``, over the model and target subjects
+    that have at least one result.
 
-    Entry (A, B) pools the voxels of every ROI in ``rois`` fitted on target B with the model
-    of subject A (A == B: the subject's own model). 'mean_r' is their mean test r;
-    'frac_improved' the fraction of them whose test r beats B's untuned result (ROIs
-    without an untuned result are left out of it).
+    'status' is 'fitted' (a result exists), 'absent' (the ROI has fewer than ``min_voxels``
+    voxels in the target or the model subject, so the authors count it as 0) or 'missing'
+    (not fitted yet). 'mean_test_r' and 'frac_improved' (fraction of the target's voxels
+    whose test r beats its untuned result; NaN without one) are set for fitted rows;
+    'sum_r', 'n_improved' and 'n_compared' serve the voxel-pooled aggregation.
+    """
+    hemi = utils.hemi_code(hemisphere)
+    found = {}
+    for target in utils.find_subjects(root):
+        for model_subj in utils.find_subjects(root):
+            for roi in rois:
+                path = result_path(root, target, method_tag(method, target, model_subj, "per-method"), hemi, roi)
+                if path.with_suffix(".json").is_file():
+                    found[roi, model_subj, target] = path
+    model_subjects, targets = sorted({k[1] for k in found}), sorted({k[2] for k in found})
+    counts = {(s, roi): utils.roi_voxel_count(root, s, hemi, roi)
+              for s in set(model_subjects) | set(targets) for roi in rois}
+    rows = []
+    for roi in rois:
+        for model_subj in model_subjects:
+            for target in targets:
+                row = {"roi": roi, "model_subj": model_subj, "target_subj": target, "status": "missing",
+                       "n_voxels": 0, "sum_r": 0.0, "n_compared": 0, "n_improved": 0,
+                       "mean_test_r": np.nan, "frac_improved": np.nan}
+                if (roi, model_subj, target) in found:
+                    r = load_result(found[roi, model_subj, target])
+                    base = result_path(root, target, "untuned", hemi, roi)
+                    untuned = load_result(base) if base.with_suffix(".json").is_file() else None
+                    row.update(status="fitted", n_voxels=len(r["voxels"]), sum_r=float(r["test_r"].sum()),
+                               mean_test_r=float(r["test_r"].mean()))
+                    if untuned is not None and np.array_equal(untuned["voxels"], r["voxels"]):
+                        improved = r["test_r"] > untuned["test_r"]
+                        row.update(n_compared=len(improved), n_improved=int(improved.sum()),
+                                   frac_improved=float(improved.mean()))
+                elif min(counts[target, roi], counts[model_subj, roi]) < min_voxels:
+                    row["status"] = "absent"
+                rows.append(row)
+    return pd.DataFrame(rows, columns=["roi", "model_subj", "target_subj", "status", "n_voxels", "sum_r",
+                                       "n_compared", "n_improved", "mean_test_r", "frac_improved"])
+
+
+def transfer_matrices(table, rois, aggregation="authors"):
+    """Model-subject x target-subject matrices of mean test r and fraction improved over the ROIs ``rois``.
+
+    Parameters
+    ----------
+    table : DataFrame from ``transfer_table``.
+    rois : the ROIs to aggregate (e.g. one of utils.ROI_GROUPS).
+    aggregation : 'authors': the unweighted mean of the per-ROI values over the ROIs with
+        at least one result, an absent ROI counting as 0 and a missing one making the
+        entry NaN; 'voxels': the voxels of the fitted ROIs pooled (absent ROIs add nothing).
 
     Returns
     -------
-    long : DataFrame, one row per (ROI, model subject, target subject).
-    mean_r, frac_improved : DataFrames indexed by model subject, columns target subject.
+    mean_r, frac_improved : DataFrames indexed by model subject, columns target subject
+        (None, None when no ROI of ``rois`` has a result).
     """
-    hemi = utils.hemi_code(hemisphere)
-    rows = []
-    for target in utils.find_subjects(root):
-        for roi in rois:
-            base = result_path(root, target, "untuned", hemi, roi)
-            untuned = load_result(base) if base.with_suffix(".json").is_file() else None
-            for model_subj in utils.find_subjects(root):
-                path = result_path(root, target, method_tag(method, target, model_subj, "per-method"), hemi, roi)
-                if not path.with_suffix(".json").is_file():
-                    continue
-                r = load_result(path)
-                improved = (r["test_r"] > untuned["test_r"] if untuned is not None
-                            and np.array_equal(untuned["voxels"], r["voxels"]) else None)
-                rows.append({"roi": roi, "model_subj": model_subj, "target_subj": target,
-                             "n_voxels": len(r["voxels"]), "sum_r": float(r["test_r"].sum()),
-                             "n_compared": 0 if improved is None else len(improved),
-                             "n_improved": 0 if improved is None else int(improved.sum())})
-    long = pd.DataFrame(rows, columns=["roi", "model_subj", "target_subj", "n_voxels", "sum_r",
-                                       "n_compared", "n_improved"])
-    pooled = long.groupby(["model_subj", "target_subj"])[["n_voxels", "sum_r", "n_compared", "n_improved"]].sum()
-    mean_r = (pooled["sum_r"] / pooled["n_voxels"]).unstack("target_subj")
-    frac = (pooled["n_improved"] / pooled["n_compared"].where(pooled["n_compared"] > 0)).unstack("target_subj")
-    long = long.assign(mean_test_r=long["sum_r"] / long["n_voxels"],
-                       frac_improved=long["n_improved"] / long["n_compared"].where(long["n_compared"] > 0))
-    return long.drop(columns=["sum_r"]), mean_r, frac
+    part = table[table["roi"].isin(rois)]
+    part = part[part.groupby("roi")["status"].transform(lambda st: (st == "fitted").any())]
+    if part.empty:
+        return None, None
+    keys = ["model_subj", "target_subj"]
+    if aggregation == "voxels":
+        fitted = part.assign(**{c: part[c].where(part["status"] == "fitted", 0)
+                                for c in ("n_voxels", "sum_r", "n_compared", "n_improved")})
+        pooled = fitted.groupby(keys)[["n_voxels", "sum_r", "n_compared", "n_improved"]].sum()
+        mean_r = pooled["sum_r"] / pooled["n_voxels"].where(pooled["n_voxels"] > 0)
+        frac = pooled["n_improved"] / pooled["n_compared"].where(pooled["n_compared"] > 0)
+    else:
+        absent = part["status"] == "absent"
+        values = part.assign(mean_test_r=part["mean_test_r"].mask(absent, 0.0),
+                             frac_improved=part["frac_improved"].mask(absent, 0.0))
+        # mean(skipna=False): one missing ROI makes the entry NaN rather than silently dropping it.
+        grouped = values.groupby(keys)
+        mean_r = grouped["mean_test_r"].apply(lambda v: v.mean(skipna=False))
+        frac = grouped["frac_improved"].apply(lambda v: v.mean(skipna=False))
+    return mean_r.unstack("target_subj"), frac.unstack("target_subj")
 
 
 def plot_transfer(mean_r, frac, title, path):
+    """Two model-subject x target-subject heatmaps, each cell labelled with its value ('n/a': not fitted)."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
-    for ax, m, label in zip(axes, (mean_r, frac), ("mean test r", "fraction improved over untuned")):
-        im = ax.imshow(m.to_numpy(dtype=float), cmap="viridis")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+    for ax, m, label in zip(axes, (mean_r, frac), ("mean test r", "fraction of voxels improved over untuned")):
+        values = m.to_numpy(dtype=float)
+        im = ax.imshow(values, cmap="viridis")
+        for (i, j), v in np.ndenumerate(values):
+            # Dark text on the bright end of viridis, light text on the dark end.
+            ax.text(j, i, "n/a" if np.isnan(v) else f"{v:.3f}", ha="center", va="center", fontsize=7,
+                    color="k" if np.isnan(v) or im.norm(v) > 0.6 else "w")
         ax.set_xticks(range(m.shape[1]), [utils.subj_dir(s) for s in m.columns], rotation=45)
         ax.set_yticks(range(m.shape[0]), [utils.subj_dir(s) for s in m.index])
         ax.set_xlabel("target subject")
         ax.set_ylabel("model subject")
-        ax.set_title(f"{title}: {label}", fontsize=9)
-        fig.colorbar(im, ax=ax)
+        ax.set_title(label, fontsize=9)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.suptitle(title, fontsize=10)
     return _save_figure(fig, path)
 
 
 def run_transfer_matrix(opts):
+    """Write the per-ROI transfer table and, per ROI group, the two matrices and their figure."""
     if opts.METHOD not in TRANSFER_METHODS:
         raise utils.UserError(f"--transfer-matrix needs a subject-specific method, not {opts.METHOD!r}: "
                               "use --method cl-tuned or reg-tuned")
     hemi = utils.hemi_code(opts.HEMISPHERE)
-    long, mean_r, frac = transfer_matrices(opts.ROOT, opts.METHOD, hemi, opts.ROIS)
-    if long.empty:
+    table = transfer_table(opts.ROOT, opts.METHOD, hemi, opts.ROIS, opts.MIN_VOXELS)
+    if not (table["status"] == "fitted").any():
         raise utils.UserError(f"no {opts.METHOD} results under {Path(opts.ROOT) / 'encoding_results'}: "
                               "fit some first (with --model-subj for transfer)")
     base = Path(opts.ROOT) / "encoding_results" / f"transfer_{opts.METHOD}_{hemi}"
-    utils.atomic_write_text(long.to_csv(index=False), f"{base}.csv")
-    utils.atomic_write_text(mean_r.to_csv(), f"{base}_mean_r.csv")
-    utils.atomic_write_text(frac.to_csv(), f"{base}_frac_improved.csv")
-    plot_transfer(mean_r, frac, f"{opts.METHOD} {hemi}", f"{base}.png")
-    print(f"mean test r (rows: model subject, columns: target subject)\n{mean_r.round(3)}")
-    return long, mean_r, frac
+    utils.atomic_write_text(table.drop(columns=["sum_r"]).to_csv(index=False), f"{base}.csv")
+    suffix = "" if opts.TRANSFER_AGGREGATION == "authors" else f"_{opts.TRANSFER_AGGREGATION}"
+    matrices = {}
+    for group, members in utils.ROI_GROUPS.items():
+        mean_r, frac = transfer_matrices(table, members, opts.TRANSFER_AGGREGATION)
+        if mean_r is None:
+            continue
+        stem = f"{base}_{group}{suffix}"
+        utils.atomic_write_text(mean_r.to_csv(), f"{stem}_mean_r.csv")
+        utils.atomic_write_text(frac.to_csv(), f"{stem}_frac_improved.csv")
+        plot_transfer(mean_r, frac, f"{opts.METHOD} {hemi} {group} ROIs ({opts.TRANSFER_AGGREGATION})", f"{stem}.png")
+        print(f"{group} ROIs, mean test r (rows: model subject, columns: target subject)\n{mean_r.round(3)}")
+        matrices[group] = (mean_r, frac)
+    return table, matrices
 
 
 # --- Fitting ---------------------------------------------------------------------------

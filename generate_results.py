@@ -5,7 +5,8 @@ One --type per analysis (the logic lives in results_utils.py):
   lower-bound-mi[-pooled-avg|-pooled-const]       InfoNCE MI lower bound on the test split
   voxel-counts, save-embeddings, save-test-fmri-responses, random-rois-list
   figures                                         ROI x subject heatmaps (accuracy, MI bound)
-  salience-maps                                   Grad-CAM of a left and a right model on an image and its mirror
+  salience-maps                                   Grad-CAM (true class) of the untuned, left and right models on an
+                                                  image and its mirror
 Outputs go under ROOT/results and ROOT/classification_preds; reruns skip finished ROIs.
 """
 
@@ -19,15 +20,18 @@ DATASET = "caltech256"  # classification dataset in ROOT/datasets/<name>: caltec
 METHOD = "cl-tuned"  # tuned models to analyse: cl-tuned or reg-tuned (save-embeddings also untuned; pooled types set it)
 SUBJECTS = [1]  # subjects to process
 HEMISPHERES = ["left", "right"]  # hemispheres to process
-ROIS = []  # ROIs (default: every ROI with a checkpoint, or every non-empty ROI for the fMRI-only types)
+ROIS = []  # ROIs (default: every ROI with a checkpoint, or for the fMRI-only types every ROI, with at least MIN_VOXELS voxels)
 EPOCHS = None  # epochs in the checkpoint names (default: 30, or 75 for reg-tuned)
 WEIGHTS = "imagenet"  # untuned AlexNet: imagenet, none (seeded random) or a state-dict path
 SEED = 0  # seed of random weights and of random-rois-list
 DEVICE = "auto"  # auto, cpu or cuda
 IMAGE_SIZE = 224  # image side given to AlexNet (probes: Resize(size*256/224) + CenterCrop(size))
 BATCH_SIZE = 256  # images per forward pass
-EMBEDDING_LAYER = ""  # save-embeddings: '' for the model output (CL embedding, regression prediction, untuned fc8), 'best' (the ROI's best encoding layer) or an AlexNet layer
-N_RANDOM_ROIS = 10  # random-rois-list: how many (subject, hemisphere, ROI) to draw
+EMBEDDING_LAYER = "classifier.5"  # save-embeddings: an AlexNet layer (default fc7, the authors'), '' for the model output (CL embedding, regression prediction, untuned fc8) or 'best' (the ROI's best encoding layer)
+EMBEDDING_SPLIT = "test"  # save-embeddings: test (the authors': test split in split order, rows as save-test-fmri-responses) or all (sorted file order)
+N_RANDOM_ROIS = 30  # random-rois-list: how many (subject, hemisphere, ROI) to draw, among ROIs with more than MIN_VOXELS
+MIN_VOXELS = utils.MIN_VOXELS  # ROIs (pooled models: subjects) with fewer voxels are not analysed (the authors' 20)
+FEATURE_PRECISION = "fp32"  # features for probes, MI and embeddings: fp32 (the authors') or bf16 (autocast, faster on GPU)
 IMAGE_INDEX = 0  # salience-maps: which test image of DATASET (position in the 15% split)
 OVERWRITE = False  # recompute results that exist
 # ---
@@ -46,6 +50,7 @@ def main(argv=None):
     method = "pooled-" + opts.TYPE.rsplit("-", 1)[1] if "pooled" in opts.TYPE else opts.METHOD
     epochs = opts.EPOCHS if opts.EPOCHS is not None else (75 if method == "reg-tuned" else 30)
     device = utils.resolve_device(opts.DEVICE)
+    precision = utils.check_precision(opts.FEATURE_PRECISION)
     subjects = [None] if method.startswith("pooled") else opts.SUBJECTS
     model_opts = dict(root=opts.ROOT, method=method, epochs=epochs, weights=opts.WEIGHTS, device=device,
                       image_size=opts.IMAGE_SIZE, seed=opts.SEED)
@@ -53,14 +58,15 @@ def main(argv=None):
         for subj in subjects:
             for h in opts.HEMISPHERES:
                 summary = ru.classification_task(dataset=opts.DATASET, subj=subj, hemisphere=h, rois=opts.ROIS,
-                                                 batch_size=opts.BATCH_SIZE, overwrite=opts.OVERWRITE, **model_opts)
+                                                 batch_size=opts.BATCH_SIZE, overwrite=opts.OVERWRITE,
+                                                 precision=precision, min_voxels=opts.MIN_VOXELS, **model_opts)
                 print(f"{opts.DATASET} {ru.summary_stem(method, subj, h, epochs)}: untuned {summary['untuned']:.3f}, "
                       + ", ".join(f"{r} {a:.3f}" for r, a in summary["rois"].items()))
     elif opts.TYPE.startswith("lower-bound-mi"):
         for subj in subjects:
             for h in opts.HEMISPHERES:
                 summary = ru.mi_task(opts.ROOT, method, subj, h, opts.ROIS, epochs, device, opts.BATCH_SIZE,
-                                     opts.OVERWRITE)
+                                     opts.OVERWRITE, precision, opts.MIN_VOXELS)
                 for roi, per_subj in summary["rois"].items():
                     for s, res in per_subj.items():
                         print(f"subj{s} {utils.hemi_code(h)} {roi}: {res['tuned']['scaled_bits']:.3f} bits "
@@ -73,15 +79,17 @@ def main(argv=None):
         for subj in opts.SUBJECTS:
             for h in opts.HEMISPHERES:
                 for path in ru.save_embeddings(subj=subj, hemisphere=h, rois=opts.ROIS, layer=opts.EMBEDDING_LAYER,
-                                               batch_size=opts.BATCH_SIZE, overwrite=opts.OVERWRITE, **model_opts):
+                                               split=opts.EMBEDDING_SPLIT, batch_size=opts.BATCH_SIZE,
+                                               overwrite=opts.OVERWRITE, precision=precision,
+                                               min_voxels=opts.MIN_VOXELS, **model_opts):
                     print(f"wrote {path}")
     elif opts.TYPE == "save-test-fmri-responses":
         for subj in opts.SUBJECTS:
             for h in opts.HEMISPHERES:
-                for path in ru.save_test_fmri(opts.ROOT, subj, h, opts.ROIS, opts.OVERWRITE):
+                for path in ru.save_test_fmri(opts.ROOT, subj, h, opts.ROIS, opts.OVERWRITE, opts.MIN_VOXELS):
                     print(f"wrote {path}")
     elif opts.TYPE == "random-rois-list":
-        chosen = ru.random_rois(ru.voxel_counts(opts.ROOT), opts.N_RANDOM_ROIS, opts.SEED)
+        chosen = ru.random_rois(ru.voxel_counts(opts.ROOT), opts.N_RANDOM_ROIS, opts.SEED, opts.MIN_VOXELS)
         path = utils.results_dir(opts.ROOT) / f"random_rois_n{opts.N_RANDOM_ROIS}_seed{opts.SEED}.csv"
         utils.atomic_write_text(chosen.to_csv(index=False), path)
         print(chosen.to_string(index=False))

@@ -10,9 +10,9 @@ the job's subject, hemisphere and ROI(s), then ARGS and everything after `--`:
     python launch.py --script fit_encoding_models.py --args "--method cl-tuned" --cluster local
 
 On SLURM all jobs go in one job array (at most ARRAY_PARALLELISM running at once).
-ROIs that are empty for a subject and hemisphere get no job. The launcher waits for the
-jobs, prints one status line per job, and exits non-zero if any failed. submitit is
-needed only here: `pip install submitit`.
+ROIs with fewer than utils.MIN_VOXELS (20) voxels for a subject and hemisphere get no job.
+The launcher waits for the jobs, prints one status line per job, and exits non-zero if any
+failed. submitit is needed only here: `pip install submitit`.
 """
 
 import argparse
@@ -29,7 +29,7 @@ import utils
 SCRIPT = "cl_model_training.py"  # cl_model_training.py, reg_model_training.py, pooled_model_training.py or fit_encoding_models.py
 SUBJECTS = []  # subjects; empty means every roi_masks/SubjX (pooled: the subjects pooled over)
 HEMISPHERES = ["left", "right"]  # hemispheres
-ROIS = []  # ROI names; empty means all 31 (ROIs empty for a subject and hemisphere are skipped)
+ROIS = []  # ROI names; empty means all 31 (ROIs under MIN_VOXELS = 20 voxels for a subject and hemisphere are skipped)
 ARGS = ""  # more arguments for every job's script, e.g. "--epochs 30 --weights imagenet" (or give them after --)
 CLUSTER = "slurm"  # slurm (sbatch job array), local (subprocesses on this machine) or debug (in this process, in turn)
 PARTITION = ""  # SLURM partition (empty: the cluster's default)
@@ -58,7 +58,7 @@ def run_job(script, argv):
 
 
 def job_list(root, script, subjects, hemispheres, rois, shared_pass=False):
-    """The (label, argv) of every job, leaving out ROIs without voxels.
+    """The (label, argv) of every job, leaving out ROIs with fewer than utils.MIN_VOXELS voxels.
 
     Parameters
     ----------
@@ -76,21 +76,21 @@ def job_list(root, script, subjects, hemispheres, rois, shared_pass=False):
         counts = {roi: {s: utils.roi_voxel_count(root, s, hemi, roi) for s in subjects} for roi in rois}
         if script == "fit_encoding_models.py" and shared_pass:
             for s in subjects:
-                present = [roi for roi in rois if counts[roi][s]]
+                present = [roi for roi in rois if counts[roi][s] >= utils.MIN_VOXELS]
                 if present:
                     jobs.append((f"{utils.subj_dir(s)} {hemi} {len(present)} ROIs",
                                  ["--root", str(root), "--subj", str(s), "--hemisphere", hemi, "--rois", *present]))
             continue
         for roi in rois:
             if script == "pooled_model_training.py":
-                if any(counts[roi].values()):
+                if any(n >= utils.MIN_VOXELS for n in counts[roi].values()):
                     jobs.append((f"{hemi} {roi}", ["--root", str(root), "--hemisphere", hemi, "--roi", roi,
                                                    "--subjects", *map(str, subjects)]))
                 continue
             flag = "--rois" if script == "fit_encoding_models.py" else "--roi"
             jobs += [(f"{utils.subj_dir(s)} {hemi} {roi}",
                       ["--root", str(root), "--subj", str(s), "--hemisphere", hemi, flag, roi])
-                     for s, n in counts[roi].items() if n]
+                     for s, n in counts[roi].items() if n >= utils.MIN_VOXELS]
     return jobs
 
 
@@ -151,8 +151,8 @@ def main(argv=None):
     shared_pass = opts.SCRIPT == "fit_encoding_models.py" and encoding_method(extra) == "untuned"
     jobs = job_list(opts.ROOT, opts.SCRIPT, subjects, opts.HEMISPHERES, rois, shared_pass)
     if not jobs:
-        raise utils.UserError(f"no job to run: the ROIs {', '.join(rois)} are empty for subjects {subjects} "
-                              f"in {', '.join(opts.HEMISPHERES)}; choose other ROIs or subjects")
+        raise utils.UserError(f"no job to run: the ROIs {', '.join(rois)} have fewer than {utils.MIN_VOXELS} voxels "
+                              f"for subjects {subjects} in {', '.join(opts.HEMISPHERES)}; choose other ROIs or subjects")
     ex = executor(opts, len(jobs))
     with ex.batch():
         submitted = [ex.submit(run_job, opts.SCRIPT, job_argv + extra) for _, job_argv in jobs]

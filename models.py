@@ -479,36 +479,50 @@ def model_path(kind, root, subjects, hemisphere, roi, epochs, h_method=None):
 
 def train_roi(kind, root, roi, hemisphere, subjects, epochs, lr, batch_size, temperature=0.3,
               weights="imagenet", device="auto", seed=0, image_size=224, max_voxels=None,
-              h_method="const", h_const=H_CONST, overwrite=False, skip_empty=False):
+              h_method="const", h_const=H_CONST, overwrite=False, skip_small=False, min_voxels=utils.MIN_VOXELS):
     """Train and save one model of ``kind`` ('cl', 'reg' or 'pooled') for one ROI.
 
     Parameters
     ----------
     subjects : list of int. CL and regression: one subject. Pooled: the candidate
-        subjects; those where the ROI is empty are left out, the rest run in sorted order.
+        subjects; those where the ROI has fewer than ``min_voxels`` voxels are left out,
+        the rest run in sorted order.
     max_voxels : keep at most this many voxels per subject (select_voxels); None keeps all.
     h_method, h_const : pooled only; h = h_const ('const') or the mean voxel count ('avg').
-    skip_empty : print a line and return None for an empty ROI instead of raising.
+    skip_small : print a line and return None for an ROI with fewer than ``min_voxels``
+        voxels (in every subject) instead of raising.
+    min_voxels : the authors' threshold (utils.MIN_VOXELS), applied before ``max_voxels``.
     Other parameters as for train_model.
 
     Returns
     -------
-    path : the checkpoint written, or None when skipped (empty ROI, or the checkpoint
+    path : the checkpoint written, or None when skipped (ROI too small, or the checkpoint
         exists and ``overwrite`` is False).
     """
     roi, hemi = utils.check_roi(roi), utils.hemi_code(hemisphere)
     device = utils.resolve_device(device)
     subjects = sorted(int(s) for s in subjects)
     path = model_path(kind, root, subjects, hemi, roi, epochs, h_method)
-    voxels = {s: select_voxels(utils.roi_voxel_indices(root, s, hemi, roi), max_voxels, seed) for s in subjects}
-    voxels = {s: v for s, v in voxels.items() if len(v)}
+    indices = {s: utils.roi_voxel_indices(root, s, hemi, roi) for s in subjects}
+    voxels = {s: select_voxels(v, max_voxels, seed) for s, v in indices.items() if len(v) >= min_voxels}
     if not voxels:
         where = ", ".join(utils.subj_dir(s) for s in subjects)
-        if skip_empty:
-            tqdm.write(f"skip {roi}: empty in {hemi} of {where}")
+        counts = ", ".join(str(len(v)) for v in indices.values())
+        if not any(len(v) for v in indices.values()):
+            if skip_small:
+                tqdm.write(f"skip {roi}: empty in {hemi} of {where}")
+                return None
+            raise utils.UserError(f"ROI {roi} is empty in {hemi} of {where}: choose an ROI with voxels there "
+                                  "(the *_all_rois scripts skip empty ROIs)")
+        if skip_small:
+            tqdm.write(f"skip {roi}: {counts} voxels in {hemi} of {where} (fewer than MIN_VOXELS={min_voxels})")
             return None
-        raise utils.UserError(f"ROI {roi} is empty in {hemi} of {where}: choose an ROI with voxels there "
-                              "(the *_all_rois scripts skip empty ROIs)")
+        raise utils.UserError(f"ROI {roi} has {counts} voxels in {hemi} of {where}, fewer than MIN_VOXELS={min_voxels}: "
+                              "choose a larger ROI (the authors skip ROIs under 20 voxels) or lower --min-voxels")
+    for s, v in indices.items():
+        if 0 < len(v) < min_voxels and kind == "pooled":
+            tqdm.write(f"{roi}: {utils.subj_dir(s)} left out "
+                       f"({len(v)} voxels in {hemi}, fewer than MIN_VOXELS={min_voxels})")
     if path.exists() and not overwrite:
         meta = read_meta(path)
         for s, v in voxels.items():

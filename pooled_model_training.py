@@ -1,8 +1,8 @@
 """Contrastive fine-tuning of one AlexNet pooled over the subjects that have an ROI.
 
-One image map and head are shared; each subject has its own fMRI map, and each epoch runs
-the subjects one after another in increasing order. h is 5741 (H_METHOD const) or the
-mean voxel count (avg); z = int(0.25 h). Writes
+One image map and head are shared; each subject with at least MIN_VOXELS voxels in the ROI
+has its own fMRI map, and each epoch runs the subjects one after another in increasing
+order. h is 5741 (H_METHOD const) or the mean voxel count (avg); z = int(0.25 h). Writes
 cl_models/{lh,rh}_<ROI>_pooled_model_e<EPOCHS>_h{const,avg}.pt (the per-subject voxel
 counts and voxels are in its meta) and the per-epoch losses (<name>.log.json).
 """
@@ -15,7 +15,7 @@ import utils
 # --- Options ---
 HEMISPHERE = "left"  # left or right
 ROI = "V1v"  # one of the 31 ROI names
-SUBJECTS = []  # candidate subjects; empty means all under roi_masks (those without the ROI are left out)
+SUBJECTS = []  # candidate subjects; empty means all under roi_masks (those where the ROI has fewer than MIN_VOXELS voxels are left out)
 H_METHOD = "const"  # const (h = H_CONST) or avg (h = mean voxel count over the subjects)
 H_CONST = 5741  # h of the const method: the largest ROI of the NSD subjects (subj5 rh EBA)
 BATCH_SIZE = 1024  # image-fMRI pairs per step
@@ -27,6 +27,7 @@ DEVICE = "auto"  # auto, cpu or cuda
 SEED = 0  # seeds the initialisation, batch order and dropout
 IMAGE_SIZE = 224  # images are squash-resized to IMAGE_SIZE x IMAGE_SIZE
 MAX_VOXELS = None  # keep at most this many voxels per subject (seeded random subset); None keeps all
+MIN_VOXELS = utils.MIN_VOXELS  # subjects where the ROI has fewer voxels are left out (the authors' 20)
 OVERWRITE = False  # re-train even if the checkpoint exists
 # ---
 
@@ -39,13 +40,13 @@ def subjects(opts):
         raise utils.UserError(f"bad --subjects {opts.SUBJECTS}: give subject numbers, e.g. --subjects 1 2 5") from None
 
 
-def train(opts, roi, skip_empty=False):
+def train(opts, roi, skip_small=False):
     """Train the pooled model of ``roi`` with the options ``opts``; returns its path, or None if skipped."""
     return models.train_roi(
         "pooled", opts.ROOT, roi, opts.HEMISPHERE, subjects(opts), epochs=opts.EPOCHS, lr=opts.LR,
         batch_size=opts.BATCH_SIZE, temperature=opts.TEMPERATURE, weights=opts.WEIGHTS, device=opts.DEVICE,
-        seed=opts.SEED, image_size=opts.IMAGE_SIZE, max_voxels=opts.MAX_VOXELS, h_method=opts.H_METHOD,
-        h_const=opts.H_CONST, overwrite=opts.OVERWRITE, skip_empty=skip_empty)
+        seed=opts.SEED, image_size=opts.IMAGE_SIZE, max_voxels=opts.MAX_VOXELS, min_voxels=opts.MIN_VOXELS,
+        h_method=opts.H_METHOD, h_const=opts.H_CONST, overwrite=opts.OVERWRITE, skip_small=skip_small)
 
 
 @utils.cli

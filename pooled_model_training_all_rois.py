@@ -1,7 +1,7 @@
 """Pooled contrastive fine-tuning (pooled_model_training.py) for every ROI of one hemisphere.
 
-ROIs that are empty in every subject are skipped with a line, finished checkpoints are
-skipped unless --overwrite, and --shard K/N runs only the K-th of N parts of the ROI list
+ROIs with fewer than MIN_VOXELS voxels in every subject are skipped with a line, finished
+checkpoints are skipped unless --overwrite, and --shard K/N runs only the K-th of N parts of the ROI list
 (one part per task of a SLURM job array).
 """
 
@@ -16,7 +16,7 @@ from pooled_model_training import train
 HEMISPHERE = "left"  # left or right
 ROIS = []  # ROI names to train; empty means all 31
 SHARD = "1/1"  # K/N: train only the K-th of N round-robin parts of the ROI list
-SUBJECTS = []  # candidate subjects; empty means all under roi_masks (those without an ROI are left out)
+SUBJECTS = []  # candidate subjects; empty means all under roi_masks (those where an ROI has fewer than MIN_VOXELS voxels are left out)
 H_METHOD = "const"  # const (h = H_CONST) or avg (h = mean voxel count over the subjects)
 H_CONST = 5741  # h of the const method: the largest ROI of the NSD subjects (subj5 rh EBA)
 BATCH_SIZE = 1024  # image-fMRI pairs per step
@@ -28,6 +28,7 @@ DEVICE = "auto"  # auto, cpu or cuda
 SEED = 0  # seeds the initialisation, batch order and dropout
 IMAGE_SIZE = 224  # images are squash-resized to IMAGE_SIZE x IMAGE_SIZE
 MAX_VOXELS = None  # keep at most this many voxels per subject (seeded random subset); None keeps all
+MIN_VOXELS = utils.MIN_VOXELS  # subjects where the ROI has fewer voxels are left out (the authors' 20)
 OVERWRITE = False  # re-train ROIs whose checkpoint exists
 # ---
 
@@ -36,7 +37,7 @@ OVERWRITE = False  # re-train ROIs whose checkpoint exists
 def main(argv=None):
     opts = utils.parse_options(sys.modules[__name__], argv)
     rois = utils.shard([utils.check_roi(r) for r in opts.ROIS or utils.ROIS], opts.SHARD)
-    return [train(opts, roi, skip_empty=True) for roi in tqdm(rois, desc="ROIs")]
+    return [train(opts, roi, skip_small=True) for roi in tqdm(rois, desc="ROIs")]
 
 
 if __name__ == "__main__":

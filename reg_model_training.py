@@ -22,16 +22,18 @@ DEVICE = "auto"  # auto, cpu or cuda
 SEED = 0  # seeds the initialisation, batch order and dropout
 IMAGE_SIZE = 224  # images are squash-resized to IMAGE_SIZE x IMAGE_SIZE
 MAX_VOXELS = None  # keep at most this many voxels of the ROI (seeded random subset); None keeps all
+MIN_VOXELS = utils.MIN_VOXELS  # ROIs with fewer voxels are not trained (the authors' 20)
 OVERWRITE = False  # re-train even if the checkpoint exists
 # ---
 
 
-def train(opts, roi, skip_empty=False):
+def train(opts, roi, skip_small=False):
     """Train the regression model of ``roi`` with the options ``opts``; returns its path, or None if skipped."""
     return models.train_roi(
         "reg", opts.ROOT, roi, opts.HEMISPHERE, [opts.SUBJ], epochs=opts.EPOCHS, lr=opts.LR,
         batch_size=opts.BATCH_SIZE, weights=opts.WEIGHTS, device=opts.DEVICE, seed=opts.SEED,
-        image_size=opts.IMAGE_SIZE, max_voxels=opts.MAX_VOXELS, overwrite=opts.OVERWRITE, skip_empty=skip_empty)
+        image_size=opts.IMAGE_SIZE, max_voxels=opts.MAX_VOXELS, min_voxels=opts.MIN_VOXELS,
+        overwrite=opts.OVERWRITE, skip_small=skip_small)
 
 
 @utils.cli

@@ -1,7 +1,7 @@
 """Regression fine-tuning (reg_model_training.py) for every ROI of one subject and hemisphere.
 
-ROIs that are empty for the subject are skipped with a line, finished checkpoints are
-skipped unless --overwrite, and --shard K/N runs only the K-th of N parts of the ROI list
+ROIs with fewer than MIN_VOXELS voxels (empty ones included) are skipped with a line,
+finished checkpoints are skipped unless --overwrite, and --shard K/N runs only the K-th of N parts of the ROI list
 (one part per task of a SLURM job array).
 """
 
@@ -25,6 +25,7 @@ DEVICE = "auto"  # auto, cpu or cuda
 SEED = 0  # seeds the initialisation, batch order and dropout
 IMAGE_SIZE = 224  # images are squash-resized to IMAGE_SIZE x IMAGE_SIZE
 MAX_VOXELS = None  # keep at most this many voxels per ROI (seeded random subset); None keeps all
+MIN_VOXELS = utils.MIN_VOXELS  # ROIs with fewer voxels are not trained (the authors' 20)
 OVERWRITE = False  # re-train ROIs whose checkpoint exists
 # ---
 
@@ -33,7 +34,7 @@ OVERWRITE = False  # re-train ROIs whose checkpoint exists
 def main(argv=None):
     opts = utils.parse_options(sys.modules[__name__], argv)
     rois = utils.shard([utils.check_roi(r) for r in opts.ROIS or utils.ROIS], opts.SHARD)
-    return [train(opts, roi, skip_empty=True) for roi in tqdm(rois, desc="ROIs")]
+    return [train(opts, roi, skip_small=True) for roi in tqdm(rois, desc="ROIs")]
 
 
 if __name__ == "__main__":

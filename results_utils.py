@@ -254,9 +254,10 @@ def dataset_images(root, name, image_size=224, workers=None):
 
 # --- Classification probes -------------------------------------------------------------
 
-def probe_features(alexnet, images, device="cpu", batch_size=256):
+def probe_features(alexnet, images, device="cpu", batch_size=256, precision="fp32"):
     """ReLU(fc7) features of every image: float32 (n, 4096)."""
-    return utils.extract_features(alexnet, images, batch_size, device, layers=[PROBE_LAYER])[PROBE_LAYER]
+    return utils.extract_features(alexnet, images, batch_size, device, layers=[PROBE_LAYER],
+                                  precision=precision)[PROBE_LAYER]
 
 
 def fit_probe(features, labels, train, test, n_classes):
@@ -364,16 +365,28 @@ def load_predictions(root, dataset, names=None):
 
 # --- Tasks run by generate_results.py --------------------------------------------------
 
-def select_rois(root, method, subj, hemisphere, rois, epochs):
-    """The ROIs to process: ``rois`` as given (each must have a checkpoint), or every ROI whose checkpoint exists."""
+def large_enough(root, method, subj, hemisphere, roi, min_voxels=utils.MIN_VOXELS):
+    """Whether an ROI is analysed: at least ``min_voxels`` voxels in the subject (pooled models:
+    always, since they were trained only on subjects with that many)."""
+    return method.startswith("pooled") or utils.roi_voxel_count(root, subj, hemisphere, roi) >= min_voxels
+
+
+def select_rois(root, method, subj, hemisphere, rois, epochs, min_voxels=utils.MIN_VOXELS):
+    """The ROIs to process: ``rois`` as given (each must have a checkpoint and at least ``min_voxels``
+    voxels), or every ROI with a checkpoint and at least ``min_voxels`` voxels (the authors' filter)."""
     if method not in utils.METHOD_SCRIPTS:
         raise utils.UserError(f"method {method!r} has no per-ROI checkpoints: use one of {', '.join(utils.METHOD_SCRIPTS)}")
     if rois:
         for roi in rois:
             path = utils.method_checkpoint_path(root, method, subj, hemisphere, utils.check_roi(roi), epochs)
             utils.require_file(path, f"make it with python {utils.METHOD_SCRIPTS[method]}")
+            if not large_enough(root, method, subj, hemisphere, roi, min_voxels):
+                raise utils.UserError(f"ROI {roi} has fewer than MIN_VOXELS={min_voxels} voxels in "
+                                      f"{utils.hemi_code(hemisphere)} of {utils.subj_dir(subj)}: "
+                                      "drop it or lower --min-voxels")
         return list(rois)
-    found = [r for r in utils.ROIS if utils.method_checkpoint_path(root, method, subj, hemisphere, r, epochs).is_file()]
+    found = [r for r in utils.ROIS if utils.method_checkpoint_path(root, method, subj, hemisphere, r, epochs).is_file()
+             and large_enough(root, method, subj, hemisphere, r, min_voxels)]
     if not found:
         example = utils.method_checkpoint_path(root, method, subj, hemisphere, "V1v", epochs)
         raise utils.UserError(f"no {method} checkpoints like {example}: train them with {utils.METHOD_SCRIPTS[method]}")
@@ -393,13 +406,14 @@ def _weights_tag(weights, seed):
     return w.lower() if w.lower() == "imagenet" else Path(w).stem
 
 
-def untuned_features(root, dataset, images, weights, seed, device, batch_size):
-    """fc7 features of the untuned AlexNet, computed once per dataset, image size and weights."""
-    path = Path(images.filename).with_name(f"{Path(images.filename).stem}_untuned-{_weights_tag(weights, seed)}_fc7.npy")
+def untuned_features(root, dataset, images, weights, seed, device, batch_size, precision="fp32"):
+    """fc7 features of the untuned AlexNet, computed once per dataset, image size, weights and precision."""
+    tag = _weights_tag(weights, seed) + ("" if precision == "fp32" else f"-{precision}")
+    path = Path(images.filename).with_name(f"{Path(images.filename).stem}_untuned-{tag}_fc7.npy")
     if path.is_file():
         return np.load(path, mmap_mode="r")
     alexnet = utils.load_alexnet(weights, seed)
-    utils.atomic_np_save(probe_features(alexnet, images, device, batch_size), path)
+    utils.atomic_np_save(probe_features(alexnet, images, device, batch_size, precision), path)
     return np.load(path, mmap_mode="r")
 
 
@@ -412,10 +426,13 @@ def _score_model(root, dataset, name, feats, labels, train, test, n_classes, met
 
 
 def classification_task(root, dataset, method, subj, hemisphere, rois, epochs, weights="imagenet",
-                        device="cpu", image_size=224, batch_size=256, seed=0, overwrite=False):
+                        device="cpu", image_size=224, batch_size=256, seed=0, overwrite=False,
+                        precision="fp32", min_voxels=utils.MIN_VOXELS):
     """Probe accuracy of the untuned AlexNet and of one tuned model per ROI on a dataset.
 
-    The untuned probe is refitted only when its saved weights or image size differ.
+    ROIs come from ``select_rois`` (at least ``min_voxels`` voxels); features are extracted
+    in ``precision`` (fp32, the authors', or bf16). The untuned probe is refitted only when
+    its saved weights, image size or precision differ.
     Writes classification_preds/<dataset>/<model>.npz per model, the probes under
     results/classification/<dataset>/probes/, and results/classification/<dataset>/<summary>.json
     ({'untuned': acc, 'rois': {roi: acc}}) after each ROI; finished ROIs are skipped
@@ -426,15 +443,16 @@ def classification_task(root, dataset, method, subj, hemisphere, rois, epochs, w
     summary : dict.
     """
     import models
-    rois = select_rois(root, method, subj, hemisphere, rois, epochs)
+    rois = select_rois(root, method, subj, hemisphere, rois, epochs, min_voxels)
     images, labels, classes = dataset_images(root, dataset, image_size)
     train, test = utils.train_test_split(len(labels))
     out = utils.results_dir(root) / "classification" / dataset / f"{summary_stem(method, subj, hemisphere, epochs)}.json"
     summary = _load_summary(out, overwrite)
-    untuned_meta = {"method": "untuned", "weights": _weights_tag(weights, seed), "image_size": image_size}
+    untuned_meta = {"method": "untuned", "weights": _weights_tag(weights, seed), "image_size": image_size,
+                    "precision": precision}
     saved = load_predictions(root, dataset, ["untuned"])[3][0] if preds_path(root, dataset, "untuned").is_file() else {}
     if overwrite or {k: saved.get(k) for k in untuned_meta} != untuned_meta:
-        feats = untuned_features(root, dataset, images, weights, seed, device, batch_size)
+        feats = untuned_features(root, dataset, images, weights, seed, device, batch_size, precision)
         saved["accuracy"] = _score_model(root, dataset, "untuned", feats, labels, train, test, len(classes), untuned_meta)
     summary["untuned"] = saved["accuracy"]
     for roi in tqdm(rois, desc=f"classification {dataset}"):
@@ -443,9 +461,10 @@ def classification_task(root, dataset, method, subj, hemisphere, rois, epochs, w
             continue
         alexnet, _ = models.load_feature_alexnet(root, method, subj, hemisphere, roi, epochs, weights=weights,
                                                  device=device, seed=seed)
-        feats = probe_features(alexnet, images, device, batch_size)
+        feats = probe_features(alexnet, images, device, batch_size, precision)
         meta = {"method": method, "subj": None if method.startswith("pooled") else int(subj),
-                "hemisphere": utils.hemi_code(hemisphere), "roi": roi, "epochs": int(epochs), "image_size": image_size}
+                "hemisphere": utils.hemi_code(hemisphere), "roi": roi, "epochs": int(epochs), "image_size": image_size,
+                "precision": precision}
         summary["rois"][roi] = _score_model(root, dataset, name, feats, labels, train, test, len(classes), meta)
         utils.atomic_json_dump(summary, out)
     utils.atomic_json_dump(summary, out)
@@ -455,15 +474,16 @@ def classification_task(root, dataset, method, subj, hemisphere, rois, epochs, w
 # --- MI bound task ---------------------------------------------------------------------
 
 @torch.no_grad()
-def embed_pairs(model, data, indices, device="cpu", batch_size=256, subj=None):
+def embed_pairs(model, data, indices, device="cpu", batch_size=256, subj=None, precision="fp32"):
     """Image and fMRI embeddings of rows ``indices`` of a SubjectData, in increasing row order.
 
-    ``subj`` selects the fMRI map of a pooled model. Returns two float32 arrays (n, z).
+    ``subj`` selects the fMRI map of a pooled model; ``precision`` fp32 (the authors') or bf16.
+    Returns two float32 arrays (n, z).
     """
     model = model.to(device).eval()
     z_img, z_fmri = [], []
     for x, y in utils.iterate_batches(data.images, data.fmri, np.sort(indices), batch_size, device):
-        with utils.autocast(device):
+        with utils.feature_autocast(device, precision):
             z_img.append(model.embed_images(x).float().cpu())
             z_fmri.append((model.embed_fmri(y) if subj is None else model.embed_fmri(y, subj)).float().cpu())
     return torch.cat(z_img).numpy(), torch.cat(z_fmri).numpy()
@@ -477,11 +497,14 @@ def _load_tuned(root, method, subj, hemisphere, roi, epochs, device):
     return models.load_checkpoint(path, device)
 
 
-def mi_task(root, method, subj, hemisphere, rois, epochs, device="cpu", batch_size=256, overwrite=False):
+def mi_task(root, method, subj, hemisphere, rois, epochs, device="cpu", batch_size=256, overwrite=False,
+            precision="fp32", min_voxels=utils.MIN_VOXELS):
     """InfoNCE MI bound on each subject's test split, for the tuned model and for the same model before tuning.
 
     The untuned reference is the checkpoint's architecture built afresh with its
-    weights and seed: the untuned AlexNet with the initial maps and head. Writes
+    weights and seed: the untuned AlexNet with the initial maps and head. As in the
+    authors' code, ROIs (pooled models: subjects) with fewer than ``min_voxels`` voxels
+    are left out. Writes
     results/mi_bounds/<summary>.json ({'rois': {roi: {subject: {'tuned': bound,
     'untuned': bound}}}}, bound as ``mi_lower_bound``) after each ROI.
 
@@ -493,7 +516,7 @@ def mi_task(root, method, subj, hemisphere, rois, epochs, device="cpu", batch_si
     if method not in ("cl-tuned", "pooled-avg", "pooled-const"):
         raise utils.UserError(f"the MI bound needs an fMRI embedding, which {method} models lack: "
                               "use --method cl-tuned or a lower-bound-mi-pooled-* type")
-    rois = select_rois(root, method, subj, hemisphere, rois, epochs)
+    rois = select_rois(root, method, subj, hemisphere, rois, epochs, min_voxels)
     out = utils.results_dir(root) / "mi_bounds" / f"{summary_stem(method, subj, hemisphere, epochs)}.json"
     summary = _load_summary(out, overwrite)
     for roi in tqdm(rois, desc="MI bound"):
@@ -508,10 +531,12 @@ def mi_task(root, method, subj, hemisphere, rois, epochs, device="cpu", batch_si
             reference = models.CLModel(meta["n_voxels"], meta["h"], meta["z"], weights=meta["weights"], seed=meta["seed"])
         result = {}
         for s in (meta["subjects"] if pooled else [meta["subject"]]):
+            if pooled and utils.roi_voxel_count(root, s, hemisphere, roi) < min_voxels:
+                continue
             voxels = np.asarray(meta["voxels"][str(s)] if pooled else meta["voxels"], dtype=np.int64)
             data = utils.SubjectData(root, s, hemisphere, voxels, meta["image_size"])
             key = int(s) if pooled else None
-            result[str(s)] = {name: mi_lower_bound(*embed_pairs(m, data, data.test, device, batch_size, key))
+            result[str(s)] = {name: mi_lower_bound(*embed_pairs(m, data, data.test, device, batch_size, key, precision))
                               for name, m in (("tuned", model), ("untuned", reference))}
         summary["rois"][roi] = result
         utils.atomic_json_dump(summary, out)
@@ -529,15 +554,40 @@ def best_encoding_layer(root, method, subj, hemisphere, roi):
     return layer
 
 
-def save_embeddings(root, method, subj, hemisphere, rois, epochs, layer="", weights="imagenet", device="cpu",
-                    image_size=224, batch_size=256, seed=0, overwrite=False):
-    """Embeddings of all of a subject's images, one float32 (n_images, d) .npy per model.
+EMBEDDING_SPLITS = ("test", "all")
 
-    ``layer`` '' takes the model's own output (CL: the image embedding; regression: the
-    predicted voxel responses; untuned: the 1000 fc8 logits), 'best' the layer that
-    fit_encoding_models.py chose for that model and ROI, or one of utils.LAYERS.
-    Files: results/embeddings/<model>_<layer or 'output'>.npy; the untuned model is
-    'subjX_untuned'. Returns the paths written or found.
+
+def _model_outputs(forward, images, rows, batch_size=256, device="cpu", precision="fp32"):
+    """``forward`` of the normalised images ``rows`` (in that order): float32 (len(rows), d)."""
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            x = utils.normalize_images(np.ascontiguousarray(images[rows[start:start + batch_size]]), device)
+            with utils.feature_autocast(device, precision):
+                chunks.append(forward(x).float().cpu())
+    return torch.cat(chunks).numpy()
+
+
+def split_rows(n_images, split="test"):
+    """Rows of a subject's images in an export: the test split in split order (the authors'), or all, sorted."""
+    if split not in EMBEDDING_SPLITS:
+        raise utils.UserError(f"unknown split {split!r}: use test (the authors') or all")
+    return utils.train_test_split(n_images)[1] if split == "test" else np.arange(n_images)
+
+
+def save_embeddings(root, method, subj, hemisphere, rois, epochs, layer=PROBE_LAYER, split="test", weights="imagenet",
+                    device="cpu", image_size=224, batch_size=256, seed=0, overwrite=False, precision="fp32",
+                    min_voxels=utils.MIN_VOXELS):
+    """Embeddings of a subject's images, one float32 (n_rows, d) .npy per model, with the NSD ids of the rows.
+
+    The default is the authors' export: fc7 (``classifier.5``, after ReLU) of the test
+    split, in split order, so that row i matches row i of ``save_test_fmri``. ``layer``
+    may also be '' (the model's own output: CL image embedding, regression prediction,
+    untuned fc8), 'best' (the layer fit_encoding_models.py chose for that model and ROI)
+    or any of utils.LAYERS; ``split`` 'all' takes every image in sorted file order (the
+    fMRI row order). Files: results/embeddings/<model>_<layer or 'output'>_<split>.npy
+    (the untuned model is 'subjX_untuned') and results/embeddings/subjX_<split>_nsd_ids.npy.
+    Returns the paths written or found, the ids file first.
     """
     if method not in ("untuned", "cl-tuned", "reg-tuned"):
         raise utils.UserError(f"save-embeddings takes --method untuned, cl-tuned or reg-tuned, not {method!r}")
@@ -545,15 +595,18 @@ def save_embeddings(root, method, subj, hemisphere, rois, epochs, layer="", weig
         raise utils.UserError(f"unknown layer {layer!r}: use '' (the model output), 'best' or one of {', '.join(utils.LAYERS)}")
     if layer == "best" and method == "untuned":
         raise utils.UserError("--embedding-layer best needs an ROI's encoding result: use it with cl-tuned or reg-tuned")
-    todo = [None] if method == "untuned" else select_rois(root, method, subj, hemisphere, rois, epochs)
+    todo = [None] if method == "untuned" else select_rois(root, method, subj, hemisphere, rois, epochs, min_voxels)
     layers = [best_encoding_layer(root, method, subj, hemisphere, roi) if layer == "best" else layer for roi in todo]
+    paths = utils.list_images(root, subj)
+    rows = split_rows(len(paths), split)
     images = utils.subject_images(root, subj, image_size)
     folder = utils.results_dir(root) / "embeddings"
-    paths = []
+    out = [folder / f"subj{int(subj)}_{split}_nsd_ids.npy"]
+    utils.atomic_np_save(utils.nsd_ids(paths)[rows], out[0])
     for roi, roi_layer in zip(tqdm(todo, desc="embeddings"), layers):
         name = f"subj{int(subj)}_untuned" if roi is None else model_name(method, subj, hemisphere, roi, epochs)
-        path = folder / f"{name}_{roi_layer or 'output'}.npy"
-        paths.append(path)
+        path = folder / f"{name}_{roi_layer or 'output'}_{split}.npy"
+        out.append(path)
         if path.is_file() and not overwrite:
             continue
         if roi is None:
@@ -562,18 +615,13 @@ def save_embeddings(root, method, subj, hemisphere, rois, epochs, layer="", weig
             model, _ = _load_tuned(root, method, subj, hemisphere, roi, epochs, device)
             alexnet = model.alexnet
         if roi_layer:
-            emb = utils.extract_features(alexnet, images, batch_size, device, layers=[roi_layer])[roi_layer]
+            emb = utils.extract_features(alexnet, images, batch_size, device, [roi_layer], rows, precision)[roi_layer]
         else:
             model = model.to(device).eval()
-            forward = model.embed_images if method == "cl-tuned" else model
-            chunks = []
-            with torch.no_grad():
-                for x, _ in utils.iterate_batches(images, None, np.arange(len(images)), batch_size, device):
-                    with utils.autocast(device):
-                        chunks.append(forward(x).float().cpu())
-            emb = torch.cat(chunks).numpy()
+            emb = _model_outputs(model.embed_images if method == "cl-tuned" else model, images, rows,
+                                 batch_size, device, precision)
         utils.atomic_np_save(emb.astype(np.float32), path)
-    return paths
+    return out
 
 
 # --- Voxel counts, test fMRI, random ROIs ----------------------------------------------
@@ -591,8 +639,10 @@ def voxel_counts(root, subjects=None):
     return pd.DataFrame(rows)
 
 
-def random_rois(counts, n, seed=0, min_voxels=1):
-    """``n`` distinct (subject, hemisphere, ROI) rows drawn at random among ROIs with ``min_voxels`` or more.
+def random_rois(counts, n=30, seed=0, min_voxels=utils.MIN_VOXELS):
+    """``n`` distinct (subject, hemisphere, ROI) rows drawn at random among ROIs with more than ``min_voxels``.
+
+    The authors draw 30 among the ROIs with more than 20 voxels (for their hyper-parameter search).
 
     Parameters
     ----------
@@ -602,9 +652,10 @@ def random_rois(counts, n, seed=0, min_voxels=1):
     -------
     DataFrame, the chosen rows in the order drawn.
     """
-    pool = counts[counts["n_voxels"] >= min_voxels].reset_index(drop=True)
+    pool = counts[counts["n_voxels"] > min_voxels].reset_index(drop=True)
     if n > len(pool):
-        raise utils.UserError(f"asked for {n} random ROIs but only {len(pool)} have >= {min_voxels} voxels: ask for fewer")
+        raise utils.UserError(f"asked for {n} random ROIs but only {len(pool)} have more than {min_voxels} voxels: "
+                              "ask for fewer")
     pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:n].numpy()
     return pool.iloc[pick].reset_index(drop=True)
 
@@ -813,7 +864,8 @@ def grad_cam(alexnet, head, x, target=None, layer="features.12"):
     ----------
     head : module mapping fc7 features to class logits (see ``probe_head``).
     x : tensor (B, 3, S, S), normalised images.
-    target : class index per image (tensor (B,)); default the predicted class.
+    target : logit column per image (tensor (B,)); default the predicted class (salience_maps
+        passes the true class, as the authors).
 
     Returns
     -------
@@ -855,24 +907,28 @@ def plot_salience(image, cams, titles, stem, suptitle=None):
     return save_figure(fig, stem)
 
 
-def save_test_fmri(root, subj, hemisphere, rois, overwrite=False):
-    """The test-split fMRI of each ROI (rows in test-split order), and the test indices of the subject.
+def save_test_fmri(root, subj, hemisphere, rois, overwrite=False, min_voxels=utils.MIN_VOXELS):
+    """The test-split fMRI of each ROI (rows in test-split order), with the test indices and NSD ids.
 
-    Files: results/test_fmri/subjX_<h>_<roi>.npy (n_test, n_voxels) and
-    results/test_fmri/subjX_test_indices.npy. ``rois`` empty means every non-empty ROI.
+    Rows line up with ``save_embeddings``'s default (test split) export. Files:
+    results/test_fmri/subjX_<h>_<roi>.npy (n_test, n_voxels), results/test_fmri/subjX_test_indices.npy
+    and subjX_test_nsd_ids.npy. ``rois`` empty means every ROI with at least ``min_voxels`` voxels.
     Returns the paths written or found.
     """
     h = utils.hemi_code(hemisphere)
-    n_images = len(utils.list_images(root, subj))
-    _, test = utils.train_test_split(n_images)
+    image_paths = utils.list_images(root, subj)
+    n_images = len(image_paths)
+    test = split_rows(n_images, "test")
     folder = utils.results_dir(root) / "test_fmri"
-    paths = [folder / f"subj{int(subj)}_test_indices.npy"]
+    paths = [folder / f"subj{int(subj)}_test_indices.npy", folder / f"subj{int(subj)}_test_nsd_ids.npy"]
     utils.atomic_np_save(test, paths[0])
+    utils.atomic_np_save(utils.nsd_ids(image_paths)[test], paths[1])
     for roi in rois or utils.ROIS:
         voxels = utils.roi_voxel_indices(root, subj, h, roi)
-        if not len(voxels):
+        if len(voxels) < min_voxels:
             if rois:
-                raise utils.UserError(f"ROI {roi} is empty in {h} of {utils.subj_dir(subj)}: choose an ROI with voxels")
+                raise utils.UserError(f"ROI {roi} has {len(voxels)} voxels in {h} of {utils.subj_dir(subj)}, fewer than "
+                                      f"MIN_VOXELS={min_voxels}: choose a larger ROI or lower --min-voxels")
             continue
         path = folder / f"subj{int(subj)}_{h}_{roi}.npy"
         paths.append(path)
@@ -886,10 +942,10 @@ def save_test_fmri(root, subj, hemisphere, rois, overwrite=False):
 
 def salience_maps(root, dataset, method, subj, roi, image_index, epochs, weights="imagenet", device="cpu",
                   image_size=224, seed=0):
-    """Grad-CAM at features.12 of the left- and right-hemisphere models of an ROI, on a test image and its mirror.
+    """Grad-CAM at features.12 of the untuned AlexNet and of the left- and right-hemisphere models of an
+    ROI, on a test image and its mirror, for the image's true class (the authors' target).
 
-    The class scores come from each model's saved probe (``classification_task``); the
-    target class is the one that model predicts for the unmirrored image, used for both.
+    The class scores come from each model's saved probe (``classification_task``).
     Writes results/figures/salience_<dataset>_<model>_img<i>.png/.pdf; returns the paths.
     """
     import models
@@ -899,20 +955,26 @@ def salience_maps(root, dataset, method, subj, roi, image_index, epochs, weights
         raise utils.UserError(f"image index {image_index} is outside the {len(test)} test images of {dataset}: "
                               f"use 0 to {len(test) - 1}")
     image = np.ascontiguousarray(images[test[image_index]])
+    label = int(labels[test[image_index]])
     x = utils.normalize_images(np.stack([image, image[:, ::-1]]), device)
+    fix = f"run generate_results.py --type classification-task --dataset {dataset} for that model first"
     cams, titles = [], []
-    for h in utils.HEMISPHERES:
-        name = model_name(method, subj, h, roi, epochs)
-        fix = f"run generate_results.py --type classification-task --dataset {dataset} for that model first"
+    for h in (None,) + utils.HEMISPHERES:
+        name = "untuned" if h is None else model_name(method, subj, h, roi, epochs)
         with np.load(utils.require_file(probe_path(root, dataset, name), fix)) as z:
             probe = {k: z[k] for k in z.files}
-        alexnet, _ = models.load_feature_alexnet(root, method, subj, h, roi, epochs, weights, device, seed)
-        head = probe_head(probe).to(device)
-        first, target = grad_cam(alexnet, head, x[:1])
-        mirrored, _ = grad_cam(alexnet, head, x[1:], target)
-        cams.append(torch.cat([first, mirrored]).cpu().numpy())
-        titles.append(f"{h} {roi}: {classes[int(probe['classes'][int(target[0])])]}")
+        column = np.flatnonzero(probe["classes"] == label)
+        if not len(column):
+            raise utils.UserError(f"the probe of {name} saw no training image of class {classes[label]!r}: "
+                                  "choose another --image-index")
+        if h is None:
+            alexnet = utils.load_alexnet(weights, seed).to(device)
+        else:
+            alexnet, _ = models.load_feature_alexnet(root, method, subj, h, roi, epochs, weights, device, seed)
+        cam, _ = grad_cam(alexnet, probe_head(probe).to(device), x, torch.full((2,), int(column[0]), device=device))
+        cams.append(cam.cpu().numpy())
+        titles.append("untuned" if h is None else f"{h} {roi} {method}")
     who = "" if method.startswith("pooled") else f"subj{int(subj)}_"
     stem = utils.results_dir(root) / "figures" / f"salience_{dataset}_{who}{roi}_{method}_e{int(epochs)}_img{image_index}"
     return plot_salience(image, np.stack(cams), titles, stem,
-                         f"Grad-CAM at features.12, true class: {classes[int(labels[test[image_index]])]}")
+                         f"Grad-CAM at features.12 for the true class: {classes[label]}")

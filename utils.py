@@ -10,6 +10,7 @@ import hashlib
 import inspect
 import json
 import os
+import re
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +38,17 @@ ROIS = [roi for rois in ROI_CLASSES.values() for roi in rois]
 ROI_CLASS = {roi: cls for cls, rois in ROI_CLASSES.items() for roi in rois}
 # The integer code of each ROI inside its class mask (0 means "Unknown").
 ROI_CODE = {roi: i + 1 for rois in ROI_CLASSES.values() for i, roi in enumerate(rois)}
+# The authors' ROI groups for summaries: early = the pRF visual ROIs, higher = the category
+# ROIs, all = both (the stream ROIs are in no group).
+ROI_GROUPS = {
+    "all": ROI_CLASSES["prf-visualrois"] + [r for c in ("floc-bodies", "floc-faces", "floc-places", "floc-words")
+                                            for r in ROI_CLASSES[c]],
+    "early": list(ROI_CLASSES["prf-visualrois"]),
+    "higher": [r for c in ("floc-bodies", "floc-faces", "floc-places", "floc-words") for r in ROI_CLASSES[c]],
+}
+# ROIs (pooled models: subjects) with fewer voxels are never trained, fitted or analysed,
+# as in the authors' code; every script's MIN_VOXELS option defaults to this.
+MIN_VOXELS = 20
 HEMISPHERES = ("lh", "rh")
 N_SUBJECTS = 8
 N_FSAVERAGE_VERTICES = 163842
@@ -289,6 +301,17 @@ def list_images(root, subj):
     return paths
 
 
+def nsd_ids(paths):
+    """The NSD image ids in Algonauts file names (``train-0001_nsd-00013.png`` -> 13): int64 (n,)."""
+    ids = []
+    for p in paths:
+        m = re.search(r"_nsd-(\d+)", Path(p).name)
+        if m is None:
+            raise UserError(f"{p} has no NSD id in its name: Algonauts images are named like train-0001_nsd-00013.png")
+        ids.append(int(m.group(1)))
+    return np.asarray(ids, dtype=np.int64)
+
+
 def check_counts(n_images, fmri, what):
     if fmri.shape[0] != n_images:
         raise UserError(f"{what} has {fmri.shape[0]} rows but there are {n_images} images: "
@@ -470,9 +493,28 @@ def resolve_device(name):
 
 
 def autocast(device):
-    """bf16 autocast on CUDA, a no-op elsewhere."""
+    """bf16 autocast on CUDA, a no-op elsewhere (training)."""
     device = torch.device(device)
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def check_precision(precision):
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown feature precision {precision!r}: use fp32 (the authors') or bf16")
+    return precision
+
+
+def feature_autocast(device, precision="fp32"):
+    """The context of feature extraction: plain fp32 (the authors'), or bf16 autocast on any device.
+
+    bf16 rounds activations to 8 significant bits, and those features feed PCA, ridge,
+    probes and the MI critic directly, so fp32 is the default; bf16 is faster on a GPU.
+    """
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=check_precision(precision) == "bf16")
 
 
 def imagenet_weights_path():
@@ -540,7 +582,7 @@ def feature_extractor(alexnet, layers=LAYERS):
 
 
 @torch.no_grad()
-def iter_features(alexnet, images, batch_size=256, device="cpu", layers=LAYERS, indices=None):
+def iter_features(alexnet, images, batch_size=256, device="cpu", layers=LAYERS, indices=None, precision="fp32"):
     """One forward pass per batch through all ``layers`` at once.
 
     Parameters
@@ -548,6 +590,7 @@ def iter_features(alexnet, images, batch_size=256, device="cpu", layers=LAYERS, 
     alexnet : torchvision AlexNet (or the ``alexnet`` of a tuned model).
     images : uint8 array (n, S, S, 3), e.g. the image cache.
     indices : optional rows of ``images`` to use, in order.
+    precision : 'fp32' (default, as the authors) or 'bf16' (autocast; see feature_autocast).
 
     Yields
     ------
@@ -560,16 +603,16 @@ def iter_features(alexnet, images, batch_size=256, device="cpu", layers=LAYERS, 
     rows = np.arange(len(images)) if indices is None else np.asarray(indices)
     for start in tqdm(range(0, len(rows), batch_size), desc="features", leave=False):
         x = normalize_images(np.ascontiguousarray(images[rows[start:start + batch_size]]), device)
-        with autocast(device):
+        with feature_autocast(device, precision):
             out = extractor(x)
         yield start, {k: v.flatten(1).float() for k, v in out.items()}
 
 
-def extract_features(alexnet, images, batch_size=256, device="cpu", layers=LAYERS, indices=None):
-    """All ``layers`` for all rows as float32 numpy arrays: dict layer -> (n, d_layer)."""
+def extract_features(alexnet, images, batch_size=256, device="cpu", layers=LAYERS, indices=None, precision="fp32"):
+    """All ``layers`` for all rows (or ``indices``, in order) as float32 numpy arrays: dict layer -> (n, d_layer)."""
     out = {}
     n = len(images) if indices is None else len(indices)
-    for start, feats in iter_features(alexnet, images, batch_size, device, layers, indices):
+    for start, feats in iter_features(alexnet, images, batch_size, device, layers, indices, precision):
         for k, v in feats.items():
             if k not in out:
                 out[k] = np.empty((n, v.shape[1]), dtype=np.float32)

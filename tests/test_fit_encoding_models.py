@@ -163,16 +163,20 @@ def test_transfer_uses_the_model_subjects_checkpoint_and_fills_the_matrix(root, 
     np.testing.assert_allclose(fig.axes[0].collections[0].get_offsets(), np.column_stack([untuned["test_r"], r["test_r"]]))
     assert f"{methods.loc['cl-tuned_from-Subj2', 'pct_beats_untuned']:.1f}%" in fig.axes[0].get_title()
 
-    long, mean_r, frac = fem.main(["--root", str(root), "--method", "cl-tuned", "--rois", "EBA", "V1v",
-                                   "--transfer-matrix"])
+    table, matrices = fem.main(["--root", str(root), "--method", "cl-tuned", "--rois", "EBA", "V1v",
+                                "--transfer-matrix"])
+    # V1v has no result at all, so the 'all' group is EBA alone; 'early' (V1v) has no matrix.
+    assert set(matrices) == {"all", "higher"}
+    mean_r, frac = matrices["all"]
     own_r = fem.load_result(own)
     assert mean_r.loc[2, 1] == pytest.approx(r["test_r"].mean())
     assert mean_r.loc[1, 1] == pytest.approx(own_r["test_r"].mean())
     assert frac.loc[2, 1] == pytest.approx(np.mean(r["test_r"] > untuned["test_r"]))
     assert list(mean_r.index) == [1, 2] and list(mean_r.columns) == [1] and not mean_r.isna().any().any()
-    saved = pd.read_csv(root / "encoding_results" / "transfer_cl-tuned_lh_mean_r.csv", index_col=0)
+    saved = pd.read_csv(root / "encoding_results" / "transfer_cl-tuned_lh_all_mean_r.csv", index_col=0)
     np.testing.assert_allclose(saved.to_numpy(), mean_r.to_numpy())
-    assert len(long) == 2 and (root / "encoding_results" / "transfer_cl-tuned_lh.png").is_file()
+    assert list(table["status"]) == ["fitted", "fitted", "missing", "missing"]
+    assert (root / "encoding_results" / "transfer_cl-tuned_lh_all.png").is_file()
     err = run_error(["--root", str(root), "--method", "untuned", "--transfer-matrix"], capsys)
     assert "--method cl-tuned or reg-tuned" in err
 
@@ -232,3 +236,86 @@ def test_untuned_pass_is_shared_by_overlapping_rois_and_resumes_per_roi(root, tm
     np.testing.assert_allclose(fem.load_result(written["early"])["test_r"], before["test_r"], rtol=0, atol=1e-10)
     assert len(calls) == len(utils.LAYERS) * (5 + 1)
     assert not list((root / "cache").glob(f"{encoding.SPILL_PREFIX}-*"))
+
+
+def fake_result(root, subj, tag, hemi, roi, test_r, cv_r=None):
+    """Save a result with chosen per-voxel r on the ROI's real voxels (the summaries read nothing else)."""
+    voxels = utils.roi_voxel_indices(root, subj, hemi, roi)
+    test_r = np.broadcast_to(np.asarray(test_r, dtype=float), voxels.shape).copy()
+    cv_r = test_r if cv_r is None else np.broadcast_to(np.asarray(cv_r, dtype=float), voxels.shape).copy()
+    method = tag.split("_")[0]
+    fem.save_result({"voxels": voxels, "alphas": np.ones(len(voxels)), "alpha_index": np.zeros(len(voxels), int),
+                     "cv_r": cv_r, "test_r": test_r, "method": method, "subject": subj, "hemisphere": hemi,
+                     "roi": roi, "model_subj": None, "protocol": "per-method", "best_layer": "features.2",
+                     "layer_scores": {layer: 0.0 for layer in utils.LAYERS}},
+                    fem.result_path(root, subj, tag, hemi, roi))
+
+
+def test_transfer_average_is_the_authors_unweighted_mean_with_absent_rois_as_zero(root):
+    # lh FBA-2 is empty in Subj2: absent whenever Subj2 is the target or the model subject.
+    nE, nF = (utils.roi_voxel_count(root, 1, "lh", r) for r in ("EBA", "FBA-2"))
+    for target in (1, 2):
+        fake_result(root, target, "untuned", "lh", "EBA", 0.0)
+    fake_result(root, 1, "untuned", "lh", "FBA-2", 0.0)
+    half = np.where(np.arange(nE) < nE // 2, 0.5, -0.5)  # improves over untuned on nE // 2 voxels
+    fake_result(root, 1, "cl-tuned", "lh", "EBA", 0.2)
+    fake_result(root, 1, "cl-tuned", "lh", "FBA-2", 0.4)
+    fake_result(root, 1, "cl-tuned_from-Subj2", "lh", "EBA", half)  # mean 0 (nE is even)
+    fake_result(root, 2, "cl-tuned_from-Subj1", "lh", "EBA", 0.3)
+    fake_result(root, 2, "cl-tuned", "lh", "EBA", 0.1)
+    base = ["--root", str(root), "--method", "cl-tuned", "--rois", "EBA", "FBA-2", "--transfer-matrix"]
+    table, matrices = fem.main(base)
+    status = table.set_index(["roi", "model_subj", "target_subj"])["status"]
+    assert status["FBA-2", 2, 1] == status["FBA-2", 1, 2] == status["FBA-2", 2, 2] == "absent"
+    mean_r, frac = matrices["higher"]
+    # Rows: model subject, columns: target subject; each entry (EBA + FBA-2) / 2 with absent = 0.
+    np.testing.assert_allclose(mean_r.loc[[1, 2], [1, 2]].to_numpy(),
+                               [[(0.2 + 0.4) / 2, 0.3 / 2], [0.0 / 2, 0.1 / 2]], atol=1e-12)
+    np.testing.assert_allclose(frac.loc[[1, 2], [1, 2]].to_numpy(),
+                               [[1.0, 0.5], [(nE // 2 / nE) / 2, 0.5]], atol=1e-12)
+    assert matrices["all"][0].equals(mean_r) and "early" not in matrices
+    saved = pd.read_csv(root / "encoding_results" / "transfer_cl-tuned_lh_higher_mean_r.csv", index_col=0)
+    np.testing.assert_allclose(saved.to_numpy(), mean_r.to_numpy())
+
+    # The voxel-pooled option: absent ROIs add no voxels.
+    _, pooled = fem.main(base + ["--transfer-aggregation", "voxels"])
+    np.testing.assert_allclose(pooled["higher"][0].loc[[1, 2], [1, 2]].to_numpy(),
+                               [[(0.2 * nE + 0.4 * nF) / (nE + nF), 0.3], [0.0, 0.1]], atol=1e-12)
+    assert (root / "encoding_results" / "transfer_cl-tuned_lh_higher_voxels_mean_r.csv").is_file()
+
+    # A present ROI that was never fitted makes its entries unknown instead of silently 0.
+    fake_result(root, 1, "cl-tuned", "lh", "aTL-faces", 0.6)
+    _, matrices = fem.main(["--root", str(root), "--method", "cl-tuned", "--rois", "EBA", "aTL-faces",
+                            "--transfer-matrix"])
+    m = matrices["higher"][0]
+    assert m.loc[1, 1] == pytest.approx((0.2 + 0.6) / 2) and np.isnan(m.loc[2, 1]) and np.isnan(m.loc[1, 2])
+    fig = fem.plot_transfer(m, matrices["higher"][1], "t", root / "t.png")
+    assert [t.get_text() for t in fig.axes[0].texts] == [f"{(0.2 + 0.6) / 2:.3f}", "n/a", "n/a", "n/a"]
+
+
+def test_group_summary_averages_rois_without_weights(root):
+    # lh EBA and lh FBA-2 have all three methods; lh V1v only untuned, so it is left out.
+    nE = utils.roi_voxel_count(root, 1, "lh", "EBA")
+    first = np.arange(nE) < 3
+    fake_result(root, 1, "untuned", "lh", "EBA", 0.1, cv_r=0.2)
+    fake_result(root, 1, "cl-tuned", "lh", "EBA", np.where(first, 0.3, 0.0), cv_r=0.3)
+    fake_result(root, 1, "reg-tuned", "lh", "EBA", 0.2, cv_r=0.1)
+    fake_result(root, 1, "untuned", "lh", "FBA-2", 0.5, cv_r=0.5)
+    fake_result(root, 1, "cl-tuned", "lh", "FBA-2", 0.6, cv_r=0.4)
+    fake_result(root, 1, "reg-tuned", "lh", "FBA-2", 0.7, cv_r=0.3)
+    fake_result(root, 1, "untuned", "lh", "V1v", 0.9)
+    fem.write_summaries(root, 1)
+    table = pd.read_csv(utils.encoding_dir(root, 1) / "group_summary.csv").set_index(["group", "score"])
+    test = table.loc["higher", "test_r"]
+    assert test["n_rois"] == 2
+    assert test["mean_untuned"] == pytest.approx((0.1 + 0.5) / 2)
+    assert test["mean_cl-tuned"] == pytest.approx((0.3 * 3 / nE + 0.6) / 2)
+    assert test["pct_cl-tuned_gt_untuned"] == pytest.approx(100 * (3 / nE + 1) / 2)
+    assert test["pct_cl-tuned_gt_reg-tuned"] == pytest.approx(100 * (3 / nE + 0) / 2)
+    assert np.isnan(test["mean_pooled-avg"]) and np.isnan(test["pct_pooled-avg_gt_cl-tuned"])
+    cv = table.loc["higher", "cv_r"]
+    assert cv["mean_cl-tuned"] == pytest.approx(0.35) and cv["pct_cl-tuned_gt_untuned"] == pytest.approx(50)
+    assert cv["pct_cl-tuned_gt_reg-tuned"] == pytest.approx(100)
+    assert table.loc["early", "test_r"]["n_rois"] == 0 and table.loc["all", "test_r"]["n_rois"] == 2
+    every = pd.read_csv(root / "encoding_results" / "group_summary.csv")
+    assert list(every["subject"].unique()) == [1] and len(every) == 6

@@ -330,7 +330,7 @@ def test_mi_bound_task_matches_direct_computation(pipeline_root):
     assert mi["rh"][0].loc[rois[1], "subj1"] == summary["rois"][rois[1]]["1"]["tuned"]["scaled_bits"]
 
 
-def test_figures_salience_and_landscape_notebook(pipeline_root):
+def test_figures_salience_and_landscape_notebook(pipeline_root, monkeypatch):
     import nbclient
     import nbformat
     root, rois = pipeline_root, pipeline_rois(pipeline_root)
@@ -342,7 +342,20 @@ def test_figures_salience_and_landscape_notebook(pipeline_root):
     run(["--type", "figures", "--dataset", "caltech256", "--epochs", "1", "--method", "pooled-avg"], root)
     mi = ru.mi_tables(root, "pooled-avg", 1)
     assert list(mi) == ["lh"] and list(mi["lh"][0].columns) == ["subj1", "subj2"]
+    panels, plot = [], ru.plot_salience
+    monkeypatch.setattr(ru, "plot_salience", lambda *a: panels.append(a) or plot(*a))
     run(["--type", "salience-maps", "--dataset", "caltech256", "--rois", rois[0], "--image-index", "3", *BASE], root)
+    # Rows: untuned, lh, rh; each the Grad-CAM of the image's true class (the authors' target).
+    image, cams, titles, _, suptitle = panels[0]
+    images, labels, classes = ru.dataset_images(root, "caltech256", 64)
+    label = labels[utils.train_test_split(len(labels))[1][3]]
+    assert titles == ["untuned", f"lh {rois[0]} cl-tuned", f"rh {rois[0]} cl-tuned"] and classes[label] in suptitle
+    with np.load(ru.probe_path(root, "caltech256", "untuned")) as z:
+        probe = {k: z[k] for k in z.files}
+    x = utils.normalize_images(np.stack([image, image[:, ::-1]]))
+    column = int(np.flatnonzero(probe["classes"] == label)[0])
+    ref, _ = ru.grad_cam(utils.load_alexnet("none", 0), ru.probe_head(probe), x, torch.tensor([column, column]))
+    np.testing.assert_allclose(cams[0], ref.numpy(), atol=1e-6)
     figures = utils.results_dir(root) / "figures"
     assert {p.name for p in figures.iterdir()} >= {
         "classification_caltech256_cl-tuned_e1.png", "mi_bound_cl-tuned_e1.pdf", "mi_bound_pooled-avg_e1.png",
@@ -381,14 +394,29 @@ def test_fmri_side_outputs(pipeline_root):
     _, test = utils.train_test_split(len(utils.list_images(root, 1)))
     saved = np.load(utils.results_dir(root) / "test_fmri" / f"subj1_lh_{rois[0]}.npy")
     np.testing.assert_array_equal(saved, utils.load_fmri(root, 1, "lh", utils.roi_voxel_indices(root, 1, "lh", rois[0]))[test])
+    # The default export is the authors': fc7 of the test split in split order, row for row with the test fMRI.
     run(["--type", "save-embeddings", "--hemispheres", "right", *BASE], root)
-    emb = np.load(utils.results_dir(root) / "embeddings" / f"subj1_rh_{rois[0]}_cl-tuned_e1_output.npy")
+    folder = utils.results_dir(root) / "embeddings"
+    emb = np.load(folder / f"subj1_rh_{rois[0]}_cl-tuned_e1_classifier.5_test.npy")
     model, _ = models.load_checkpoint(utils.cl_model_path(root, 1, "rh", rois[0], 1))
     images = utils.subject_images(root, 1, 64)
+    ref = utils.extract_features(model.alexnet, images, layers=["classifier.5"])["classifier.5"][test]
+    np.testing.assert_allclose(emb, ref, atol=1e-5)
+    ids = np.load(folder / "subj1_test_nsd_ids.npy")
+    np.testing.assert_array_equal(ids, np.load(utils.results_dir(root) / "test_fmri" / "subj1_test_nsd_ids.npy"))
+    names = [p.name for p in utils.list_images(root, 1)]
+    assert [f"_nsd-{i:05d}.png" in names[t] for i, t in zip(ids, test)] == [True] * len(test)
+    assert len(emb) == len(saved) == len(ids)
+    # The model output of every image, in sorted file order (the fMRI rows).
+    run(["--type", "save-embeddings", "--hemispheres", "right", "--embedding-layer", "", "--embedding-split", "all",
+         *BASE], root)
+    emb = np.load(folder / f"subj1_rh_{rois[0]}_cl-tuned_e1_output_all.npy")
     with torch.no_grad():
         np.testing.assert_allclose(emb[:20], model.embed_images(utils.normalize_images(np.array(images[:20]))).numpy(), atol=1e-5)
-    run(["--type", "save-embeddings", "--method", "reg-tuned", "--hemispheres", "left", *BASE], root)
-    emb = np.load(utils.results_dir(root) / "embeddings" / f"subj1_lh_{rois[0]}_reg-tuned_e1_output.npy")
+    np.testing.assert_array_equal(np.load(folder / "subj1_all_nsd_ids.npy"), utils.nsd_ids(utils.list_images(root, 1)))
+    run(["--type", "save-embeddings", "--method", "reg-tuned", "--hemispheres", "left", "--embedding-layer", "",
+         "--embedding-split", "all", *BASE], root)
+    emb = np.load(folder / f"subj1_lh_{rois[0]}_reg-tuned_e1_output_all.npy")
     model, _ = models.load_checkpoint(utils.reg_model_path(root, 1, "lh", rois[0], 1))
     with torch.no_grad():
         np.testing.assert_allclose(emb[-20:], model(utils.normalize_images(np.array(images[-20:]))).numpy(), atol=1e-5)
@@ -396,17 +424,47 @@ def test_fmri_side_outputs(pipeline_root):
     # 'best' reads the layer fit_encoding_models.py chose for this model and ROI.
     utils.atomic_json_dump({"best_layer": "features.9"}, utils.encoding_dir(root, 1) / "cl-tuned" / f"rh_{rois[1]}.json")
     run(["--type", "save-embeddings", "--hemispheres", "right", "--rois", rois[1], "--embedding-layer", "best", *BASE], root)
-    emb = np.load(utils.results_dir(root) / "embeddings" / f"subj1_rh_{rois[1]}_cl-tuned_e1_features.9.npy")
+    emb = np.load(folder / f"subj1_rh_{rois[1]}_cl-tuned_e1_features.9_test.npy")
     model, _ = models.load_checkpoint(utils.cl_model_path(root, 1, "rh", rois[1], 1))
-    ref = utils.extract_features(model.alexnet, images, layers=["features.9"], indices=np.arange(10))["features.9"]
+    ref = utils.extract_features(model.alexnet, images, layers=["features.9"], indices=test[:10])["features.9"]
     np.testing.assert_allclose(emb[:10], ref, atol=1e-5)
     run(["--type", "save-embeddings", "--method", "untuned", "--embedding-layer", "features.5", *BASE], root)
-    emb = np.load(utils.results_dir(root) / "embeddings" / "subj1_untuned_features.5.npy")
-    assert emb.shape == (len(images), utils.layer_dims(64)["features.5"])
-    run(["--type", "random-rois-list", "--n-random-rois", "5", "--seed", "3"], root)
-    first = pd.read_csv(utils.results_dir(root) / "random_rois_n5_seed3.csv")
-    np.testing.assert_array_equal(first, ru.random_rois(ru.voxel_counts(root), 5, seed=3))
-    assert (first["n_voxels"] > 0).all() and not first.duplicated(["subject", "hemisphere", "roi"]).any()
+    emb = np.load(folder / "subj1_untuned_features.5_test.npy")
+    assert emb.shape == (len(test), utils.layer_dims(64)["features.5"])
+    # The authors' random ROIs: 30 by default, among ROIs with more than 20 voxels.
+    run(["--type", "random-rois-list"], root)
+    first = pd.read_csv(utils.results_dir(root) / "random_rois_n30_seed0.csv")
+    np.testing.assert_array_equal(first, ru.random_rois(ru.voxel_counts(root), 30, seed=0))
+    assert len(first) == 30 and (first["n_voxels"] > 20).all()
+    assert not first.duplicated(["subject", "hemisphere", "roi"]).any()
+
+
+def test_random_rois_need_more_than_min_voxels():
+    import pandas as pd
+    counts = pd.DataFrame({"subject": [1, 1, 2, 2], "hemisphere": "lh", "roi": ["V1v", "EBA", "V1v", "EBA"],
+                           "n_voxels": [20, 21, 5, 40]})
+    chosen = ru.random_rois(counts, 2, seed=0)
+    assert sorted(chosen["n_voxels"]) == [21, 40]
+    with pytest.raises(utils.UserError, match="only 2 have more than 20 voxels"):
+        ru.random_rois(counts, 3)
+
+
+def test_analyses_skip_rois_under_min_voxels(root):
+    import models
+    # lh mTL-words has 10 voxels in Subj1: a checkpoint for it is ignored, and asking for it is an error.
+    for roi in ("V1v", "mTL-words"):
+        v = utils.roi_voxel_indices(root, 1, "lh", roi)
+        meta = {"kind": "cl", "roi": roi, "hemisphere": "lh", "subject": 1, "n_voxels": len(v), "voxels": v.tolist(),
+                "epochs": 1, "seed": 0, "weights": "none", "image_size": 64}
+        models.save_checkpoint(models.CLModel(len(v)), meta, utils.cl_model_path(root, 1, "lh", roi, 1))
+    assert ru.select_rois(root, "cl-tuned", 1, "lh", [], 1) == ["V1v"]
+    assert ru.select_rois(root, "cl-tuned", 1, "lh", [], 1, min_voxels=10) == ["V1v", "mTL-words"]
+    with pytest.raises(utils.UserError, match="fewer than MIN_VOXELS=20"):
+        ru.select_rois(root, "cl-tuned", 1, "lh", ["mTL-words"], 1)
+    paths = ru.save_test_fmri(root, 1, "lh", [])
+    saved = {p.stem for p in paths}
+    assert "subj1_lh_V1v" in saved and "subj1_lh_mTL-words" not in saved
+    assert all(utils.roi_voxel_count(root, 1, "lh", p.stem.split("_", 2)[2]) >= 20 for p in paths[2:])
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -101,6 +101,22 @@ def test_pooled_avg_over_two_subjects(root):
                                                         weights=n_test))
 
 
+def test_min_voxels_applies_to_rois_and_pooled_subjects(root, capsys):
+    # lh mTL-words has 10 voxels in both subjects: under the authors' 20, so never trained.
+    argv = ["--root", str(root), "--roi", "mTL-words"] + FAST
+    err = run_error(cl_model_training.main, argv, capsys)
+    assert "ROI mTL-words has 10 voxels in lh of Subj1, fewer than MIN_VOXELS=20" in err
+    assert reg_model_training_all_rois.main(["--root", str(root), "--rois", "mTL-words"] + FAST) == [None]
+    assert "skip mTL-words: 10 voxels in lh of Subj1 (fewer than MIN_VOXELS=20)" in capsys.readouterr().out
+    assert not (root / "cl_models").exists() and not (root / "baseline_models").exists()
+    # Pooled: lh V1v has 118 voxels in Subj1 and 90 in Subj2; a threshold of 100 leaves Subj2 out.
+    path = pooled_model_training.main(["--root", str(root), "--roi", "V1v", "--h-method", "avg",
+                                       "--min-voxels", "100"] + FAST + ["--max-voxels", "30"])
+    assert "V1v: Subj2 left out (90 voxels in lh, fewer than MIN_VOXELS=100)" in capsys.readouterr().out
+    meta = models.read_meta(path)
+    assert meta["subjects"] == [1] and meta["voxel_counts"] == {"1": 30} and meta["h"] == 30
+
+
 # --- Bad input -------------------------------------------------------------------------
 
 def test_empty_roi_is_an_error_for_the_single_script(root, capsys):

@@ -217,6 +217,35 @@ def same_weights(a, b):
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_features_are_fp32_by_default_and_bf16_on_request():
+    alexnet = utils.load_alexnet("none", seed=0)
+    images = np.random.default_rng(0).integers(0, 256, (6, 64, 64, 3), dtype=np.uint8)
+    layers = ["features.5", "classifier.5"]
+    rows = np.array([4, 0, 2])
+    with torch.no_grad():
+        direct = alexnet.features(utils.normalize_images(images[rows]))
+        fc7 = alexnet.classifier[:6](torch.flatten(alexnet.avgpool(direct), 1))
+    fp32 = utils.extract_features(alexnet, images, batch_size=2, layers=layers, indices=rows)
+    # No autocast: the same numbers as a plain float32 forward pass, rows in the order asked for.
+    np.testing.assert_allclose(fp32["classifier.5"], fc7.numpy(), rtol=1e-5, atol=1e-6)
+    bf16 = utils.extract_features(alexnet, images, batch_size=2, layers=layers, indices=rows, precision="bf16")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = alexnet.features[:6](utils.normalize_images(images[rows])).float().flatten(1)
+    np.testing.assert_array_equal(bf16["features.5"], ref.numpy())
+    # bf16 keeps 8 significant bits: close to fp32, but not equal.
+    err = np.abs(bf16["features.5"] - fp32["features.5"]).max() / np.abs(fp32["features.5"]).max()
+    assert 0 < err < 0.05
+    with pytest.raises(utils.UserError, match="unknown feature precision 'fp16'"):
+        utils.extract_features(alexnet, images, layers=layers, precision="fp16")
+
+
+def test_nsd_ids_from_file_names():
+    np.testing.assert_array_equal(utils.nsd_ids(["a/train-0001_nsd-00013.png", "train-0002_nsd-72999.png"]),
+                                  [13, 72999])
+    with pytest.raises(utils.UserError, match="img_7.png has no NSD id"):
+        utils.nsd_ids(["img_7.png"])
+
+
 def test_load_alexnet_none_is_seeded():
     a, b, c = utils.load_alexnet("none", seed=0), utils.load_alexnet("none", seed=0), utils.load_alexnet("none", seed=1)
     assert same_weights(a, b) and not same_weights(a, c)
