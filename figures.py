@@ -53,13 +53,6 @@ def paper_dir(root):
     return utils.results_dir(root) / "figures" / "paper"
 
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 # --- Tables from the saved results -----------------------------------------------------
 
 def load_encoding(root, subjects=None):
@@ -128,16 +121,16 @@ def _mi(root, method, epochs):
     try:
         return ru.mi_tables(root, method, epochs)
     except utils.UserError:
-        kind = "lower-bound-mi" + ("-" + method if method.startswith("pooled") else "")
+        kind = f"lower-bound-mi-{method}" if method in POOLED else "lower-bound-mi --subjects 1 2 3 4 5 6 7 8"
         raise Missing(f"no {method} MI bounds (e{int(epochs)}): make them with python generate_results.py "
-                      f"--type {kind} --subjects 1 2 3 4 5 6 7 8") from None
+                      f"--type {kind}") from None
 
 
 def mi_pairs(root, pooled, epochs):
     """Per (subject, hemisphere, ROI): the MI bound (bits, post-hoc temperature) of the subject's CL model (x) and of the pooled model (y)."""
     specific, shared = _mi(root, "cl-tuned", epochs), _mi(root, pooled, epochs)
     rows = []
-    for h in specific.keys() & shared.keys():
+    for h in sorted(specific.keys() & shared.keys()):
         x, y = specific[h][0], shared[h][0]
         for roi in x.index.intersection(y.index):
             for col in x.columns.intersection(y.columns):
@@ -161,7 +154,7 @@ def plot_best_layers(table, stem):
 
     Returns (paths, {hemisphere: DataFrame ROI x subject of layer names}).
     """
-    plt = _pyplot()
+    plt = fem._pyplot()
     from matplotlib.colors import ListedColormap
     untuned = table[table["method"] == "untuned"]
     if untuned.empty:
@@ -193,7 +186,7 @@ def plot_presence(counts, stem):
 
     Returns (paths, {hemisphere: DataFrame ROI x subject of counts}).
     """
-    plt = _pyplot()
+    plt = fem._pyplot()
     from matplotlib.colors import LogNorm
     subjects = sorted(counts["subject"].unique())
     mats = {h: part.pivot(index="roi", columns="subject", values="n_voxels").reindex(index=utils.ROIS, columns=subjects)
@@ -221,7 +214,7 @@ def plot_group_gains(stats, title, stem):
 
     Returns (paths, stats).
     """
-    plt = _pyplot()
+    plt = fem._pyplot()
     hemis = list(dict.fromkeys(stats["hemisphere"]))
     n_rois = max(int((stats["hemisphere"] == h).sum()) for h in hemis)
     fig, axes = plt.subplots(len(hemis), 1, figsize=(max(7.0, 2.5 + 0.42 * n_rois), 0.6 + 2.9 * len(hemis)), squeeze=False,
@@ -251,7 +244,7 @@ def plot_pairs(pairs, xlabel, ylabel, title, stem, zero_lines=True):
 
     Returns (paths, pairs).
     """
-    plt = _pyplot()
+    plt = fem._pyplot()
     fig, ax = plt.subplots(figsize=(5, 4.6), layout="constrained")
     for g in ROI_GROUPS:
         part = pairs[pairs["group"] == g]
@@ -292,7 +285,7 @@ def plot_landscape_by(land, colour_of, title, stem, keep=None):
     ``keep`` (model index -> bool) hides models; untuned and oracle are always drawn as references.
     Returns (paths, {label: model indices drawn}).
     """
-    plt = _pyplot()
+    plt = fem._pyplot()
     fig, ax = plt.subplots(figsize=(6.2, 5), layout="constrained")
     xy = land["coords"]
     drawn = {}
@@ -320,7 +313,7 @@ def landscape_figures(root, dataset, folder):
     land = ru.landscape(root, dataset)
     keys = landscape_keys(land["metas"])
     subjects = sorted({s for _, s, _ in keys if s.startswith("Subj")}, key=lambda s: int(s[4:]))
-    subj_colours = {s: plt_colour(k) for k, s in enumerate(subjects)}
+    subj_colours = {s: category_colour(k) for k, s in enumerate(subjects)}
     reference = lambda i: (keys[i][0], METHOD_COLOURS[keys[i][0]]) if keys[i][0] in ("untuned", "oracle") else None
     out = []
     out += plot_landscape_by(land, lambda i: (keys[i][0], METHOD_COLOURS[keys[i][0]]),
@@ -336,9 +329,9 @@ def landscape_figures(root, dataset, folder):
     return out
 
 
-def plt_colour(k):
+def category_colour(k):
     """The k-th categorical colour (tab10, then tab20)."""
-    plt = _pyplot()
+    plt = fem._pyplot()
     colours = list(plt.cm.tab10.colors) + list(plt.cm.tab20.colors[1::2])
     return colours[k % len(colours)]
 
@@ -364,7 +357,7 @@ def to_mesh(values, rows, n_mesh):
 
 
 def vertex_values(results, hemisphere, n_vertices, value):
-    """Per challenge-space vertex, ``value(results, roi)`` (an array over the ROI's voxels, or None to skip the ROI).
+    """Per challenge-space vertex, the values of ``value(results, hemisphere, roi)`` -> (voxels, values) or None (skip the ROI).
 
     A vertex in several ROIs takes the value of the first ROI in canonical order; NaN outside every ROI.
     """
@@ -457,7 +450,7 @@ def plot_cortical_map(maps, meshes, title, label, stem, cmap="RdBu_r", vmax=None
 
     Returns the written paths.
     """
-    plt = _pyplot()
+    plt = fem._pyplot()
     from matplotlib.colors import ListedColormap, Normalize
     from nilearn import plotting
     rows = maps if isinstance(maps, list) else [(s, maps) for s in surfaces]
