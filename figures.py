@@ -443,10 +443,11 @@ def plot_cortical_map(maps, meshes, title, label, stem, cmap="RdBu_r", vmax=None
     maps : {hemi: (n_mesh,) values, NaN where nothing is drawn}, one or several rows of them:
         a list of (row label, maps) draws one row per entry on the inflated surface only.
     categories : {name: colour} for integer-coded maps (code k is the k-th name), else a
-        continuous map centred at 0 with limits +-vmax (default: max |value|).
+        continuous map centred at 0 with limits +-vmax (default: the 99th percentile of
+        |value|; the colour bar's arrows mark the values beyond).
 
     Each face takes the mean of those of its three vertices that have a value (for
-    categories, the largest code), so a vertex with a value colours its ring of faces.
+    categories, their most common code), so a vertex with a value colours its ring of faces.
 
     Returns the written paths.
     """
@@ -460,7 +461,8 @@ def plot_cortical_map(maps, meshes, title, label, stem, cmap="RdBu_r", vmax=None
         cmap = ListedColormap(list(categories.values()))
         norm = Normalize(-0.5, len(categories) - 0.5)
     else:
-        vmax = vmax or float(np.nanmax(np.abs(values), initial=0)) or 1.0
+        finite = np.abs(values[np.isfinite(values)])
+        vmax = vmax or (float(np.percentile(finite, 99)) if len(finite) else 0.0) or 1.0
         norm = Normalize(-vmax, vmax)
     cols = [(h, v) for h in hemis for v in views]
     height = 1.6 * len(rows) + 1.0
@@ -475,7 +477,7 @@ def plot_cortical_map(maps, meshes, title, label, stem, cmap="RdBu_r", vmax=None
                 warnings.simplefilter("ignore", RuntimeWarning)  # nanmean of faces without any value
                 plotting.plot_surf(meshes[h][surface], m[h], bg_map=meshes[h]["sulc"], hemi={"lh": "left", "rh": "right"}[h],
                                    view=view, cmap=cmap, vmin=norm.vmin, vmax=norm.vmax, colorbar=False, axes=ax,
-                                   figure=fig, avg_method="nanmax" if categories is not None else "nanmean")
+                                   figure=fig, avg_method=_face_mode if categories is not None else "nanmean")
             ax.set_box_aspect(None, zoom=1.25)
             for c in ax.collections:
                 c.set_rasterized(True)  # 20k+ polygons per panel: keep the PDF small
@@ -484,7 +486,8 @@ def plot_cortical_map(maps, meshes, title, label, stem, cmap="RdBu_r", vmax=None
         fig.text(0.05, bottom + (len(rows) - i - 0.5) * (top - bottom) / len(rows), row, rotation=90, ha="right",
                  va="center", fontsize=8)
     cax = fig.add_axes([0.92, bottom + 0.15 * (top - bottom), 0.012, 0.7 * (top - bottom)])
-    bar = fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), cax=cax)
+    bar = fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), cax=cax,
+                       extend="neither" if categories is not None else "both")
     if categories is not None:
         bar.set_ticks(range(len(categories)), labels=list(categories))
     bar.ax.tick_params(labelsize=7)
@@ -493,6 +496,15 @@ def plot_cortical_map(maps, meshes, title, label, stem, cmap="RdBu_r", vmax=None
     if caption:
         fig.text(0.5, 0.1 / height, caption, ha="center", va="bottom", fontsize=6.5, wrap=True)
     return ru.save_figure(fig, stem)
+
+
+def _face_mode(codes):
+    """The most common finite code among a face's vertices (ties: the smallest); NaN if none."""
+    codes = codes[np.isfinite(codes)]
+    if not len(codes):
+        return np.nan
+    values, counts = np.unique(codes, return_counts=True)
+    return values[np.argmax(counts)]
 
 
 def subject_surface_maps(root, subj, results, n_mesh, value):
