@@ -307,7 +307,7 @@ def plot_landscape_by(land, colour_of, title, stem, keep=None):
 
 def landscape_figures(root, dataset, folder):
     """The overall, subject, pooled and higher landscapes of one dataset's saved predictions (one embedding)."""
-    if not (utils.classification_preds_dir(root) / dataset).is_dir():
+    if not any((utils.classification_preds_dir(root) / dataset).glob("*.npz")):
         raise Missing(f"no {dataset} predictions: make them with python generate_results.py --type "
                       f"classification-task --dataset {dataset} (and the -pooled-avg/-const types)")
     land = ru.landscape(root, dataset)
