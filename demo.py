@@ -3,11 +3,15 @@
 `make demo` (or `python demo.py`) runs, in order:
   1. synthetic_data.py: 2 subjects x 300 images with a planted ground truth, under ROOT;
   2. generate_voxel_roi_mappings.py;
-  3. CL, regression and pooled (h-avg) tuning of the ROIS of SUBJ, for a few epochs;
-  4. fit_encoding_models.py for untuned, cl-tuned, reg-tuned and pooled-avg;
+  3. CL tuning of the ROIS of every subject, regression tuning for SUBJ, pooled (h-avg)
+     tuning over all subjects, for a few epochs;
+  4. fit_encoding_models.py for untuned, cl-tuned and pooled-avg (every subject) and
+     reg-tuned (SUBJ);
   5. generate_results.py: MI bounds, fc7 classification probes on a synthetic ImageFolder
      (ROOT/datasets/caltech256, classes of separable colour and orientation), figures;
-  6. the landscape notebook, headless.
+  6. the landscape notebook, headless;
+  7. generate_results.py --type paper-figures: the paper's group figures over the
+     subjects and the summary cortical maps (fsaverage5).
 It prints a summary per ROI (test r of untuned, CL, regression and pooled, % of voxels
 where CL beats untuned, MI bound) and says whether CL beats untuned on the planted pRF
 ROIs. Every figure is copied to OUTPUT. A rerun skips finished work (--overwrite redoes it).
@@ -107,15 +111,15 @@ def run_notebook(root, dataset):
 def copy_figures(root, output):
     """Copy every .png and .pdf under ROOT's result folders to ``output``; returns the copies.
 
-    The copy's name is the path below the figure or subject folder with '_' for '/', so
-    results/figures/x.png -> x.png and encoding_results/Subj1/cl-tuned/y.png -> cl-tuned_y.png.
+    The copy's name is the path below the figures or encoding_results folder with '_' for '/', so
+    results/figures/paper/x.png -> paper_x.png and encoding_results/Subj1/cl-tuned/y.png -> Subj1_cl-tuned_y.png.
     """
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     copies = []
-    for folder in (utils.results_dir(root), Path(root) / "encoding_results"):
+    for folder, skip in ((utils.results_dir(root), 1), (Path(root) / "encoding_results", 0)):
         for path in sorted(p for p in folder.rglob("*") if p.suffix in (".png", ".pdf")):
-            name = "_".join(path.relative_to(folder).parts[1:])
+            name = "_".join(path.relative_to(folder).parts[skip:])
             copies.append(Path(shutil.copy2(path, output / name)))
     return copies
 
@@ -180,18 +184,21 @@ def main(argv=None):
                         + overwrite)
     print("2. voxel-ROI mappings")
     generate_voxel_roi_mappings.main(["--root", root] + overwrite)
-    print(f"3. tuning {', '.join(rois)} ({hemi}) for {opts.EPOCHS} epochs: CL and regression on "
+    subjects = [str(s) for s in range(1, opts.SUBJECTS + 1)]
+    print(f"3. tuning {', '.join(rois)} ({hemi}) for {opts.EPOCHS} epochs: CL on every subject, regression on "
           f"{utils.subj_dir(subj)}, pooled over all subjects")
     for roi in rois:
-        cl_model_training.main(train + ["--subj", str(subj), "--roi", roi])
+        for s in subjects:
+            cl_model_training.main(train + ["--subj", s, "--roi", roi])
         reg_model_training.main(train + ["--subj", str(subj), "--roi", roi])
         pooled_model_training.main(train + ["--roi", roi, "--h-method", "avg"])
     print("4. encoding models")
-    for method in METHODS:
-        fit_encoding_models.main(common + ["--subj", str(subj), "--hemisphere", hemi, "--rois", *rois,
-                                           "--method", method, "--weights", weights, "--cl-epochs", str(opts.EPOCHS),
-                                           "--reg-epochs", str(opts.EPOCHS), "--pooled-epochs", str(opts.EPOCHS)]
-                                 + overwrite)
+    for s in subjects:
+        for method in METHODS if int(s) == subj else [m for m in METHODS if m != "reg-tuned"]:
+            fit_encoding_models.main(common + ["--subj", s, "--hemisphere", hemi, "--rois", *rois, "--method", method,
+                                               "--weights", weights, "--cl-epochs", str(opts.EPOCHS),
+                                               "--reg-epochs", str(opts.EPOCHS), "--pooled-epochs", str(opts.EPOCHS)]
+                                     + overwrite)
     print("5. MI bounds, classification probes and figures")
     folder = Path(root) / "datasets" / DATASET
     if not folder.is_dir() or opts.OVERWRITE:
@@ -201,7 +208,7 @@ def main(argv=None):
     results = ["--root", root, "--subjects", str(subj), "--hemispheres", hemi, "--rois", *rois,
                "--epochs", str(opts.EPOCHS), "--device", opts.DEVICE, "--seed", str(opts.SEED)] + overwrite
     probes = ["--dataset", DATASET, "--image-size", str(opts.IMAGE_SIZE), "--weights", weights]
-    generate_results.main(results + ["--type", "lower-bound-mi"])
+    generate_results.main(results + ["--type", "lower-bound-mi", "--subjects", *subjects])
     generate_results.main(results + ["--type", "lower-bound-mi-pooled-avg"])
     for method in ("cl-tuned", "reg-tuned"):
         generate_results.main(results + probes + ["--type", "classification-task", "--method", method])
@@ -212,6 +219,9 @@ def main(argv=None):
     if opts.NOTEBOOK:
         print("6. landscape notebook")
         run_notebook(root, DATASET)
+    print("7. the paper's figures: group figures over the subjects, summary cortical maps")
+    generate_results.main(["--root", root, "--type", "voxel-counts"])
+    generate_results.main(["--root", root, "--type", "paper-figures", "--epochs", str(opts.EPOCHS), "--maps", "summary"])
     figures = copy_figures(root, opts.OUTPUT)
     table = summary_table(root, subj, hemi, rois, opts.EPOCHS)
     print(f"\nSummary: {utils.subj_dir(subj)} {hemi}, {opts.EPOCHS} epochs, weights {weights}; "

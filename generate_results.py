@@ -7,6 +7,7 @@ One --type per analysis (the logic lives in results_utils.py):
   figures                                         ROI x subject heatmaps (accuracy, MI bound)
   salience-maps                                   Grad-CAM (true class) of the untuned, left and right models on an
                                                   image and its mirror
+  paper-figures                                   every figure of the paper, cortical maps included (figures.py)
 Outputs go under ROOT/results and ROOT/classification_preds; reruns skip finished ROIs.
 """
 
@@ -15,7 +16,7 @@ import sys
 import utils
 
 # --- Options ---
-TYPE = "classification-task"  # classification-task[-pooled-avg|-pooled-const], lower-bound-mi[-pooled-avg|-pooled-const], voxel-counts, save-embeddings, save-test-fmri-responses, random-rois-list, figures or salience-maps
+TYPE = "classification-task"  # classification-task[-pooled-avg|-pooled-const], lower-bound-mi[-pooled-avg|-pooled-const], voxel-counts, save-embeddings, save-test-fmri-responses, random-rois-list, figures, salience-maps or paper-figures
 DATASET = "caltech256"  # classification dataset in ROOT/datasets/<name>: caltech256, places365, imagenet, sun397
 METHOD = "cl-tuned"  # tuned models to analyse: cl-tuned or reg-tuned (save-embeddings also untuned; pooled types set it)
 SUBJECTS = [1]  # subjects to process
@@ -33,12 +34,14 @@ N_RANDOM_ROIS = 30  # random-rois-list: how many (subject, hemisphere, ROI) to d
 MIN_VOXELS = utils.MIN_VOXELS  # ROIs (pooled models: subjects) with fewer voxels are not analysed (the authors' 20)
 FEATURE_PRECISION = "fp32"  # features for probes, MI and embeddings: fp32 (the authors') or bf16 (autocast, faster on GPU)
 IMAGE_INDEX = 0  # salience-maps: which test image of DATASET (position in the 15% split)
+MESH = "fsaverage5"  # paper-figures: cortical maps on nilearn's fsaverage5, or a FreeSurfer fsaverage folder (surf/lh.inflated, ...) for full resolution
+MAPS = "all"  # paper-figures cortical maps: all, summary (per subject the CL gain and the winning method) or none
 OVERWRITE = False  # recompute results that exist
 # ---
 
 TYPES = ["classification-task", "classification-task-pooled-avg", "classification-task-pooled-const",
          "lower-bound-mi", "lower-bound-mi-pooled-avg", "lower-bound-mi-pooled-const", "voxel-counts",
-         "save-embeddings", "save-test-fmri-responses", "random-rois-list", "figures", "salience-maps"]
+         "save-embeddings", "save-test-fmri-responses", "random-rois-list", "figures", "salience-maps", "paper-figures"]
 
 
 @utils.cli
@@ -97,6 +100,8 @@ def main(argv=None):
     elif opts.TYPE == "figures":
         for path in ru.results_figures(opts.ROOT, opts.DATASET, method, epochs):
             print(f"wrote {path}")
+    elif opts.TYPE == "paper-figures":
+        return paper_figures(opts.ROOT, epochs, opts.MESH, opts.MAPS)
     else:
         if len(opts.ROIS) != 1 or len(opts.SUBJECTS) != 1:
             raise utils.UserError(f"salience-maps takes one subject and one ROI, got --subjects {opts.SUBJECTS} "
@@ -104,6 +109,16 @@ def main(argv=None):
         for path in ru.salience_maps(dataset=opts.DATASET, subj=opts.SUBJECTS[0], roi=opts.ROIS[0],
                                      image_index=opts.IMAGE_INDEX, **model_opts):
             print(f"wrote {path}")
+
+
+def paper_figures(root, epochs, mesh, maps):
+    """Every paper figure from the saved results of all subjects; one line per figure skipped."""
+    import figures
+    paths, skipped = figures.paper_figures(root, epochs, mesh, maps=maps)
+    for line in skipped:
+        print(line)
+    print(f"wrote {len(paths)} files under {figures.paper_dir(root)}")
+    return paths
 
 
 if __name__ == "__main__":

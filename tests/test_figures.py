@@ -1,0 +1,274 @@
+"""The paper's figures from a small synthetic result set, and the cortical mapping on the real masks."""
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+import figures
+import fit_encoding_models as fem
+import generate_results
+import results_utils as ru
+import utils
+from conftest import run_error
+
+ROIS = ["V1v", "hV4", "early", "EBA", "FFA-1"]
+SUBJECTS = (1, 2, 3)
+EPOCHS = 30
+
+
+def _write_result(root, subj, method, hemi, roi, test_r, best_layer="features.5"):
+    voxels = utils.roi_voxel_indices(root, subj, hemi, roi)
+    n = len(voxels)
+    fem.save_result({"voxels": voxels, "alphas": np.ones(n), "alpha_index": np.zeros(n, int), "cv_r": test_r,
+                     "test_r": test_r, "method": method, "hemisphere": hemi, "roi": roi, "best_layer": best_layer,
+                     "layer_scores": {layer: 0.0 for layer in utils.LAYERS}},
+                    fem.result_path(root, subj, method, hemi, roi))
+
+
+@pytest.fixture(scope="module")
+def results_root(tmp_path_factory, shared_masks):
+    """Real masks of subjects 1-3; encoding results of 4 methods on 5 ROIs (subject 3 lacks FFA-1 and pooled-const),
+    MI bounds, voxel counts and caltech256 probes, with known values."""
+    root = tmp_path_factory.mktemp("paper")
+    (root / "roi_masks").mkdir()
+    for s in SUBJECTS:
+        os.symlink(shared_masks / utils.subj_dir(s), root / "roi_masks" / utils.subj_dir(s))
+    rng = np.random.default_rng(0)
+    for s in SUBJECTS:
+        for h in utils.HEMISPHERES:
+            for k, roi in enumerate(ROIS):
+                if s == 3 and roi == "FFA-1":
+                    continue
+                n = utils.roi_voxel_count(root, s, h, roi)
+                base = rng.uniform(0, 0.5, n)
+                _write_result(root, s, "untuned", h, roi, base, utils.LAYERS[(s + k) % 8])
+                _write_result(root, s, "cl-tuned", h, roi, base + 0.01 * (k + 1) + rng.normal(0, 0.01, n))
+                _write_result(root, s, "pooled-avg", h, roi, base + rng.normal(0.005, 0.01, n))
+                if s != 3:
+                    _write_result(root, s, "pooled-const", h, roi, base - 0.002 + rng.normal(0, 0.01, n))
+    utils.atomic_write_text(ru.voxel_counts(root).to_csv(index=False), utils.results_dir(root) / "voxel_counts.csv")
+    bound = lambda bits: {"scaled_bits": bits}
+    for h in utils.HEMISPHERES:
+        for s in SUBJECTS:
+            utils.atomic_json_dump({"rois": {roi: {str(s): {"tuned": bound(1 + s + k), "untuned": bound(0.1)}}
+                                             for k, roi in enumerate(ROIS)}},
+                                   utils.results_dir(root) / "mi_bounds" / f"subj{s}_{h}_cl-tuned_e{EPOCHS}.json")
+        utils.atomic_json_dump({"rois": {roi: {str(s): {"tuned": bound(0.5 + s), "untuned": bound(0.1)}
+                                               for s in SUBJECTS} for roi in ROIS[:2]}},
+                               utils.results_dir(root) / "mi_bounds" / f"{h}_pooled-avg_e{EPOCHS}.json")
+    labels = rng.integers(0, 3, 20)
+    probs = lambda: rng.dirichlet(np.ones(3), 20)
+    ru.save_predictions(root, "caltech256", "untuned", {"probs": probs(), "accuracy": 0.5}, labels, {"method": "untuned"})
+    for s in SUBJECTS[:2]:
+        for roi in ("V1v", "EBA"):
+            name = ru.model_name("cl-tuned", s, "lh", roi, EPOCHS)
+            ru.save_predictions(root, "caltech256", name, {"probs": probs(), "accuracy": 0.6}, labels,
+                                {"method": "cl-tuned", "subj": s, "hemisphere": "lh", "roi": roi})
+        utils.atomic_json_dump({"untuned": 0.5, "rois": {"V1v": 0.6 + s / 100, "EBA": 0.55}},
+                               utils.results_dir(root) / "classification" / "caltech256" / f"subj{s}_lh_cl-tuned_e{EPOCHS}.json")
+    name = ru.model_name("pooled-avg", None, "lh", "V1v", EPOCHS)
+    ru.save_predictions(root, "caltech256", name, {"probs": probs(), "accuracy": 0.6}, labels,
+                        {"method": "pooled-avg", "subj": None, "hemisphere": "lh", "roi": "V1v"})
+    return root
+
+
+def _independent_gains(root, method):
+    """(subject, hemisphere, ROI) -> mean(test r of method - test r of untuned), read straight from the files."""
+    out = {}
+    for s in SUBJECTS:
+        for h in utils.HEMISPHERES:
+            for roi in ROIS:
+                path = fem.result_path(root, s, method, h, roi)
+                if path.is_file():
+                    with np.load(path) as a, np.load(fem.result_path(root, s, "untuned", h, roi)) as b:
+                        out[s, h, roi] = float(np.mean(a["test_r"]) - np.mean(b["test_r"]))
+    return out
+
+
+def test_group_tables_match_direct_computation(results_root):
+    table = figures.encoding_table(figures.load_encoding(results_root))
+    gains = _independent_gains(results_root, "cl-tuned")
+    stats_table = figures.group_gains(table, "cl-tuned", figures.EARLY_ROIS)
+    assert list(stats_table["roi"].unique()) == ["V1v", "hV4", "early"]
+    for _, row in stats_table.iterrows():
+        values = [g for (s, h, roi), g in gains.items() if h == row["hemisphere"] and roi == row["roi"]]
+        assert row["n"] == len(values) == 3
+        assert row["mean"] == pytest.approx(np.mean(values), abs=1e-12)
+        assert row["sem"] == pytest.approx(stats.sem(values), abs=1e-12)
+    higher = figures.group_gains(table, "cl-tuned", ["EBA", "FFA-1"]).set_index(["hemisphere", "roi"])
+    assert higher.loc[("lh", "FFA-1"), "n"] == 2 and higher.loc[("lh", "EBA"), "n"] == 3
+    pairs = figures.paired_gains(table, "cl-tuned", "pooled-const")
+    const = _independent_gains(results_root, "pooled-const")
+    assert len(pairs) == len(const) == 2 * 2 * 5
+    for _, row in pairs.iterrows():
+        key = (row["subject"], row["hemisphere"], row["roi"])
+        assert (row["x"], row["y"]) == pytest.approx((gains[key], const[key]), abs=1e-12)
+        assert row["group"] == ("early" if row["roi"] in ("V1v", "hV4", "early") else "higher")
+
+
+def test_paper_figures_from_saved_results(results_root):
+    paths, skipped = figures.paper_figures(results_root, EPOCHS, maps="none")
+    folder = figures.paper_dir(results_root)
+    names = {p.name for p in paths}
+    for stem in ("best_untuned_layers_matrix", "roi_subj_presence_table", "all_group_cs_avgs_picture",
+                 "early_group_cs_avgs_picture", "higher_group_cs_avgs_picture", "cs_vs_pooled_avg_scatterplot",
+                 "cs_vs_pooled_const_scatterplot", "lower_bound_mi_estimates_specific_vs_pooled_havg",
+                 "mi_lower_bound_matrix", "caltech256_results_matrix", "caltech256_landscape_overall",
+                 "caltech256_landscape_subject", "caltech256_landscape_pooled", "caltech256_landscape_higher"):
+        assert {f"{stem}.png", f"{stem}.pdf"} <= names, stem
+    assert all(p.parent == folder for p in paths)
+    # Each skipped figure is one line naming the command that makes its inputs.
+    assert len(skipped) == 1 + 3 * 2
+    assert any("lower_bound_mi_estimates_specific_vs_pooled_hconst" in m and "--type lower-bound-mi-pooled-const" in m
+               for m in skipped)
+    assert any(m.startswith("skip imagenet_results_matrix") and "--dataset imagenet" in m for m in skipped)
+    assert all("\n" not in m and "python " in m for m in skipped)
+
+
+def test_drawn_values(results_root, tmp_path):
+    table = figures.encoding_table(figures.load_encoding(results_root))
+    _, layers = figures.plot_best_layers(table, tmp_path / "layers")
+    for s in SUBJECTS:
+        with open(fem.result_path(results_root, s, "untuned", "rh", "hV4").with_suffix(".json")) as f:
+            assert layers["rh"].loc["hV4", s] == json.load(f)["best_layer"]
+    assert pd.isna(layers["lh"].loc["FFA-1", 3])
+    _, counts = figures.plot_presence(ru.voxel_counts(results_root), tmp_path / "presence")
+    assert counts["lh"].loc["V1v", 1] == 710 and counts["rh"].loc["EBA", 2] == utils.roi_voxel_count(
+        results_root, 2, "rh", "EBA")
+    pairs = figures.mi_pairs(results_root, "pooled-avg", EPOCHS)
+    assert len(pairs) == 2 * 2 * 3
+    row = pairs[(pairs["subject"] == 2) & (pairs["hemisphere"] == "rh") & (pairs["roi"] == "hV4")].iloc[0]
+    assert (row["x"], row["y"]) == (1 + 2 + 1, 0.5 + 2)
+    land = ru.landscape(results_root, "caltech256")
+    keys = figures.landscape_keys(land["metas"])
+    _, drawn = figures.plot_landscape_by(land, lambda i: (keys[i][1], "k"), "t", tmp_path / "land",
+                                         keep=lambda i: keys[i][1].startswith("Subj"))
+    assert {k: sorted(land["names"][i] for i in v) for k, v in drawn.items()} == {
+        "Subj1": ["subj1_lh_EBA_cl-tuned_e30", "subj1_lh_V1v_cl-tuned_e30"],
+        "Subj2": ["subj2_lh_EBA_cl-tuned_e30", "subj2_lh_V1v_cl-tuned_e30"], "untuned": ["untuned"], "oracle": ["oracle"]}
+
+
+def test_missing_inputs_are_skipped_with_the_command(tmp_path, shared_masks, capsys):
+    (tmp_path / "roi_masks").mkdir()
+    os.symlink(shared_masks / "Subj1", tmp_path / "roi_masks" / "Subj1")
+    err = run_error(generate_results.main, ["--root", str(tmp_path), "--type", "paper-figures",
+                                            "--mesh", str(tmp_path / "nowhere")], capsys)
+    assert str(tmp_path / "nowhere" / "surf" / "lh.inflated") in err and "--mesh" in err
+    assert "unknown maps 'some'" in run_error(generate_results.main, ["--root", str(tmp_path), "--type", "paper-figures",
+                                                                      "--maps", "some"], capsys)
+    assert not (tmp_path / "results").exists()
+    paths = generate_results.main(["--root", str(tmp_path), "--type", "paper-figures"])
+    skipped = [line for line in capsys.readouterr().out.splitlines() if line.startswith("skip ")]
+    assert paths == []
+    assert len(skipped) == 11 + 2 * len(ru.DATASETS)
+    assert any(m.startswith("skip roi_subj_presence_table") and "--type voxel-counts" in m for m in skipped)
+    assert any(m.startswith("skip cortical maps") and "fit_encoding_models.py --method untuned" in m for m in skipped)
+    assert not (tmp_path / "results").exists()
+
+
+# --- Cortical mapping --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def masks_root(tmp_path_factory, shared_masks):
+    root = tmp_path_factory.mktemp("masks")
+    os.symlink(shared_masks, root / "roi_masks")
+    return root
+
+
+@pytest.mark.parametrize("subj", [1, 5])
+def test_fsaverage5_vertex_counts_on_real_masks(masks_root, subj):
+    for h in utils.HEMISPHERES:
+        mask = np.load(utils.fsaverage_mask_path(masks_root, subj, h))
+        rows = figures.fsaverage_rows(masks_root, subj, h)
+        for cls, rois in utils.ROI_CLASSES.items():
+            labels = np.load(utils.roi_mask_path(masks_root, subj, h, cls))
+            mapping = np.load(utils.roi_mapping_path(masks_root, subj, cls), allow_pickle=True).item()
+            # Independent: scatter the labels into fsaverage space, then read fsaverage5's first 10242 vertices.
+            fs_labels = np.zeros(len(mask), dtype=np.int64)
+            fs_labels[mask.astype(bool)] = labels
+            for code, roi in mapping.items():
+                if code == 0:
+                    continue
+                drawn = figures.to_mesh(np.where(labels == code, 1.0, np.nan), rows, figures.FSAVERAGE5_VERTICES)
+                expected = (fs_labels[:10242] == code).sum()
+                assert np.isfinite(drawn).sum() == expected
+                assert np.array_equal(np.flatnonzero(np.isfinite(drawn)), np.flatnonzero(fs_labels[:10242] == code))
+                if subj == 1 and h == "lh" and roi == "V1v":
+                    assert expected == 47  # of its 710 fsaverage vertices
+
+
+def test_v1v_on_the_ventral_occipital_pole_and_ffa_ventral(masks_root):
+    meshes, n = figures.load_meshes("fsaverage5")
+    assert n == 10242
+    for subj in (1, 2):
+        for h in utils.HEMISPHERES:
+            xyz = meshes[h]["pial"].coordinates
+            rows = figures.fsaverage_rows(masks_root, subj, h)
+            for roi in ("V1v", "FFA-1"):
+                values = np.zeros(len(rows))
+                values[utils.roi_voxel_indices(masks_root, subj, h, roi)] = 1
+                on = figures.to_mesh(values, rows, n) == 1
+                assert on.sum() > 5
+                assert xyz[on, 2].mean() < xyz[:, 2].mean()
+                if roi == "V1v":
+                    assert xyz[on, 1].mean() < np.percentile(xyz[:, 1], 5)
+
+
+def test_cortical_maps_draw_the_saved_values(results_root):
+    encoding = figures.load_encoding(results_root, [1])
+    paths, drawn = figures.cortical_figures(results_root, encoding, surfaces=("inflated",), views=("ventral",),
+                                            kind="summary")
+    assert {p.name for p in paths} == {f"{stem}.{ext}" for ext in ("png", "pdf") for stem in (
+        "subj1_gain_cl-tuned", "subj1_cortical_results_single_subj", "all_subjects_panel")}
+    rows = np.flatnonzero(np.load(utils.fsaverage_mask_path(results_root, 1, "lh")))
+    # Independent: the V1v gain of each of its vertices on fsaverage5; V1v comes first in canonical order.
+    with np.load(fem.result_path(results_root, 1, "cl-tuned", "lh", "V1v")) as a, \
+            np.load(fem.result_path(results_root, 1, "untuned", "lh", "V1v")) as b:
+        gain = a["test_r"] - b["test_r"]
+        keep = rows[a["voxels"]] < 10242
+        where = rows[a["voxels"]][keep]
+    np.testing.assert_allclose(drawn["subj1_gain_cl-tuned"]["lh"][where], gain[keep])
+    np.testing.assert_allclose(drawn["all_subjects_panel"]["Subj1"]["lh"][where], gain[keep])
+    # Winner: the index, in the methods present, of the highest test r of each vertex.
+    tests = []
+    for m in utils.METHODS:
+        path = fem.result_path(results_root, 1, m, "lh", "V1v")
+        if path.is_file():
+            with np.load(path) as f:
+                tests.append(f["test_r"][keep])
+    np.testing.assert_array_equal(drawn["subj1_cortical_results_single_subj"]["lh"][where], np.argmax(tests, axis=0))
+    # The test r maps: each fitted vertex shows its first ROI's value; vertices in no fitted ROI are blank.
+    test_r = figures.subject_surface_maps(results_root, 1, encoding[1], 10242, figures.test_r_of("pooled-const"))
+    fitted = np.zeros(len(rows), bool)
+    for roi in reversed(ROIS):
+        r = fem.load_result(fem.result_path(results_root, 1, "pooled-const", "lh", roi))
+        fitted[r["voxels"]] = True
+        on = rows[r["voxels"]] < 10242
+        if roi == "V1v":
+            np.testing.assert_allclose(test_r["lh"][rows[r["voxels"]][on]], r["test_r"][on])
+    assert np.isnan(test_r["lh"][rows[~fitted & (rows < 10242)]]).all()
+    assert np.isfinite(test_r["lh"][rows[fitted & (rows < 10242)]]).all()
+
+
+def test_full_fsaverage_mesh_folder(tmp_path):
+    import nibabel as nib
+    n = utils.N_FSAVERAGE_VERTICES
+    rng = np.random.default_rng(0)
+    (tmp_path / "surf").mkdir()
+    for h in utils.HEMISPHERES:
+        for k in ("inflated", "pial"):
+            nib.freesurfer.write_geometry(str(tmp_path / "surf" / f"{h}.{k}"), rng.normal(size=(n, 3)),
+                                          np.array([[0, 1, 2], [1, 2, 3]], dtype=np.int32))
+        nib.freesurfer.write_morph_data(str(tmp_path / "surf" / f"{h}.sulc"), rng.normal(size=n).astype(np.float32))
+    meshes, m = figures.load_meshes(str(tmp_path))
+    assert m == n and len(meshes["rh"]["pial"].coordinates) == n
+    rows = np.array([5, 10241, 10242, 163841])
+    np.testing.assert_array_equal(figures.to_mesh(np.arange(4.0), rows, m)[rows], np.arange(4.0))
+    assert np.isfinite(figures.to_mesh(np.arange(4.0), rows, figures.FSAVERAGE5_VERTICES)).sum() == 2
+    os.remove(tmp_path / "surf" / "lh.sulc")
+    with pytest.raises(utils.UserError, match="lh.sulc"):
+        figures.load_meshes(str(tmp_path))
