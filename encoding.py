@@ -395,13 +395,16 @@ class FeatureSpill:
     alexnet : torchvision AlexNet (or a tuned model's ``alexnet``).
     images : uint8 array (n, S, S, 3), e.g. the image cache.
     folder : path-like, where the spill folder is made (the project's cache folder).
-    device, batch_size, layers : as utils.iter_features.
+    device, batch_size, layers, precision : as utils.iter_features (precision 'fp32', the
+        authors', or 'bf16' autocast on CUDA).
     timer : StageTimer or None; times the 'forward' stage here and 'gram' in layers().
     """
 
-    def __init__(self, alexnet, images, folder, device="cpu", batch_size=128, layers=utils.LAYERS, timer=None):
+    def __init__(self, alexnet, images, folder, device="cpu", batch_size=128, layers=utils.LAYERS, timer=None,
+                 precision="fp32"):
         self.alexnet, self.images, self.folder = alexnet, images, Path(folder)
         self.device, self.batch_size, self.names, self.timer = device, batch_size, list(layers), timer
+        self.precision = precision
         self.n, self.dims, self.path = len(images), {}, None
 
     def __enter__(self):
@@ -427,7 +430,8 @@ class FeatureSpill:
     def _write(self):
         files = {}
         try:
-            for _, feats in utils.iter_features(self.alexnet, self.images, self.batch_size, self.device, self.names):
+            for _, feats in utils.iter_features(self.alexnet, self.images, self.batch_size, self.device, self.names,
+                                                  precision=self.precision):
                 for name, v in feats.items():
                     v = v.cpu().numpy()
                     if name not in files:

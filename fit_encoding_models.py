@@ -56,6 +56,7 @@ CL_EPOCHS = 30  # epochs in the cl-tuned checkpoint names
 REG_EPOCHS = 75  # epochs in the reg-tuned checkpoint names
 POOLED_EPOCHS = 30  # epochs in the pooled checkpoint names
 BATCH_SIZE = 128  # images per forward pass
+FEATURE_PRECISION = "fp32"  # feature extraction: fp32 (the authors') or bf16 (autocast on CUDA, faster)
 MIN_VOXELS = utils.MIN_VOXELS  # ROIs with fewer voxels are skipped and recorded as absent (the authors' 20)
 OVERWRITE = False  # recompute ROIs whose results exist
 TRANSFER_MATRIX = False  # only build the model-subject x target-subject matrices from existing results
@@ -478,6 +479,7 @@ def pending_rois(opts, root, subj, hemi, tag):
 def main(argv=None):
     opts = utils.parse_options(sys.modules[__name__], argv)
     check_options(opts)
+    utils.check_precision(opts.FEATURE_PRECISION)
     if opts.TRANSFER_MATRIX:
         return run_transfer_matrix(opts)
     root, subj, method, hemi = opts.ROOT, int(opts.SUBJ), opts.METHOD, utils.hemi_code(opts.HEMISPHERE)
@@ -507,7 +509,7 @@ def main(argv=None):
                                                     opts.WEIGHTS, device, opts.SEED)
         images = utils.subject_images(root, subj, opts.IMAGE_SIZE)
         with encoding.FeatureSpill(alexnet, images, utils.cache_dir(root), device, opts.BATCH_SIZE,
-                                   timer=timer) as spill:
+                                   timer=timer, precision=opts.FEATURE_PRECISION) as spill:
             del images, alexnet  # the cache's pages and the network are not needed past the forward pass
             results = encoding.encode_rois(spill.layers(device), fmri, columns, train, test, folds, opts.ALPHAS,
                                            opts.N_COMPONENTS, fixed, device, timer=timer)
@@ -520,7 +522,7 @@ def main(argv=None):
                 method=method, subject=subj, model_subj=model_subj if method in TRANSFER_METHODS else None,
                 hemisphere=hemi, roi=roi, protocol=opts.PROTOCOL, voxels=roi_voxels,
                 alpha_grid=list(map(float, opts.ALPHAS)), n_components=opts.N_COMPONENTS, n_folds=opts.N_FOLDS,
-                image_size=opts.IMAGE_SIZE, epochs=epochs,
+                image_size=opts.IMAGE_SIZE, epochs=epochs, feature_precision=opts.FEATURE_PRECISION,
                 weights=opts.WEIGHTS if meta is None else meta.get("weights"),
                 checkpoint=None if method == "untuned" else str(
                     utils.method_checkpoint_path(root, method, model_subj, hemi, roi, epochs)),

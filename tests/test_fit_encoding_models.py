@@ -319,3 +319,11 @@ def test_group_summary_averages_rois_without_weights(root):
     assert table.loc["early", "test_r"]["n_rois"] == 0 and table.loc["all", "test_r"]["n_rois"] == 2
     every = pd.read_csv(root / "encoding_results" / "group_summary.csv")
     assert list(every["subject"].unique()) == [1] and len(every) == 6
+
+
+def test_feature_precision_is_recorded_and_checked(root, capsys):
+    r = fem.load_result(fem.main(["--root", str(root), "--rois", "EBA"] + FAST)["EBA"])
+    assert r["feature_precision"] == "fp32"
+    err = run_error(["--root", str(root), "--rois", "V1v", "--feature-precision", "fp16"] + FAST, capsys)
+    assert "unknown feature precision 'fp16'" in err
+    assert not fem.result_path(root, 1, "untuned", "lh", "V1v").exists()
