@@ -290,10 +290,11 @@ def encode_rois(layers, fmri, roi_columns, train, test, folds, alphas=ALPHAS, n_
         cols = torch.as_tensor(np.asarray(cols), device=device)
         choice = {name: choose_alphas(r[:, cols], alphas) for name, r in cv.items()}
         scores = {name: float(best_r.mean()) for name, (_, best_r) in choice.items()}
-        best, index = max(scores, key=scores.get), None
         if roi in fixed:
             best, index = fixed[roi][0], torch.as_tensor(np.asarray(fixed[roi][1]), device=device)
-        index = choice[best][0] if index is None else index
+        else:
+            best = max(scores, key=scores.get)
+            index = choice[best][0]
         pick = index[None]
         out[roi] = {
             "layer_scores": scores, "best_layer": best,
