@@ -15,7 +15,7 @@ import utils
 # --- Options ---
 HEMISPHERE = "left"  # left or right
 ROI = "V1v"  # one of the 31 ROI names
-SUBJECTS = []  # candidate subjects; empty means all under roi_masks (those where the ROI has fewer than MIN_VOXELS voxels are left out)
+SUBJECTS: list[int] = []  # candidate subjects; empty means all under roi_masks (those where the ROI has fewer than MIN_VOXELS voxels are left out)
 H_METHOD = "const"  # const (h = H_CONST) or avg (h = mean voxel count over the subjects)
 H_CONST = 5741  # h of the const method: the largest ROI of the NSD subjects (subj5 rh EBA)
 BATCH_SIZE = 1024  # image-fMRI pairs per step
@@ -26,24 +26,22 @@ WEIGHTS = "imagenet"  # starting AlexNet: imagenet, none (seeded random) or a st
 DEVICE = "auto"  # auto, cpu or cuda
 SEED = 0  # seeds the initialisation, batch order and dropout
 IMAGE_SIZE = 224  # images are squash-resized to IMAGE_SIZE x IMAGE_SIZE
-MAX_VOXELS = None  # keep at most this many voxels per subject (seeded random subset); None keeps all
+MAX_VOXELS: int | None = None  # keep at most this many voxels per subject (seeded random subset); None keeps all
 MIN_VOXELS = utils.MIN_VOXELS  # subjects where the ROI has fewer voxels are left out (the authors' 20)
 OVERWRITE = False  # re-train even if the checkpoint exists
 # ---
-
-
-def subjects(opts):
-    """The candidate subjects: SUBJECTS, or every SubjX folder under roi_masks."""
-    try:
-        return [int(s) for s in opts.SUBJECTS] or utils.find_subjects(opts.ROOT)
-    except ValueError:
-        raise utils.UserError(f"bad --subjects {opts.SUBJECTS}: give subject numbers, e.g. --subjects 1 2 5") from None
+CHOICES = {"HEMISPHERE": utils.HEMISPHERE_NAMES, "ROI": utils.ROIS, "H_METHOD": ["const", "avg"]}
+# Training skips one-row batches (BatchNorm needs two rows), so batch size 1, like 0 epochs,
+# would save an untrained model.
+RANGES = {"SUBJECTS": utils.SUBJECT, "H_CONST": utils.at_least(1), "BATCH_SIZE": utils.at_least(2),
+          "EPOCHS": utils.at_least(1), "LR": utils.POSITIVE, "TEMPERATURE": utils.POSITIVE, "SEED": utils.at_least(0),
+          "IMAGE_SIZE": utils.ALEXNET_INPUT, "MAX_VOXELS": utils.at_least(1), "MIN_VOXELS": utils.at_least(1)}
 
 
 def train(opts, roi, skip_small=False):
     """Train the pooled model of ``roi`` with the options ``opts``; returns its path, or None if skipped."""
     return models.train_roi(
-        "pooled", opts.ROOT, roi, opts.HEMISPHERE, subjects(opts), epochs=opts.EPOCHS, lr=opts.LR,
+        "pooled", opts.ROOT, roi, opts.HEMISPHERE, opts.SUBJECTS or utils.find_subjects(opts.ROOT), epochs=opts.EPOCHS, lr=opts.LR,
         batch_size=opts.BATCH_SIZE, temperature=opts.TEMPERATURE, weights=opts.WEIGHTS, device=opts.DEVICE,
         seed=opts.SEED, image_size=opts.IMAGE_SIZE, max_voxels=opts.MAX_VOXELS, min_voxels=opts.MIN_VOXELS,
         h_method=opts.H_METHOD, h_const=opts.H_CONST, overwrite=opts.OVERWRITE, skip_small=skip_small)

@@ -10,13 +10,13 @@ import sys
 from tqdm.auto import tqdm
 
 import utils
-from pooled_model_training import train
+from pooled_model_training import RANGES, train
 
 # --- Options ---
 HEMISPHERE = "left"  # left or right
-ROIS = []  # ROI names to train; empty means all 31
+ROIS: list[str] = []  # ROI names to train; empty means all 31
 SHARD = "1/1"  # K/N: train only the K-th of N round-robin parts of the ROI list
-SUBJECTS = []  # candidate subjects; empty means all under roi_masks (those where an ROI has fewer than MIN_VOXELS voxels are left out)
+SUBJECTS: list[int] = []  # candidate subjects; empty means all under roi_masks (those where an ROI has fewer than MIN_VOXELS voxels are left out)
 H_METHOD = "const"  # const (h = H_CONST) or avg (h = mean voxel count over the subjects)
 H_CONST = 5741  # h of the const method: the largest ROI of the NSD subjects (subj5 rh EBA)
 BATCH_SIZE = 1024  # image-fMRI pairs per step
@@ -27,16 +27,17 @@ WEIGHTS = "imagenet"  # starting AlexNet: imagenet, none (seeded random) or a st
 DEVICE = "auto"  # auto, cpu or cuda
 SEED = 0  # seeds the initialisation, batch order and dropout
 IMAGE_SIZE = 224  # images are squash-resized to IMAGE_SIZE x IMAGE_SIZE
-MAX_VOXELS = None  # keep at most this many voxels per subject (seeded random subset); None keeps all
+MAX_VOXELS: int | None = None  # keep at most this many voxels per subject (seeded random subset); None keeps all
 MIN_VOXELS = utils.MIN_VOXELS  # subjects where the ROI has fewer voxels are left out (the authors' 20)
 OVERWRITE = False  # re-train ROIs whose checkpoint exists
 # ---
+CHOICES = {"HEMISPHERE": utils.HEMISPHERE_NAMES, "ROIS": utils.ROIS, "H_METHOD": ["const", "avg"]}
 
 
 @utils.cli
 def main(argv=None):
     opts = utils.parse_options(sys.modules[__name__], argv)
-    rois = utils.shard([utils.check_roi(r) for r in opts.ROIS or utils.ROIS], opts.SHARD)
+    rois = utils.shard(opts.ROIS or utils.ROIS, opts.SHARD)
     return [train(opts, roi, skip_small=True) for roi in tqdm(rois, desc="ROIs")]
 
 

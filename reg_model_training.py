@@ -21,10 +21,16 @@ WEIGHTS = "imagenet"  # starting AlexNet: imagenet, none (seeded random) or a st
 DEVICE = "auto"  # auto, cpu or cuda
 SEED = 0  # seeds the initialisation, batch order and dropout
 IMAGE_SIZE = 224  # images are squash-resized to IMAGE_SIZE x IMAGE_SIZE
-MAX_VOXELS = None  # keep at most this many voxels of the ROI (seeded random subset); None keeps all
+MAX_VOXELS: int | None = None  # keep at most this many voxels of the ROI (seeded random subset); None keeps all
 MIN_VOXELS = utils.MIN_VOXELS  # ROIs with fewer voxels are not trained (the authors' 20)
 OVERWRITE = False  # re-train even if the checkpoint exists
 # ---
+CHOICES = {"HEMISPHERE": utils.HEMISPHERE_NAMES, "ROI": utils.ROIS}
+# Training skips one-row batches (BatchNorm needs two rows), so batch size 1, like 0 epochs,
+# would save an untrained model.
+RANGES = {"SUBJ": utils.SUBJECT, "BATCH_SIZE": utils.at_least(2), "EPOCHS": utils.at_least(1),
+          "LR": utils.POSITIVE, "SEED": utils.at_least(0), "IMAGE_SIZE": utils.ALEXNET_INPUT,
+          "MAX_VOXELS": utils.at_least(1), "MIN_VOXELS": utils.at_least(1)}
 
 
 def train(opts, roi, skip_small=False):

@@ -10,12 +10,12 @@ import sys
 from tqdm.auto import tqdm
 
 import utils
-from reg_model_training import train
+from reg_model_training import RANGES, train
 
 # --- Options ---
 SUBJ = 1  # subject whose fMRI tunes the models
 HEMISPHERE = "left"  # left or right
-ROIS = []  # ROI names to train; empty means all 31
+ROIS: list[str] = []  # ROI names to train; empty means all 31
 SHARD = "1/1"  # K/N: train only the K-th of N round-robin parts of the ROI list
 BATCH_SIZE = 1024  # image-fMRI pairs per step
 EPOCHS = 75  # passes over the 85% training split
@@ -24,16 +24,17 @@ WEIGHTS = "imagenet"  # starting AlexNet: imagenet, none (seeded random) or a st
 DEVICE = "auto"  # auto, cpu or cuda
 SEED = 0  # seeds the initialisation, batch order and dropout
 IMAGE_SIZE = 224  # images are squash-resized to IMAGE_SIZE x IMAGE_SIZE
-MAX_VOXELS = None  # keep at most this many voxels per ROI (seeded random subset); None keeps all
+MAX_VOXELS: int | None = None  # keep at most this many voxels per ROI (seeded random subset); None keeps all
 MIN_VOXELS = utils.MIN_VOXELS  # ROIs with fewer voxels are not trained (the authors' 20)
 OVERWRITE = False  # re-train ROIs whose checkpoint exists
 # ---
+CHOICES = {"HEMISPHERE": utils.HEMISPHERE_NAMES, "ROIS": utils.ROIS}
 
 
 @utils.cli
 def main(argv=None):
     opts = utils.parse_options(sys.modules[__name__], argv)
-    rois = utils.shard([utils.check_roi(r) for r in opts.ROIS or utils.ROIS], opts.SHARD)
+    rois = utils.shard(opts.ROIS or utils.ROIS, opts.SHARD)
     return [train(opts, roi, skip_small=True) for roi in tqdm(rois, desc="ROIs")]
 
 

@@ -134,7 +134,7 @@ def test_empty_roi_is_an_error_for_the_single_script(root, capsys):
 ])
 def test_unknown_roi(root, capsys, main, argv):
     err = run_error(main, ["--root", str(root)] + argv + FAST, capsys)
-    assert "unknown ROI 'V9'" in err and "V1v" in err
+    assert ("--roi V9" in err or "--rois V9" in err) and "allowed one of V1v, V1d" in err
     assert not (root / "cl_models").exists() and not (root / "baseline_models").exists()
 
 

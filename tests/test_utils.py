@@ -1,5 +1,8 @@
 """utils.py: splits and folds, dataset pairing, image cache, options, AlexNet loading, bad input."""
 
+import ast
+import importlib
+import inspect
 import json
 import os
 import shutil
@@ -13,7 +16,6 @@ import pytest
 import torch
 from PIL import Image
 
-import generate_voxel_roi_mappings
 import synthetic_data
 import utils
 
@@ -152,62 +154,125 @@ import sys
 SUBJ = 1  # subject number
 LR = 1e-4  # learning rate
 HEMISPHERE = "left"  # left or right
-ROIS = ["V1v", "V2v"]  # ROIs to run
+ROIS = [  # ROIs to run,
+    "V1v",  # over several lines
+    "V2v",
+]
 EPOCHS_LIST = [1, 2]  # integer list
+SUBJECTS: list[int] = []  # subjects (empty: all)
 OVERWRITE = False  # rewrite outputs
-MAX_VOXELS = None  # cap on voxels
+MAX_VOXELS: int | None = None  # cap on voxels
+EPOCHS = 3  # passes (with a "#" in a string: "#")
 # ---
 NOT_AN_OPTION = 3
+CHOICES = {"HEMISPHERE": ["left", "right"]}
+RANGES = {"LR": utils.POSITIVE, "EPOCHS": utils.at_least(1)}
 '''
 
 
-@pytest.fixture
-def options_module(tmp_path):
+def options_module(tmp_path, source=OPTIONS_SCRIPT):
     path = tmp_path / "script_with_options.py"
-    path.write_text(OPTIONS_SCRIPT)
+    path.write_text(source)
     module = types.ModuleType("script_with_options")
     module.__file__ = str(path)
-    exec(compile(OPTIONS_SCRIPT, str(path), "exec"), module.__dict__)
+    module.utils = utils
+    exec(compile(source, str(path), "exec"), module.__dict__)
     return module
 
 
-def test_parse_options_defaults_and_types(options_module):
-    opts = utils.parse_options(options_module, [])
-    assert vars(opts) == {"ROOT": ".", "SUBJ": 1, "LR": 1e-4, "HEMISPHERE": "left", "ROIS": ["V1v", "V2v"],
-                          "EPOCHS_LIST": [1, 2], "OVERWRITE": False, "MAX_VOXELS": None}
-    opts = utils.parse_options(options_module, [
-        "--root", "data", "--subj", "3", "--lr", "0.01", "--hemisphere", "right", "--rois", "V1v", "hV4", "EBA",
-        "--epochs-list", "3,4", "--overwrite", "--max-voxels", "50"])
-    assert vars(opts) == {"ROOT": "data", "SUBJ": 3, "LR": 0.01, "HEMISPHERE": "right",
-                          "ROIS": ["V1v", "hV4", "EBA"], "EPOCHS_LIST": [3, 4], "OVERWRITE": True, "MAX_VOXELS": 50}
-    assert type(opts.SUBJ) is int and type(opts.LR) is float
-    assert utils.parse_options(options_module, ["--rois", "V1v,V3v", "--overwrite", "false"]).ROIS == ["V1v", "V3v"]
-    assert utils.parse_options(options_module, ["--overwrite", "false"]).OVERWRITE is False
-    assert utils.parse_options(options_module, ["--max-voxels", "none"]).MAX_VOXELS is None
-
-
-def test_parse_options_help_and_errors(options_module, capsys):
-    with pytest.raises(SystemExit) as e:
-        utils.parse_options(options_module, ["--help"])
-    assert e.value.code == 0
-    out = capsys.readouterr().out
-    assert "A test script with every kind of option." in out and "More text" not in out
-    for flag, comment in [("--subj", "subject number"), ("--lr", "learning rate"), ("--rois", "ROIs to run"),
-                          ("--overwrite", "rewrite outputs"), ("--max-voxels", "cap on voxels"), ("--root", "")]:
-        assert flag in out and comment in out
-    assert "--not-an-option" not in out
-    for bad in (["--subj", "x"], ["--lr", "fast"], ["--overwrite", "maybe"], ["--unknown", "1"]):
-        with pytest.raises(SystemExit) as e:
-            utils.parse_options(options_module, bad)
-        assert e.value.code == 2
-
-
-@pytest.mark.parametrize("module", [synthetic_data, generate_voxel_roi_mappings])
-def test_script_flags_match_their_options_block(module):
-    names = [name for name, _ in utils._options_block(module)]
+def test_parse_options_defaults_and_types(tmp_path):
+    module = options_module(tmp_path)
     opts = utils.parse_options(module, [])
+    assert vars(opts) == {"ROOT": ".", "SUBJ": 1, "LR": 1e-4, "HEMISPHERE": "left", "ROIS": ["V1v", "V2v"],
+                          "EPOCHS_LIST": [1, 2], "SUBJECTS": [], "OVERWRITE": False, "MAX_VOXELS": None, "EPOCHS": 3}
+    opts = utils.parse_options(module, [
+        "--root", "data", "--subj", "3", "--lr", "0.01", "--hemisphere", "right", "--rois", "V1v", "hV4", "EBA",
+        "--epochs-list", "3,4", "--subjects", "2", "5", "--overwrite", "--max-voxels", "50", "--epochs", "7"])
+    assert vars(opts) == {"ROOT": "data", "SUBJ": 3, "LR": 0.01, "HEMISPHERE": "right", "ROIS": ["V1v", "hV4", "EBA"],
+                          "EPOCHS_LIST": [3, 4], "SUBJECTS": [2, 5], "OVERWRITE": True, "MAX_VOXELS": 50, "EPOCHS": 7}
+    assert type(opts.SUBJ) is int and type(opts.LR) is float
+    assert utils.parse_options(module, ["--rois", "V1v,V3v", "--overwrite", "false"]).ROIS == ["V1v", "V3v"]
+    assert utils.parse_options(module, ["--overwrite", "false"]).OVERWRITE is False
+    assert utils.parse_options(module, ["--max-voxels", "none"]).MAX_VOXELS is None
+    # The defaults are copies: a script that changes its opts leaves the module's constants alone.
+    utils.parse_options(module, []).ROIS.append("EBA")
+    assert module.ROIS == ["V1v", "V2v"]
+
+
+def test_parse_options_help_and_errors(tmp_path, capsys):
+    module = options_module(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        utils.parse_options(module, ["--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps the help lines
+    assert "A test script with every kind of option." in out and "More text" not in out
+    for flag, comment in [("--subj", "subject number"), ("--lr", "learning rate"), ("--overwrite", "rewrite outputs"),
+                          ("--rois", "ROIs to run, over several lines"), ("--max-voxels", "cap on voxels"),
+                          ("--epochs", 'passes (with a "#" in a string: "#")'), ("--root", "")]:
+        assert flag in out and comment in out
+    assert "(default: left; allowed: one of left, right)" in out
+    assert "(default: 0.0001; allowed: a number > 0)" in out and "(default: 3; allowed: an integer >= 1)" in out
+    assert "--not-an-option" not in out
+    for bad, line in [(["--subj", "x"], "--subj x: allowed an integer"),
+                      (["--lr", "fast"], "--lr fast: allowed a number > 0"),
+                      (["--lr", "nan"], "--lr nan: allowed a number > 0"),
+                      (["--lr", "0"], "--lr 0: allowed a number > 0"),
+                      (["--overwrite", "maybe"], "--overwrite maybe: allowed true or false"),
+                      (["--subjects", "1", "two"], "--subjects two: allowed an integer"),
+                      (["--max-voxels", "1.5"], "--max-voxels 1.5: allowed an integer or none"),
+                      (["--hemisphere", "up"], "--hemisphere up: allowed one of left, right"),
+                      (["--unknown", "1"], "unrecognized arguments: --unknown 1: see python script_with_options.py"),
+                      (["--subj"], "argument --subj: expected one argument")]:
+        assert user_error(lambda: utils.parse_options(module, bad), capsys).startswith("error: " + line)
+
+
+@pytest.mark.parametrize("statement", [
+    "print('hello')", "if True:\n    X = 1", "lower = 1", "A, B = 1, 2", "A = B = 1", "SUBJ = 2  # twice",
+    "X: int", "EMPTY = []  # no element type", "NOTHING = None  # no type", "X: dict = {}", "X = {1: 2}",
+])
+def test_options_block_holds_only_typed_assignments(tmp_path, statement):
+    source = OPTIONS_SCRIPT.replace("# ---\nNOT_AN", statement + "\n# ---\nNOT_AN")
+    with pytest.raises(RuntimeError, match=r"script_with_options.py:\d+: "):
+        utils.parse_options(options_module(tmp_path, source), [])
+
+
+def test_choices_and_ranges_name_options(tmp_path):
+    source = OPTIONS_SCRIPT.replace('"EPOCHS": utils.at_least(1)', '"EPOCH": utils.at_least(1)')
+    with pytest.raises(RuntimeError, match="EPOCH, not options"):
+        utils.parse_options(options_module(tmp_path, source), [])
+
+
+SCRIPTS = ["cl_model_training", "cl_model_training_all_rois", "reg_model_training", "reg_model_training_all_rois",
+           "pooled_model_training", "pooled_model_training_all_rois", "fit_encoding_models", "fit_encoding_models_nod",
+           "generate_results", "generate_voxel_roi_mappings", "launch", "synthetic_data", "demo"]
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_script_defaults_parse_and_pass_their_checks(name, tiny):
+    module = importlib.import_module(name)
+    names = [o.name for o in utils._options_block(module)]
+    opts = utils.parse_options(module, [] if "ROOT" in names else ["--root", str(tiny)])
     assert set(vars(opts)) == set(names) | {"ROOT"}
     assert all(getattr(opts, name) == getattr(module, name) for name in names)
+
+
+@pytest.mark.parametrize("twin", [name for name in SCRIPTS if name.endswith("_all_rois")])
+def test_all_rois_twin_defines_every_option_its_train_reads(twin):
+    single = importlib.import_module(twin.replace("_all_rois", ""))
+    train = next(node for node in ast.parse(inspect.getsource(single)).body
+                 if isinstance(node, ast.FunctionDef) and node.name == "train")
+    read = {node.attr for node in ast.walk(train)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "opts"}
+    assert len(read) > 10
+    assert read <= {o.name for o in utils._options_block(importlib.import_module(twin))} | {"ROOT"}
+
+
+def test_smallest_alexnet_input():
+    """MIN_IMAGE_SIZE is the smallest side for which every one of LAYERS has an output."""
+    dims = utils.layer_dims(utils.MIN_IMAGE_SIZE)
+    assert set(dims) == set(utils.LAYERS) and dims["features.12"] == 256
+    with pytest.raises(RuntimeError, match="too small"):
+        utils.layer_dims(utils.MIN_IMAGE_SIZE - 1)
 
 
 # --- AlexNet -------------------------------------------------------------------------------
