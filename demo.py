@@ -52,6 +52,12 @@ NOTEBOOK = True  # run the landscape notebook headless
 DEVICE = "auto"  # auto, cpu or cuda
 OVERWRITE = False  # redo every step even if its outputs exist
 # ---
+CHOICES = {"HEMISPHERE": utils.HEMISPHERE_NAMES, "ROIS": utils.ROIS}
+RANGES = {"SUBJECTS": utils.between(1, utils.N_SUBJECTS), "IMAGES": utils.at_least(1),
+          "IMAGE_SIZE": utils.ALEXNET_INPUT, "SNR": utils.POSITIVE, "SEED": utils.at_least(0),
+          "SUBJ": utils.Allowed("between 1 and --subjects", lambda subj, opts: 1 <= subj <= opts.SUBJECTS),
+          "EPOCHS": utils.at_least(1), "BATCH_SIZE": utils.at_least(2), "CLASSES": utils.at_least(2),
+          "CLASS_IMAGES": utils.at_least(1)}
 
 DATASET = "caltech256"  # the ImageFolder-layout dataset name of generate_results.py
 # The encoding methods and their columns in the summary table.
@@ -171,7 +177,7 @@ def report_prf(table):
 def main(argv=None):
     opts = utils.parse_options(sys.modules[__name__], argv)
     root, hemi, subj = opts.ROOT, utils.hemi_code(opts.HEMISPHERE), opts.SUBJ
-    rois = [utils.check_roi(r) for r in opts.ROIS]
+    rois = opts.ROIS
     overwrite = ["--overwrite"] if opts.OVERWRITE else []
     weights = resolve_weights(opts.WEIGHTS)
     common = ["--root", root, "--image-size", str(opts.IMAGE_SIZE), "--device", opts.DEVICE, "--seed", str(opts.SEED)]

@@ -41,7 +41,7 @@ import utils
 # --- Options ---
 METHOD = "untuned"  # feature extractor: untuned, cl-tuned, reg-tuned, pooled-avg or pooled-const
 SUBJ = 1  # subject whose fMRI is predicted
-MODEL_SUBJ = None  # subject whose cl-/reg-tuned model extracts the features (None: SUBJ; another: transfer)
+MODEL_SUBJ: int | None = None  # subject whose cl-/reg-tuned model extracts the features (None: SUBJ; another: transfer)
 HEMISPHERE = "left"  # left or right
 ROIS = list(utils.ROIS)  # ROIs to fit (those with fewer than MIN_VOXELS voxels are skipped)
 PROTOCOL = "per-method"  # per-method (choose layer and alphas on this method) or untuned-layer
@@ -62,10 +62,15 @@ OVERWRITE = False  # recompute ROIs whose results exist
 TRANSFER_MATRIX = False  # only build the model-subject x target-subject matrices from existing results
 TRANSFER_AGGREGATION = "authors"  # transfer matrices: authors (unweighted mean over ROIs, absent ROI = 0) or voxels (pooled)
 # ---
+CHOICES = {"METHOD": utils.METHODS, "HEMISPHERE": utils.HEMISPHERE_NAMES, "ROIS": utils.ROIS,
+           "PROTOCOL": ["per-method", "untuned-layer"], "FEATURE_PRECISION": utils.PRECISIONS,
+           "TRANSFER_AGGREGATION": ["authors", "voxels"]}
+RANGES = {"SUBJ": utils.SUBJECT, "MODEL_SUBJ": utils.SUBJECT, "ALPHAS": utils.ALPHA_GRID,
+          "N_COMPONENTS": utils.at_least(1), "N_FOLDS": utils.at_least(2), "IMAGE_SIZE": utils.ALEXNET_INPUT,
+          "SEED": utils.at_least(0), "CL_EPOCHS": utils.at_least(1), "REG_EPOCHS": utils.at_least(1),
+          "POOLED_EPOCHS": utils.at_least(1), "BATCH_SIZE": utils.at_least(1), "MIN_VOXELS": utils.at_least(1)}
 
-PROTOCOLS = ("per-method", "untuned-layer")
 TRANSFER_METHODS = ("cl-tuned", "reg-tuned")
-AGGREGATIONS = ("authors", "voxels")
 # The methods of the group summaries, each on its own subject with the per-method protocol.
 SUMMARY_METHODS = ("untuned", "cl-tuned", "reg-tuned", "pooled-avg", "pooled-const")
 SUMMARY_COMPARISONS = (("cl-tuned", "untuned"), ("cl-tuned", "reg-tuned"), ("pooled-avg", "cl-tuned"),
@@ -103,19 +108,9 @@ def save_result(result, path):
     utils.atomic_json_dump({k: v for k, v in result.items() if k not in arrays}, Path(path).with_suffix(".json"))
 
 
-def check_options(opts):
-    if opts.METHOD not in utils.METHODS:
-        raise utils.UserError(f"unknown METHOD {opts.METHOD!r}: use one of {', '.join(utils.METHODS)}")
-    if opts.PROTOCOL not in PROTOCOLS:
-        raise utils.UserError(f"unknown PROTOCOL {opts.PROTOCOL!r}: use per-method or untuned-layer")
-    for roi in opts.ROIS:
-        utils.check_roi(roi)
-    if list(opts.ALPHAS) != sorted(set(opts.ALPHAS)):
-        raise utils.UserError(f"ALPHAS {opts.ALPHAS} must be strictly ascending: sort them")
-    if opts.TRANSFER_AGGREGATION not in AGGREGATIONS:
-        raise utils.UserError(f"unknown TRANSFER_AGGREGATION {opts.TRANSFER_AGGREGATION!r}: use authors or voxels")
-    transfer = opts.MODEL_SUBJ is not None and int(opts.MODEL_SUBJ) != int(opts.SUBJ)
-    if transfer and opts.METHOD not in TRANSFER_METHODS:
+def check_transfer(opts):
+    """A model from another subject (MODEL_SUBJ) exists only for the subject-specific methods."""
+    if opts.MODEL_SUBJ not in (None, opts.SUBJ) and opts.METHOD not in TRANSFER_METHODS:
         raise utils.UserError(f"MODEL_SUBJ {opts.MODEL_SUBJ} is for cl-tuned or reg-tuned models only "
                               f"({opts.METHOD} is not tuned on one subject): drop --model-subj")
 
@@ -478,12 +473,11 @@ def pending_rois(opts, root, subj, hemi, tag):
 @utils.cli
 def main(argv=None):
     opts = utils.parse_options(sys.modules[__name__], argv)
-    check_options(opts)
-    utils.check_precision(opts.FEATURE_PRECISION)
+    check_transfer(opts)
     if opts.TRANSFER_MATRIX:
         return run_transfer_matrix(opts)
-    root, subj, method, hemi = opts.ROOT, int(opts.SUBJ), opts.METHOD, utils.hemi_code(opts.HEMISPHERE)
-    model_subj = subj if opts.MODEL_SUBJ is None else int(opts.MODEL_SUBJ)
+    root, subj, method, hemi = opts.ROOT, opts.SUBJ, opts.METHOD, utils.hemi_code(opts.HEMISPHERE)
+    model_subj = subj if opts.MODEL_SUBJ is None else opts.MODEL_SUBJ
     tag = method_tag(method, subj, model_subj, opts.PROTOCOL)
     device = utils.resolve_device(opts.DEVICE)
     timer = encoding.StageTimer(device)

@@ -29,7 +29,7 @@ import nod_utils
 import utils
 
 # --- Options ---
-NOD_ROOT = None  # the ds004496 clone holding supportfiles/ (None: ROOT/nod)
+NOD_ROOT: str | None = None  # the ds004496 clone holding supportfiles/ (None: ROOT/nod)
 SUBJECTS = [1, 2, 3, 4, 5, 6, 7, 8, 9]  # NOD subjects
 SESSIONS = [1, 2, 3, 4]  # NOD ImageNet sessions
 RUNS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]  # runs of each session
@@ -54,6 +54,15 @@ BATCH_SIZE = 256  # images per forward pass
 DEVICE = "auto"  # auto, cpu or cuda
 OVERWRITE = False  # recompute results that exist
 # ---
+CHOICES = {"ROIS": nod_utils.NOD_ROIS, "HEMISPHERES": utils.HEMISPHERE_NAMES,
+           "HEMISPHERE_CONVENTION": nod_utils.HEMISPHERE_CONVENTIONS, "ZSCORE": nod_utils.ZSCORES,
+           "METHODS": utils.METHODS, "NSD_STREAM": list(nod_utils.NSD_ROI)}
+# The NSD models are read from --root, which need not hold the NSD data (roi_masks).
+RANGES = {"SUBJECTS": utils.at_least(1), "SESSIONS": utils.at_least(1), "RUNS": utils.at_least(1),
+          "N_VOXELS": utils.at_least(1), "MODEL_SUBJ": utils.between(1, utils.N_SUBJECTS),
+          "CL_EPOCHS": utils.at_least(1), "REG_EPOCHS": utils.at_least(1), "POOLED_EPOCHS": utils.at_least(1),
+          "SEED": utils.at_least(0), "ALPHAS": utils.ALPHA_GRID, "N_COMPONENTS": utils.at_least(1),
+          "N_FOLDS": utils.at_least(2), "IMAGE_SIZE": utils.ALEXNET_INPUT, "BATCH_SIZE": utils.at_least(1)}
 
 
 def output_dir(root):
@@ -67,19 +76,6 @@ def result_path(root, subj, hemisphere, roi, method):
 
 def method_epochs(opts, method):
     return {"untuned": 0, "cl-tuned": opts.CL_EPOCHS, "reg-tuned": opts.REG_EPOCHS}.get(method, opts.POOLED_EPOCHS)
-
-
-def check_options(opts):
-    for method in opts.METHODS:
-        if method not in utils.METHODS:
-            raise utils.UserError(f"unknown method {method!r}: use one of {', '.join(utils.METHODS)}")
-    for roi in opts.ROIS:
-        if roi not in nod_utils.NOD_ROIS:
-            raise utils.UserError(f"unknown NOD area {roi!r}: use some of {', '.join(nod_utils.NOD_ROIS)}")
-    if opts.NSD_STREAM not in nod_utils.NSD_ROI:
-        raise utils.UserError(f"unknown NSD_STREAM {opts.NSD_STREAM!r}: use ventral or dorsal")
-    nod_utils.check_conventions(opts.ZSCORE, opts.HEMISPHERE_CONVENTION)
-    return [utils.hemi_code(h) for h in opts.HEMISPHERES]
 
 
 def settings(opts):
@@ -189,7 +185,7 @@ def fit_method(opts, data, folds, device, subj, hemi, method, todo, cache):
 @utils.cli
 def main(argv=None):
     opts = utils.parse_options(sys.modules[__name__], argv)
-    hemis = check_options(opts)
+    hemis = [utils.hemi_code(h) for h in opts.HEMISPHERES]
     device = utils.resolve_device(opts.DEVICE)
     for subj in tqdm(opts.SUBJECTS, desc="NOD subjects"):
         jobs = {(method, hemi): [roi for roi in opts.ROIS if pending(opts, subj, hemi, roi, method)]

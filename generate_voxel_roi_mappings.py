@@ -15,9 +15,10 @@ from tqdm.auto import tqdm
 import utils
 
 # --- Options ---
-SUBJECTS = []  # subjects to process (empty: every SubjX folder under ROOT/roi_masks)
+SUBJECTS: list[int] = []  # subjects to process (empty: every SubjX folder under ROOT/roi_masks)
 OVERWRITE = False  # rewrite mapping files that already exist
 # ---
+RANGES = {"SUBJECTS": utils.SUBJECT}
 
 
 def roi_membership(root, subj, hemisphere):
@@ -53,10 +54,7 @@ def voxel_roi_lists(member):
 @utils.cli
 def main(argv=None):
     opts = utils.parse_options(sys.modules[__name__], argv)
-    subjects = [int(s) for s in opts.SUBJECTS] or utils.find_subjects(opts.ROOT)
-    for subj in subjects:
-        utils.require_dir(utils.roi_masks_dir(opts.ROOT, subj), "copy the Algonauts roi_masks for this subject "
-                          "(see README) or leave it out of --subjects")
+    subjects = opts.SUBJECTS or utils.find_subjects(opts.ROOT)
     todo = [(subj, hemi) for subj in subjects for hemi in utils.HEMISPHERES]
     for subj, hemi in list(todo):
         path = utils.voxel_roi_mapping_path(opts.ROOT, subj, hemi)

@@ -27,9 +27,9 @@ import utils
 
 # --- Options ---
 SCRIPT = "cl_model_training.py"  # cl_model_training.py, reg_model_training.py, pooled_model_training.py or fit_encoding_models.py
-SUBJECTS = []  # subjects; empty means every roi_masks/SubjX (pooled: the subjects pooled over)
+SUBJECTS: list[int] = []  # subjects; empty means every roi_masks/SubjX (pooled: the subjects pooled over)
 HEMISPHERES = ["left", "right"]  # hemispheres
-ROIS = []  # ROI names; empty means all 31 (ROIs under MIN_VOXELS = 20 voxels for a subject and hemisphere are skipped)
+ROIS: list[str] = []  # ROI names; empty means all 31 (ROIs under MIN_VOXELS = 20 voxels for a subject and hemisphere are skipped)
 ARGS = ""  # more arguments for every job's script, e.g. "--epochs 30 --weights imagenet" (or give them after --)
 CLUSTER = "slurm"  # slurm (sbatch job array), local (subprocesses on this machine) or debug (in this process, in turn)
 PARTITION = ""  # SLURM partition (empty: the cluster's default)
@@ -41,9 +41,11 @@ ARRAY_PARALLELISM = 32  # SLURM: at most this many jobs of the array run at once
 LOG_FOLDER = "launch_logs"  # submitit's job files and logs, under ROOT
 WAIT = True  # wait for the jobs and print their status (False: submit and return)
 # ---
-
-SCRIPTS = ["cl_model_training.py", "reg_model_training.py", "pooled_model_training.py", "fit_encoding_models.py"]
-CLUSTERS = ["slurm", "local", "debug"]
+CHOICES = {"SCRIPT": ["cl_model_training.py", "reg_model_training.py", "pooled_model_training.py",
+                      "fit_encoding_models.py"],
+           "HEMISPHERES": utils.HEMISPHERE_NAMES, "ROIS": utils.ROIS, "CLUSTER": ["slurm", "local", "debug"]}
+RANGES = {"SUBJECTS": utils.SUBJECT, "TIME": utils.at_least(1), "GPUS": utils.at_least(0), "CPUS": utils.at_least(1),
+          "MEM_GB": utils.at_least(1), "ARRAY_PARALLELISM": utils.at_least(1)}
 
 
 def run_job(script, argv):
@@ -138,15 +140,8 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     opts = utils.parse_options(sys.modules[__name__], argv[:argv.index("--")] if "--" in argv else argv)
-    if opts.SCRIPT not in SCRIPTS:
-        raise utils.UserError(f"unknown --script {opts.SCRIPT!r}: use one of {', '.join(SCRIPTS)}")
-    if opts.CLUSTER not in CLUSTERS:
-        raise utils.UserError(f"unknown --cluster {opts.CLUSTER!r}: use one of {', '.join(CLUSTERS)}")
-    try:
-        subjects = [int(s) for s in opts.SUBJECTS] or utils.find_subjects(opts.ROOT)
-    except ValueError:
-        raise utils.UserError(f"bad --subjects {opts.SUBJECTS}: give subject numbers, e.g. --subjects 1 2") from None
-    rois = [utils.check_roi(r) for r in opts.ROIS] or utils.ROIS
+    subjects = opts.SUBJECTS or utils.find_subjects(opts.ROOT)
+    rois = opts.ROIS or utils.ROIS
     extra = shlex.split(opts.ARGS) + extra
     shared_pass = opts.SCRIPT == "fit_encoding_models.py" and encoding_method(extra) == "untuned"
     jobs = job_list(opts.ROOT, opts.SCRIPT, subjects, opts.HEMISPHERES, rois, shared_pass)

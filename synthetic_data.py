@@ -67,11 +67,13 @@ IMAGES = 300  # images per subject
 IMAGE_SIZE = 425  # side of the square PNG images, in pixels
 SEED = 0  # random seed: the same seed gives the same dataset
 SNR = 1.0  # median signal-to-noise ratio (signal variance / noise variance) of ROI vertices
-MASKS_FROM = None  # folder of real Algonauts roi_masks/SubjX folders to copy (None: generate masks)
-MAX_VERTICES = None  # with MASKS_FROM, keep only this many vertices per hemisphere (None: all)
+MASKS_FROM: str | None = None  # folder of real Algonauts roi_masks/SubjX folders to copy (None: generate masks)
+MAX_VERTICES: int | None = None  # with MASKS_FROM, keep only this many vertices per hemisphere (None: all)
 OVERWRITE = False  # rewrite a dataset that already exists under ROOT
 NOD = False  # write a synthetic NOD tree (ds004496 layout, IMAGES // 100 runs of 100 trials) under ROOT/nod instead
 # ---
+RANGES = {"SUBJECTS": utils.at_least(1), "IMAGES": utils.at_least(1), "IMAGE_SIZE": utils.at_least(8),
+          "SEED": utils.at_least(0), "SNR": utils.POSITIVE, "MAX_VERTICES": utils.at_least(1)}
 
 GRID = 32  # side of the grey image the pRF model sees
 SFS = np.array([2.0, 4.0, 8.0])  # preferred spatial frequencies, cycles per image

@@ -86,10 +86,10 @@ def test_launch_debug_failed_job_line_names_the_error(root, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--script", "train.py"], "unknown --script 'train.py': use one of cl_model_training.py"),
-    (["--rois", "V9"], "unknown ROI 'V9'"),
-    (["--cluster", "cloud"], "unknown --cluster 'cloud': use one of slurm, local, debug"),
-    (["--subjects", "one"], "bad --subjects"),
+    (["--script", "train.py"], "--script train.py: allowed one of cl_model_training.py"),
+    (["--rois", "V9"], "--rois V9: allowed one of V1v"),
+    (["--cluster", "cloud"], "--cluster cloud: allowed one of slurm, local, debug"),
+    (["--subjects", "one"], "--subjects one: allowed an integer between 1 and 8"),
     (["--subjects", "1", "--hemispheres", "left", "--rois", "mTL-faces"], "no job to run"),
 ])
 def test_launch_bad_input_is_one_line(root, capsys, argv, message):

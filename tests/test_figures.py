@@ -158,7 +158,7 @@ def test_missing_inputs_are_skipped_with_the_command(tmp_path, shared_masks, cap
     err = run_error(generate_results.main, ["--root", str(tmp_path), "--type", "paper-figures",
                                             "--mesh", str(tmp_path / "nowhere")], capsys)
     assert str(tmp_path / "nowhere" / "surf" / "lh.inflated") in err and "--mesh" in err
-    assert "unknown maps 'some'" in run_error(generate_results.main, ["--root", str(tmp_path), "--type", "paper-figures",
+    assert "--maps some: allowed one of all, summary, none" in run_error(generate_results.main, ["--root", str(tmp_path), "--type", "paper-figures",
                                                                       "--maps", "some"], capsys)
     assert not (tmp_path / "results").exists()
     paths = generate_results.main(["--root", str(tmp_path), "--type", "paper-figures"])

@@ -325,5 +325,5 @@ def test_feature_precision_is_recorded_and_checked(root, capsys):
     r = fem.load_result(fem.main(["--root", str(root), "--rois", "EBA"] + FAST)["EBA"])
     assert r["feature_precision"] == "fp32"
     err = run_error(["--root", str(root), "--rois", "V1v", "--feature-precision", "fp16"] + FAST, capsys)
-    assert "unknown feature precision 'fp16'" in err
+    assert "--feature-precision fp16: allowed one of fp32, bf16" in err
     assert not fem.result_path(root, 1, "untuned", "lh", "V1v").exists()

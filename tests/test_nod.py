@@ -433,4 +433,4 @@ def test_results_record_their_settings_and_other_settings_are_refused(nod_run, c
     assert str(script.result_path(root, 1, "lh", "V1", "untuned")) in err and "--overwrite" in err
     assert "'zscore': 'run'" in err and "'zscore': 'vertex'" in err
     err = run_error(script.main, args + ["--hemisphere-convention", "nsd"], capsys)
-    assert "unknown HEMISPHERE_CONVENTION 'nsd'" in err
+    assert "--hemisphere-convention nsd: allowed one of anatomical, authors" in err
