@@ -13,16 +13,18 @@ Outputs go under ROOT/results and ROOT/classification_preds; reruns skip finishe
 
 import sys
 
+import figures
+import results_utils as ru
 import utils
 
 # --- Options ---
-TYPE = "classification-task"  # classification-task[-pooled-avg|-pooled-const], lower-bound-mi[-pooled-avg|-pooled-const], voxel-counts, save-embeddings, save-test-fmri-responses, random-rois-list, figures, salience-maps or paper-figures
+TYPE = "classification-task"  # the analysis: one of TYPES (described at the top of this file)
 DATASET = "caltech256"  # classification dataset in ROOT/datasets/<name>: caltech256, places365, imagenet, sun397
 METHOD = "cl-tuned"  # tuned models to analyse: cl-tuned or reg-tuned (save-embeddings also untuned; pooled types set it)
 SUBJECTS = [1]  # subjects to process
 HEMISPHERES = ["left", "right"]  # hemispheres to process
-ROIS = []  # ROIs (default: every ROI with a checkpoint, or for the fMRI-only types every ROI, with at least MIN_VOXELS voxels)
-EPOCHS = None  # epochs in the checkpoint names (default: 30, or 75 for reg-tuned)
+ROIS: list[str] = []  # ROIs (default: every ROI with a checkpoint, or for the fMRI-only types every ROI, with at least MIN_VOXELS voxels)
+EPOCHS: int | None = None  # epochs in the checkpoint names (default: 30, or 75 for reg-tuned)
 WEIGHTS = "imagenet"  # untuned AlexNet: imagenet, none (seeded random) or a state-dict path
 SEED = 0  # seed of random weights and of random-rois-list
 DEVICE = "auto"  # auto, cpu or cuda
@@ -38,87 +40,116 @@ MESH = "fsaverage5"  # paper-figures: cortical maps on nilearn's fsaverage5, or 
 MAPS = "all"  # paper-figures cortical maps: all, summary (per subject the CL gain and the winning method) or none
 OVERWRITE = False  # recompute results that exist
 # ---
-
 TYPES = ["classification-task", "classification-task-pooled-avg", "classification-task-pooled-const",
          "lower-bound-mi", "lower-bound-mi-pooled-avg", "lower-bound-mi-pooled-const", "voxel-counts",
          "save-embeddings", "save-test-fmri-responses", "random-rois-list", "figures", "salience-maps", "paper-figures"]
+CHOICES = {"TYPE": TYPES, "DATASET": ru.DATASETS, "METHOD": utils.METHODS, "HEMISPHERES": utils.HEMISPHERE_NAMES,
+           "ROIS": utils.ROIS, "EMBEDDING_LAYER": utils.LAYERS + ["", "best"], "EMBEDDING_SPLIT": ru.EMBEDDING_SPLITS,
+           "FEATURE_PRECISION": utils.PRECISIONS, "MAPS": figures.MAPS}
+RANGES = {"SUBJECTS": utils.SUBJECT, "EPOCHS": utils.at_least(1), "SEED": utils.at_least(0),
+          "IMAGE_SIZE": utils.ALEXNET_INPUT, "BATCH_SIZE": utils.at_least(1), "N_RANDOM_ROIS": utils.at_least(1),
+          "MIN_VOXELS": utils.at_least(1), "IMAGE_INDEX": utils.at_least(0)}
+
+
+def model_subjects(opts, method):
+    """The subjects whose models are analysed: SUBJECTS, or [None] for the pooled models."""
+    return [None] if method.startswith("pooled") else opts.SUBJECTS
+
+
+def classification(opts, model_opts):
+    method, epochs = model_opts["method"], model_opts["epochs"]
+    for subj in model_subjects(opts, method):
+        for h in opts.HEMISPHERES:
+            summary = ru.classification_task(dataset=opts.DATASET, subj=subj, hemisphere=h, rois=opts.ROIS,
+                                             batch_size=opts.BATCH_SIZE, overwrite=opts.OVERWRITE,
+                                             precision=opts.FEATURE_PRECISION, min_voxels=opts.MIN_VOXELS,
+                                             **model_opts)
+            print(f"{opts.DATASET} {ru.summary_stem(method, subj, h, epochs)}: untuned {summary['untuned']:.3f}, "
+                  + ", ".join(f"{r} {a:.3f}" for r, a in summary["rois"].items()))
+
+
+def lower_bound_mi(opts, model_opts):
+    method = model_opts["method"]
+    for subj in model_subjects(opts, method):
+        for h in opts.HEMISPHERES:
+            summary = ru.mi_task(opts.ROOT, method, subj, h, opts.ROIS, model_opts["epochs"], model_opts["device"],
+                                 opts.BATCH_SIZE, opts.OVERWRITE, opts.FEATURE_PRECISION, opts.MIN_VOXELS)
+            for roi, per_subj in summary["rois"].items():
+                for s, res in per_subj.items():
+                    print(f"subj{s} {utils.hemi_code(h)} {roi}: {res['tuned']['scaled_bits']:.3f} bits "
+                          f"(untuned {res['untuned']['scaled_bits']:.3f}, at most log2 K = {res['tuned']['log2_K']:.3f})")
+
+
+def voxel_counts(opts, model_opts):
+    path = utils.results_dir(opts.ROOT) / "voxel_counts.csv"
+    utils.atomic_write_text(ru.voxel_counts(opts.ROOT).to_csv(index=False), path)
+    print(f"wrote {path}")
+
+
+def save_embeddings(opts, model_opts):
+    for subj in opts.SUBJECTS:
+        for h in opts.HEMISPHERES:
+            for path in ru.save_embeddings(subj=subj, hemisphere=h, rois=opts.ROIS, layer=opts.EMBEDDING_LAYER,
+                                           split=opts.EMBEDDING_SPLIT, batch_size=opts.BATCH_SIZE,
+                                           overwrite=opts.OVERWRITE, precision=opts.FEATURE_PRECISION,
+                                           min_voxels=opts.MIN_VOXELS, **model_opts):
+                print(f"wrote {path}")
+
+
+def save_test_fmri(opts, model_opts):
+    for subj in opts.SUBJECTS:
+        for h in opts.HEMISPHERES:
+            for path in ru.save_test_fmri(opts.ROOT, subj, h, opts.ROIS, opts.OVERWRITE, opts.MIN_VOXELS):
+                print(f"wrote {path}")
+
+
+def random_rois(opts, model_opts):
+    chosen = ru.random_rois(ru.voxel_counts(opts.ROOT), opts.N_RANDOM_ROIS, opts.SEED, opts.MIN_VOXELS)
+    path = utils.results_dir(opts.ROOT) / f"random_rois_n{opts.N_RANDOM_ROIS}_seed{opts.SEED}.csv"
+    utils.atomic_write_text(chosen.to_csv(index=False), path)
+    print(chosen.to_string(index=False))
+    print(f"wrote {path}")
+
+
+def results_figures(opts, model_opts):
+    for path in ru.results_figures(opts.ROOT, opts.DATASET, model_opts["method"], model_opts["epochs"]):
+        print(f"wrote {path}")
+
+
+def salience_maps(opts, model_opts):
+    if len(opts.ROIS) != 1 or len(opts.SUBJECTS) != 1:
+        raise utils.UserError(f"salience-maps takes one subject and one ROI, got --subjects {opts.SUBJECTS} "
+                              f"--rois {opts.ROIS}: pass e.g. --subjects 1 --rois V1v")
+    for path in ru.salience_maps(dataset=opts.DATASET, subj=opts.SUBJECTS[0], roi=opts.ROIS[0],
+                                 image_index=opts.IMAGE_INDEX, **model_opts):
+        print(f"wrote {path}")
+
+
+def paper_figures(opts, model_opts):
+    """Every paper figure from the saved results of all subjects; one line per figure skipped."""
+    paths, skipped = figures.paper_figures(opts.ROOT, model_opts["epochs"], opts.MESH, maps=opts.MAPS)
+    for line in skipped:
+        print(line)
+    print(f"wrote {len(paths)} files under {figures.paper_dir(opts.ROOT)}")
+    return paths
+
+
+TASKS = {"classification-task": classification, "classification-task-pooled-avg": classification,
+         "classification-task-pooled-const": classification, "lower-bound-mi": lower_bound_mi,
+         "lower-bound-mi-pooled-avg": lower_bound_mi, "lower-bound-mi-pooled-const": lower_bound_mi,
+         "voxel-counts": voxel_counts, "save-embeddings": save_embeddings, "save-test-fmri-responses": save_test_fmri,
+         "random-rois-list": random_rois, "figures": results_figures, "salience-maps": salience_maps,
+         "paper-figures": paper_figures}
 
 
 @utils.cli
 def main(argv=None):
     opts = utils.parse_options(sys.modules[__name__], argv)
-    import results_utils as ru
-    if opts.TYPE not in TYPES:
-        raise utils.UserError(f"unknown --type {opts.TYPE!r}: use one of {', '.join(TYPES)}")
     method = "pooled-" + opts.TYPE.rsplit("-", 1)[1] if "pooled" in opts.TYPE else opts.METHOD
     epochs = opts.EPOCHS if opts.EPOCHS is not None else (75 if method == "reg-tuned" else 30)
-    device = utils.resolve_device(opts.DEVICE)
-    precision = utils.check_precision(opts.FEATURE_PRECISION)
-    subjects = [None] if method.startswith("pooled") else opts.SUBJECTS
-    model_opts = dict(root=opts.ROOT, method=method, epochs=epochs, weights=opts.WEIGHTS, device=device,
-                      image_size=opts.IMAGE_SIZE, seed=opts.SEED)
-    if opts.TYPE.startswith("classification-task"):
-        for subj in subjects:
-            for h in opts.HEMISPHERES:
-                summary = ru.classification_task(dataset=opts.DATASET, subj=subj, hemisphere=h, rois=opts.ROIS,
-                                                 batch_size=opts.BATCH_SIZE, overwrite=opts.OVERWRITE,
-                                                 precision=precision, min_voxels=opts.MIN_VOXELS, **model_opts)
-                print(f"{opts.DATASET} {ru.summary_stem(method, subj, h, epochs)}: untuned {summary['untuned']:.3f}, "
-                      + ", ".join(f"{r} {a:.3f}" for r, a in summary["rois"].items()))
-    elif opts.TYPE.startswith("lower-bound-mi"):
-        for subj in subjects:
-            for h in opts.HEMISPHERES:
-                summary = ru.mi_task(opts.ROOT, method, subj, h, opts.ROIS, epochs, device, opts.BATCH_SIZE,
-                                     opts.OVERWRITE, precision, opts.MIN_VOXELS)
-                for roi, per_subj in summary["rois"].items():
-                    for s, res in per_subj.items():
-                        print(f"subj{s} {utils.hemi_code(h)} {roi}: {res['tuned']['scaled_bits']:.3f} bits "
-                              f"(untuned {res['untuned']['scaled_bits']:.3f}, at most log2 K = {res['tuned']['log2_K']:.3f})")
-    elif opts.TYPE == "voxel-counts":
-        path = utils.results_dir(opts.ROOT) / "voxel_counts.csv"
-        utils.atomic_write_text(ru.voxel_counts(opts.ROOT).to_csv(index=False), path)
-        print(f"wrote {path}")
-    elif opts.TYPE == "save-embeddings":
-        for subj in opts.SUBJECTS:
-            for h in opts.HEMISPHERES:
-                for path in ru.save_embeddings(subj=subj, hemisphere=h, rois=opts.ROIS, layer=opts.EMBEDDING_LAYER,
-                                               split=opts.EMBEDDING_SPLIT, batch_size=opts.BATCH_SIZE,
-                                               overwrite=opts.OVERWRITE, precision=precision,
-                                               min_voxels=opts.MIN_VOXELS, **model_opts):
-                    print(f"wrote {path}")
-    elif opts.TYPE == "save-test-fmri-responses":
-        for subj in opts.SUBJECTS:
-            for h in opts.HEMISPHERES:
-                for path in ru.save_test_fmri(opts.ROOT, subj, h, opts.ROIS, opts.OVERWRITE, opts.MIN_VOXELS):
-                    print(f"wrote {path}")
-    elif opts.TYPE == "random-rois-list":
-        chosen = ru.random_rois(ru.voxel_counts(opts.ROOT), opts.N_RANDOM_ROIS, opts.SEED, opts.MIN_VOXELS)
-        path = utils.results_dir(opts.ROOT) / f"random_rois_n{opts.N_RANDOM_ROIS}_seed{opts.SEED}.csv"
-        utils.atomic_write_text(chosen.to_csv(index=False), path)
-        print(chosen.to_string(index=False))
-        print(f"wrote {path}")
-    elif opts.TYPE == "figures":
-        for path in ru.results_figures(opts.ROOT, opts.DATASET, method, epochs):
-            print(f"wrote {path}")
-    elif opts.TYPE == "paper-figures":
-        return paper_figures(opts.ROOT, epochs, opts.MESH, opts.MAPS)
-    else:
-        if len(opts.ROIS) != 1 or len(opts.SUBJECTS) != 1:
-            raise utils.UserError(f"salience-maps takes one subject and one ROI, got --subjects {opts.SUBJECTS} "
-                                  f"--rois {opts.ROIS}: pass e.g. --subjects 1 --rois V1v")
-        for path in ru.salience_maps(dataset=opts.DATASET, subj=opts.SUBJECTS[0], roi=opts.ROIS[0],
-                                     image_index=opts.IMAGE_INDEX, **model_opts):
-            print(f"wrote {path}")
-
-
-def paper_figures(root, epochs, mesh, maps):
-    """Every paper figure from the saved results of all subjects; one line per figure skipped."""
-    import figures
-    paths, skipped = figures.paper_figures(root, epochs, mesh, maps=maps)
-    for line in skipped:
-        print(line)
-    print(f"wrote {len(paths)} files under {figures.paper_dir(root)}")
-    return paths
+    model_opts = dict(root=opts.ROOT, method=method, epochs=epochs, weights=opts.WEIGHTS,
+                      device=utils.resolve_device(opts.DEVICE), image_size=opts.IMAGE_SIZE, seed=opts.SEED)
+    return TASKS[opts.TYPE](opts, model_opts)
 
 
 if __name__ == "__main__":

@@ -468,14 +468,14 @@ def test_analyses_skip_rois_under_min_voxels(root):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--type", "histogram"], "unknown --type 'histogram'"),
+    (["--type", "histogram"], "--type histogram: allowed one of classification-task, "),
     (["--type", "classification-task", "--dataset", "places365", *BASE], "datasets/places365"),
     (["--type", "classification-task", "--dataset", "caltech256", "--rois", "hV4", *BASE], "cl_model_training.py"),
     (["--type", "lower-bound-mi", "--method", "reg-tuned", *BASE], "fMRI embedding"),
-    (["--type", "lower-bound-mi", "--rois", "V9", *BASE], "unknown ROI 'V9'"),
+    (["--type", "lower-bound-mi", "--rois", "V9", *BASE], "--rois V9: allowed one of V1v"),
     (["--type", "classification-task", "--method", "untuned", *BASE], "no per-ROI checkpoints"),
     (["--type", "salience-maps", "--rois", "V1v", "V2v", *BASE], "one subject and one ROI"),
-    (["--type", "save-embeddings", "--embedding-layer", "conv9", *BASE], "unknown layer 'conv9'"),
+    (["--type", "save-embeddings", "--embedding-layer", "conv9", *BASE], "--embedding-layer conv9: allowed one of features.2"),
     (["--type", "random-rois-list", "--n-random-rois", "1000"], "ask for fewer"),
     (["--type", "save-embeddings", "--embedding-layer", "best", "--hemispheres", "left", *BASE],
      "run fit_encoding_models.py --method cl-tuned --subj 1 first"),
