@@ -636,11 +636,12 @@ class Allowed(NamedTuple):
 
     ``text`` is shown by --help and in errors; ``test(value, opts)`` -> bool sees the
     parsed options (``opts.ROOT``, ...). A list option is tested element by element,
-    unless ``whole``.
+    unless ``whole``. ``found(opts)``, if given, says in the error what the data hold.
     """
     text: str
     test: Callable
     whole: bool = False
+    found: Callable = None
 
 
 def at_least(low):
@@ -659,7 +660,9 @@ POSITIVE = above(0)
 ALEXNET_INPUT = Allowed(f">= {MIN_IMAGE_SIZE} (the smallest input of AlexNet's eight layers)",
                         lambda size, opts: size >= MIN_IMAGE_SIZE)
 SUBJECT = Allowed(f"between 1 and {N_SUBJECTS} with a folder roi_masks/SubjX under --root",
-                  lambda subj, opts: 1 <= subj <= N_SUBJECTS and subj in find_subjects(opts.ROOT))
+                  lambda subj, opts: 1 <= subj <= N_SUBJECTS and subj in find_subjects(opts.ROOT),
+                  found=lambda opts: f"{Path(opts.ROOT) / 'roi_masks'} holds "
+                                     + ", ".join(map(subj_dir, find_subjects(opts.ROOT))))
 ALPHA_GRID = Allowed("positive numbers in strictly ascending order, at least one",
                      lambda alphas, opts: len(alphas) > 0 and alphas[0] > 0
                      and all(a < b for a, b in zip(alphas, alphas[1:])), whole=True)
@@ -847,7 +850,8 @@ def parse_options(module, argv=None):
         for item in items:
             if item is not None and (names is not None and item not in names
                                      or check is not None and not check.test(item, opts)):
-                raise UserError(f"{_flag(o.name)} {_show(item)}: allowed {allowed[o.name]}")
+                found = f" ({check.found(opts)})" if check is not None and check.found else ""
+                raise UserError(f"{_flag(o.name)} {_show(item)}: allowed {allowed[o.name]}{found}")
     return opts
 
 

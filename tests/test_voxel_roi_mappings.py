@@ -90,7 +90,8 @@ def test_missing_root(tmp_path, capsys):
 def test_missing_subject_folder(tmp_path, synthetic_root, capsys):
     root = root_with_masks(tmp_path, synthetic_root / "roi_masks")
     err = run_error(["--root", str(root), "--subjects", "1", "7"], capsys)
-    assert "Subj7" in err
+    assert f"--subjects 7: allowed an integer between 1 and 8 with a folder roi_masks/SubjX under --root " \
+           f"({root / 'roi_masks'} holds Subj1, Subj2)" in err
     assert not (root / "voxel_roi_mappings").exists()
 
 

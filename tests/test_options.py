@@ -1,0 +1,86 @@
+"""Every option is checked before any work: one line naming the option, the value and what is allowed.
+
+One case per option row of the tables of issue 12. Each bad value must stop the script
+with exit code 2 and a single stderr line, before anything under the root is written.
+"""
+
+import os
+
+import pytest
+
+import cl_model_training
+import fit_encoding_models
+import generate_results
+import pooled_model_training
+import reg_model_training
+import synthetic_data
+import utils
+
+
+@pytest.fixture(scope="module")
+def small_root(tmp_path_factory):
+    """Two subjects of 12 images: option errors come before any data is read, so this is enough."""
+    root = tmp_path_factory.mktemp("options")
+    synthetic_data.write_algonauts_dataset(root, n_subjects=2, n_images=12, image_size=16, seed=0)
+    return root
+
+
+def snapshot(root):
+    """Every file under ``root`` with its size and modification time."""
+    out = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            st = os.stat(os.path.join(folder, name))
+            out[os.path.join(folder, name)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+ALEXNET = "allowed an integer >= 63 (the smallest input of AlexNet's eight layers)"
+ALPHAS = "allowed positive numbers in strictly ascending order, at least one"
+TRAIN = ["--weights", "none", "--device", "cpu", "--image-size", "64", "--batch-size", "64", "--epochs", "1"]
+FIT = ["--weights", "none", "--device", "cpu", "--image-size", "64", "--rois", "V1v"]
+
+
+@pytest.mark.parametrize("main, argv, line", [
+    (cl_model_training.main, TRAIN + ["--temperature", "0"], "--temperature 0: allowed a number > 0"),
+    (cl_model_training.main, TRAIN + ["--epochs", "0"], "--epochs 0: allowed an integer >= 1"),
+    (reg_model_training.main, TRAIN + ["--epochs", "-2"], "--epochs -2: allowed an integer >= 1"),
+    (cl_model_training.main, TRAIN + ["--batch-size", "0"], "--batch-size 0: allowed an integer >= 2"),
+    (pooled_model_training.main, TRAIN + ["--batch-size", "1"], "--batch-size 1: allowed an integer >= 2"),
+    (reg_model_training.main, TRAIN + ["--lr", "-1"], "--lr -1: allowed a number > 0"),
+    (cl_model_training.main, TRAIN + ["--lr", "inf"], "--lr inf: allowed a number > 0"),
+    (cl_model_training.main, TRAIN + ["--image-size", "0"], "--image-size 0: " + ALEXNET),
+    (fit_encoding_models.main, FIT + ["--image-size", "40"], "--image-size 40: " + ALEXNET),
+    (fit_encoding_models.main, FIT + ["--n-folds", "0"], "--n-folds 0: allowed an integer >= 2"),
+    (fit_encoding_models.main, FIT + ["--n-folds", "1"], "--n-folds 1: allowed an integer >= 2"),
+    (fit_encoding_models.main, FIT + ["--n-components", "0"], "--n-components 0: allowed an integer >= 1"),
+    (fit_encoding_models.main, FIT + ["--alphas"], "--alphas (empty): " + ALPHAS),
+    (fit_encoding_models.main, FIT + ["--alphas", "-1", "1"], "--alphas -1 1: " + ALPHAS),
+    (fit_encoding_models.main, FIT + ["--alphas", "10", "1"], "--alphas 10 1: " + ALPHAS),
+    (cl_model_training.main, TRAIN + ["--max-voxels", "abc"], "--max-voxels abc: allowed an integer >= 1 or none"),
+    (generate_results.main, ["--type", "random-rois-list", "--n-random-rois", "-3"],
+     "--n-random-rois -3: allowed an integer >= 1"),
+    (generate_results.main, ["--type", "voxel-counts", "--subjects", "9"],
+     "--subjects 9: allowed an integer between 1 and 8 with a folder roi_masks/SubjX under --root"
+     " (ROOT/roi_masks holds Subj1, Subj2)"),
+    (cl_model_training.main, TRAIN + ["--subj", "3"],
+     "--subj 3: allowed an integer between 1 and 8 with a folder roi_masks/SubjX under --root"
+     " (ROOT/roi_masks holds Subj1, Subj2)"),
+    (synthetic_data.main, ["--subjects", "0"], "--subjects 0: allowed an integer >= 1"),
+    (generate_results.main, ["--type", "histogram"], "--type histogram: allowed one of " + ", ".join(generate_results.TYPES)),
+    (fit_encoding_models.main, FIT + ["--method", "tuned"], "--method tuned: allowed one of " + ", ".join(utils.METHODS)),
+    (cl_model_training.main, TRAIN + ["--hemisphere", "up"], "--hemisphere up: allowed one of left, right, lh, rh"),
+])
+def test_bad_option_is_one_line_before_any_work(small_root, capsys, main, argv, line):
+    before = snapshot(small_root)
+    with pytest.raises(SystemExit) as exc:
+        main(["--root", str(small_root)] + argv)
+    assert exc.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"error: {line}\n".replace("ROOT", str(small_root))
+    assert "Traceback" not in captured.out
+    assert snapshot(small_root) == before
+
+
+def test_generate_results_dispatches_every_type():
+    assert list(generate_results.TASKS) == generate_results.TYPES
