@@ -173,8 +173,9 @@ def test_cli_writes_then_skips(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--masks-from", "no/such/masks"], "no/such/masks"),
-    (["--snr", "0"], "snr must be positive"),
-    (["--images", "0"], "at least 1"),
+    (["--snr", "0"], "--snr 0: allowed a number > 0"),
+    (["--images", "0"], "--images 0: allowed an integer >= 1"),
+    (["--image-size", "4"], "--image-size 4: allowed an integer >= 8"),
 ])
 def test_cli_bad_input(tmp_path, capsys, args, message):
     root = tmp_path / "out"
