@@ -18,7 +18,7 @@ import results_utils as ru
 import utils
 
 # --- Options ---
-TYPE = "classification-task"  # the analysis: one of TYPES (described at the top of this file)
+TYPE = "classification-task"  # the analysis (each type is described at the top of this file)
 DATASET = "caltech256"  # classification dataset in ROOT/datasets/<name>: caltech256, places365, imagenet, sun397
 METHOD = "cl-tuned"  # tuned models to analyse: cl-tuned or reg-tuned (save-embeddings also untuned; pooled types set it)
 SUBJECTS = [1]  # subjects to process
