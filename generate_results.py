@@ -50,6 +50,8 @@ def main(argv=None):
     import results_utils as ru
     if opts.TYPE not in TYPES:
         raise utils.UserError(f"unknown --type {opts.TYPE!r}: use one of {', '.join(TYPES)}")
+    utils.check_writable(utils.results_dir(opts.ROOT), utils.classification_preds_dir(opts.ROOT),
+                         utils.cache_dir(opts.ROOT))
     method = "pooled-" + opts.TYPE.rsplit("-", 1)[1] if "pooled" in opts.TYPE else opts.METHOD
     epochs = opts.EPOCHS if opts.EPOCHS is not None else (75 if method == "reg-tuned" else 30)
     device = utils.resolve_device(opts.DEVICE)
@@ -72,8 +74,11 @@ def main(argv=None):
                                      opts.OVERWRITE, precision, opts.MIN_VOXELS)
                 for roi, per_subj in summary["rois"].items():
                     for s, res in per_subj.items():
-                        print(f"subj{s} {utils.hemi_code(h)} {roi}: {res['tuned']['scaled_bits']:.3f} bits "
-                              f"(untuned {res['untuned']['scaled_bits']:.3f}, at most log2 K = {res['tuned']['log2_K']:.3f})")
+                        tuned, untuned = res["tuned"], res["untuned"]
+                        print(f"subj{s} {utils.hemi_code(h)} {roi}: {tuned['bits']:.3f} bits, "
+                              f"{tuned['scaled_bits']:.3f} after temperature scaling "
+                              f"(untuned {untuned['bits']:.3f} and {untuned['scaled_bits']:.3f}; "
+                              f"at most log2 K = {tuned['log2_K']:.3f})")
     elif opts.TYPE == "voxel-counts":
         path = utils.results_dir(opts.ROOT) / "voxel_counts.csv"
         utils.atomic_write_text(ru.voxel_counts(opts.ROOT).to_csv(index=False), path)
@@ -87,10 +92,9 @@ def main(argv=None):
                                                min_voxels=opts.MIN_VOXELS, **model_opts):
                     print(f"wrote {path}")
     elif opts.TYPE == "save-test-fmri-responses":
-        for subj in opts.SUBJECTS:
-            for h in opts.HEMISPHERES:
-                for path in ru.save_test_fmri(opts.ROOT, subj, h, opts.ROIS, opts.OVERWRITE, opts.MIN_VOXELS):
-                    print(f"wrote {path}")
+        for path in ru.save_test_fmri(opts.ROOT, opts.SUBJECTS, opts.HEMISPHERES, opts.ROIS, opts.OVERWRITE,
+                                      opts.MIN_VOXELS):
+            print(f"wrote {path}")
     elif opts.TYPE == "random-rois-list":
         chosen = ru.random_rois(ru.voxel_counts(opts.ROOT), opts.N_RANDOM_ROIS, opts.SEED, opts.MIN_VOXELS)
         path = utils.results_dir(opts.ROOT) / f"random_rois_n{opts.N_RANDOM_ROIS}_seed{opts.SEED}.csv"

@@ -8,6 +8,7 @@ Usage: python generate_voxel_roi_mappings.py --root . [--subjects 1 2] [--overwr
 """
 
 import sys
+from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -54,6 +55,7 @@ def voxel_roi_lists(member):
 def main(argv=None):
     opts = utils.parse_options(sys.modules[__name__], argv)
     subjects = [int(s) for s in opts.SUBJECTS] or utils.find_subjects(opts.ROOT)
+    utils.check_writable(Path(opts.ROOT) / "voxel_roi_mappings")
     for subj in subjects:
         utils.require_dir(utils.roi_masks_dir(opts.ROOT, subj), "copy the Algonauts roi_masks for this subject "
                           "(see README) or leave it out of --subjects")

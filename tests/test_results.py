@@ -461,7 +461,7 @@ def test_analyses_skip_rois_under_min_voxels(root):
     assert ru.select_rois(root, "cl-tuned", 1, "lh", [], 1, min_voxels=10) == ["V1v", "mTL-words"]
     with pytest.raises(utils.UserError, match="fewer than MIN_VOXELS=20"):
         ru.select_rois(root, "cl-tuned", 1, "lh", ["mTL-words"], 1)
-    paths = ru.save_test_fmri(root, 1, "lh", [])
+    paths = ru.save_test_fmri(root, [1], ["lh"], [])
     saved = {p.stem for p in paths}
     assert "subj1_lh_V1v" in saved and "subj1_lh_mTL-words" not in saved
     assert all(utils.roi_voxel_count(root, 1, "lh", p.stem.split("_", 2)[2]) >= 20 for p in paths[2:])
