@@ -382,6 +382,9 @@ def load_mapping_file(path):
     readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
     try:
         with open(path, "rb") as f:
+            if f.read(len(np.lib.format.MAGIC_PREFIX)) != np.lib.format.MAGIC_PREFIX:
+                raise ValueError("it is not a .npy file")
+            f.seek(0)
             version = np.lib.format.read_magic(f)
             if version not in readers:
                 raise ValueError(f".npy format version {version}")
