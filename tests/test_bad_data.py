@@ -11,6 +11,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -259,3 +260,18 @@ def test_save_test_fmri_checks_every_roi_before_writing(own_root, capsys):
     err = fails(generate_results.main, ["--root", str(own_root), "--type", "save-test-fmri-responses",
                                         "--rois", "V1v", "mTL-faces"], capsys, own_root)
     assert "ROI mTL-faces has 0 voxels in lh of Subj1" in err
+
+
+def test_a_process_killed_while_writing_leaves_a_temporary_the_next_write_removes(tmp_path):
+    out = tmp_path / "out.npy"
+    code = ("import os, sys, utils\n"
+            f"with utils.atomic_path({str(out)!r}) as tmp:\n"
+            "    open(tmp, 'wb').write(b'half')\n"
+            "    os.kill(os.getpid(), 9)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == -9
+    (left,) = tmp_path.iterdir()
+    assert left.name.startswith(".out.npy.tmp-") and left.name.endswith(".npy")
+    utils.atomic_np_save(np.arange(3), out)
+    assert [p.name for p in tmp_path.iterdir()] == ["out.npy"]
+    np.testing.assert_array_equal(np.load(out), np.arange(3))
