@@ -206,7 +206,7 @@ def load_checkpoint(path, device="cpu"):
     except RuntimeError as e:
         raise utils.UserError(f"{path} does not match its meta ({str(e).splitlines()[0]}): "
                               "delete it and re-train") from None
-    bad = _nonfinite_parameter(model)
+    bad = utils.nonfinite_tensor(model.state_dict())
     if bad is not None:
         raise utils.UserError(f"{path} holds non-finite weights ({bad}): the training diverged; "
                               "delete it and re-train with a lower --lr")
@@ -294,14 +294,6 @@ def _subject_key(model, data):
 
 class _Diverged(Exception):
     """Raised inside an epoch when the loss or the weights stop being finite: (what, where)."""
-
-
-def _nonfinite_parameter(model):
-    """Name of the first parameter or buffer holding NaN or Inf, or None."""
-    for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            return name
-    return None
 
 
 def _run_epoch(model, optimizer, datasets, batch_size, device, generator, temperature):
@@ -474,7 +466,7 @@ def train_model(model, datasets, checkpoint, meta, epochs, lr, batch_size, tempe
             t0 = time.perf_counter()
             try:
                 train_losses = _run_epoch(model, optimizer, datasets, batch_size, device, generator, temperature)
-                bad = _nonfinite_parameter(model)
+                bad = utils.nonfinite_tensor(model.state_dict())
                 if bad is not None:
                     raise _Diverged(f"non-finite weights ({bad})", "after its last step")
             except _Diverged as e:

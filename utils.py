@@ -711,6 +711,14 @@ def load_state_dict_file(path, what="weights"):
                         "re-create or re-download it") from None
 
 
+def nonfinite_tensor(state):
+    """Name of the first floating-point tensor of a state dict that holds NaN or Inf, or None."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return name
+    return None
+
+
 def load_alexnet(weights="imagenet", seed=0):
     """A torchvision AlexNet in eval mode.
 
@@ -740,6 +748,9 @@ def load_alexnet(weights="imagenet", seed=0):
     except (RuntimeError, TypeError, AttributeError) as e:
         raise UserError(f"{path} is not an AlexNet state dict ({str(e).splitlines()[0]}): "
                         "pass a torchvision AlexNet state dict") from None
+    bad = nonfinite_tensor(model.state_dict())
+    if bad is not None:
+        raise UserError(f"AlexNet weights {path} hold NaN or Inf ({bad}): re-download or re-create the file")
     return model.eval()
 
 

@@ -275,3 +275,15 @@ def test_a_process_killed_while_writing_leaves_a_temporary_the_next_write_remove
     utils.atomic_np_save(np.arange(3), out)
     assert [p.name for p in tmp_path.iterdir()] == ["out.npy"]
     np.testing.assert_array_equal(np.load(out), np.arange(3))
+
+
+def test_nan_weights_and_features_are_refused(tmp_path):
+    alexnet = utils.load_alexnet("none")
+    with torch.no_grad():
+        alexnet.features[0].weight[0, 0, 0, 0] = float("nan")
+    path = tmp_path / "w.pt"
+    torch.save(alexnet.state_dict(), path)
+    with pytest.raises(utils.UserError, match=f"AlexNet weights {path} hold NaN or Inf \\(features.0.weight\\)"):
+        utils.load_alexnet(path)
+    with pytest.raises(utils.UserError, match=r"layer features.2 are non-finite \(nan\) at image row 0, column 0:"):
+        utils.extract_features(alexnet, np.zeros((3, 64, 64, 3), np.uint8))
