@@ -20,9 +20,7 @@ Why it is fast and exact:
 - Features of all layers come from one forward pass (utils.iter_features).
 """
 
-import os
 import shutil
-import socket
 import tempfile
 import time
 from contextlib import contextmanager, nullcontext
@@ -388,8 +386,9 @@ class FeatureSpill:
     when the engine reaches it (peak: one Gram matrix plus one block, instead of everything).
 
     Use as a context manager: entering runs the forward pass into a folder
-    ``<folder>/features-spill-<host>-<pid>-*``; leaving removes it. Folders of runs on this
-    host whose process is gone (killed) are removed on entry; those of live runs are kept.
+    ``<folder>/features-spill.tmp-<host>-<pid>-*`` (utils.temp_prefix); leaving removes it.
+    Folders of runs on this host whose process is gone (killed) are removed on entry; those
+    of live runs are kept.
 
     Parameters
     ----------
@@ -410,9 +409,8 @@ class FeatureSpill:
 
     def __enter__(self):
         self.folder.mkdir(parents=True, exist_ok=True)
-        remove_stale_spills(self.folder)
-        host = socket.gethostname().replace("-", "_")
-        self.path = Path(tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}-{host}-{os.getpid()}-", dir=self.folder))
+        utils.remove_stale_temps(self.folder, SPILL_PREFIX)
+        self.path = Path(tempfile.mkdtemp(prefix=utils.temp_prefix(SPILL_PREFIX), dir=self.folder))
         try:
             with _stage(self.timer, "forward"):
                 self._write()
@@ -459,29 +457,3 @@ class FeatureSpill:
                 layer = LayerFeatures.from_chunks(blocks, self.n, dims, device, keep_gram)
             yield name, layer
             del layer
-
-
-def remove_stale_spills(folder):
-    """Remove the feature spill folders under ``folder`` left by killed runs on this host.
-
-    Returns
-    -------
-    removed : list of Path.
-    """
-    host = socket.gethostname().replace("-", "_")
-    removed = []
-    for path in Path(folder).glob(f"{SPILL_PREFIX}-{host}-*"):
-        try:
-            pid = int(path.name.split("-")[3])
-        except (IndexError, ValueError):
-            continue
-        try:
-            os.kill(pid, 0)
-            continue
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
-    return removed

@@ -340,9 +340,7 @@ def category_colour(k):
 
 def fsaverage_rows(root, subj, hemisphere):
     """fsaverage vertex (0..163841) of each challenge-space vertex, shape (n_vertices,)."""
-    path = utils.require_file(utils.fsaverage_mask_path(root, subj, hemisphere),
-                              "copy the Algonauts roi_masks folder for this subject (see README)")
-    return np.flatnonzero(np.load(path))
+    return np.flatnonzero(utils.load_label_file(utils.fsaverage_mask_path(root, subj, hemisphere)))
 
 
 def to_mesh(values, rows, n_mesh):

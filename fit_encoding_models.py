@@ -28,6 +28,8 @@ and .png/.pdf; TRANSFER_AGGREGATION authors averages the per-ROI matrices withou
 
 import json
 import sys
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -95,9 +97,13 @@ def result_path(root, subj, tag, hemisphere, roi):
 def load_result(path):
     """One ROI's result: the JSON fields plus the arrays of the .npz (voxels, alphas, cv_r, test_r, ...)."""
     path = Path(path)
-    out = json.loads(path.with_suffix(".json").read_text())
-    with np.load(path) as f:
-        out.update({k: f[k] for k in f.files})
+    try:
+        out = json.loads(path.with_suffix(".json").read_text())
+        with np.load(path) as f:
+            out.update({k: f[k] for k in f.files})
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        raise utils.UserError(f"cannot read the result {path} ({type(e).__name__}): it is truncated or corrupt; "
+                              "delete it and its .json, or refit that ROI with --overwrite") from None
     return out
 
 
@@ -148,12 +154,12 @@ def record_absent(root, subj, hemisphere, roi, n_voxels):
 
 # --- Summaries and figures ---------------------------------------------------------------
 
-def collect_results(root, subj):
-    """Every complete ROI result of a subject: dict (tag, hemisphere, roi) -> result."""
+def collect_results(root, subj, skip=()):
+    """Every complete ROI result of a subject (but the .npz paths in ``skip``): dict (tag, hemisphere, roi) -> result."""
     out = {}
     for js in sorted(utils.encoding_dir(root, subj).glob("*/*.json")):
         npz = js.with_suffix(".npz")
-        if npz.is_file():
+        if npz.is_file() and npz not in skip:
             r = load_result(npz)
             out[js.parent.name, r["hemisphere"], r["roi"]] = r
     return out
@@ -480,12 +486,21 @@ def main(argv=None):
     model_subj = subj if opts.MODEL_SUBJ is None else opts.MODEL_SUBJ
     tag = method_tag(method, subj, model_subj, opts.PROTOCOL)
     device = utils.resolve_device(opts.DEVICE)
-    timer = encoding.StageTimer(device)
-    with timer("cache"):
-        n_images = len(utils.subject_images(root, subj, opts.IMAGE_SIZE))
+    utils.check_writable(utils.encoding_dir(root, subj), utils.cache_dir(root))
+    pending = pending_rois(opts, root, subj, hemi, tag)
+    # The summaries read every result of the subject: a corrupt one fails now, not after the fits.
+    collect_results(root, subj, skip={path for _, _, path in pending})
+    n_images = len(utils.list_images(root, subj))
     train, test = utils.train_test_split(n_images)
     folds = utils.cv_folds(train, opts.N_FOLDS)
-    pending = pending_rois(opts, root, subj, hemi, tag)
+    # The fMRI of every pending ROI is read (and checked for NaN or Inf) before any work.
+    all_voxels = np.unique(np.concatenate([v for _, v, _ in pending])) if pending else None
+    if pending:
+        fmri_all = utils.load_fmri(root, subj, hemi, all_voxels)
+        utils.check_counts(n_images, fmri_all, str(utils.fmri_path(root, subj, hemi)))
+    timer = encoding.StageTimer(device)
+    with timer("cache"):
+        utils.subject_images(root, subj, opts.IMAGE_SIZE)
     written = {roi: None for roi in opts.ROIS}
     # The untuned network's features are the same for every ROI: one pass serves them all.
     # A tuned network belongs to one ROI: one pass each.
@@ -493,8 +508,7 @@ def main(argv=None):
     epochs = method_epochs(opts, method)
     for group in tqdm(passes, desc=f"{utils.subj_dir(subj)} {hemi} {tag}", disable=len(passes) < 2):
         voxels = np.unique(np.concatenate([v for _, v, _ in group]))
-        fmri = utils.load_fmri(root, subj, hemi, voxels)
-        utils.check_counts(n_images, fmri, str(utils.fmri_path(root, subj, hemi)))
+        fmri = fmri_all if len(voxels) == len(all_voxels) else fmri_all[:, np.searchsorted(all_voxels, voxels)]
         columns = {roi: np.searchsorted(voxels, v) for roi, v, _ in group}
         fixed = None
         if opts.PROTOCOL == "untuned-layer" and method != "untuned":

@@ -187,6 +187,7 @@ def main(argv=None):
     opts = utils.parse_options(sys.modules[__name__], argv)
     hemis = [utils.hemi_code(h) for h in opts.HEMISPHERES]
     device = utils.resolve_device(opts.DEVICE)
+    utils.check_writable(output_dir(opts.ROOT), utils.cache_dir(opts.ROOT))
     for subj in tqdm(opts.SUBJECTS, desc="NOD subjects"):
         jobs = {(method, hemi): [roi for roi in opts.ROIS if pending(opts, subj, hemi, roi, method)]
                 for method in opts.METHODS for hemi in hemis}

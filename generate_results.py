@@ -76,8 +76,11 @@ def lower_bound_mi(opts, model_opts):
                                  opts.BATCH_SIZE, opts.OVERWRITE, opts.FEATURE_PRECISION, opts.MIN_VOXELS)
             for roi, per_subj in summary["rois"].items():
                 for s, res in per_subj.items():
-                    print(f"subj{s} {utils.hemi_code(h)} {roi}: {res['tuned']['scaled_bits']:.3f} bits "
-                          f"(untuned {res['untuned']['scaled_bits']:.3f}, at most log2 K = {res['tuned']['log2_K']:.3f})")
+                    tuned, untuned = res["tuned"], res["untuned"]
+                    print(f"subj{s} {utils.hemi_code(h)} {roi}: {tuned['bits']:.3f} bits, "
+                          f"{tuned['scaled_bits']:.3f} after temperature scaling "
+                          f"(untuned {untuned['bits']:.3f} and {untuned['scaled_bits']:.3f}; "
+                          f"at most log2 K = {tuned['log2_K']:.3f})")
 
 
 def voxel_counts(opts, model_opts):
@@ -97,10 +100,9 @@ def save_embeddings(opts, model_opts):
 
 
 def save_test_fmri(opts, model_opts):
-    for subj in opts.SUBJECTS:
-        for h in opts.HEMISPHERES:
-            for path in ru.save_test_fmri(opts.ROOT, subj, h, opts.ROIS, opts.OVERWRITE, opts.MIN_VOXELS):
-                print(f"wrote {path}")
+    for path in ru.save_test_fmri(opts.ROOT, opts.SUBJECTS, opts.HEMISPHERES, opts.ROIS, opts.OVERWRITE,
+                                  opts.MIN_VOXELS):
+        print(f"wrote {path}")
 
 
 def random_rois(opts, model_opts):
@@ -145,6 +147,8 @@ TASKS = {"classification-task": classification, "classification-task-pooled-avg"
 @utils.cli
 def main(argv=None):
     opts = utils.parse_options(sys.modules[__name__], argv)
+    utils.check_writable(utils.results_dir(opts.ROOT), utils.classification_preds_dir(opts.ROOT),
+                         utils.cache_dir(opts.ROOT))
     method = "pooled-" + opts.TYPE.rsplit("-", 1)[1] if "pooled" in opts.TYPE else opts.METHOD
     epochs = opts.EPOCHS if opts.EPOCHS is not None else (75 if method == "reg-tuned" else 30)
     model_opts = dict(root=opts.ROOT, method=method, epochs=epochs, weights=opts.WEIGHTS,

@@ -8,6 +8,7 @@ Usage: python generate_voxel_roi_mappings.py --root . [--subjects 1 2] [--overwr
 """
 
 import sys
+from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -55,6 +56,7 @@ def voxel_roi_lists(member):
 def main(argv=None):
     opts = utils.parse_options(sys.modules[__name__], argv)
     subjects = opts.SUBJECTS or utils.find_subjects(opts.ROOT)
+    utils.check_writable(Path(opts.ROOT) / "voxel_roi_mappings")
     todo = [(subj, hemi) for subj in subjects for hemi in utils.HEMISPHERES]
     for subj, hemi in list(todo):
         path = utils.voxel_roi_mapping_path(opts.ROOT, subj, hemi)

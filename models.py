@@ -7,6 +7,7 @@ log next to the checkpoint, and a resumable state saved after every epoch so tha
 crashed run continues from its last finished epoch and ends with the same weights.
 """
 
+import glob
 import json
 import queue
 import threading
@@ -205,6 +206,10 @@ def load_checkpoint(path, device="cpu"):
     except RuntimeError as e:
         raise utils.UserError(f"{path} does not match its meta ({str(e).splitlines()[0]}): "
                               "delete it and re-train") from None
+    bad = utils.nonfinite_tensor(model.state_dict())
+    if bad is not None:
+        raise utils.UserError(f"{path} holds non-finite weights ({bad}): the training diverged; "
+                              "delete it and re-train with a lower --lr")
     return model.to(device).eval(), meta
 
 
@@ -287,8 +292,15 @@ def _subject_key(model, data):
     return utils.subj_dir(data.subj) if isinstance(model, PooledCLModel) else None
 
 
+class _Diverged(Exception):
+    """Raised inside an epoch when the loss or the weights stop being finite: (what, where)."""
+
+
 def _run_epoch(model, optimizer, datasets, batch_size, device, generator, temperature):
-    """One pass over the train rows of every dataset in turn; returns per-dataset mean losses."""
+    """One pass over the train rows of every dataset in turn; returns per-dataset mean losses.
+
+    A non-finite loss raises _Diverged before the step that would spread it to the weights.
+    """
     model.train()
     losses = []
     for data in datasets:
@@ -298,18 +310,21 @@ def _run_epoch(model, optimizer, datasets, batch_size, device, generator, temper
                                         shuffle=True, generator=generator)
         bar = tqdm(_prefetch(batches), total=-(-len(data.train) // batch_size), leave=False,
                    desc=f"train {utils.subj_dir(data.subj)}")
-        for x, y in bar:
+        for step, (x, y) in enumerate(bar, 1):
             # BatchNorm cannot train on one row, and InfoNCE of one pair carries no signal.
             if len(x) < 2:
                 continue
             with utils.autocast(device):
                 loss = batch_loss(model, x, y, subj, temperature)
+            value = loss.item()
+            if not np.isfinite(value):
+                raise _Diverged(f"loss {value}", f"step {step}" + (f" of {subj}" if subj else ""))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += loss.item() * len(x)
+            total += value * len(x)
             count += len(x)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.set_postfix(loss=f"{value:.4f}")
         losses.append(total / max(count, 1))
     return losses
 
@@ -387,6 +402,18 @@ def _resume(model, optimizer, generator, meta, checkpoint, device, overwrite):
     return state["epoch"], state["history"]
 
 
+def _divergence_error(model, checkpoint, epoch, what, where, lr, temperature):
+    """The one-line UserError of a run stopped by a non-finite loss or weights at ``epoch`` (1-based)."""
+    cause = f"the learning rate {lr:g} is too high"
+    if not isinstance(model, RegressionModel):
+        cause += f" or the temperature {temperature:g} too low"
+    partial = partial_path(checkpoint)
+    kept = f"{partial} keeps epoch {epoch - 1}" if partial.exists() else "no training state was kept"
+    return utils.UserError(f"training of {Path(checkpoint).name} diverged: {what} at epoch {epoch}, {where}; "
+                           f"likely {cause}; no checkpoint written, {kept}: change the settings and rerun "
+                           "with --overwrite")
+
+
 def train_model(model, datasets, checkpoint, meta, epochs, lr, batch_size, temperature=0.3, device="cpu",
                 seed=0, overwrite=False):
     """Train a CL, pooled CL or regression model and save it as a checkpoint.
@@ -395,7 +422,10 @@ def train_model(model, datasets, checkpoint, meta, epochs, lr, batch_size, tempe
     given order), each over its own shuffled train rows; then the loss on every test split
     is computed for the log only. After each epoch the model, optimiser, epoch and RNG
     states go atomically to <checkpoint>.partial, so an interrupted run restarted with the
-    same arguments continues where it stopped and ends with the same weights.
+    same arguments continues where it stopped and ends with the same weights. A non-finite
+    loss or weights stop the run with a UserError: no checkpoint is written, and the
+    partial state of the last good epoch stays. Temporaries of killed runs for this
+    checkpoint, its partial state and its log are removed first.
 
     Parameters
     ----------
@@ -417,6 +447,9 @@ def train_model(model, datasets, checkpoint, meta, epochs, lr, batch_size, tempe
     meta : ``meta`` plus 'history', the per-epoch losses.
     """
     device = torch.device(device)
+    checkpoint = Path(checkpoint)
+    utils.remove_stale_temps(checkpoint.parent, *(glob.escape(p.name) for p in
+                                                  (checkpoint, partial_path(checkpoint), log_path(checkpoint))))
     model.to(device)
     if device.type == "cuda":
         model.alexnet.to(memory_format=torch.channels_last)
@@ -431,7 +464,15 @@ def train_model(model, datasets, checkpoint, meta, epochs, lr, batch_size, tempe
         saving = None
         for epoch in tqdm(range(start, epochs), initial=start, total=epochs, desc=Path(checkpoint).stem):
             t0 = time.perf_counter()
-            train_losses = _run_epoch(model, optimizer, datasets, batch_size, device, generator, temperature)
+            try:
+                train_losses = _run_epoch(model, optimizer, datasets, batch_size, device, generator, temperature)
+                bad = utils.nonfinite_tensor(model.state_dict())
+                if bad is not None:
+                    raise _Diverged(f"non-finite weights ({bad})", "after its last step")
+            except _Diverged as e:
+                if saving is not None:
+                    saving.result()
+                raise _divergence_error(model, checkpoint, epoch + 1, *e.args, lr, temperature) from None
             test_losses = evaluate(model, datasets, batch_size, device, temperature)
             history.append(_history_row(epoch + 1, datasets, train_losses, test_losses, time.perf_counter() - t0))
             state = _cpu_copy({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -530,6 +571,7 @@ def train_roi(kind, root, roi, hemisphere, subjects, epochs, lr, batch_size, tem
         tqdm.write(f"skip {roi}: {path} exists (use --overwrite to re-train)")
         return None
 
+    utils.check_writable(path.parent, utils.cache_dir(root))
     meta = {"kind": kind, "roi": roi, "hemisphere": hemi, "epochs": int(epochs), "lr": float(lr),
             "batch_size": int(batch_size), "seed": int(seed), "weights": str(weights),
             "image_size": int(image_size), "max_voxels": max_voxels, "code_version": utils.CODE_VERSION}

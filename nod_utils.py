@@ -270,9 +270,9 @@ def check_beta_run(path, data, map_names, events, events_file):
         raise utils.UserError(f"map {bad[0]} of {path} is named {map_names[bad[0]]!r} but row {bad[0]} of "
                               f"{events_file} shows {stims[bad[0]]!r} ({len(bad)} of {len(stims)} differ): "
                               "betas and events must list the same stimuli in the same order")
-    finite = np.isfinite(data)
-    if not finite.all():
-        row, col = np.argwhere(~finite)[0]
+    bad = utils.first_nonfinite(data)
+    if bad is not None:
+        row, col = bad
         raise utils.UserError(f"{path} has a non-finite beta ({data[row, col]}) in map {row}, cortical column "
                               f"{col}: fetch it again with `datalad get`")
 

@@ -907,37 +907,55 @@ def plot_salience(image, cams, titles, stem, suptitle=None):
     return save_figure(fig, stem)
 
 
-def save_test_fmri(root, subj, hemisphere, rois, overwrite=False, min_voxels=utils.MIN_VOXELS):
+def save_test_fmri(root, subjects, hemispheres, rois, overwrite=False, min_voxels=utils.MIN_VOXELS):
     """The test-split fMRI of each ROI (rows in test-split order), with the test indices and NSD ids.
 
     Rows line up with ``save_embeddings``'s default (test split) export. Files:
     results/test_fmri/subjX_<h>_<roi>.npy (n_test, n_voxels), results/test_fmri/subjX_test_indices.npy
     and subjX_test_nsd_ids.npy. ``rois`` empty means every ROI with at least ``min_voxels`` voxels.
-    Returns the paths written or found.
+    Every input (images, ROI sizes, fMRI files and their NaN or Inf) of every subject and
+    hemisphere is checked before the first file is written. Returns the paths written or found.
     """
-    h = utils.hemi_code(hemisphere)
-    image_paths = utils.list_images(root, subj)
-    n_images = len(image_paths)
-    test = split_rows(n_images, "test")
     folder = utils.results_dir(root) / "test_fmri"
-    paths = [folder / f"subj{int(subj)}_test_indices.npy", folder / f"subj{int(subj)}_test_nsd_ids.npy"]
-    utils.atomic_np_save(test, paths[0])
-    utils.atomic_np_save(utils.nsd_ids(image_paths)[test], paths[1])
-    for roi in rois or utils.ROIS:
-        voxels = utils.roi_voxel_indices(root, subj, h, roi)
-        if len(voxels) < min_voxels:
-            if rois:
-                raise utils.UserError(f"ROI {roi} has {len(voxels)} voxels in {h} of {utils.subj_dir(subj)}, fewer than "
-                                      f"MIN_VOXELS={min_voxels}: choose a larger ROI or lower --min-voxels")
-            continue
-        path = folder / f"subj{int(subj)}_{h}_{roi}.npy"
-        paths.append(path)
-        if path.is_file() and not overwrite:
-            continue
-        fmri = utils.load_fmri(root, subj, h, voxels)
-        utils.check_counts(n_images, fmri, str(utils.fmri_path(root, subj, h)))
-        utils.atomic_np_save(fmri[test], path)
+    jobs = []
+    for subj in subjects:
+        image_paths = utils.list_images(root, subj)
+        ids = utils.nsd_ids(image_paths)
+        for hemisphere in hemispheres:
+            h = utils.hemi_code(hemisphere)
+            todo = {}
+            for roi in rois or utils.ROIS:
+                voxels = utils.roi_voxel_indices(root, subj, h, roi)
+                if len(voxels) < min_voxels:
+                    if rois:
+                        raise utils.UserError(f"ROI {roi} has {len(voxels)} voxels in {h} of {utils.subj_dir(subj)}, "
+                                              f"fewer than MIN_VOXELS={min_voxels}: choose a larger ROI or lower "
+                                              "--min-voxels")
+                    continue
+                todo[folder / f"subj{int(subj)}_{h}_{roi}.npy"] = voxels
+            pending = {p: v for p, v in todo.items() if overwrite or not p.is_file()}
+            if pending:
+                _test_fmri(root, subj, h, pending, len(image_paths))
+            jobs.append((subj, h, ids, todo, pending))
+    paths = []
+    for subj, h, ids, todo, pending in jobs:
+        test = split_rows(len(ids), "test")
+        index_paths = [folder / f"subj{int(subj)}_test_indices.npy", folder / f"subj{int(subj)}_test_nsd_ids.npy"]
+        utils.atomic_np_save(test, index_paths[0])
+        utils.atomic_np_save(ids[test], index_paths[1])
+        fmri = _test_fmri(root, subj, h, pending, len(ids)) if pending else {}
+        for path, values in fmri.items():
+            utils.atomic_np_save(values[test], path)
+        paths += index_paths + list(todo)
     return paths
+
+
+def _test_fmri(root, subj, hemisphere, columns, n_images):
+    """dict key -> fMRI (n_images, len(voxels)) of each ``columns`` key's voxels, from one checked read."""
+    voxels = np.unique(np.concatenate(list(columns.values())))
+    fmri = utils.load_fmri(root, subj, hemisphere, voxels)
+    utils.check_counts(n_images, fmri, str(utils.fmri_path(root, subj, hemisphere)))
+    return {key: fmri[:, np.searchsorted(voxels, v)] for key, v in columns.items()}
 
 
 def salience_maps(root, dataset, method, subj, roi, image_index, epochs, weights="imagenet", device="cpu",

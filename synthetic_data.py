@@ -494,10 +494,9 @@ def _load_masks(masks_from, subj):
     real = lambda path: utils.require_file(Path(masks_from) / path.relative_to("roi_masks"), fix)
     out = {}
     for hemi in utils.HEMISPHERES:
-        labels = {cls: np.load(real(utils.roi_mask_path("", subj, hemi, cls))) for cls in utils.ROI_CLASSES}
-        out[hemi] = (labels, np.load(real(utils.fsaverage_mask_path("", subj, hemi))))
-    mappings = {cls: np.load(real(utils.roi_mapping_path("", subj, cls)), allow_pickle=True).item()
-                for cls in utils.ROI_CLASSES}
+        labels = {cls: utils.load_label_file(real(utils.roi_mask_path("", subj, hemi, cls))) for cls in utils.ROI_CLASSES}
+        out[hemi] = (labels, utils.load_label_file(real(utils.fsaverage_mask_path("", subj, hemi))))
+    mappings = {cls: utils.load_mapping_file(real(utils.roi_mapping_path("", subj, cls))) for cls in utils.ROI_CLASSES}
     return out, mappings
 
 
@@ -791,6 +790,7 @@ def write_nod_dataset(root, n_subjects=2, n_sessions=1, n_runs=2, n_trials=100, 
 @utils.cli
 def main(argv=None):
     opts = utils.parse_options(sys.modules[__name__], argv)
+    utils.check_writable(opts.ROOT)
     if opts.NOD:
         n_runs = max(1, opts.IMAGES // 100)
         nod = write_nod_dataset(opts.ROOT, opts.SUBJECTS, n_sessions=1, n_runs=n_runs, image_size=opts.IMAGE_SIZE,

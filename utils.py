@@ -6,14 +6,19 @@ Scripts import this module; it never imports a script. Every path is built from 
 
 import argparse
 import ast
+import fnmatch
+import glob
 import hashlib
 import inspect
 import io
 import json
 import os
+import pickle
 import re
+import secrets
+import shutil
+import socket
 import sys
-import tempfile
 import tokenize
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -191,24 +196,110 @@ def find_subjects(root):
     return subjects
 
 
-# --- Atomic writes ---------------------------------------------------------------------
+# --- Atomic writes and temporary files ------------------------------------------------
+
+# Temporary files and folders are named <name>.tmp-<host>-<pid>-<random>..., so that a
+# later run can tell a killed run's leftovers (process gone: removed) from a live run's.
+TEMP_MARK = ".tmp-"
+_TEMP_OWNER = re.compile(re.escape(TEMP_MARK) + r"(?P<host>[^-/]+)-(?P<pid>\d+)-")
+
+
+def _host():
+    return socket.gethostname().replace("-", "_")
+
+
+def temp_prefix(name):
+    """'<name>.tmp-<host>-<pid>-': the start of the name of a temporary file or folder of this process."""
+    return f"{name}{TEMP_MARK}{_host()}-{os.getpid()}-"
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temps(folder, *patterns):
+    """Remove the temporary files and folders in ``folder`` left by killed processes of this host.
+
+    Only names made by temp_prefix count; those of live processes, and of other hosts
+    (whose processes cannot be checked from here), are kept.
+
+    Parameters
+    ----------
+    folder : path-like (a missing folder has nothing to remove).
+    patterns : fnmatch patterns of the final names the temporaries stood for (default: any).
+
+    Returns
+    -------
+    removed : sorted list of Path.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    host, removed = _host(), []
+    for path in folder.iterdir():
+        m = _TEMP_OWNER.search(path.name)
+        if m is None or m["host"] != host or _process_alive(int(m["pid"])):
+            continue
+        target = path.name[:m.start()].removeprefix(".")
+        if patterns and not any(fnmatch.fnmatchcase(target, p) for p in patterns):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return sorted(removed)
+
 
 @contextmanager
 def atomic_path(path):
     """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically.
 
-    A crash inside the block leaves ``path`` untouched and removes the temporary file.
+    The temporary file is hidden and named by temp_prefix; it is created with mode 0666
+    less the umask, so the output gets the user's usual permissions. A crash inside the
+    block leaves ``path`` untouched and removes the temporary file; a killed run's
+    leftovers for the same ``path`` are removed here.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp" + path.suffix)
-    os.close(fd)
+    remove_stale_temps(path.parent, glob.escape(path.name))
+    while True:
+        tmp = path.parent / f".{temp_prefix(path.name)}{secrets.token_hex(4)}{path.suffix}"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+        except FileExistsError:
+            continue
     try:
-        yield tmp
+        yield str(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def check_writable(*folders):
+    """Raise a UserError unless every output folder exists and is writable, or can be created.
+
+    Writes nothing: the nearest existing folder on the way must be a writable folder.
+    """
+    for folder in folders:
+        folder = Path(folder)
+        probe = folder
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if not probe.is_dir():
+            raise UserError(f"cannot write to {folder}: {probe} is not a folder; choose another --root "
+                            "or move that file away")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise UserError(f"cannot write to {folder}: {probe} is not writable by you; choose another --root "
+                            "or fix its permissions")
 
 
 def atomic_torch_save(obj, path):
@@ -236,27 +327,108 @@ def atomic_json_dump(obj, path):
     atomic_write_text(json.dumps(obj, indent=1, sort_keys=True), path)
 
 
+# --- Reading arrays safely ------------------------------------------------------------
+
+def load_npy(path, fix="re-copy the file", mmap_mode=None):
+    """A numeric .npy array (never a pickle); a truncated or corrupt file is a one-line UserError naming it."""
+    try:
+        array = np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"cannot read {path} as a numeric .npy array ({reason}): the file is truncated "
+                        f"or corrupt; {fix}") from None
+    if array.dtype.kind not in "biuf":
+        raise UserError(f"{path} holds {array.dtype} values, not numbers: {fix}")
+    return array
+
+
+def first_nonfinite(array, chunk_rows=1024):
+    """(row, column) of the first NaN or Inf of a 2-D array in row order, or None if all are finite.
+
+    Works in blocks of rows, so a memory-mapped file needs no full-size temporary.
+    """
+    for start in range(0, array.shape[0], chunk_rows):
+        finite = np.isfinite(array[start:start + chunk_rows])
+        if not finite.all():
+            row, col = np.argwhere(~finite)[0]
+            return start + int(row), int(col)
+    return None
+
+
+# A pickled mapping (np.save of a dict) needs only these: numpy's array and scalar
+# re-constructors, ndarray and dtype; builtin dicts, ints and strings need no global.
+_RECONSTRUCT = np.empty(0).__reduce__()[0]
+_SCALAR = np.int64(0).__reduce__()[0]
+_MAPPING_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT, ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy.core.multiarray", "scalar"): _SCALAR, ("numpy._core.multiarray", "scalar"): _SCALAR,
+    ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+}
+
+
+class _MappingUnpickler(pickle.Unpickler):
+    """Unpickles only what a saved dict of ints and strings needs; anything else could run code."""
+
+    def find_class(self, module, name):
+        if (module, name) not in _MAPPING_GLOBALS:
+            raise pickle.UnpicklingError(f"it asks for {module}.{name}, which could run code")
+        return _MAPPING_GLOBALS[module, name]
+
+
+def load_mapping_file(path):
+    """The dict code (int) -> ROI name (str) of an Algonauts ``mapping_<class>.npy``, read without running code.
+
+    The file is a pickled 0-d object array; it is unpickled with only numpy's array
+    re-constructors allowed, so a file that would run code is refused with one line.
+    """
+    fix = "re-copy the Algonauts roi_masks folder (mapping files hold a dict of ROI codes to names)"
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    try:
+        with open(path, "rb") as f:
+            if f.read(len(np.lib.format.MAGIC_PREFIX)) != np.lib.format.MAGIC_PREFIX:
+                raise ValueError("it is not a .npy file")
+            f.seek(0)
+            version = np.lib.format.read_magic(f)
+            if version not in readers:
+                raise ValueError(f".npy format version {version}")
+            shape, _, dtype = readers[version](f)
+            if shape != () or dtype != object:
+                raise ValueError(f"a {dtype} array of shape {shape}")
+            mapping = _MappingUnpickler(f).load().item()
+        if not isinstance(mapping, dict):
+            raise ValueError(f"a pickled {type(mapping).__name__}")
+        return {int(k): str(v) for k, v in mapping.items()}
+    except Exception as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"refusing {path}: not a mapping file ({reason}); {fix}") from None
+
+
 # --- ROI masks -------------------------------------------------------------------------
+
+MASKS_FIX = "copy the Algonauts roi_masks folder for this subject (see README)"
+
+
+def load_label_file(path):
+    """A 1-D numeric mask file (ROI labels or the fsaverage 0/1 mask), with one-line errors."""
+    labels = load_npy(require_file(path, MASKS_FIX), "re-" + MASKS_FIX)
+    if labels.ndim != 1:
+        raise UserError(f"{path} has shape {labels.shape}: expected one value per vertex; re-{MASKS_FIX}")
+    return labels
+
 
 def load_roi_mask(root, subj, hemisphere, roi_class):
     """Integer label per challenge-space vertex, shape (n_vertices,)."""
-    path = require_file(roi_mask_path(root, subj, hemisphere, roi_class),
-                        "copy the Algonauts roi_masks folder for this subject (see README)")
-    return np.load(path)
+    return load_label_file(roi_mask_path(root, subj, hemisphere, roi_class))
 
 
 def load_roi_mapping(root, subj, roi_class):
     """Dict code -> ROI name of one class (code 0 is 'Unknown')."""
-    path = require_file(roi_mapping_path(root, subj, roi_class),
-                        "copy the Algonauts roi_masks folder for this subject (see README)")
-    return {int(k): v for k, v in np.load(path, allow_pickle=True).item().items()}
+    return load_mapping_file(require_file(roi_mapping_path(root, subj, roi_class), MASKS_FIX))
 
 
 def n_vertices(root, subj, hemisphere):
     """Number of challenge-space vertices of a hemisphere (from the fsaverage mask)."""
-    path = require_file(fsaverage_mask_path(root, subj, hemisphere),
-                        "copy the Algonauts roi_masks folder for this subject (see README)")
-    return int(np.load(path).sum())
+    return int(load_label_file(fsaverage_mask_path(root, subj, hemisphere)).sum())
 
 
 def roi_voxel_indices(root, subj, hemisphere, roi):
@@ -277,22 +449,26 @@ def roi_voxel_count(root, subj, hemisphere, roi):
 def load_fmri(root, subj, hemisphere, voxels=None):
     """Training fMRI of one hemisphere, float32 (n_images, n_vertices), or its ``voxels`` columns.
 
-    The width is checked against the subject's fsaverage mask.
+    The width is checked against the subject's fsaverage mask; NaN or Inf in the columns
+    read is a UserError naming the first bad row and column.
     """
     path = require_file(fmri_path(root, subj, hemisphere),
                         "place the Algonauts training_fmri files there (see README)")
-    try:
-        fmri = np.load(path, mmap_mode="r")
-    except ValueError as e:
-        raise UserError(f"cannot read {path} as a .npy array ({e}): re-copy the file") from None
+    fmri = load_npy(path, "re-copy the Algonauts training_fmri file", mmap_mode="r")
     if fmri.ndim != 2:
         raise UserError(f"{path} has shape {fmri.shape}: expected 2-D (n_images, n_vertices)")
     expected = n_vertices(root, subj, hemisphere)
     if fmri.shape[1] != expected:
         raise UserError(f"{path} has {fmri.shape[1]} columns but the roi_masks of {subj_dir(subj)} "
                         f"have {expected} {hemi_code(hemisphere)} vertices: use the matching masks")
-    out = fmri if voxels is None else fmri[:, voxels]
-    return np.ascontiguousarray(out, dtype=np.float32)
+    out = np.ascontiguousarray(fmri if voxels is None else fmri[:, voxels], dtype=np.float32)
+    bad = first_nonfinite(out)
+    if bad is not None:
+        row, col = bad
+        column = col if voxels is None else int(np.asarray(voxels)[col])
+        raise UserError(f"{path} has a non-finite value ({out[row, col]}) at row {row}, column {column}: "
+                        "fMRI responses must be numbers; fix or re-copy the file")
+    return out
 
 
 def list_images(root, subj):
@@ -369,6 +545,7 @@ def image_cache(paths, image_size, cache_folder, name="images", workers=None, de
         return np.load(target, mmap_mode="r")
     for old in cache_folder.glob(f"{name}_s{image_size}_*.npy"):
         old.unlink()
+    remove_stale_temps(cache_folder, f"{glob.escape(name)}_s{image_size}_*.npy")
     cache_folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
@@ -537,6 +714,14 @@ def load_state_dict_file(path, what="weights"):
                         "re-create or re-download it") from None
 
 
+def nonfinite_tensor(state):
+    """Name of the first floating-point tensor of a state dict that holds NaN or Inf, or None."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return name
+    return None
+
+
 def load_alexnet(weights="imagenet", seed=0):
     """A torchvision AlexNet in eval mode.
 
@@ -566,6 +751,9 @@ def load_alexnet(weights="imagenet", seed=0):
     except (RuntimeError, TypeError, AttributeError) as e:
         raise UserError(f"{path} is not an AlexNet state dict ({str(e).splitlines()[0]}): "
                         "pass a torchvision AlexNet state dict") from None
+    bad = nonfinite_tensor(model.state_dict())
+    if bad is not None:
+        raise UserError(f"AlexNet weights {path} hold NaN or Inf ({bad}): re-download or re-create the file")
     return model.eval()
 
 
@@ -608,7 +796,14 @@ def iter_features(alexnet, images, batch_size=256, device="cpu", layers=LAYERS, 
         x = normalize_images(np.ascontiguousarray(images[rows[start:start + batch_size]]), device)
         with feature_autocast(device, precision):
             out = extractor(x)
-        yield start, {k: v.flatten(1).float() for k, v in out.items()}
+        feats = {k: v.flatten(1).float() for k, v in out.items()}
+        for k, v in feats.items():
+            if not torch.isfinite(v).all():
+                row, col = first_nonfinite(v.cpu().numpy())
+                raise UserError(f"the AlexNet features of layer {k} are non-finite ({v[row, col].item()}) at image "
+                                f"row {start + row}, column {col}: the network's weights hold NaN or Inf (a diverged "
+                                "checkpoint?); re-train that model or check the weights file")
+        yield start, feats
 
 
 def extract_features(alexnet, images, batch_size=256, device="cpu", layers=LAYERS, indices=None, precision="fp32"):

@@ -219,14 +219,16 @@ def test_stale_spills_of_dead_runs_are_removed_live_ones_kept(tmp_path):
     host = socket.gethostname().replace("-", "_")
     dead = subprocess.Popen(["true"])
     dead.wait()
-    stale = tmp_path / f"{encoding.SPILL_PREFIX}-{host}-{dead.pid}-abc"
-    live = tmp_path / f"{encoding.SPILL_PREFIX}-{host}-{os.getpid()}-def"
-    other_host = tmp_path / f"{encoding.SPILL_PREFIX}-otherhost-{dead.pid}-ghi"
+    stale = tmp_path / f"{encoding.SPILL_PREFIX}.tmp-{host}-{dead.pid}-abc"
+    live = tmp_path / f"{encoding.SPILL_PREFIX}.tmp-{host}-{os.getpid()}-def"
+    other_host = tmp_path / f"{encoding.SPILL_PREFIX}.tmp-otherhost-{dead.pid}-ghi"
     for d in (stale, live, other_host):
         d.mkdir()
         (d / "features.2.0.f32").write_bytes(b"0" * 16)
-    assert encoding.remove_stale_spills(tmp_path) == [stale]
-    assert not stale.exists() and live.exists() and other_host.exists()
+    with encoding.FeatureSpill(utils.load_alexnet("none"), np.zeros((2, 64, 64, 3), np.uint8), tmp_path,
+                               layers=["classifier.6"]) as spill:
+        assert spill.path.name.startswith(f"{encoding.SPILL_PREFIX}.tmp-{host}-{os.getpid()}-")
+    assert not stale.exists() and live.exists() and other_host.exists() and not spill.path.exists()
 
 
 def test_encode_rois_equals_encode_roi_per_roi_with_overlap():

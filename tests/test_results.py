@@ -302,10 +302,11 @@ def test_classification_task_saves_probes_and_resumes(pipeline_root, monkeypatch
     assert untuned == summary["untuned"] and list(tables["lh"]["subj1"]) == [summary["rois"][r] for r in rois]
 
 
-def test_mi_bound_task_matches_direct_computation(pipeline_root):
+def test_mi_bound_task_matches_direct_computation(pipeline_root, capsys):
     import models
     root, rois = pipeline_root, pipeline_rois(pipeline_root)
     run(["--type", "lower-bound-mi", *BASE], root)
+    printed = capsys.readouterr().out
     run(["--type", "lower-bound-mi-pooled-avg", "--hemispheres", "left", *BASE], root)
     summary = json.loads((utils.results_dir(root) / "mi_bounds" / "subj1_rh_cl-tuned_e1.json").read_text())
     model, meta = models.load_checkpoint(utils.cl_model_path(root, 1, "rh", rois[1], 1))
@@ -320,6 +321,10 @@ def test_mi_bound_task_matches_direct_computation(pipeline_root):
     res = summary["rois"][rois[1]]["1"]
     assert res["tuned"]["nats"] == pytest.approx(direct, rel=1e-5, abs=1e-6)
     assert res["tuned"]["K"] == len(test)
+    # The printed bits are the JSON's unscaled bits (nats / ln 2), the scaled bound labelled as such.
+    assert res["tuned"]["bits"] == pytest.approx(res["tuned"]["nats"] / np.log(2))
+    assert (f"subj1 rh {rois[1]}: {res['tuned']['bits']:.3f} bits, {res['tuned']['scaled_bits']:.3f} after "
+            "temperature scaling") in printed
     # These checkpoints are untrained, so the rebuilt untuned reference must give the same bound.
     assert res["untuned"]["nats"] == pytest.approx(res["tuned"]["nats"], abs=1e-9)
     pooled = json.loads((utils.results_dir(root) / "mi_bounds" / "lh_pooled-avg_e1.json").read_text())
@@ -461,7 +466,7 @@ def test_analyses_skip_rois_under_min_voxels(root):
     assert ru.select_rois(root, "cl-tuned", 1, "lh", [], 1, min_voxels=10) == ["V1v", "mTL-words"]
     with pytest.raises(utils.UserError, match="fewer than MIN_VOXELS=20"):
         ru.select_rois(root, "cl-tuned", 1, "lh", ["mTL-words"], 1)
-    paths = ru.save_test_fmri(root, 1, "lh", [])
+    paths = ru.save_test_fmri(root, [1], ["lh"], [])
     saved = {p.stem for p in paths}
     assert "subj1_lh_V1v" in saved and "subj1_lh_mTL-words" not in saved
     assert all(utils.roi_voxel_count(root, 1, "lh", p.stem.split("_", 2)[2]) >= 20 for p in paths[2:])
