@@ -47,11 +47,12 @@ TYPES = ["classification-task", "classification-task-pooled-avg", "classificatio
 @utils.cli
 def main(argv=None):
     opts = utils.parse_options(sys.modules[__name__], argv)
+    import figures
     import results_utils as ru
     if opts.TYPE not in TYPES:
         raise utils.UserError(f"unknown --type {opts.TYPE!r}: use one of {', '.join(TYPES)}")
     method = "pooled-" + opts.TYPE.rsplit("-", 1)[1] if "pooled" in opts.TYPE else opts.METHOD
-    epochs = opts.EPOCHS if opts.EPOCHS is not None else (75 if method == "reg-tuned" else 30)
+    epochs = opts.EPOCHS if opts.EPOCHS is not None else utils.DEFAULT_EPOCHS.get(method, utils.DEFAULT_EPOCHS["cl-tuned"])
     device = utils.resolve_device(opts.DEVICE)
     precision = utils.check_precision(opts.FEATURE_PRECISION)
     subjects = [None] if method.startswith("pooled") else opts.SUBJECTS
@@ -98,7 +99,7 @@ def main(argv=None):
         print(chosen.to_string(index=False))
         print(f"wrote {path}")
     elif opts.TYPE == "figures":
-        for path in ru.results_figures(opts.ROOT, opts.DATASET, method, epochs):
+        for path in figures.results_figures(opts.ROOT, opts.DATASET, method, epochs):
             print(f"wrote {path}")
     elif opts.TYPE == "paper-figures":
         return paper_figures(opts.ROOT, epochs, opts.MESH, opts.MAPS)
@@ -106,8 +107,10 @@ def main(argv=None):
         if len(opts.ROIS) != 1 or len(opts.SUBJECTS) != 1:
             raise utils.UserError(f"salience-maps takes one subject and one ROI, got --subjects {opts.SUBJECTS} "
                                   f"--rois {opts.ROIS}: pass e.g. --subjects 1 --rois V1v")
-        for path in ru.salience_maps(dataset=opts.DATASET, subj=opts.SUBJECTS[0], roi=opts.ROIS[0],
-                                     image_index=opts.IMAGE_INDEX, **model_opts):
+        maps = ru.salience_maps(dataset=opts.DATASET, subj=opts.SUBJECTS[0], roi=opts.ROIS[0],
+                                image_index=opts.IMAGE_INDEX, **model_opts)
+        for path in figures.salience_figure(opts.ROOT, opts.DATASET, method, opts.SUBJECTS[0], opts.ROIS[0],
+                                            opts.IMAGE_INDEX, epochs, maps):
             print(f"wrote {path}")
 
 
