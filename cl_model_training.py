@@ -15,7 +15,7 @@ SUBJ = 1  # subject whose fMRI tunes the model
 HEMISPHERE = "left"  # left or right
 ROI = "V1v"  # one of the 31 ROI names
 BATCH_SIZE = 1024  # image-fMRI pairs per step
-EPOCHS = 30  # passes over the 85% training split
+EPOCHS = utils.DEFAULT_EPOCHS["cl-tuned"]  # passes over the 85% training split
 LR = 1e-4  # Adam learning rate
 TEMPERATURE = 0.3  # InfoNCE temperature
 WEIGHTS = "imagenet"  # starting AlexNet: imagenet, none (seeded random) or a state-dict file
@@ -40,7 +40,8 @@ def train(opts, roi, skip_small=False):
         "cl", opts.ROOT, roi, opts.HEMISPHERE, [opts.SUBJ], epochs=opts.EPOCHS, lr=opts.LR,
         batch_size=opts.BATCH_SIZE, temperature=opts.TEMPERATURE, weights=opts.WEIGHTS, device=opts.DEVICE,
         seed=opts.SEED, image_size=opts.IMAGE_SIZE, max_voxels=opts.MAX_VOXELS, min_voxels=opts.MIN_VOXELS,
-        overwrite=opts.OVERWRITE, skip_small=skip_small)
+        overwrite=opts.OVERWRITE, skip_small=skip_small,
+        config=utils.run_config(opts))
 
 
 @utils.cli

@@ -29,6 +29,7 @@ import generate_results
 import generate_voxel_roi_mappings
 import pooled_model_training
 import reg_model_training
+import results_utils as ru
 import synthetic_data
 import utils
 
@@ -143,11 +144,10 @@ def summary_table(root, subj, hemisphere, rois, epochs):
     mi = mi_bounds(root, subj, hemisphere, rois, epochs)
     rows = {}
     for roi in rois:
-        test_r = {m: fit_encoding_models.load_result(
-            fit_encoding_models.result_path(root, subj, m, hemisphere, roi))["test_r"] for m in METHODS}
+        test_r = {m: ru.load_result(ru.result_path(root, subj, m, hemisphere, roi))["test_r"] for m in METHODS}
         rows[roi] = {"voxels": len(test_r["untuned"]),
                      **{METHODS[m]: float(np.mean(r)) for m, r in test_r.items()},
-                     "CL > untuned %": 100 * float(np.mean(test_r["cl-tuned"] > test_r["untuned"])),
+                     "CL > untuned %": ru.pct_beats_untuned(test_r["cl-tuned"], test_r["untuned"]),
                      "MI CL bits": mi[roi][0], "MI untuned bits": mi[roi][1]}
     return pd.DataFrame.from_dict(rows, orient="index")
 
@@ -155,7 +155,6 @@ def summary_table(root, subj, hemisphere, rois, epochs):
 def mi_bounds(root, subj, hemisphere, rois, epochs):
     """{roi: (tuned, untuned)} MI bounds in bits (post-hoc temperature) of the CL models, from results/mi_bounds."""
     import json
-    import results_utils as ru
     path = utils.results_dir(root) / "mi_bounds" / f"{ru.summary_stem('cl-tuned', subj, hemisphere, epochs)}.json"
     saved = json.loads(path.read_text())["rois"]
     return {roi: tuple(saved[roi][str(subj)][k]["scaled_bits"] for k in ("tuned", "untuned")) for roi in rois}

@@ -2,7 +2,7 @@
 
 Everything runs in torch on the device given (CPU or GPU), with one code path.
 
-The protocol (DESIGN.md): for each layer and each of the 5 folds inside the training split,
+The protocol (the paper's, see README): for each layer and each of the 5 folds inside the training split,
 PCA is fitted on the fold's training rows (k = min(1000, n_train, dims) components), ridge
 with intercept is fitted on the PCA scores for all alphas, and Pearson r is measured per
 voxel on the fold's validation rows. Per voxel the alpha with the best fold-mean r is kept

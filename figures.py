@@ -1,6 +1,6 @@
-"""The paper's figures from saved results: group figures, landscapes and cortical maps.
+"""Every figure, drawn from saved results: the scripts' figures, the paper's group figures, landscapes and cortical maps.
 
-Everything here reads what the scripts saved (encoding results, voxel counts, MI bounds,
+``save_figure`` writes each one (PNG and PDF, atomically). Everything here reads what the scripts saved (encoding results, voxel counts, MI bounds,
 classification probes and predictions) and draws; nothing is fitted. ``paper_figures``
 builds every figure that has its inputs and names, for each one that has not, the command
 that makes them. ``generate_results.py --type paper-figures`` calls it.
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-import fit_encoding_models as fem
+import nod_utils
 import results_utils as ru
 import utils
 
@@ -53,13 +53,276 @@ def paper_dir(root):
     return utils.results_dir(root) / "figures" / "paper"
 
 
+# --- Saving, and the figures of the scripts -------------------------------------------
+
+FAMILY_MARKERS = {"prf-visualrois": "o", "floc-bodies": "s", "floc-faces": "^", "floc-places": "D",
+                  "floc-words": "v", "streams": "P"}
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, stem):
+    """Save a matplotlib figure as ``stem``.png and ``stem``.pdf (atomically, 150 dpi) and close it.
+
+    A ``stem`` ending in .png or .pdf loses that suffix. Returns the two paths.
+    """
+    plt = pyplot()
+    stem = Path(stem)
+    if stem.suffix in (".png", ".pdf"):
+        stem = stem.with_suffix("")
+    paths = []
+    for ext in ("png", "pdf"):
+        path = Path(f"{stem}.{ext}")
+        with utils.atomic_path(path) as tmp:
+            fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight")
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+def plot_roi_heatmaps(tables, references, title, label, stem, fmt="{:.2f}"):
+    """ROI x subject heatmaps, one panel per hemisphere.
+
+    The colour is the change from the untuned reference (red: better, blue: worse), the
+    text the value itself, so both the level and the gain can be read.
+
+    Parameters
+    ----------
+    tables : {hemisphere: DataFrame ROI x column}.
+    references : {hemisphere: float or DataFrame of the same shape}, the untuned values.
+    """
+    plt = pyplot()
+    from matplotlib.colors import TwoSlopeNorm
+    hemis = list(tables)
+    diffs = {h: tables[h] - references[h] for h in hemis}
+    span = max(float(np.nanmax(np.abs(d.to_numpy()))) for d in diffs.values()) or 1.0
+    norm = TwoSlopeNorm(0.0, -span, span)
+    height = max(len(t) for t in tables.values())
+    width = max(7.0, 2.5 + 0.9 * sum(t.shape[1] for t in tables.values()))
+    fig, axes = plt.subplots(1, len(hemis), figsize=(width, 2 + 0.3 * height), squeeze=False, layout="constrained")
+    for ax, h in zip(axes[0], hemis):
+        t = tables[h]
+        im = ax.imshow(diffs[h].to_numpy(), cmap="RdBu_r", norm=norm, aspect="auto")
+        for (i, j), v in np.ndenumerate(t.to_numpy()):
+            if np.isfinite(v):
+                ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(t.shape[1]), t.columns, rotation=45)
+        ax.set_yticks(range(len(t)), t.index)
+        ax.set_title({"lh": "left hemisphere", "rh": "right hemisphere"}[h])
+    fig.colorbar(im, ax=list(axes[0]), label=f"{label} - untuned")
+    fig.suptitle(title)
+    return save_figure(fig, stem)
+
+
+def results_figures(root, dataset, method, epochs):
+    """The classification-accuracy and MI-bound heatmaps of one method, from the saved results.
+
+    Returns the written paths; a quantity without results is skipped, both missing is an error.
+    """
+    folder = utils.results_dir(root) / "figures"
+    paths, missing = [], []
+    try:
+        tables, untuned = ru.classification_tables(root, dataset, method, epochs)
+        paths += plot_roi_heatmaps(tables, {h: untuned for h in tables},
+                                   f"{dataset} classification accuracy, {method} (untuned: {untuned:.3f})",
+                                   "accuracy", folder / f"classification_{dataset}_{method}_e{int(epochs)}")
+    except utils.UserError as e:
+        missing.append(str(e))
+    try:
+        mi = ru.mi_tables(root, method, epochs)
+        paths += plot_roi_heatmaps({h: t for h, (t, _) in mi.items()}, {h: u for h, (_, u) in mi.items()},
+                                   f"InfoNCE MI lower bound (bits, post-hoc temperature), {method}",
+                                   "bits", folder / f"mi_bound_{method}_e{int(epochs)}")
+    except utils.UserError as e:
+        missing.append(str(e))
+    if not paths:
+        raise utils.UserError(" and ".join(missing))
+    return paths
+
+
+def plot_landscape(land, stem, title=None):
+    """Scatter of a ``landscape``: colour = accuracy, marker = ROI family, untuned star, oracle cross."""
+    plt = pyplot()
+    from matplotlib.lines import Line2D
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    acc = np.array([m["accuracy"] for m in land["metas"]])
+    models = [i for i, m in enumerate(land["metas"]) if m["method"] not in ("untuned", "oracle")]
+    norm = plt.Normalize(acc[models].min() if models else acc.min(), acc[models].max() if models else acc.max())
+    xy = land["coords"]
+    for family, marker in FAMILY_MARKERS.items():
+        idx = [i for i in models if utils.ROI_CLASS.get(land["metas"][i].get("roi")) == family]
+        if idx:
+            ax.scatter(xy[idx, 0], xy[idx, 1], c=acc[idx], cmap="viridis", norm=norm, marker=marker, s=40,
+                       edgecolors="k", linewidths=0.3)
+    legend = [Line2D([], [], marker=m, ls="", color="grey", label=f) for f, m in FAMILY_MARKERS.items()
+              if any(utils.ROI_CLASS.get(land["metas"][i].get("roi")) == f for i in models)]
+    for special, marker, size in (("untuned", "*", 300), ("oracle", "X", 150)):
+        idx = [i for i, m in enumerate(land["metas"]) if m["method"] == special]
+        if idx:
+            ax.scatter(xy[idx, 0], xy[idx, 1], marker=marker, s=size, c="red" if special == "untuned" else "k",
+                       edgecolors="k", zorder=3)
+            legend.append(Line2D([], [], marker=marker, ls="", color="red" if special == "untuned" else "k",
+                                 markersize=10, label=f"{special} ({acc[idx[0]]:.3f})"))
+    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap="viridis"), ax=ax, label="test accuracy")
+    vals = land["eigenvalues"]
+    kind = "InPCA" if land["method"] == "inpca" else "MDS"
+    ax.set_xlabel(f"{kind} 1 (eigenvalue {vals[0]:.3g})")
+    ax.set_ylabel(f"{kind} 2 (eigenvalue {vals[1]:.3g})")
+    ax.legend(handles=legend, fontsize=7, loc="best")
+    ax.set_title(title or "model landscape")
+    return save_figure(fig, stem)
+
+
+def plot_salience(image, cams, titles, stem, suptitle=None):
+    """A panel: rows = models, columns = (image, mirrored image), each with its Grad-CAM overlaid.
+
+    Parameters
+    ----------
+    image : uint8 (S, S, 3). cams : array (n_models, 2, S, S). titles : list of str, one per model.
+    """
+    plt = pyplot()
+    fig, axes = plt.subplots(len(cams), 2, figsize=(5, 2.5 * len(cams)), squeeze=False)
+    for r, (pair, title) in enumerate(zip(cams, titles)):
+        for c, (img, cam) in enumerate(zip((image, image[:, ::-1]), pair)):
+            ax = axes[r, c]
+            ax.imshow(img)
+            ax.imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            ax.set_axis_off()
+            ax.set_title(f"{title}{' (mirrored)' if c else ''}", fontsize=8)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=9)
+    return save_figure(fig, stem)
+
+
+def plot_layer_scores(table, path):
+    """ROI x layer heatmap of the CV scores with the best layer of each ROI boxed; returns the figure."""
+    plt = pyplot()
+    from matplotlib.patches import Rectangle
+    scores = table[utils.LAYERS].to_numpy(dtype=float)
+    fig, ax = plt.subplots(figsize=(1 + 0.8 * len(utils.LAYERS), 1 + 0.3 * len(table)))
+    im = ax.imshow(scores, aspect="auto", cmap="viridis")
+    for i, best in enumerate(table["best_layer"]):
+        ax.add_patch(Rectangle((utils.LAYERS.index(best) - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=2))
+    ax.set_xticks(range(len(utils.LAYERS)), utils.LAYERS, rotation=45, ha="right")
+    ax.set_yticks(range(len(table)), table["roi"])
+    fig.colorbar(im, ax=ax, label="mean CV r")
+    fig.tight_layout()
+    save_figure(fig, path)
+    return fig
+
+
+def plot_methods(table, path):
+    """Per ROI, one bar per method: mean test r."""
+    plt = pyplot()
+    tags = list(dict.fromkeys(table["tag"]))
+    rois = sorted(set(table["roi"]), key=utils.ROIS.index)
+    width = 0.8 / len(tags)
+    fig, ax = plt.subplots(figsize=(2 + 0.6 * len(rois) * max(1, len(tags) / 2), 3.5))
+    for k, tag in enumerate(tags):
+        sub = table[table["tag"] == tag].set_index("roi").reindex(rois)
+        ax.bar(np.arange(len(rois)) + (k - (len(tags) - 1) / 2) * width, sub["mean_test_r"], width, label=tag)
+    ax.set_xticks(range(len(rois)), rois, rotation=45, ha="right")
+    ax.set_ylabel("mean test r")
+    ax.axhline(0, color="k", lw=0.5)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+    return fig
+
+
+def plot_scatter(x, y, label, path):
+    """Per-voxel test r of a method (y) against untuned (x), with the identity line."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.scatter(x, y, s=3, alpha=0.5)
+    lo, hi = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+    ax.set_xlabel("untuned test r")
+    ax.set_ylabel(f"{label} test r")
+    ax.set_title(f"{100 * np.mean(y > x):.1f}% of voxels above the line")
+    fig.tight_layout()
+    save_figure(fig, path)
+    return fig
+
+
+def plot_transfer(mean_r, frac, title, path):
+    """Two model-subject x target-subject heatmaps, each cell labelled with its value ('n/a': not fitted)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+    for ax, m, label in zip(axes, (mean_r, frac), ("mean test r", "fraction of voxels improved over untuned")):
+        values = m.to_numpy(dtype=float)
+        im = ax.imshow(values, cmap="viridis")
+        for (i, j), v in np.ndenumerate(values):
+            # Dark text on the bright end of viridis, light text on the dark end.
+            ax.text(j, i, "n/a" if np.isnan(v) else f"{v:.3f}", ha="center", va="center", fontsize=7,
+                    color="k" if np.isnan(v) or im.norm(v) > 0.6 else "w")
+        ax.set_xticks(range(m.shape[1]), [utils.subj_dir(s) for s in m.columns], rotation=45)
+        ax.set_yticks(range(m.shape[0]), [utils.subj_dir(s) for s in m.index])
+        ax.set_xlabel("target subject")
+        ax.set_ylabel("model subject")
+        ax.set_title(label, fontsize=9)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
+    return fig
+
+
+def plot_nod_summary(table, stem):
+    """NOD: mean test r per area and method across subjects (bars, SEM), one panel per hemisphere.
+
+    ``table`` is fit_encoding_models_nod.summary_table's; returns the PNG and PDF paths.
+    """
+    plt = pyplot()
+    hemis = sorted(table["hemisphere"].unique())
+    methods = [m for m in utils.METHODS if m in set(table["method"])]
+    rois = [r for r in nod_utils.NOD_ROIS if r in set(table["roi"])]
+    fig, axes = plt.subplots(1, len(hemis), figsize=(4.5 * len(hemis), 3.5), squeeze=False, sharey=True)
+    width = 0.8 / len(methods)
+    for ax, hemi in zip(axes[0], hemis):
+        for k, method in enumerate(methods):
+            sub = table[(table["hemisphere"] == hemi) & (table["method"] == method)]
+            stats = sub.groupby("roi")["mean_test_r"].agg(["mean", "sem", "count"]).reindex(rois)
+            x = np.arange(len(rois)) + (k - (len(methods) - 1) / 2) * width
+            ax.bar(x, stats["mean"], width, yerr=stats["sem"].fillna(0), label=method, capsize=2)
+            for i, roi in enumerate(rois):
+                ys = sub[sub["roi"] == roi]["mean_test_r"].to_numpy()
+                ax.plot(np.full(len(ys), x[i]), ys, "k.", ms=3)
+        ax.set_xticks(np.arange(len(rois)), rois)
+        ax.set_title(f"NOD {hemi}, {table['subject'].nunique()} subject(s)\n"
+                     f"z-score per {table['zscore'].iloc[0]}, {table['hemisphere_convention'].iloc[0]} hemispheres",
+                     fontsize=9)
+        ax.axhline(0, color="k", lw=0.5)
+    axes[0, 0].set_ylabel("mean test r")
+    axes[0, -1].legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, stem)
+
+
+def salience_figure(root, dataset, method, subj, roi, image_index, epochs, maps):
+    """Draw ``results_utils.salience_maps``: rows = models, columns = the image and its mirror.
+
+    Writes results/figures/salience_<dataset>_[subjX_]<roi>_<method>_e<E>_img<i>.png/.pdf; returns the paths.
+    """
+    who = "" if method.startswith("pooled") else f"subj{int(subj)}_"
+    stem = utils.results_dir(root) / "figures" / f"salience_{dataset}_{who}{roi}_{method}_e{int(epochs)}_img{image_index}"
+    return plot_salience(maps.image, maps.cams, maps.titles, stem,
+                         f"Grad-CAM at features.12 for the true class: {maps.class_name}")
+
+
 # --- Tables from the saved results -----------------------------------------------------
 
 def load_encoding(root, subjects=None):
     """{subject: collect_results dict} of the subjects with encoding results (own model, per-method protocol)."""
     out = {}
     for subj in subjects or utils.find_subjects(root):
-        results = {k: r for k, r in fem.collect_results(root, subj).items() if k[0] in utils.METHODS}
+        results = {k: r for k, r in ru.collect_results(root, subj).items() if k[0] in utils.METHODS}
         if results:
             out[int(subj)] = results
     return out
@@ -154,7 +417,7 @@ def plot_best_layers(table, stem):
 
     Returns (paths, {hemisphere: DataFrame ROI x subject of layer names}).
     """
-    plt = fem._pyplot()
+    plt = pyplot()
     from matplotlib.colors import ListedColormap
     untuned = table[table["method"] == "untuned"]
     if untuned.empty:
@@ -178,7 +441,7 @@ def plot_best_layers(table, stem):
     bar.ax.set_yticklabels(utils.LAYERS)
     bar.set_label("best layer of the untuned AlexNet (5-fold CV r)")
     fig.suptitle("Best untuned AlexNet layer per ROI and subject (white: no result)")
-    return ru.save_figure(fig, stem), mats
+    return save_figure(fig, stem), mats
 
 
 def plot_presence(counts, stem):
@@ -186,7 +449,7 @@ def plot_presence(counts, stem):
 
     Returns (paths, {hemisphere: DataFrame ROI x subject of counts}).
     """
-    plt = fem._pyplot()
+    plt = pyplot()
     from matplotlib.colors import LogNorm
     subjects = sorted(counts["subject"].unique())
     mats = {h: part.pivot(index="roi", columns="subject", values="n_voxels").reindex(index=utils.ROIS, columns=subjects)
@@ -206,7 +469,7 @@ def plot_presence(counts, stem):
         ax.set_title(HEMI_NAMES[h])
     fig.colorbar(im, ax=list(axes[0]), label="voxels (vertices) in the ROI, log scale")
     fig.suptitle("ROI presence and size per subject and hemisphere")
-    return ru.save_figure(fig, stem), mats
+    return save_figure(fig, stem), mats
 
 
 def plot_group_gains(stats, title, stem):
@@ -214,7 +477,7 @@ def plot_group_gains(stats, title, stem):
 
     Returns (paths, stats).
     """
-    plt = fem._pyplot()
+    plt = pyplot()
     hemis = list(dict.fromkeys(stats["hemisphere"]))
     n_rois = max(int((stats["hemisphere"] == h).sum()) for h in hemis)
     fig, axes = plt.subplots(len(hemis), 1, figsize=(max(7.0, 2.5 + 0.42 * n_rois), 0.6 + 2.9 * len(hemis)), squeeze=False,
@@ -236,7 +499,7 @@ def plot_group_gains(stats, title, stem):
     handles = [plt.Rectangle((0, 0), 1, 1, color=GROUP_COLOURS[g]) for g in ROI_GROUPS]
     axes[0, 0].legend(handles, [GROUP_NAMES[g] for g in ROI_GROUPS], fontsize=7, loc="best")
     fig.suptitle(title, fontsize=10)
-    return ru.save_figure(fig, stem), stats
+    return save_figure(fig, stem), stats
 
 
 def plot_pairs(pairs, xlabel, ylabel, title, stem, zero_lines=True):
@@ -244,7 +507,7 @@ def plot_pairs(pairs, xlabel, ylabel, title, stem, zero_lines=True):
 
     Returns (paths, pairs).
     """
-    plt = fem._pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 4.6), layout="constrained")
     for g in ROI_GROUPS:
         part = pairs[pairs["group"] == g]
@@ -263,7 +526,7 @@ def plot_pairs(pairs, xlabel, ylabel, title, stem, zero_lines=True):
     above = int((pairs["y"] > pairs["x"]).sum())
     ax.set_title(f"{title}\n{above} of {len(pairs)} (subject, hemisphere, ROI) above y = x", fontsize=9)
     ax.legend(fontsize=7, loc="best")
-    return ru.save_figure(fig, stem), pairs
+    return save_figure(fig, stem), pairs
 
 
 # --- Landscapes ------------------------------------------------------------------------
@@ -285,7 +548,7 @@ def plot_landscape_by(land, colour_of, title, stem, keep=None):
     ``keep`` (model index -> bool) hides models; untuned and oracle are always drawn as references.
     Returns (paths, {label: model indices drawn}).
     """
-    plt = fem._pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.2, 5), layout="constrained")
     xy = land["coords"]
     drawn = {}
@@ -302,7 +565,7 @@ def plot_landscape_by(land, colour_of, title, stem, keep=None):
     ax.set_ylabel(f"{kind} 2 (eigenvalue {vals[1]:.3g})")
     ax.legend(fontsize=7, loc="best", title="key (models)", title_fontsize=7)
     ax.set_title(title, fontsize=9)
-    return ru.save_figure(fig, stem), {label: idx for (label, _), idx in drawn.items()}
+    return save_figure(fig, stem), {label: idx for (label, _), idx in drawn.items()}
 
 
 def landscape_figures(root, dataset, folder):
@@ -331,7 +594,7 @@ def landscape_figures(root, dataset, folder):
 
 def category_colour(k):
     """The k-th categorical colour (tab10, then tab20)."""
-    plt = fem._pyplot()
+    plt = pyplot()
     colours = list(plt.cm.tab10.colors) + list(plt.cm.tab20.colors[1::2])
     return colours[k % len(colours)]
 
@@ -449,7 +712,7 @@ def plot_cortical_map(maps, meshes, title, label, stem, cmap="RdBu_r", vmax=None
 
     Returns the written paths.
     """
-    plt = fem._pyplot()
+    plt = pyplot()
     from matplotlib.colors import ListedColormap, Normalize
     from nilearn import plotting
     rows = maps if isinstance(maps, list) else [(s, maps) for s in surfaces]
@@ -493,7 +756,7 @@ def plot_cortical_map(maps, meshes, title, label, stem, cmap="RdBu_r", vmax=None
     fig.suptitle(title, fontsize=10, y=1 - 0.1 / height)
     if caption:
         fig.text(0.5, 0.1 / height, caption, ha="center", va="bottom", fontsize=6.5, wrap=True)
-    return ru.save_figure(fig, stem)
+    return save_figure(fig, stem)
 
 
 def _face_mode(codes):
@@ -564,7 +827,7 @@ def cortical_figures(root, encoding, meshes=None, surfaces=SURFACES, views=VIEWS
 
 # --- Everything ------------------------------------------------------------------------
 
-def paper_figures(root, epochs=30, mesh="fsaverage5", subjects=None, surfaces=SURFACES, views=VIEWS, maps="all"):
+def paper_figures(root, epochs=utils.DEFAULT_EPOCHS["cl-tuned"], mesh="fsaverage5", subjects=None, surfaces=SURFACES, views=VIEWS, maps="all"):
     """Every paper figure whose inputs exist, under results/figures/paper/.
 
     ``maps``: 'all' cortical maps, 'summary' (per subject the CL gain and the winning method,
@@ -651,7 +914,7 @@ def _pooled_gain_figure(table, pooled, folder):
 
 def _mi_matrix(root, epochs, folder):
     mi = _mi(root, "cl-tuned", epochs)
-    return ru.plot_roi_heatmaps({h: t for h, (t, _) in mi.items()}, {h: u for h, (_, u) in mi.items()},
+    return plot_roi_heatmaps({h: t for h, (t, _) in mi.items()}, {h: u for h, (_, u) in mi.items()},
                                 "InfoNCE MI lower bound (bits, post-hoc temperature), subject-specific CL models",
                                 "bits", folder / "mi_lower_bound_matrix")
 
@@ -662,6 +925,6 @@ def _classification_matrix(root, dataset, epochs, folder):
     except utils.UserError:
         raise Missing(f"no cl-tuned {dataset} probes (e{int(epochs)}): make them with python generate_results.py "
                       f"--type classification-task --dataset {dataset} --subjects 1 2 3 4 5 6 7 8") from None
-    return ru.plot_roi_heatmaps(tables, {h: untuned for h in tables},
+    return plot_roi_heatmaps(tables, {h: untuned for h in tables},
                                 f"{dataset} classification accuracy (fc7 probe), CL models (untuned: {untuned:.3f})",
                                 "accuracy", folder / f"{dataset}_results_matrix")

@@ -28,8 +28,6 @@ and .png/.pdf; TRANSFER_AGGREGATION authors averages the per-ROI matrices withou
 
 import json
 import sys
-import zipfile
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +35,9 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 import encoding
+import figures
 import models
+import results_utils as ru
 import utils
 
 # --- Options ---
@@ -54,9 +54,9 @@ DEVICE = "auto"  # auto, cpu or cuda
 IMAGE_SIZE = 224  # images are squash-resized to IMAGE_SIZE x IMAGE_SIZE
 WEIGHTS = "imagenet"  # AlexNet of the untuned method: imagenet, none (seeded random) or a state-dict file
 SEED = 0  # seed of the random AlexNet when WEIGHTS is none
-CL_EPOCHS = 30  # epochs in the cl-tuned checkpoint names
-REG_EPOCHS = 75  # epochs in the reg-tuned checkpoint names
-POOLED_EPOCHS = 30  # epochs in the pooled checkpoint names
+CL_EPOCHS = utils.DEFAULT_EPOCHS["cl-tuned"]  # epochs in the cl-tuned checkpoint names
+REG_EPOCHS = utils.DEFAULT_EPOCHS["reg-tuned"]  # epochs in the reg-tuned checkpoint names
+POOLED_EPOCHS = utils.DEFAULT_EPOCHS["pooled-avg"]  # epochs in the pooled checkpoint names
 BATCH_SIZE = 128  # images per forward pass
 FEATURE_PRECISION = "fp32"  # feature extraction: fp32 (the authors') or bf16 (autocast on CUDA, faster)
 MIN_VOXELS = utils.MIN_VOXELS  # ROIs with fewer voxels are skipped and recorded as absent (the authors' 20)
@@ -79,41 +79,6 @@ SUMMARY_COMPARISONS = (("cl-tuned", "untuned"), ("cl-tuned", "reg-tuned"), ("poo
                        ("pooled-const", "cl-tuned"))
 
 
-def method_tag(method, subj, model_subj, protocol):
-    """Folder name of a method's results: method [+ _from-SubjY] [+ _untuned-layer]."""
-    tag = method
-    if model_subj is not None and int(model_subj) != int(subj):
-        tag += f"_from-{utils.subj_dir(model_subj)}"
-    if protocol == "untuned-layer" and method != "untuned":
-        tag += "_untuned-layer"
-    return tag
-
-
-def result_path(root, subj, tag, hemisphere, roi):
-    """The .npz of one ROI; its .json (written last) marks it complete."""
-    return utils.encoding_dir(root, subj) / tag / f"{utils.hemi_code(hemisphere)}_{roi}.npz"
-
-
-def load_result(path):
-    """One ROI's result: the JSON fields plus the arrays of the .npz (voxels, alphas, cv_r, test_r, ...)."""
-    path = Path(path)
-    try:
-        out = json.loads(path.with_suffix(".json").read_text())
-        with np.load(path) as f:
-            out.update({k: f[k] for k in f.files})
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
-        raise utils.UserError(f"cannot read the result {path} ({type(e).__name__}): it is truncated or corrupt; "
-                              "delete it and its .json, or refit that ROI with --overwrite") from None
-    return out
-
-
-def save_result(result, path):
-    arrays = {k: np.asarray(result[k]) for k in ("voxels", "alphas", "alpha_index", "cv_r", "test_r")}
-    with utils.atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    utils.atomic_json_dump({k: v for k, v in result.items() if k not in arrays}, Path(path).with_suffix(".json"))
-
-
 def check_transfer(opts):
     """A model from another subject (MODEL_SUBJ) exists only for the subject-specific methods."""
     if opts.MODEL_SUBJ not in (None, opts.SUBJ) and opts.METHOD not in TRANSFER_METHODS:
@@ -121,17 +86,13 @@ def check_transfer(opts):
                               f"({opts.METHOD} is not tuned on one subject): drop --model-subj")
 
 
-def method_epochs(opts, method):
-    return {"untuned": 0, "cl-tuned": opts.CL_EPOCHS, "reg-tuned": opts.REG_EPOCHS}.get(method, opts.POOLED_EPOCHS)
-
-
 def untuned_choice(root, subj, hemisphere, roi, voxels, alphas):
     """(best layer, per-voxel alpha index) chosen on the untuned network for the untuned-layer protocol."""
-    path = result_path(root, subj, "untuned", hemisphere, roi)
+    path = ru.result_path(root, subj, "untuned", hemisphere, roi)
     if not path.with_suffix(".json").is_file():
         raise utils.UserError(f"no untuned result at {path}: run python fit_encoding_models.py --method untuned "
                               f"--subj {subj} --hemisphere {utils.hemi_code(hemisphere)} --rois {roi} first")
-    base = load_result(path)
+    base = ru.load_result(path)
     if not np.array_equal(base["voxels"], voxels) or base["alpha_grid"] != list(alphas):
         raise utils.UserError(f"untuned result {path} was fitted on other voxels or ALPHAS: "
                               "re-run the untuned method with --overwrite")
@@ -154,89 +115,17 @@ def record_absent(root, subj, hemisphere, roi, n_voxels):
 
 # --- Summaries and figures ---------------------------------------------------------------
 
-def collect_results(root, subj, skip=()):
-    """Every complete ROI result of a subject (but the .npz paths in ``skip``): dict (tag, hemisphere, roi) -> result."""
-    out = {}
-    for js in sorted(utils.encoding_dir(root, subj).glob("*/*.json")):
-        npz = js.with_suffix(".npz")
-        if npz.is_file() and npz not in skip:
-            r = load_result(npz)
-            out[js.parent.name, r["hemisphere"], r["roi"]] = r
-    return out
-
-
-def beats_untuned(result, untuned):
-    """% of voxels whose test r beats the untuned one (NaN without a matching untuned result)."""
-    if untuned is None or result["method"] == "untuned" or not np.array_equal(result["voxels"], untuned["voxels"]):
-        return np.nan
-    return 100 * float(np.mean(result["test_r"] > untuned["test_r"]))
-
-
-def _save_figure(fig, path):
-    """Save ``fig`` as PNG and PDF and close it; returns it (its artists stay inspectable)."""
-    import matplotlib.pyplot as plt
-    fig.tight_layout()
-    for suffix in (".png", ".pdf"):
-        with utils.atomic_path(Path(path).with_suffix(suffix)) as tmp:
-            fig.savefig(tmp, dpi=150, format=suffix[1:])
-    plt.close(fig)
-    return fig
-
-
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
 
 def _roi_order(key):
     return utils.ROIS.index(key)
 
 
-def plot_layer_scores(table, path):
-    """ROI x layer heatmap of the CV scores with the best layer of each ROI boxed."""
-    plt = _pyplot()
-    from matplotlib.patches import Rectangle
-    scores = table[utils.LAYERS].to_numpy(dtype=float)
-    fig, ax = plt.subplots(figsize=(1 + 0.8 * len(utils.LAYERS), 1 + 0.3 * len(table)))
-    im = ax.imshow(scores, aspect="auto", cmap="viridis")
-    for i, best in enumerate(table["best_layer"]):
-        ax.add_patch(Rectangle((utils.LAYERS.index(best) - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=2))
-    ax.set_xticks(range(len(utils.LAYERS)), utils.LAYERS, rotation=45, ha="right")
-    ax.set_yticks(range(len(table)), table["roi"])
-    fig.colorbar(im, ax=ax, label="mean CV r")
-    return _save_figure(fig, path)
-
-
-def plot_methods(table, path):
-    """Per ROI, one bar per method: mean test r."""
-    plt = _pyplot()
-    tags = list(dict.fromkeys(table["tag"]))
-    rois = sorted(set(table["roi"]), key=_roi_order)
-    width = 0.8 / len(tags)
-    fig, ax = plt.subplots(figsize=(2 + 0.6 * len(rois) * max(1, len(tags) / 2), 3.5))
-    for k, tag in enumerate(tags):
-        sub = table[table["tag"] == tag].set_index("roi").reindex(rois)
-        ax.bar(np.arange(len(rois)) + (k - (len(tags) - 1) / 2) * width, sub["mean_test_r"], width, label=tag)
-    ax.set_xticks(range(len(rois)), rois, rotation=45, ha="right")
-    ax.set_ylabel("mean test r")
-    ax.axhline(0, color="k", lw=0.5)
-    ax.legend(fontsize=7)
-    return _save_figure(fig, path)
-
-
-def plot_scatter(x, y, label, path):
-    """Per-voxel test r of a method (y) against untuned (x), with the identity line."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(4, 4))
-    ax.scatter(x, y, s=3, alpha=0.5)
-    lo, hi = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
-    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
-    ax.set_xlabel("untuned test r")
-    ax.set_ylabel(f"{label} test r")
-    ax.set_title(f"{100 * np.mean(y > x):.1f}% of voxels above the line")
-    return _save_figure(fig, path)
+def comparable_untuned_r(result, untuned):
+    """The untuned test r to compare a tuned result with: None for an untuned result, or without an
+    untuned result on the same voxels."""
+    if untuned is None or result["method"] == "untuned" or not np.array_equal(result["voxels"], untuned["voxels"]):
+        return None
+    return untuned["test_r"]
 
 
 def group_summary(results, subj):
@@ -293,14 +182,14 @@ def write_summaries(root, subj):
     methods : DataFrame, one row per (tag, hemisphere, ROI), as written to methods.csv.
     """
     out_dir = utils.encoding_dir(root, subj)
-    results = collect_results(root, subj)
+    results = ru.collect_results(root, subj)
     rows = []
     for (tag, hemi, roi), r in sorted(results.items(), key=lambda kv: (kv[0][1], _roi_order(kv[0][2]), kv[0][0])):
         untuned = results.get(("untuned", hemi, roi))
         rows.append({"tag": tag, "method": r["method"], "model_subj": r["model_subj"], "protocol": r["protocol"],
                      "hemisphere": hemi, "roi": roi, "n_voxels": len(r["voxels"]), "best_layer": r["best_layer"],
                      "mean_cv_r": float(np.mean(r["cv_r"])), "mean_test_r": float(np.mean(r["test_r"])),
-                     "pct_beats_untuned": beats_untuned(r, untuned),
+                     "pct_beats_untuned": ru.pct_beats_untuned(r["test_r"], comparable_untuned_r(r, untuned)),
                      **{layer: r["layer_scores"][layer] for layer in utils.LAYERS}})
     table = pd.DataFrame(rows)
     if table.empty:
@@ -312,15 +201,15 @@ def write_summaries(root, subj):
         cols = ["hemisphere", "roi"] + utils.LAYERS + ["best_layer"]
         utils.atomic_write_text(sub[cols].to_csv(index=False), out_dir / tag / "layer_scores.csv")
         for hemi, part in sub.groupby("hemisphere"):
-            plot_layer_scores(part, out_dir / tag / f"layer_scores_{hemi}.png")
+            figures.plot_layer_scores(part, out_dir / tag / f"layer_scores_{hemi}.png")
     for hemi, part in table.groupby("hemisphere"):
-        plot_methods(part, out_dir / f"methods_{hemi}.png")
+        figures.plot_methods(part, out_dir / f"methods_{hemi}.png")
         for tag in dict.fromkeys(part["tag"]):
             pairs = [(results["untuned", hemi, roi], results[tag, hemi, roi]) for roi in part["roi"].unique()
                      if tag != "untuned" and (tag, hemi, roi) in results and ("untuned", hemi, roi) in results]
             pairs = [(u, r) for u, r in pairs if np.array_equal(u["voxels"], r["voxels"])]
             if pairs:
-                plot_scatter(np.concatenate([u["test_r"] for u, _ in pairs]),
+                figures.plot_scatter(np.concatenate([u["test_r"] for u, _ in pairs]),
                              np.concatenate([r["test_r"] for _, r in pairs]), tag,
                              out_dir / f"scatter_{tag}_vs_untuned_{hemi}.png")
     return methods
@@ -341,7 +230,7 @@ def transfer_table(root, method, hemisphere, rois, min_voxels=utils.MIN_VOXELS):
     for target in utils.find_subjects(root):
         for model_subj in utils.find_subjects(root):
             for roi in rois:
-                path = result_path(root, target, method_tag(method, target, model_subj, "per-method"), hemi, roi)
+                path = ru.result_path(root, target, ru.method_tag(method, target, model_subj, "per-method"), hemi, roi)
                 if path.with_suffix(".json").is_file():
                     found[roi, model_subj, target] = path
     model_subjects, targets = sorted({k[1] for k in found}), sorted({k[2] for k in found})
@@ -355,9 +244,9 @@ def transfer_table(root, method, hemisphere, rois, min_voxels=utils.MIN_VOXELS):
                        "n_voxels": 0, "sum_r": 0.0, "n_compared": 0, "n_improved": 0,
                        "mean_test_r": np.nan, "frac_improved": np.nan}
                 if (roi, model_subj, target) in found:
-                    r = load_result(found[roi, model_subj, target])
-                    base = result_path(root, target, "untuned", hemi, roi)
-                    untuned = load_result(base) if base.with_suffix(".json").is_file() else None
+                    r = ru.load_result(found[roi, model_subj, target])
+                    base = ru.result_path(root, target, "untuned", hemi, roi)
+                    untuned = ru.load_result(base) if base.with_suffix(".json").is_file() else None
                     row.update(status="fitted", n_voxels=len(r["voxels"]), sum_r=float(r["test_r"].sum()),
                                mean_test_r=float(r["test_r"].mean()))
                     if untuned is not None and np.array_equal(untuned["voxels"], r["voxels"]):
@@ -409,27 +298,6 @@ def transfer_matrices(table, rois, aggregation="authors"):
     return mean_r.unstack("target_subj"), frac.unstack("target_subj")
 
 
-def plot_transfer(mean_r, frac, title, path):
-    """Two model-subject x target-subject heatmaps, each cell labelled with its value ('n/a': not fitted)."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
-    for ax, m, label in zip(axes, (mean_r, frac), ("mean test r", "fraction of voxels improved over untuned")):
-        values = m.to_numpy(dtype=float)
-        im = ax.imshow(values, cmap="viridis")
-        for (i, j), v in np.ndenumerate(values):
-            # Dark text on the bright end of viridis, light text on the dark end.
-            ax.text(j, i, "n/a" if np.isnan(v) else f"{v:.3f}", ha="center", va="center", fontsize=7,
-                    color="k" if np.isnan(v) or im.norm(v) > 0.6 else "w")
-        ax.set_xticks(range(m.shape[1]), [utils.subj_dir(s) for s in m.columns], rotation=45)
-        ax.set_yticks(range(m.shape[0]), [utils.subj_dir(s) for s in m.index])
-        ax.set_xlabel("target subject")
-        ax.set_ylabel("model subject")
-        ax.set_title(label, fontsize=9)
-        fig.colorbar(im, ax=ax, shrink=0.8)
-    fig.suptitle(title, fontsize=10)
-    return _save_figure(fig, path)
-
-
 def run_transfer_matrix(opts):
     """Write the per-ROI transfer table and, per ROI group, the two matrices and their figure."""
     if opts.METHOD not in TRANSFER_METHODS:
@@ -451,7 +319,7 @@ def run_transfer_matrix(opts):
         stem = f"{base}_{group}{suffix}"
         utils.atomic_write_text(mean_r.to_csv(), f"{stem}_mean_r.csv")
         utils.atomic_write_text(frac.to_csv(), f"{stem}_frac_improved.csv")
-        plot_transfer(mean_r, frac, f"{opts.METHOD} {hemi} {group} ROIs ({opts.TRANSFER_AGGREGATION})", f"{stem}.png")
+        figures.plot_transfer(mean_r, frac, f"{opts.METHOD} {hemi} {group} ROIs ({opts.TRANSFER_AGGREGATION})", f"{stem}.png")
         print(f"{group} ROIs, mean test r (rows: model subject, columns: target subject)\n{mean_r.round(3)}")
         matrices[group] = (mean_r, frac)
     return table, matrices
@@ -459,17 +327,34 @@ def run_transfer_matrix(opts):
 
 # --- Fitting ---------------------------------------------------------------------------
 
-def pending_rois(opts, root, subj, hemi, tag):
-    """The ROIs still to fit, as (roi, voxels, result path); absent and finished ones are skipped with a line."""
+def result_settings(opts, method, epochs):
+    """The settings of this run that a result records and that must agree for it to be reused."""
+    settings = {"alpha_grid": list(map(float, opts.ALPHAS)), "n_components": opts.N_COMPONENTS,
+                "n_folds": opts.N_FOLDS, "image_size": opts.IMAGE_SIZE, "epochs": epochs,
+                "feature_precision": opts.FEATURE_PRECISION, "code_version": utils.CODE_VERSION}
+    if method == "untuned":
+        settings["weights"] = opts.WEIGHTS
+        if str(opts.WEIGHTS).lower() == "none":
+            settings["seed"] = opts.SEED
+    return settings
+
+
+def pending_rois(opts, root, subj, hemi, tag, settings):
+    """The ROIs still to fit, as (roi, voxels, result path); absent and finished ones are skipped with a line.
+
+    A finished result made with other voxels or ``settings`` is an error (utils.check_same_settings).
+    """
     pending = []
     for roi in opts.ROIS:
         voxels = utils.roi_voxel_indices(root, subj, hemi, roi)
-        path = result_path(root, subj, tag, hemi, roi)
+        path = ru.result_path(root, subj, tag, hemi, roi)
         if len(voxels) < opts.MIN_VOXELS:
             tqdm.write(f"skip {roi}: {len(voxels)} voxels in {hemi} of {utils.subj_dir(subj)} "
                        f"(fewer than MIN_VOXELS={opts.MIN_VOXELS}); recorded as absent")
             record_absent(root, subj, hemi, roi, len(voxels))
         elif path.with_suffix(".json").is_file() and not opts.OVERWRITE:
+            utils.check_same_settings(path, ru.load_result(path), {"voxels": voxels, **settings},
+                                      "use --overwrite to refit it, or another --root")
             tqdm.write(f"skip {roi}: {path} exists (use --overwrite to refit)")
         else:
             pending.append((roi, voxels, path))
@@ -484,12 +369,18 @@ def main(argv=None):
         return run_transfer_matrix(opts)
     root, subj, method, hemi = opts.ROOT, opts.SUBJ, opts.METHOD, utils.hemi_code(opts.HEMISPHERE)
     model_subj = subj if opts.MODEL_SUBJ is None else opts.MODEL_SUBJ
-    tag = method_tag(method, subj, model_subj, opts.PROTOCOL)
+    tag = ru.method_tag(method, subj, model_subj, opts.PROTOCOL)
     device = utils.resolve_device(opts.DEVICE)
     utils.check_writable(utils.encoding_dir(root, subj), utils.cache_dir(root))
-    pending = pending_rois(opts, root, subj, hemi, tag)
+    epochs = utils.method_epochs(opts, method)
+    settings = result_settings(opts, method, epochs)
+    pending = pending_rois(opts, root, subj, hemi, tag, settings)
     # The summaries read every result of the subject: a corrupt one fails now, not after the fits.
-    collect_results(root, subj, skip={path for _, _, path in pending})
+    ru.collect_results(root, subj, skip={path for _, _, path in pending})
+    if method != "untuned":
+        # Every checkpoint is checked before any work.
+        for roi, _, _ in pending:
+            models.tuned_meta(root, method, model_subj, hemi, roi, epochs, opts.IMAGE_SIZE)
     n_images = len(utils.list_images(root, subj))
     train, test = utils.train_test_split(n_images)
     folds = utils.cv_folds(train, opts.N_FOLDS)
@@ -505,7 +396,6 @@ def main(argv=None):
     # The untuned network's features are the same for every ROI: one pass serves them all.
     # A tuned network belongs to one ROI: one pass each.
     passes = [pending] if method == "untuned" and pending else [[item] for item in pending]
-    epochs = method_epochs(opts, method)
     for group in tqdm(passes, desc=f"{utils.subj_dir(subj)} {hemi} {tag}", disable=len(passes) < 2):
         voxels = np.unique(np.concatenate([v for _, v, _ in group]))
         fmri = fmri_all if len(voxels) == len(all_voxels) else fmri_all[:, np.searchsorted(all_voxels, voxels)]
@@ -514,7 +404,7 @@ def main(argv=None):
         if opts.PROTOCOL == "untuned-layer" and method != "untuned":
             fixed = {roi: untuned_choice(root, subj, hemi, roi, v, opts.ALPHAS) for roi, v, _ in group}
         alexnet, meta = models.load_feature_alexnet(root, method, model_subj, hemi, group[0][0], epochs,
-                                                    opts.WEIGHTS, device, opts.SEED)
+                                                    opts.WEIGHTS, device, opts.SEED, opts.IMAGE_SIZE)
         images = utils.subject_images(root, subj, opts.IMAGE_SIZE)
         with encoding.FeatureSpill(alexnet, images, utils.cache_dir(root), device, opts.BATCH_SIZE,
                                    timer=timer, precision=opts.FEATURE_PRECISION) as spill:
@@ -528,16 +418,16 @@ def main(argv=None):
                            "their r is set to 0")
             result.update(
                 method=method, subject=subj, model_subj=model_subj if method in TRANSFER_METHODS else None,
-                hemisphere=hemi, roi=roi, protocol=opts.PROTOCOL, voxels=roi_voxels,
-                alpha_grid=list(map(float, opts.ALPHAS)), n_components=opts.N_COMPONENTS, n_folds=opts.N_FOLDS,
-                image_size=opts.IMAGE_SIZE, epochs=epochs, feature_precision=opts.FEATURE_PRECISION,
+                hemisphere=hemi, roi=roi, protocol=opts.PROTOCOL, voxels=roi_voxels, seed=opts.SEED)
+            result.update(settings)
+            result.update(
                 weights=opts.WEIGHTS if meta is None else meta.get("weights"),
                 checkpoint=None if method == "untuned" else str(
                     utils.method_checkpoint_path(root, method, model_subj, hemi, roi, epochs)),
                 mean_cv_r=float(np.mean(result["cv_r"])), mean_test_r=float(np.mean(result["test_r"])),
-                code_version=utils.CODE_VERSION)
+                config=utils.run_config(opts))
             with timer("write"):
-                save_result(result, path)
+                ru.save_result(result, path)
                 record_absent(root, subj, hemi, roi, None)
             written[roi] = path
             tqdm.write(f"{roi}: best layer {result['best_layer']}, mean CV r {result['mean_cv_r']:.3f}, "

@@ -18,14 +18,15 @@ figure nod_transfer.png / .pdf (mean test r per area and method across subjects)
 """
 
 import sys
-from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
 import encoding
+import figures
 import models
 import nod_utils
+import results_utils as ru
 import utils
 
 # --- Options ---
@@ -41,9 +42,9 @@ N_VOXELS = 50  # vertices per area and hemisphere: the top ones by pRF R2
 METHODS = ["untuned", "cl-tuned", "reg-tuned", "pooled-avg", "pooled-const"]  # feature extractors
 MODEL_SUBJ = 1  # the NSD subject whose tuned models extract the features
 NSD_STREAM = "ventral"  # NSD ROIs of V1-V3: ventral (V1v, V2v, V3v) or dorsal (V1d, V2d, V3d)
-CL_EPOCHS = 30  # epochs in the cl-tuned checkpoint names
-REG_EPOCHS = 75  # epochs in the reg-tuned checkpoint names
-POOLED_EPOCHS = 30  # epochs in the pooled checkpoint names
+CL_EPOCHS = utils.DEFAULT_EPOCHS["cl-tuned"]  # epochs in the cl-tuned checkpoint names
+REG_EPOCHS = utils.DEFAULT_EPOCHS["reg-tuned"]  # epochs in the reg-tuned checkpoint names
+POOLED_EPOCHS = utils.DEFAULT_EPOCHS["pooled-avg"]  # epochs in the pooled checkpoint names
 WEIGHTS = "imagenet"  # AlexNet weights of the untuned method: imagenet, none (seeded random) or a path
 SEED = 0  # seed of the random AlexNet when WEIGHTS is none
 ALPHAS = [0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7]  # ridge penalties
@@ -65,91 +66,48 @@ RANGES = {"SUBJECTS": utils.at_least(1), "SESSIONS": utils.at_least(1), "RUNS": 
           "N_FOLDS": utils.at_least(2), "IMAGE_SIZE": utils.ALEXNET_INPUT, "BATCH_SIZE": utils.at_least(1)}
 
 
-def output_dir(root):
-    return Path(root) / "encoding_results" / "nod"
-
-
-def result_path(root, subj, hemisphere, roi, method):
-    sub = nod_utils.sub_name(subj)
-    return output_dir(root) / sub / f"{sub}_{utils.hemi_code(hemisphere)}_{roi}_{method}.joblib"
-
-
-def method_epochs(opts, method):
-    return {"untuned": 0, "cl-tuned": opts.CL_EPOCHS, "reg-tuned": opts.REG_EPOCHS}.get(method, opts.POOLED_EPOCHS)
-
-
-def settings(opts):
-    """The options that change the data a result was fitted on (recorded in each result)."""
-    return {"zscore": opts.ZSCORE, "hemisphere_convention": opts.HEMISPHERE_CONVENTION}
+def settings(opts, method):
+    """The settings a result of ``method`` records and that must agree for it to be reused."""
+    out = {"zscore": opts.ZSCORE, "hemisphere_convention": opts.HEMISPHERE_CONVENTION,
+           "sessions": list(opts.SESSIONS), "runs": list(opts.RUNS), "n_voxels": opts.N_VOXELS,
+           "nsd_stream": opts.NSD_STREAM, "alpha_grid": list(map(float, opts.ALPHAS)),
+           "n_components": opts.N_COMPONENTS, "n_folds": opts.N_FOLDS, "image_size": opts.IMAGE_SIZE,
+           "epochs": utils.method_epochs(opts, method), "code_version": utils.CODE_VERSION}
+    if method in ("cl-tuned", "reg-tuned"):
+        out["model_subj"] = opts.MODEL_SUBJ
+    if method == "untuned":
+        out["weights"] = opts.WEIGHTS
+        if str(opts.WEIGHTS).lower() == "none":
+            out["seed"] = opts.SEED
+    return out
 
 
 def pending(opts, subj, hemi, roi, method):
     """Whether a result must be fitted; an existing one made with other settings is an error."""
-    import joblib
-    path = result_path(opts.ROOT, subj, hemi, roi, method)
+    path = ru.nod_result_path(opts.ROOT, subj, hemi, roi, method)
     if opts.OVERWRITE or not path.exists():
         return True
-    saved = joblib.load(path)
-    made = {k: saved.get(k) for k in settings(opts)}
-    if made != settings(opts):
-        raise utils.UserError(f"{path} was made with {made}, not {settings(opts)}: rerun with --overwrite, or "
-                              "write these settings under another --root")
+    utils.check_same_settings(path, ru.load_nod_result(path), settings(opts, method),
+                              "rerun with --overwrite, or write these settings under another --root")
     return False
 
 
 def summary_table(root):
     """One row per saved result: subject, hemisphere, area, method, best layer, mean CV r,
     mean test r and % of vertices whose test r beats untuned (NaN without an untuned result)."""
-    import joblib
     import pandas as pd
-    results = {}
-    for path in sorted(output_dir(root).glob("sub-*/sub-*_*.joblib")):
-        r = joblib.load(path)
-        results[r["subject"], r["hemisphere"], r["roi"], r["method"]] = r
+    results = ru.collect_nod_results(root)
     rows = []
     for (subj, hemi, roi, method), r in sorted(results.items(), key=lambda kv: (
             kv[0][0], kv[0][1], nod_utils.NOD_ROIS.index(kv[0][2]), utils.METHODS.index(kv[0][3]))):
         base = results.get((subj, hemi, roi, "untuned"))
-        improved = np.nan if base is None else 100 * float(np.mean(r["test_r"] > base["test_r"]))
+        improved = ru.pct_beats_untuned(r["test_r"], None if base is None else base["test_r"])
         rows.append({"subject": subj, "hemisphere": hemi, "roi": roi, "method": method,
                      "nsd_roi": r["nsd_roi"], "model_subj": r["model_subj"], "n_voxels": len(r["vertices"]),
                      "zscore": r.get("zscore"), "hemisphere_convention": r.get("hemisphere_convention"),
                      "best_layer": r["best_layer"], "mean_cv_r": float(np.mean(r["cv_r"])),
                      "mean_test_r": float(np.mean(r["test_r"])), "pct_improved_over_untuned": improved})
     return pd.DataFrame(rows)
-
-
-def plot_summary(table, path):
-    """Mean test r per area and method across subjects (bars, SEM), one panel per hemisphere; PNG and PDF."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    hemis = sorted(table["hemisphere"].unique())
-    methods = [m for m in utils.METHODS if m in set(table["method"])]
-    rois = [r for r in nod_utils.NOD_ROIS if r in set(table["roi"])]
-    fig, axes = plt.subplots(1, len(hemis), figsize=(4.5 * len(hemis), 3.5), squeeze=False, sharey=True)
-    width = 0.8 / len(methods)
-    for ax, hemi in zip(axes[0], hemis):
-        for k, method in enumerate(methods):
-            sub = table[(table["hemisphere"] == hemi) & (table["method"] == method)]
-            stats = sub.groupby("roi")["mean_test_r"].agg(["mean", "sem", "count"]).reindex(rois)
-            x = np.arange(len(rois)) + (k - (len(methods) - 1) / 2) * width
-            ax.bar(x, stats["mean"], width, yerr=stats["sem"].fillna(0), label=method, capsize=2)
-            for i, roi in enumerate(rois):
-                ys = sub[sub["roi"] == roi]["mean_test_r"].to_numpy()
-                ax.plot(np.full(len(ys), x[i]), ys, "k.", ms=3)
-        ax.set_xticks(np.arange(len(rois)), rois)
-        ax.set_title(f"NOD {hemi}, {table['subject'].nunique()} subject(s)\n"
-                     f"z-score per {table['zscore'].iloc[0]}, {table['hemisphere_convention'].iloc[0]} hemispheres",
-                     fontsize=9)
-        ax.axhline(0, color="k", lw=0.5)
-    axes[0, 0].set_ylabel("mean test r")
-    axes[0, -1].legend(fontsize=7)
-    fig.tight_layout()
-    for suffix in (".png", ".pdf"):
-        with utils.atomic_path(Path(path).with_suffix(suffix)) as tmp:
-            fig.savefig(tmp, dpi=150)
-    plt.close(fig)
 
 
 def fit_method(opts, data, folds, device, subj, hemi, method, todo, cache):
@@ -162,7 +120,8 @@ def fit_method(opts, data, folds, device, subj, hemi, method, todo, cache):
     for roi in todo:
         nsd_roi = streams[roi]
         alexnet, meta = models.load_feature_alexnet(opts.ROOT, method, opts.MODEL_SUBJ, hemi, nsd_roi,
-                                                    method_epochs(opts, method), opts.WEIGHTS, device, opts.SEED)
+                                                    utils.method_epochs(opts, method), opts.WEIGHTS, device, opts.SEED,
+                                                    opts.IMAGE_SIZE, voxels=False)
         key = (method,) if method == "untuned" else (method, hemi, nsd_roi)
         if key not in cache:
             cache.clear()
@@ -176,8 +135,9 @@ def fit_method(opts, data, folds, device, subj, hemi, method, todo, cache):
         result.update(subject=subj, hemisphere=hemi, roi=roi, method=method, nsd_roi=nsd_roi,
                       model_subj=opts.MODEL_SUBJ if method in ("cl-tuned", "reg-tuned") else None,
                       vertices=vertices, weights=opts.WEIGHTS if meta is None else meta.get("weights"),
-                      **settings(opts))
-        utils.atomic_joblib_dump(result, result_path(opts.ROOT, subj, hemi, roi, method))
+                      config=utils.run_config(opts))
+        result.update(settings(opts, method))
+        utils.atomic_joblib_dump(result, ru.nod_result_path(opts.ROOT, subj, hemi, roi, method))
         print(f"{nod_utils.sub_name(subj)} {hemi} {roi} {method}: best layer {result['best_layer']}, "
               f"mean CV r {np.mean(result['cv_r']):.3f}, mean test r {np.mean(result['test_r']):.3f}")
 
@@ -187,13 +147,18 @@ def main(argv=None):
     opts = utils.parse_options(sys.modules[__name__], argv)
     hemis = [utils.hemi_code(h) for h in opts.HEMISPHERES]
     device = utils.resolve_device(opts.DEVICE)
-    utils.check_writable(output_dir(opts.ROOT), utils.cache_dir(opts.ROOT))
+    utils.check_writable(ru.nod_results_dir(opts.ROOT), utils.cache_dir(opts.ROOT))
     for subj in tqdm(opts.SUBJECTS, desc="NOD subjects"):
         jobs = {(method, hemi): [roi for roi in opts.ROIS if pending(opts, subj, hemi, roi, method)]
                 for method in opts.METHODS for hemi in hemis}
         if not any(jobs.values()):
             print(f"{nod_utils.sub_name(subj)}: all results exist, skipped (use --overwrite)")
             continue
+        # Only the NSD models' trunks are used, so their voxels are not checked (ROOT needs no NSD masks).
+        for (method, hemi), todo in jobs.items():
+            for roi in todo if method != "untuned" else []:
+                models.tuned_meta(opts.ROOT, method, opts.MODEL_SUBJ, hemi, nod_utils.NSD_ROI[opts.NSD_STREAM][roi],
+                                  utils.method_epochs(opts, method), opts.IMAGE_SIZE, voxels=False)
         data = nod_utils.NODSubjectData(opts.ROOT, subj, opts.NOD_ROOT, opts.SESSIONS, opts.RUNS, opts.IMAGE_SIZE,
                                         opts.ZSCORE, opts.HEMISPHERE_CONVENTION)
         folds, cache = utils.cv_folds(data.train, opts.N_FOLDS), {}
@@ -204,13 +169,13 @@ def main(argv=None):
     if not table.empty:
         other = (table["zscore"] != opts.ZSCORE) | (table["hemisphere_convention"] != opts.HEMISPHERE_CONVENTION)
         if other.any():
-            print(f"{int(other.sum())} result(s) under {output_dir(opts.ROOT)} made with other ZSCORE or "
+            print(f"{int(other.sum())} result(s) under {ru.nod_results_dir(opts.ROOT)} made with other ZSCORE or "
                   "HEMISPHERE_CONVENTION settings are left out of the summary")
         table = table[~other].reset_index(drop=True)
     if table.empty:
-        raise utils.UserError(f"no NOD results under {output_dir(opts.ROOT)}: check SUBJECTS and METHODS")
-    utils.atomic_write_text(table.to_csv(index=False), output_dir(opts.ROOT) / "summary.csv")
-    plot_summary(table, output_dir(opts.ROOT) / "nod_transfer.png")
+        raise utils.UserError(f"no NOD results under {ru.nod_results_dir(opts.ROOT)}: check SUBJECTS and METHODS")
+    utils.atomic_write_text(table.to_csv(index=False), ru.nod_results_dir(opts.ROOT) / "summary.csv")
+    figures.plot_nod_summary(table, ru.nod_results_dir(opts.ROOT) / "nod_transfer")
     print(table.groupby(["hemisphere", "roi", "method"], sort=False)[["mean_cv_r", "mean_test_r"]].mean().round(3))
     return table
 

@@ -114,7 +114,7 @@ def random_rois(opts, model_opts):
 
 
 def results_figures(opts, model_opts):
-    for path in ru.results_figures(opts.ROOT, opts.DATASET, model_opts["method"], model_opts["epochs"]):
+    for path in figures.results_figures(opts.ROOT, opts.DATASET, model_opts["method"], model_opts["epochs"]):
         print(f"wrote {path}")
 
 
@@ -122,8 +122,10 @@ def salience_maps(opts, model_opts):
     if len(opts.ROIS) != 1 or len(opts.SUBJECTS) != 1:
         raise utils.UserError(f"salience-maps takes one subject and one ROI, got --subjects {opts.SUBJECTS} "
                               f"--rois {opts.ROIS}: pass e.g. --subjects 1 --rois V1v")
-    for path in ru.salience_maps(dataset=opts.DATASET, subj=opts.SUBJECTS[0], roi=opts.ROIS[0],
-                                 image_index=opts.IMAGE_INDEX, **model_opts):
+    maps = ru.salience_maps(dataset=opts.DATASET, subj=opts.SUBJECTS[0], roi=opts.ROIS[0],
+                            image_index=opts.IMAGE_INDEX, **model_opts)
+    for path in figures.salience_figure(opts.ROOT, opts.DATASET, model_opts["method"], opts.SUBJECTS[0],
+                                        opts.ROIS[0], opts.IMAGE_INDEX, model_opts["epochs"], maps):
         print(f"wrote {path}")
 
 
@@ -150,7 +152,9 @@ def main(argv=None):
     utils.check_writable(utils.results_dir(opts.ROOT), utils.classification_preds_dir(opts.ROOT),
                          utils.cache_dir(opts.ROOT))
     method = "pooled-" + opts.TYPE.rsplit("-", 1)[1] if "pooled" in opts.TYPE else opts.METHOD
-    epochs = opts.EPOCHS if opts.EPOCHS is not None else (75 if method == "reg-tuned" else 30)
+    epochs = opts.EPOCHS
+    if epochs is None:
+        epochs = utils.DEFAULT_EPOCHS.get(method, utils.DEFAULT_EPOCHS["cl-tuned"])
     model_opts = dict(root=opts.ROOT, method=method, epochs=epochs, weights=opts.WEIGHTS,
                       device=utils.resolve_device(opts.DEVICE), image_size=opts.IMAGE_SIZE, seed=opts.SEED)
     return TASKS[opts.TYPE](opts, model_opts)

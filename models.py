@@ -13,7 +13,9 @@ import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -23,7 +25,6 @@ from tqdm.auto import tqdm
 
 import utils
 
-KINDS = ("cl", "pooled", "reg")
 # h of the pooled "const" method: the largest ROI of the 8 NSD subjects (subj5 rh EBA).
 H_CONST = 5741
 
@@ -31,7 +32,7 @@ H_CONST = 5741
 # --- Loss ------------------------------------------------------------------------------
 
 def info_nce_loss(z_fmri, z_img, temperature=0.3):
-    """InfoNCE of DESIGN.md: S_ij = cos(z_fmri_i, z_img_j), loss = -mean_j log(E_jj / sum_i E_ij).
+    """InfoNCE as in the paper: S_ij = cos(z_fmri_i, z_img_j), loss = -mean_j log(E_jj / sum_i E_ij).
 
     Parameters
     ----------
@@ -94,13 +95,18 @@ class CLModel(nn.Module):
         """Normalised images (B, 3, S, S) -> embeddings (B, z)."""
         return self.head(self.image_map(self.alexnet(x)))
 
-    def embed_fmri(self, y):
-        """fMRI (B, n_voxels) -> embeddings (B, z)."""
+    def embed_fmri(self, y, subj=None):
+        """fMRI (B, n_voxels) -> embeddings (B, z); ``subj`` is ignored (one subject)."""
         return self.head(self.fmri_map(y))
 
     def forward(self, x, y):
         """Returns (z_img, z_fmri), each (B, z)."""
         return self.embed_images(x), self.embed_fmri(y)
+
+    def loss(self, x, y, subj=None, temperature=0.3):
+        """InfoNCE of one batch (float32 scalar)."""
+        z_img, z_fmri = self(x, y)
+        return info_nce_loss(z_fmri, z_img, temperature)
 
 
 class PooledCLModel(nn.Module):
@@ -139,6 +145,11 @@ class PooledCLModel(nn.Module):
         """Returns (z_img, z_fmri), each (B, z)."""
         return self.embed_images(x), self.embed_fmri(y, subj)
 
+    def loss(self, x, y, subj, temperature=0.3):
+        """InfoNCE of one batch of subject ``subj`` (float32 scalar)."""
+        z_img, z_fmri = self(x, y, subj)
+        return info_nce_loss(z_fmri, z_img, temperature)
+
 
 class RegressionModel(nn.Module):
     """AlexNet -> Linear(1000, n_voxels), trained with MSE (the regression baseline)."""
@@ -153,16 +164,116 @@ class RegressionModel(nn.Module):
         """Normalised images (B, 3, S, S) -> predicted fMRI (B, n_voxels)."""
         return self.readout(self.alexnet(x))
 
+    def loss(self, x, y, subj=None, temperature=None):
+        """MSE of one batch (float32 scalar); ``subj`` and ``temperature`` are ignored."""
+        return F.mse_loss(self(x).float(), y.float())
 
-def batch_loss(model, x, y, subj=None, temperature=0.3):
-    """The training loss of any of the three models on one batch (float32 scalar)."""
-    if isinstance(model, RegressionModel):
-        return F.mse_loss(model(x).float(), y.float())
-    z_img, z_fmri = model(x, y, subj) if isinstance(model, PooledCLModel) else model(x, y)
-    return info_nce_loss(z_fmri, z_img, temperature)
+
+# --- Model configs: what builds each kind (the checkpoint's model arguments) ---------------
+
+@dataclass(frozen=True)
+class _InitConfig:
+    """The initialisation shared by every kind: AlexNet ``weights`` and the ``seed`` of every random layer."""
+    weights: str = field(default="none", kw_only=True)
+    seed: int = field(default=0, kw_only=True)
+
+    def _weights(self, weights):
+        return self.weights if weights is None else weights
+
+
+@dataclass(frozen=True)
+class CLConfig(_InitConfig):
+    """A CLModel's sizes and initialisation; ``build(weights=None)`` makes the model (default: the
+    recorded weights) with the recorded seed."""
+    kind: ClassVar[str] = "cl"
+    n_voxels: int
+    h: int
+    z: int
+
+    @classmethod
+    def for_voxels(cls, voxel_counts, weights="none", seed=0, h=None):
+        """The config of a model of one subject's ``voxel_counts`` ({subject: n}); h = int(0.8 n), z = int(0.2 n)."""
+        (n,) = voxel_counts.values()
+        return cls(int(n), *default_dims(n), weights=str(weights), seed=int(seed))
+
+    def build(self, weights=None):
+        return CLModel(self.n_voxels, self.h, self.z, weights=self._weights(weights), seed=self.seed)
+
+
+@dataclass(frozen=True)
+class PooledConfig(_InitConfig):
+    """A PooledCLModel's sizes (voxel_counts: {'subject': n}) and initialisation."""
+    kind: ClassVar[str] = "pooled"
+    voxel_counts: dict
+    h: int
+    z: int
+
+    @classmethod
+    def for_voxels(cls, voxel_counts, weights="none", seed=0, h=None):
+        """The config of a model over ``voxel_counts`` ({subject: n}) with hidden size ``h``; z = int(0.25 h)."""
+        return cls({str(s): int(n) for s, n in voxel_counts.items()}, int(h), max(1, int(0.25 * h)),
+                   weights=str(weights), seed=int(seed))
+
+    def build(self, weights=None):
+        return PooledCLModel({int(s): n for s, n in self.voxel_counts.items()}, self.h, self.z,
+                             weights=self._weights(weights), seed=self.seed)
+
+
+@dataclass(frozen=True)
+class RegConfig(_InitConfig):
+    """A RegressionModel's size and initialisation."""
+    kind: ClassVar[str] = "reg"
+    n_voxels: int
+
+    @classmethod
+    def for_voxels(cls, voxel_counts, weights="none", seed=0, h=None):
+        (n,) = voxel_counts.values()
+        return cls(int(n), weights=str(weights), seed=int(seed))
+
+    def build(self, weights=None):
+        return RegressionModel(self.n_voxels, weights=self._weights(weights), seed=self.seed)
+
+
+MODEL_CONFIGS = {c.kind: c for c in (CLConfig, PooledConfig, RegConfig)}
+KINDS = tuple(MODEL_CONFIGS)
+
+
+def from_meta(meta):
+    """The model config recorded in a checkpoint's meta.
+
+    Raises
+    ------
+    ValueError : unknown kind, or a size missing.
+    """
+    config = MODEL_CONFIGS.get(meta.get("kind"))
+    if config is None:
+        raise ValueError(f"unknown model kind {meta.get('kind')!r}: expected one of {KINDS}")
+    names = [f.name for f in fields(config)]
+    missing = [n for n in names if n not in meta and n not in ("weights", "seed")]
+    if missing:
+        raise ValueError(f"a {config.kind} checkpoint's meta needs {', '.join(missing)}")
+    return config(**{n: meta[n] for n in names if n in meta})
 
 
 # --- Checkpoints -----------------------------------------------------------------------
+
+class Checkpoint(NamedTuple):
+    """A loaded checkpoint: the model and its meta."""
+    model: nn.Module
+    meta: dict
+
+
+class CheckpointMeta(NamedTuple):
+    """A checkpoint's path and meta (read without its weights)."""
+    path: Path
+    meta: dict
+
+
+class FeatureNet(NamedTuple):
+    """The AlexNet of a feature-extraction method and its checkpoint's meta (None for untuned)."""
+    alexnet: nn.Module
+    meta: dict
+
 
 def save_checkpoint(model, meta, path):
     """Atomically write {"state_dict": CPU tensors, "meta": plain-Python dict} to ``path``."""
@@ -170,24 +281,12 @@ def save_checkpoint(model, meta, path):
     utils.atomic_torch_save({"state_dict": state, "meta": meta}, path)
 
 
-def build_model(meta, weights="none"):
-    """An untrained model of the class and sizes that ``meta`` describes."""
-    kind = meta.get("kind")
-    if kind == "cl":
-        return CLModel(meta["n_voxels"], meta["h"], meta["z"], weights=weights)
-    if kind == "pooled":
-        return PooledCLModel({int(s): n for s, n in meta["voxel_counts"].items()}, meta["h"], meta["z"],
-                             weights=weights)
-    if kind == "reg":
-        return RegressionModel(meta["n_voxels"], weights=weights)
-    raise ValueError(f"unknown model kind {kind!r}: expected one of {KINDS}")
-
-
 def load_checkpoint(path, device="cpu"):
     """Load a checkpoint written by save_checkpoint.
 
     Returns
     -------
+    Checkpoint of
     model : CLModel, PooledCLModel or RegressionModel (from meta['kind']) on ``device``, eval mode.
     meta : dict.
     """
@@ -196,11 +295,14 @@ def load_checkpoint(path, device="cpu"):
         raise utils.UserError(f"checkpoint {path} not found: train it first with the matching "
                               "*_model_training.py script (see README)")
     ckpt = utils.load_state_dict_file(path, "checkpoint")
-    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("meta"), dict) and "state_dict" in ckpt
-            and ckpt["meta"].get("kind") in KINDS):
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("meta"), dict) and "state_dict" in ckpt):
         raise utils.UserError(f"{path} is not a checkpoint of this project: delete it and re-train")
     meta = ckpt["meta"]
-    model = build_model(meta)
+    try:
+        # The state dict replaces every weight, so no initial weights are loaded.
+        model = from_meta(meta).build(weights="none")
+    except ValueError as e:
+        raise utils.UserError(f"{path} is not a checkpoint of this project ({e}): delete it and re-train") from None
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:
@@ -210,43 +312,112 @@ def load_checkpoint(path, device="cpu"):
     if bad is not None:
         raise utils.UserError(f"{path} holds non-finite weights ({bad}): the training diverged; "
                               "delete it and re-train with a lower --lr")
-    return model.to(device).eval(), meta
+    return Checkpoint(model.to(device).eval(), meta)
 
 
-def check_voxel_count(meta, subj, n_voxels, path):
-    """Raise a UserError naming both counts unless the checkpoint fits ``n_voxels`` of ``subj``."""
-    expected = meta["voxel_counts"].get(str(int(subj))) if meta["kind"] == "pooled" else meta["n_voxels"]
-    if expected != n_voxels:
-        raise utils.UserError(
-            f"checkpoint {path} was trained on {expected} voxels of {utils.subj_dir(subj)} "
-            f"{meta['hemisphere']} {meta['roi']}, but the data have {n_voxels}: "
-            "use the same masks and MAX_VOXELS, or re-train with --overwrite")
+def read_meta(path):
+    """The meta of a checkpoint, read without loading its weights into memory."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["meta"]
+    except Exception as e:
+        raise utils.UserError(f"cannot read checkpoint {path} ({type(e).__name__}): "
+                              "delete it, or re-train with --overwrite") from None
 
 
-def load_feature_alexnet(root, method, subj, hemisphere, roi, epochs, weights="imagenet", device="cpu", seed=0):
-    """The AlexNet of a feature-extraction method, in eval mode on ``device``.
+def checkpoint_voxels(meta):
+    """{subject: voxel indices (int64)} a checkpoint was trained on (one subject, or the pooled ones)."""
+    voxels = meta["voxels"]
+    if isinstance(voxels, dict):
+        return {int(s): np.asarray(v, dtype=np.int64) for s, v in voxels.items()}
+    return {int(meta["subject"]): np.asarray(voxels, dtype=np.int64)}
+
+
+def check_checkpoint(meta, path, root, method, subj, hemisphere, roi, image_size=None, voxels=True):
+    """Raise a UserError unless a checkpoint's meta is that of the model the run asks for.
+
+    Checked in order: kind (from ``method``), subject (not for pooled models; ``subj`` is
+    the subject the model was tuned on), hemisphere, ROI, pooled h method, image size
+    (when given) and, with ``voxels``, the voxel indices that the masks under ``root``
+    give for the recorded subjects, MAX_VOXELS and seed.
+    """
+    kind = utils.METHOD_KIND[method]
+    requested = {"kind": kind}
+    if kind != "pooled":
+        requested["subject"] = int(subj)
+    requested.update(hemisphere=utils.hemi_code(hemisphere), roi=roi)
+    if kind == "pooled":
+        requested["h_method"] = method.split("-")[1]
+    if image_size is not None:
+        requested["image_size"] = int(image_size)
+    fix = "train the model for this request (see README), or change the options to match it"
+    utils.check_same_settings(f"checkpoint {path}", meta, requested, fix)
+    if voxels:
+        if "voxels" not in meta:
+            utils.check_same_settings(f"checkpoint {path}", meta, {"voxels": "the ROI's voxel indices"}, fix)
+        expected = {s: select_voxels(utils.roi_voxel_indices(root, s, hemisphere, roi), meta.get("max_voxels"),
+                                     meta.get("seed", 0)) for s in checkpoint_voxels(meta)}
+        stored = checkpoint_voxels(meta)
+        utils.check_same_settings(f"checkpoint {path}", {"voxels": stored}, {"voxels": expected},
+                                  "the masks under --root changed since training: re-train it with --overwrite")
+
+
+def tuned_meta(root, method, subj, hemisphere, roi, epochs, image_size=None, voxels=True):
+    """The meta of a tuned method's checkpoint, read without its weights and checked against the request.
 
     Parameters
     ----------
-    method : one of utils.METHODS. 'untuned' is utils.load_alexnet(weights, seed); the
-        others read the trunk of the checkpoint at utils.method_checkpoint_path.
+    method : a tuned method of utils.METHODS; the file is utils.method_checkpoint_path.
     subj : the subject the model was tuned on (ignored by the pooled methods).
+    image_size : the image size of the run (None: not checked, the caller uses the checkpoint's).
+    voxels : check the recorded voxels against the masks under ``root`` (``check_checkpoint``).
 
     Returns
     -------
-    alexnet : torchvision AlexNet.
-    meta : the checkpoint's meta, or None for 'untuned'.
+    CheckpointMeta of path (the checkpoint) and meta (dict).
     """
-    if method == "untuned":
-        return utils.load_alexnet(weights, seed).to(device).eval(), None
     path = utils.method_checkpoint_path(root, method, subj, hemisphere, roi, epochs)
     if not path.is_file():
         subj_flag = "" if method.startswith("pooled") else f" --subj {int(subj)}"
         raise utils.UserError(
             f"no {method} checkpoint at {path}: make it with python {utils.METHOD_SCRIPTS[method]}"
             f"{subj_flag} --hemisphere {utils.hemi_code(hemisphere)} --roi {roi} --epochs {int(epochs)}")
-    model, meta = load_checkpoint(path, device)
-    return model.alexnet.eval(), meta
+    meta = read_meta(path)
+    check_checkpoint(meta, path, root, method, subj, hemisphere, roi, image_size, voxels)
+    return CheckpointMeta(path, meta)
+
+
+def load_tuned(root, method, subj, hemisphere, roi, epochs, device="cpu", image_size=None, voxels=True):
+    """The checkpoint of a tuned method, checked against the request (parameters as ``tuned_meta``).
+
+    Returns
+    -------
+    Checkpoint (model on ``device`` in eval mode, meta).
+    """
+    path, _ = tuned_meta(root, method, subj, hemisphere, roi, epochs, image_size, voxels)
+    return load_checkpoint(path, device)
+
+
+def load_feature_alexnet(root, method, subj, hemisphere, roi, epochs, weights="imagenet", device="cpu", seed=0,
+                         image_size=None, voxels=True):
+    """The AlexNet of a feature-extraction method, in eval mode on ``device``.
+
+    Parameters
+    ----------
+    method : one of utils.METHODS. 'untuned' is utils.load_alexnet(weights, seed); the
+        others read the trunk of the checkpoint that ``load_tuned`` finds and checks.
+    subj : the subject the model was tuned on (ignored by the pooled methods).
+    image_size, voxels : as for ``load_tuned``.
+
+    Returns
+    -------
+    FeatureNet of
+    alexnet : torchvision AlexNet.
+    meta : the checkpoint's meta, or None for 'untuned'.
+    """
+    if method == "untuned":
+        return FeatureNet(utils.load_alexnet(weights, seed).to(device).eval(), None)
+    model, meta = load_tuned(root, method, subj, hemisphere, roi, epochs, device, image_size, voxels)
+    return FeatureNet(model.alexnet.eval(), meta)
 
 
 # --- Training --------------------------------------------------------------------------
@@ -288,10 +459,6 @@ def _prefetch(iterator, depth=2):
         yield item
 
 
-def _subject_key(model, data):
-    return utils.subj_dir(data.subj) if isinstance(model, PooledCLModel) else None
-
-
 class _Diverged(Exception):
     """Raised inside an epoch when the loss or the weights stop being finite: (what, where)."""
 
@@ -304,7 +471,6 @@ def _run_epoch(model, optimizer, datasets, batch_size, device, generator, temper
     model.train()
     losses = []
     for data in datasets:
-        subj = _subject_key(model, data)
         total, count = 0.0, 0
         batches = utils.iterate_batches(data.images, data.fmri, data.train, batch_size, device,
                                         shuffle=True, generator=generator)
@@ -315,10 +481,11 @@ def _run_epoch(model, optimizer, datasets, batch_size, device, generator, temper
             if len(x) < 2:
                 continue
             with utils.autocast(device):
-                loss = batch_loss(model, x, y, subj, temperature)
+                loss = model.loss(x, y, data.subj, temperature)
             value = loss.item()
             if not np.isfinite(value):
-                raise _Diverged(f"loss {value}", f"step {step}" + (f" of {subj}" if subj else ""))
+                where = f"step {step}" + (f" of {utils.subj_dir(data.subj)}" if len(datasets) > 1 else "")
+                raise _Diverged(f"loss {value}", where)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -335,12 +502,11 @@ def evaluate(model, datasets, batch_size, device, temperature=0.3, split="test")
     model.eval()
     losses = []
     for data in datasets:
-        subj = _subject_key(model, data)
         rows = getattr(data, split)
         total = 0.0
         for x, y in utils.iterate_batches(data.images, data.fmri, rows, batch_size, device):
             with utils.autocast(device):
-                total += batch_loss(model, x, y, subj, temperature).item() * len(x)
+                total += model.loss(x, y, data.subj, temperature).item() * len(x)
         losses.append(total / max(len(rows), 1))
     return losses
 
@@ -390,10 +556,7 @@ def _resume(model, optimizer, generator, meta, checkpoint, device, overwrite):
         partial.unlink()
         return 0, []
     state = utils.load_state_dict_file(partial, "partial training state")
-    if state.get("meta") != meta:
-        differ = sorted(k for k in set(meta) | set(state.get("meta", {}))
-                        if meta.get(k) != state.get("meta", {}).get(k))
-        raise utils.UserError(f"unfinished run {partial} was started with other settings ({', '.join(differ)}): "
+    utils.check_same_settings(f"unfinished run {partial}", state.get("meta", {}), training_settings(meta),
                               "rerun with the same options, or pass --overwrite to start again")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
@@ -500,50 +663,75 @@ def select_voxels(indices, max_voxels=None, seed=0):
     return np.sort(np.random.default_rng(seed).choice(indices, int(max_voxels), replace=False))
 
 
-def read_meta(path):
-    """The meta of a checkpoint, read without loading its weights into memory."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["meta"]
-    except Exception as e:
-        raise utils.UserError(f"cannot read checkpoint {path} ({type(e).__name__}): "
-                              "delete it, or re-train with --overwrite") from None
-
-
 def model_path(kind, root, subjects, hemisphere, roi, epochs, h_method=None):
     """Where train_roi writes a model of ``kind`` (pooled models are not per subject)."""
-    if kind == "cl":
-        return utils.cl_model_path(root, subjects[0], hemisphere, roi, epochs)
-    if kind == "reg":
-        return utils.reg_model_path(root, subjects[0], hemisphere, roi, epochs)
-    return utils.pooled_model_path(root, hemisphere, roi, epochs, h_method)
+    if kind == "pooled":
+        return utils.pooled_model_path(root, hemisphere, roi, epochs, h_method)
+    method = {"cl": "cl-tuned", "reg": "reg-tuned"}[kind]
+    return utils.method_checkpoint_path(root, method, subjects[0], hemisphere, roi, epochs)
 
 
-def train_roi(kind, root, roi, hemisphere, subjects, epochs, lr, batch_size, temperature=0.3,
-              weights="imagenet", device="auto", seed=0, image_size=224, max_voxels=None,
-              h_method="const", h_const=H_CONST, overwrite=False, skip_small=False, min_voxels=utils.MIN_VOXELS):
-    """Train and save one model of ``kind`` ('cl', 'reg' or 'pooled') for one ROI.
+# Meta entries that describe the run but not the model: two runs that differ only there
+# make the same checkpoint (the options whole, the loss log, and MAX_VOXELS, whose effect
+# is the recorded voxels).
+NOT_SETTINGS = ("config", "history", "max_voxels")
+
+
+def training_settings(meta):
+    """The entries of a checkpoint's meta that must agree for a checkpoint or unfinished run to be reused."""
+    return {k: v for k, v in meta.items() if k not in NOT_SETTINGS}
+
+
+def roi_meta(model_config, roi, hemisphere, voxels, epochs, lr, batch_size, temperature=0.3, image_size=224,
+             max_voxels=None, h_method=None, config=None):
+    """The meta of a checkpoint of one ROI, as train_roi saves it.
 
     Parameters
     ----------
-    subjects : list of int. CL and regression: one subject. Pooled: the candidate
-        subjects; those where the ROI has fewer than ``min_voxels`` voxels are left out,
-        the rest run in sorted order.
-    max_voxels : keep at most this many voxels per subject (select_voxels); None keeps all.
-    h_method, h_const : pooled only; h = h_const ('const') or the mean voxel count ('avg').
-    skip_small : print a line and return None for an ROI with fewer than ``min_voxels``
-        voxels (in every subject) instead of raising.
-    min_voxels : the authors' threshold (utils.MIN_VOXELS), applied before ``max_voxels``.
-    Other parameters as for train_model.
+    model_config : CLConfig, PooledConfig or RegConfig; its fields are the model arguments.
+    voxels : {subject: voxel indices} the model is trained on (one subject unless pooled).
+    epochs, lr, batch_size, temperature, image_size, max_voxels : the training settings
+        (temperature is not recorded for a regression model, h_method only for a pooled one).
+    config : the run's options whole (utils.run_config), or None.
 
     Returns
     -------
-    path : the checkpoint written, or None when skipped (ROI too small, or the checkpoint
-        exists and ``overwrite`` is False).
+    meta : dict of plain Python values: kind, subject (or subjects), hemisphere, roi, the
+        training settings, the model arguments, voxels, code_version and config.
     """
+    kind = model_config.kind
+    meta = {"kind": kind}
+    if kind == "pooled":
+        meta.update(subjects=[int(s) for s in voxels], h_method=h_method)
+    else:
+        (meta["subject"],) = (int(s) for s in voxels)
+    meta.update(hemisphere=utils.hemi_code(hemisphere), roi=roi, image_size=int(image_size), epochs=int(epochs),
+                lr=float(lr), batch_size=int(batch_size))
+    if kind != "reg":
+        meta["temperature"] = float(temperature)
+    meta.update(max_voxels=max_voxels, **asdict(model_config))
+    meta["voxels"] = ({str(s): np.asarray(v).tolist() for s, v in voxels.items()} if kind == "pooled"
+                      else np.asarray(next(iter(voxels.values()))).tolist())
+    meta.update(code_version=utils.CODE_VERSION, config=config)
+    return meta
+
+
+class RoiPlan(NamedTuple):
+    """What train_roi is about to train: the checkpoint path, the model config, the meta to save and
+    the voxels per subject."""
+    path: Path
+    config: object
+    meta: dict
+    voxels: dict
+
+
+def plan_roi(kind, root, roi, hemisphere, subjects, epochs, lr, batch_size, temperature=0.3, weights="imagenet",
+             seed=0, image_size=224, max_voxels=None, h_method="const", h_const=H_CONST, skip_small=False,
+             min_voxels=utils.MIN_VOXELS, config=None):
+    """The RoiPlan of one model of ``kind`` for one ROI (parameters as ``train_roi``), or None when
+    ``skip_small`` skips the ROI."""
     roi, hemi = utils.check_roi(roi), utils.hemi_code(hemisphere)
-    device = utils.resolve_device(device)
     subjects = sorted(int(s) for s in subjects)
-    path = model_path(kind, root, subjects, hemi, roi, epochs, h_method)
     indices = {s: utils.roi_voxel_indices(root, s, hemi, roi) for s in subjects}
     voxels = {s: select_voxels(v, max_voxels, seed) for s, v in indices.items() if len(v) >= min_voxels}
     if not voxels:
@@ -564,32 +752,52 @@ def train_roi(kind, root, roi, hemisphere, subjects, epochs, lr, batch_size, tem
         if 0 < len(v) < min_voxels and kind == "pooled":
             tqdm.write(f"{roi}: {utils.subj_dir(s)} left out "
                        f"({len(v)} voxels in {hemi}, fewer than MIN_VOXELS={min_voxels})")
-    if path.exists() and not overwrite:
-        meta = read_meta(path)
-        for s, v in voxels.items():
-            check_voxel_count(meta, s, len(v), path)
-        tqdm.write(f"skip {roi}: {path} exists (use --overwrite to re-train)")
-        return None
+    counts = {s: len(v) for s, v in voxels.items()}
+    h = h_const if h_method == "const" else int(np.mean(list(counts.values())))
+    model_config = MODEL_CONFIGS[kind].for_voxels(counts, weights, seed, h)
+    meta = roi_meta(model_config, roi, hemi, voxels, epochs, lr, batch_size, temperature, image_size, max_voxels,
+                    h_method, config)
+    return RoiPlan(model_path(kind, root, subjects, hemi, roi, epochs, h_method), model_config, meta, voxels)
 
-    utils.check_writable(path.parent, utils.cache_dir(root))
-    meta = {"kind": kind, "roi": roi, "hemisphere": hemi, "epochs": int(epochs), "lr": float(lr),
-            "batch_size": int(batch_size), "seed": int(seed), "weights": str(weights),
-            "image_size": int(image_size), "max_voxels": max_voxels, "code_version": utils.CODE_VERSION}
-    if kind == "pooled":
-        counts = {s: len(v) for s, v in voxels.items()}
-        h = h_const if h_method == "const" else int(np.mean(list(counts.values())))
-        model = PooledCLModel(counts, h, weights=weights, seed=seed)
-        meta.update(subjects=list(voxels), voxel_counts={str(s): n for s, n in counts.items()},
-                    voxels={str(s): v.tolist() for s, v in voxels.items()}, h_method=h_method,
-                    h=model.h, z=model.z, temperature=float(temperature))
-    else:
-        (s, v), = voxels.items()
-        model = (CLModel(len(v), weights=weights, seed=seed) if kind == "cl"
-                 else RegressionModel(len(v), weights=weights, seed=seed))
-        meta.update(subject=s, n_voxels=len(v), voxels=v.tolist())
-        if kind == "cl":
-            meta.update(h=model.h, z=model.z, temperature=float(temperature))
-    datasets = [utils.SubjectData(root, s, hemi, v, image_size) for s, v in voxels.items()]
-    train_model(model, datasets, path, meta, epochs, lr, batch_size, temperature, device, seed, overwrite)
-    tqdm.write(f"saved {path}")
-    return path
+
+def train_roi(kind, root, roi, hemisphere, subjects, epochs, lr, batch_size, temperature=0.3,
+              weights="imagenet", device="auto", seed=0, image_size=224, max_voxels=None,
+              h_method="const", h_const=H_CONST, overwrite=False, skip_small=False, min_voxels=utils.MIN_VOXELS,
+              config=None):
+    """Train and save one model of ``kind`` ('cl', 'reg' or 'pooled') for one ROI.
+
+    Parameters
+    ----------
+    subjects : list of int. CL and regression: one subject. Pooled: the candidate
+        subjects; those where the ROI has fewer than ``min_voxels`` voxels are left out,
+        the rest run in sorted order.
+    max_voxels : keep at most this many voxels per subject (select_voxels); None keeps all.
+    h_method, h_const : pooled only; h = h_const ('const') or the mean voxel count ('avg').
+    skip_small : print a line and return None for an ROI with fewer than ``min_voxels``
+        voxels (in every subject) instead of raising.
+    min_voxels : the authors' threshold (utils.MIN_VOXELS), applied before ``max_voxels``.
+    config : the script's options whole (utils.run_config), saved in the meta.
+    Other parameters as for train_model.
+
+    Returns
+    -------
+    path : the checkpoint written, or None when skipped (ROI too small, or the checkpoint
+        exists with the same settings and ``overwrite`` is False; other settings are an error).
+    """
+    device = utils.resolve_device(device)
+    plan = plan_roi(kind, root, roi, hemisphere, subjects, epochs, lr, batch_size, temperature, weights, seed,
+                    image_size, max_voxels, h_method, h_const, skip_small, min_voxels, config)
+    if plan is None:
+        return None
+    roi = plan.meta["roi"]
+    if plan.path.exists() and not overwrite:
+        utils.check_same_settings(plan.path, read_meta(plan.path), training_settings(plan.meta),
+                                  "use --overwrite to re-train it, or another --root")
+        tqdm.write(f"skip {roi}: {plan.path} exists (use --overwrite to re-train)")
+        return None
+    utils.check_writable(plan.path.parent, utils.cache_dir(root))
+    model = plan.config.build()
+    datasets = [utils.SubjectData(root, s, plan.meta["hemisphere"], v, image_size) for s, v in plan.voxels.items()]
+    train_model(model, datasets, plan.path, plan.meta, epochs, lr, batch_size, temperature, device, seed, overwrite)
+    tqdm.write(f"saved {plan.path}")
+    return plan.path

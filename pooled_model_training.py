@@ -17,9 +17,9 @@ HEMISPHERE = "left"  # left or right
 ROI = "V1v"  # one of the 31 ROI names
 SUBJECTS: list[int] = []  # candidate subjects; empty means all under roi_masks (those where the ROI has fewer than MIN_VOXELS voxels are left out)
 H_METHOD = "const"  # const (h = H_CONST) or avg (h = mean voxel count over the subjects)
-H_CONST = 5741  # h of the const method: the largest ROI of the NSD subjects (subj5 rh EBA)
+H_CONST = models.H_CONST  # h of the const method: the largest ROI of the NSD subjects (subj5 rh EBA)
 BATCH_SIZE = 1024  # image-fMRI pairs per step
-EPOCHS = 30  # passes over each subject's 85% training split
+EPOCHS = utils.DEFAULT_EPOCHS["pooled-avg"]  # passes over each subject's 85% training split
 LR = 1e-4  # Adam learning rate
 TEMPERATURE = 0.3  # InfoNCE temperature
 WEIGHTS = "imagenet"  # starting AlexNet: imagenet, none (seeded random) or a state-dict file
@@ -44,7 +44,8 @@ def train(opts, roi, skip_small=False):
         "pooled", opts.ROOT, roi, opts.HEMISPHERE, opts.SUBJECTS or utils.find_subjects(opts.ROOT), epochs=opts.EPOCHS, lr=opts.LR,
         batch_size=opts.BATCH_SIZE, temperature=opts.TEMPERATURE, weights=opts.WEIGHTS, device=opts.DEVICE,
         seed=opts.SEED, image_size=opts.IMAGE_SIZE, max_voxels=opts.MAX_VOXELS, min_voxels=opts.MIN_VOXELS,
-        h_method=opts.H_METHOD, h_const=opts.H_CONST, overwrite=opts.OVERWRITE, skip_small=skip_small)
+        h_method=opts.H_METHOD, h_const=opts.H_CONST, overwrite=opts.OVERWRITE, skip_small=skip_small,
+        config=utils.run_config(opts))
 
 
 @utils.cli

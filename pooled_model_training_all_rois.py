@@ -9,6 +9,7 @@ import sys
 
 from tqdm.auto import tqdm
 
+import models
 import utils
 from pooled_model_training import RANGES, train
 
@@ -18,9 +19,9 @@ ROIS: list[str] = []  # ROI names to train; empty means all 31
 SHARD = "1/1"  # K/N: train only the K-th of N round-robin parts of the ROI list
 SUBJECTS: list[int] = []  # candidate subjects; empty means all under roi_masks (those where an ROI has fewer than MIN_VOXELS voxels are left out)
 H_METHOD = "const"  # const (h = H_CONST) or avg (h = mean voxel count over the subjects)
-H_CONST = 5741  # h of the const method: the largest ROI of the NSD subjects (subj5 rh EBA)
+H_CONST = models.H_CONST  # h of the const method: the largest ROI of the NSD subjects (subj5 rh EBA)
 BATCH_SIZE = 1024  # image-fMRI pairs per step
-EPOCHS = 30  # passes over each subject's 85% training split
+EPOCHS = utils.DEFAULT_EPOCHS["pooled-avg"]  # passes over each subject's 85% training split
 LR = 1e-4  # Adam learning rate
 TEMPERATURE = 0.3  # InfoNCE temperature
 WEIGHTS = "imagenet"  # starting AlexNet: imagenet, none (seeded random) or a state-dict file

@@ -1,16 +1,32 @@
-"""Downstream analyses: classification probes, the InfoNCE MI bound, embeddings, the landscape, figures.
+"""Downstream analyses: classification probes, the InfoNCE MI bound, embeddings, the landscape, Grad-CAM.
 
-``generate_results.py`` and the landscape notebook call these functions; the numerical
-ones (Bhattacharyya distances, InPCA / MDS, the MI bound) take and return plain arrays.
+Also the one place where encoding results (NSD and NOD) are named, read and written.
+``generate_results.py``, the encoding scripts, ``figures.py`` and the landscape notebook
+call these functions. In order: numerics (plain arrays in, plain arrays out; bad
+arguments raise ValueError), loading (datasets, saved predictions and results), then
+the tasks that ``generate_results.py`` runs (user errors are utils.UserError).
 """
 
 import json
+import zipfile
+import zlib
 from pathlib import Path
+from typing import NamedTuple
 
+import joblib
 import numpy as np
+import pandas as pd
 import torch
+import torchvision.datasets as tvd
+from PIL import Image
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from torchvision import transforms
 from tqdm.auto import tqdm
 
+import models
+import nod_utils
 import utils
 
 DATASETS = ("caltech256", "places365", "imagenet", "sun397")
@@ -19,9 +35,42 @@ PROBE_LAYER = "classifier.5"
 # Post-hoc temperatures of the MI bound: tau' = TEMPERATURE * beta.
 TEMPERATURE = 0.3
 BETAS = np.logspace(-2, 2, 1000)
+EMBEDDING_SPLITS = ("test", "all")
+
+class Embedding(NamedTuple):
+    """Points of an embedding (n, n_components) and the eigenvalues (n_components,) of its axes."""
+    coords: np.ndarray
+    eigenvalues: np.ndarray
 
 
-# --- Landscape: Bhattacharyya distances and embeddings ---------------------------------
+class DatasetImages(NamedTuple):
+    """A classification dataset: uint8 images (n, S, S, 3), int64 labels (n,) and class names."""
+    images: np.ndarray
+    labels: np.ndarray
+    classes: list
+
+
+class Predictions(NamedTuple):
+    """Saved test probabilities: model names, probs (n_models, n_test, n_classes), labels (n_test,), metas."""
+    names: list
+    probs: np.ndarray
+    labels: np.ndarray
+    metas: list
+
+
+class ClassificationTables(NamedTuple):
+    """Probe accuracies {hemisphere: DataFrame ROI x subject} and the untuned accuracy."""
+    tables: dict
+    untuned: float
+
+
+class MITables(NamedTuple):
+    """MI bounds of the tuned models and of their untuned references, each a DataFrame ROI x subject."""
+    tuned: pd.DataFrame
+    untuned: pd.DataFrame
+
+
+# --- Numerics: landscape (Bhattacharyya distances and embeddings) ------------------
 
 def bhattacharyya_distances(probs, chunk_size=64, device="cpu"):
     """Mean Bhattacharyya distance between every pair of models' class probabilities.
@@ -41,14 +90,14 @@ def bhattacharyya_distances(probs, chunk_size=64, device="cpu"):
     distances : np.ndarray float64 (n_models, n_models), symmetric, non-negative, zero diagonal.
     """
     if np.ndim(probs) != 3:
-        raise utils.UserError(f"probabilities have shape {np.shape(probs)}: expected (n_models, n_samples, n_classes)")
+        raise ValueError(f"probabilities have shape {np.shape(probs)}: expected (n_models, n_samples, n_classes)")
     n_models, n_samples, _ = np.shape(probs)
     total = torch.zeros(n_models, n_models, dtype=torch.float64, device=device)
     tiny = np.finfo(np.float64).tiny
     for start in range(0, n_samples, chunk_size):
         block = torch.as_tensor(np.asarray(probs[:, start:start + chunk_size]), dtype=torch.float64, device=device)
         if (block < 0).any() or not torch.isfinite(block).all():
-            raise utils.UserError("probabilities must be finite and non-negative: pass predict_proba outputs")
+            raise ValueError("probabilities must be finite and non-negative: pass predict_proba outputs")
         roots = block.sqrt().transpose(0, 1)
         coef = torch.bmm(roots, roots.transpose(1, 2))
         total -= torch.log(coef.clamp_min(tiny)).sum(0)
@@ -79,12 +128,13 @@ def inpca(distances, n_components=2):
 
     Returns
     -------
+    Embedding of
     coords : np.ndarray (n, n_components), eigenvector * sqrt(|eigenvalue|).
     eigenvalues : np.ndarray (n_components,), signed, in the order of ``coords``.
     """
     vals, vecs = np.linalg.eigh(double_centre(distances))
     order = np.argsort(-np.abs(vals))[:n_components]
-    return vecs[:, order] * np.sqrt(np.abs(vals[order])), vals[order]
+    return Embedding(vecs[:, order] * np.sqrt(np.abs(vals[order])), vals[order])
 
 
 def classical_mds(distances, n_components=2):
@@ -92,12 +142,13 @@ def classical_mds(distances, n_components=2):
 
     Returns
     -------
+    Embedding of
     coords : np.ndarray (n, n_components), eigenvector * sqrt(max(eigenvalue, 0)).
     eigenvalues : np.ndarray (n_components,), the largest, in decreasing order.
     """
     vals, vecs = np.linalg.eigh(double_centre(np.asarray(distances, dtype=np.float64) ** 2))
     order = np.argsort(-vals)[:n_components]
-    return vecs[:, order] * np.sqrt(np.maximum(vals[order], 0.0)), vals[order]
+    return Embedding(vecs[:, order] * np.sqrt(np.maximum(vals[order], 0.0)), vals[order])
 
 
 def embed(distances, method="inpca", n_components=2):
@@ -106,10 +157,10 @@ def embed(distances, method="inpca", n_components=2):
         return inpca(distances, n_components)
     if method == "mds":
         return classical_mds(distances, n_components)
-    raise utils.UserError(f"unknown embedding {method!r}: use 'inpca' or 'mds'")
+    raise ValueError(f"unknown embedding {method!r}: use 'inpca' or 'mds'")
 
 
-# --- InfoNCE lower bound on mutual information -----------------------------------------
+# --- Numerics: InfoNCE lower bound on mutual information ---------------------------
 
 def cosine_matrix(z_img, z_fmri):
     """Cosine similarities (K, K) between image embeddings (rows) and fMRI embeddings (columns)."""
@@ -136,7 +187,7 @@ def infonce_bounds(cos, taus, chunk_size=None):
     cos = torch.as_tensor(cos, dtype=torch.float64)
     k = cos.shape[0]
     if cos.ndim != 2 or cos.shape[1] != k or k < 2:
-        raise utils.UserError(f"the MI bound needs K >= 2 matched pairs, got a similarity matrix of shape {tuple(cos.shape)}")
+        raise ValueError(f"the MI bound needs K >= 2 matched pairs, got a similarity matrix of shape {tuple(cos.shape)}")
     inv = 1.0 / torch.as_tensor(np.asarray(taus, dtype=np.float64).reshape(-1))
     chunk_size = chunk_size or max(1, 2 ** 24 // (k * k))
     diag = torch.diagonal(cos)
@@ -172,93 +223,7 @@ def mi_lower_bound(z_img, z_fmri, temperature=TEMPERATURE, betas=BETAS):
             "best_beta": float(betas[best]), "best_tau": float(temperature * betas[best])}
 
 
-# --- Classification datasets -----------------------------------------------------------
-
-def dataset_folder(root, name):
-    """Where a classification dataset lives: ROOT/datasets/<name>."""
-    return Path(root) / "datasets" / name
-
-
-def dataset_samples(root, name):
-    """The (path, label) samples and class names of a local classification dataset.
-
-    caltech256 is an ImageFolder (class sub-folders); places365 is torchvision's
-    Places365 validation split (small images); imagenet is torchvision's ImageNet
-    validation split (devkit and val archive, or the prepared folder); sun397 is
-    torchvision's SUN397. Nothing is downloaded.
-
-    Returns
-    -------
-    samples : list of (str, int), in the dataset's own order.
-    classes : list of str.
-    """
-    import torchvision.datasets as tvd
-    if name not in DATASETS:
-        raise utils.UserError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}")
-    folder = utils.require_dir(dataset_folder(root, name), f"put the {name} dataset there (see README)")
-    try:
-        if name == "caltech256":
-            ds = tvd.ImageFolder(folder)
-            samples, classes = ds.samples, ds.classes
-        elif name == "places365":
-            ds = tvd.Places365(folder, split="val", small=True, download=False)
-            samples, classes = ds.imgs, ds.classes
-        elif name == "imagenet":
-            ds = tvd.ImageNet(folder, split="val")
-            samples, classes = ds.samples, [c[0] for c in ds.classes]
-        else:
-            ds = tvd.SUN397(folder, download=False)
-            samples, classes = list(zip(map(str, ds._image_files), ds._labels)), ds.classes
-    except (RuntimeError, FileNotFoundError) as e:
-        raise utils.UserError(f"cannot read the {name} dataset in {folder} ({str(e).splitlines()[0]}): "
-                              "place the files as the README shows") from None
-    if not samples:
-        raise utils.UserError(f"no images found in {folder}: place the {name} images there (see README)")
-    return [(str(p), int(y)) for p, y in samples], list(classes)
-
-
-def crop_transform(image_size=224):
-    """Resize(256) + CenterCrop(224), scaled to ``image_size`` (the probe protocol)."""
-    from torchvision import transforms
-    return transforms.Compose([transforms.Resize(round(image_size * 256 / 224)), transforms.CenterCrop(image_size)])
-
-
-def decode_cropped(path, image_size):
-    """Decode one image as RGB with ``crop_transform``: uint8 (image_size, image_size, 3)."""
-    from PIL import Image
-    try:
-        with Image.open(path) as im:
-            return np.asarray(crop_transform(image_size)(im.convert("RGB")), dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise utils.UserError(f"cannot read image {path} ({e}): replace or remove the file") from None
-
-
-def dataset_images(root, name, image_size=224, workers=None):
-    """Decode and crop a classification dataset once into a memory-mapped uint8 cache.
-
-    The cache (under ROOT/cache) is keyed by the file names, sizes, mtimes and image size.
-
-    Returns
-    -------
-    images : np.memmap uint8 (n, image_size, image_size, 3).
-    labels : np.ndarray int64 (n,).
-    classes : list of str.
-    """
-    samples, classes = dataset_samples(root, name)
-    paths = [p for p, _ in samples]
-    labels = np.array([y for _, y in samples], dtype=np.int64)
-    images = utils.image_cache(paths, image_size, utils.cache_dir(root), name=f"{name}_crop",
-                               workers=workers, decode=decode_cropped)
-    return images, labels, classes
-
-
-# --- Classification probes -------------------------------------------------------------
-
-def probe_features(alexnet, images, device="cpu", batch_size=256, precision="fp32"):
-    """ReLU(fc7) features of every image: float32 (n, 4096)."""
-    return utils.extract_features(alexnet, images, batch_size, device, layers=[PROBE_LAYER],
-                                  precision=precision)[PROBE_LAYER]
-
+# --- Numerics: classification probes and Grad-CAM ----------------------------------
 
 def fit_probe(features, labels, train, test, n_classes):
     """StandardScaler + LogisticRegression(max_iter=5000) fitted on ``train``, scored on ``test``.
@@ -273,9 +238,6 @@ def fit_probe(features, labels, train, test, n_classes):
     dict with accuracy (float), probs (n_test, n_classes) float32, and the fitted head:
     mean, scale (d,), coef (n_seen, d), intercept (n_seen,), classes (n_seen,), all float32 / int64.
     """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
     pipe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
     pipe.fit(features[train], labels[train])
     probs = np.zeros((len(test), n_classes), dtype=np.float32)
@@ -303,7 +265,119 @@ def probe_head(probe):
     return head.eval()
 
 
-# --- Model names and saved predictions -------------------------------------------------
+def fc7(alexnet, x):
+    """ReLU(fc7) of a torchvision AlexNet, differentiable: (B, 3, S, S) -> (B, 4096)."""
+    return alexnet.classifier[:6](torch.flatten(alexnet.avgpool(alexnet.features(x)), 1))
+
+
+def grad_cam(alexnet, head, x, target=None, layer="features.12"):
+    """Grad-CAM (Selvaraju et al. 2017) of ``head(fc7(alexnet, x))`` at ``layer``.
+
+    Parameters
+    ----------
+    head : module mapping fc7 features to class logits (see ``probe_head``).
+    x : tensor (B, 3, S, S), normalised images.
+    target : logit column per image (tensor (B,)); default the predicted class (salience_maps
+        passes the true class, as the authors).
+
+    Returns
+    -------
+    cam : tensor (B, S, S) in [0, 1]. target : tensor (B,).
+    """
+    acts = []
+    handle = alexnet.get_submodule(layer).register_forward_hook(lambda m, i, o: acts.append(o))
+    try:
+        with torch.enable_grad():
+            logits = head(fc7(alexnet.eval(), x))
+            target = logits.argmax(1) if target is None else torch.as_tensor(target).reshape(-1)
+            (grad,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), acts[0])
+    finally:
+        handle.remove()
+    weights = grad.mean((2, 3), keepdim=True)
+    cam = torch.relu((weights * acts[0]).sum(1, keepdim=True)).detach()
+    cam = torch.nn.functional.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    return cam / cam.flatten(1).amax(1).clamp_min(1e-12)[:, None, None], target
+
+
+# --- Loading: classification datasets ----------------------------------------------
+
+def dataset_folder(root, name):
+    """Where a classification dataset lives: ROOT/datasets/<name>."""
+    return Path(root) / "datasets" / name
+
+
+def dataset_samples(root, name):
+    """The (path, label) samples and class names of a local classification dataset.
+
+    caltech256 is an ImageFolder (class sub-folders); places365 is torchvision's
+    Places365 validation split (small images); imagenet is torchvision's ImageNet
+    validation split (devkit and val archive, or the prepared folder); sun397 is
+    torchvision's SUN397. Nothing is downloaded.
+
+    Returns
+    -------
+    samples : list of (str, int), in the dataset's own order.
+    classes : list of str.
+    """
+    if name not in DATASETS:
+        raise utils.UserError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}")
+    folder = utils.require_dir(dataset_folder(root, name), f"put the {name} dataset there (see README)")
+    try:
+        if name == "caltech256":
+            ds = tvd.ImageFolder(folder)
+            samples, classes = ds.samples, ds.classes
+        elif name == "places365":
+            ds = tvd.Places365(folder, split="val", small=True, download=False)
+            samples, classes = ds.imgs, ds.classes
+        elif name == "imagenet":
+            ds = tvd.ImageNet(folder, split="val")
+            samples, classes = ds.samples, [c[0] for c in ds.classes]
+        else:
+            ds = tvd.SUN397(folder, download=False)
+            samples, classes = list(zip(map(str, ds._image_files), ds._labels)), ds.classes
+    except (RuntimeError, FileNotFoundError) as e:
+        raise utils.UserError(f"cannot read the {name} dataset in {folder} ({str(e).splitlines()[0]}): "
+                              "place the files as the README shows") from None
+    if not samples:
+        raise utils.UserError(f"no images found in {folder}: place the {name} images there (see README)")
+    return [(str(p), int(y)) for p, y in samples], list(classes)
+
+
+def crop_transform(image_size=224):
+    """Resize(256) + CenterCrop(224), scaled to ``image_size`` (the probe protocol)."""
+    return transforms.Compose([transforms.Resize(round(image_size * 256 / 224)), transforms.CenterCrop(image_size)])
+
+
+def decode_cropped(path, image_size):
+    """Decode one image as RGB with ``crop_transform``: uint8 (image_size, image_size, 3)."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(crop_transform(image_size)(im.convert("RGB")), dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise utils.UserError(f"cannot read image {path} ({e}): replace or remove the file") from None
+
+
+def dataset_images(root, name, image_size=224, workers=None):
+    """Decode and crop a classification dataset once into a memory-mapped uint8 cache.
+
+    The cache (under ROOT/cache) is keyed by the file names, sizes, mtimes and image size.
+
+    Returns
+    -------
+    DatasetImages of
+    images : np.memmap uint8 (n, image_size, image_size, 3).
+    labels : np.ndarray int64 (n,).
+    classes : list of str.
+    """
+    samples, classes = dataset_samples(root, name)
+    paths = [p for p, _ in samples]
+    labels = np.array([y for _, y in samples], dtype=np.int64)
+    images = utils.image_cache(paths, image_size, utils.cache_dir(root), name=f"{name}_crop",
+                               workers=workers, decode=decode_cropped)
+    return DatasetImages(images, labels, classes)
+
+
+# --- Loading: model names, saved predictions and summaries -------------------------
 
 def model_name(method, subj=None, hemisphere=None, roi=None, epochs=None):
     """File stem naming one feature extractor: 'untuned', 'subj1_lh_V1v_cl-tuned_e30', 'lh_V1v_pooled-avg_e30'."""
@@ -342,6 +416,7 @@ def load_predictions(root, dataset, names=None):
 
     Returns
     -------
+    Predictions of
     names : list of str (sorted, 'untuned' included when present).
     probs : np.ndarray float32 (n_models, n_test, n_classes).
     labels : np.ndarray int64 (n_test,).
@@ -360,10 +435,160 @@ def load_predictions(root, dataset, names=None):
             labels = z["labels"]
             probs.append(z["probs"])
             metas.append({**json.loads(str(z["meta"])), "accuracy": float(z["accuracy"])})
-    return [f.stem for f in files], np.stack(probs), labels, metas
+    return Predictions([f.stem for f in files], np.stack(probs), labels, metas)
 
 
-# --- Tasks run by generate_results.py --------------------------------------------------
+def _summary_files(folder, method, epochs):
+    """{hemisphere: [(column, path)]} of the per-subject (or pooled) summaries of a method."""
+    out = {}
+    for h in utils.HEMISPHERES:
+        if method.startswith("pooled"):
+            files = [("pooled", folder / f"{h}_{method}_e{int(epochs)}.json")]
+        else:
+            files = [(f"subj{p.name.split('_')[0][4:]}", p)
+                     for p in sorted(folder.glob(f"subj*_{h}_{method}_e{int(epochs)}.json"))]
+        files = [(c, p) for c, p in files if p.is_file()]
+        if files:
+            out[h] = sorted(files, key=lambda cp: (len(cp[0]), cp[0]))
+    return out
+
+
+def _roi_table(columns):
+    """DataFrame (ROIs in canonical order, present ones only) x columns from {column: {roi: value}}."""
+    table = pd.DataFrame(columns, dtype=float)
+    return table.reindex([r for r in utils.ROIS if r in table.index])
+
+
+def classification_tables(root, dataset, method, epochs):
+    """ClassificationTables: accuracy tables {hemisphere: DataFrame ROI x subject} and the untuned accuracy."""
+    files = _summary_files(utils.results_dir(root) / "classification" / dataset, method, epochs)
+    if not files:
+        raise utils.UserError(f"no {method} classification results for {dataset} under {utils.results_dir(root)}: "
+                              "run generate_results.py --type classification-task first")
+    tables, untuned = {}, None
+    for h, cols in files.items():
+        summaries = {c: json.loads(p.read_text()) for c, p in cols}
+        untuned = next(iter(summaries.values()))["untuned"]
+        tables[h] = _roi_table({c: s["rois"] for c, s in summaries.items()})
+    return ClassificationTables(tables, untuned)
+
+
+def mi_tables(root, method, epochs, value="scaled_bits"):
+    """MI-bound tables {hemisphere: MITables(tuned, untuned)}, each a DataFrame ROI x subject of ``value``."""
+    files = _summary_files(utils.results_dir(root) / "mi_bounds", method, epochs)
+    if not files:
+        raise utils.UserError(f"no {method} MI bounds under {utils.results_dir(root) / 'mi_bounds'}: "
+                              "run generate_results.py --type lower-bound-mi first")
+    tables = {}
+    for h, cols in files.items():
+        tuned, untuned = {}, {}
+        for _, p in cols:
+            for roi, per_subj in json.loads(p.read_text())["rois"].items():
+                for s, res in per_subj.items():
+                    tuned.setdefault(f"subj{s}", {})[roi] = res["tuned"][value]
+                    untuned.setdefault(f"subj{s}", {})[roi] = res["untuned"][value]
+        tables[h] = MITables(_roi_table(tuned), _roi_table(untuned))
+    return tables
+
+
+# --- Encoding results (NSD and NOD): where they are, reading and writing -----------------
+
+def method_tag(method, subj, model_subj, protocol):
+    """Folder name of a method's NSD results: method [+ _from-SubjY] [+ _untuned-layer]."""
+    tag = method
+    if model_subj is not None and int(model_subj) != int(subj):
+        tag += f"_from-{utils.subj_dir(model_subj)}"
+    if protocol == "untuned-layer" and method != "untuned":
+        tag += "_untuned-layer"
+    return tag
+
+
+def result_path(root, subj, tag, hemisphere, roi):
+    """The .npz of one NSD ROI result; its .json (written last) marks it complete."""
+    return utils.encoding_dir(root, subj) / tag / f"{utils.hemi_code(hemisphere)}_{roi}.npz"
+
+
+def load_result(path):
+    """One ROI's result: the JSON fields plus the arrays of the .npz (voxels, alphas, cv_r, test_r, ...)."""
+    path = Path(path)
+    try:
+        out = json.loads(path.with_suffix(".json").read_text())
+        with np.load(path) as f:
+            out.update({k: f[k] for k in f.files})
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        raise utils.UserError(f"cannot read the result {path} ({type(e).__name__}): it is truncated or corrupt; "
+                              "delete it and its .json, or refit that ROI with --overwrite") from None
+    return out
+
+
+RESULT_ARRAYS = ("voxels", "alphas", "alpha_index", "cv_r", "test_r")
+
+
+def save_result(result, path):
+    """Write an NSD ROI result: RESULT_ARRAYS to the .npz, every other field to the .json (last)."""
+    arrays = {k: np.asarray(result[k]) for k in RESULT_ARRAYS}
+    with utils.atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    utils.atomic_json_dump({k: v for k, v in result.items() if k not in arrays}, Path(path).with_suffix(".json"))
+
+
+def collect_results(root, subj, skip=()):
+    """Every complete NSD ROI result of a subject (but the .npz paths in ``skip``): dict (tag, hemisphere, roi) -> result."""
+    out = {}
+    for js in sorted(utils.encoding_dir(root, subj).glob("*/*.json")):
+        npz = js.with_suffix(".npz")
+        if npz.is_file() and npz not in skip:
+            r = load_result(npz)
+            out[js.parent.name, r["hemisphere"], r["roi"]] = r
+    return out
+
+
+def nod_results_dir(root):
+    """Where the NOD results go: ROOT/encoding_results/nod."""
+    return Path(root) / "encoding_results" / "nod"
+
+
+def nod_result_path(root, subj, hemisphere, roi, method):
+    """The .joblib of one NOD subject, hemisphere, area and method."""
+    sub = nod_utils.sub_name(subj)
+    return nod_results_dir(root) / sub / f"{sub}_{utils.hemi_code(hemisphere)}_{roi}_{method}.joblib"
+
+
+def load_nod_result(path):
+    return joblib.load(path)
+
+
+def collect_nod_results(root):
+    """Every NOD result: dict (subject, hemisphere, area, method) -> result."""
+    results = {}
+    for path in sorted(nod_results_dir(root).glob("sub-*/sub-*_*.joblib")):
+        r = load_nod_result(path)
+        results[r["subject"], r["hemisphere"], r["roi"], r["method"]] = r
+    return results
+
+
+def pct_beats_untuned(test_r, untuned_r):
+    """% of voxels whose test r beats the untuned one: 100 mean(test_r > untuned_r); NaN without ``untuned_r``."""
+    if untuned_r is None:
+        return np.nan
+    return 100 * float(np.mean(np.asarray(test_r) > np.asarray(untuned_r)))
+
+
+# --- Loading: voxel counts ---------------------------------------------------------
+
+def voxel_counts(root, subjects=None):
+    """Voxel count of every (subject, hemisphere, ROI): a pandas DataFrame with columns
+    subject, hemisphere, roi, roi_class, n_voxels (0 for an ROI absent in a subject)."""
+    rows = []
+    for subj in subjects or utils.find_subjects(root):
+        for h in utils.HEMISPHERES:
+            for roi in utils.ROIS:
+                rows.append({"subject": int(subj), "hemisphere": h, "roi": roi, "roi_class": utils.ROI_CLASS[roi],
+                             "n_voxels": utils.roi_voxel_count(root, subj, h, roi)})
+    return pd.DataFrame(rows)
+
+
+# --- Tasks run by generate_results.py: classification ------------------------------
 
 def large_enough(root, method, subj, hemisphere, roi, min_voxels=utils.MIN_VOXELS):
     """Whether an ROI is analysed: at least ``min_voxels`` voxels in the subject (pooled models:
@@ -371,9 +596,13 @@ def large_enough(root, method, subj, hemisphere, roi, min_voxels=utils.MIN_VOXEL
     return method.startswith("pooled") or utils.roi_voxel_count(root, subj, hemisphere, roi) >= min_voxels
 
 
-def select_rois(root, method, subj, hemisphere, rois, epochs, min_voxels=utils.MIN_VOXELS):
+def select_rois(root, method, subj, hemisphere, rois, epochs, min_voxels=utils.MIN_VOXELS, image_size=None):
     """The ROIs to process: ``rois`` as given (each must have a checkpoint and at least ``min_voxels``
-    voxels), or every ROI with a checkpoint and at least ``min_voxels`` voxels (the authors' filter)."""
+    voxels), or every ROI with a checkpoint and at least ``min_voxels`` voxels (the authors' filter).
+
+    Every chosen ROI's checkpoint is checked against the request (models.tuned_meta; ``image_size``
+    None: the task uses the checkpoint's) before the task does any work.
+    """
     if method not in utils.METHOD_SCRIPTS:
         raise utils.UserError(f"method {method!r} has no per-ROI checkpoints: use one of {', '.join(utils.METHOD_SCRIPTS)}")
     if rois:
@@ -384,12 +613,16 @@ def select_rois(root, method, subj, hemisphere, rois, epochs, min_voxels=utils.M
                 raise utils.UserError(f"ROI {roi} has fewer than MIN_VOXELS={min_voxels} voxels in "
                                       f"{utils.hemi_code(hemisphere)} of {utils.subj_dir(subj)}: "
                                       "drop it or lower --min-voxels")
-        return list(rois)
-    found = [r for r in utils.ROIS if utils.method_checkpoint_path(root, method, subj, hemisphere, r, epochs).is_file()
-             and large_enough(root, method, subj, hemisphere, r, min_voxels)]
+        found = list(rois)
+    else:
+        found = [r for r in utils.ROIS
+                 if utils.method_checkpoint_path(root, method, subj, hemisphere, r, epochs).is_file()
+                 and large_enough(root, method, subj, hemisphere, r, min_voxels)]
     if not found:
         example = utils.method_checkpoint_path(root, method, subj, hemisphere, "V1v", epochs)
         raise utils.UserError(f"no {method} checkpoints like {example}: train them with {utils.METHOD_SCRIPTS[method]}")
+    for roi in found:
+        models.tuned_meta(root, method, subj, hemisphere, roi, epochs, image_size)
     return found
 
 
@@ -404,6 +637,12 @@ def _weights_tag(weights, seed):
     if w.lower() == "none":
         return f"none-seed{seed}"
     return w.lower() if w.lower() == "imagenet" else Path(w).stem
+
+
+def probe_features(alexnet, images, device="cpu", batch_size=256, precision="fp32"):
+    """ReLU(fc7) features of every image: float32 (n, 4096)."""
+    return utils.extract_features(alexnet, images, batch_size, device, layers=[PROBE_LAYER],
+                                  precision=precision)[PROBE_LAYER]
 
 
 def untuned_features(root, dataset, images, weights, seed, device, batch_size, precision="fp32"):
@@ -442,8 +681,7 @@ def classification_task(root, dataset, method, subj, hemisphere, rois, epochs, w
     -------
     summary : dict.
     """
-    import models
-    rois = select_rois(root, method, subj, hemisphere, rois, epochs, min_voxels)
+    rois = select_rois(root, method, subj, hemisphere, rois, epochs, min_voxels, image_size)
     images, labels, classes = dataset_images(root, dataset, image_size)
     train, test = utils.train_test_split(len(labels))
     out = utils.results_dir(root) / "classification" / dataset / f"{summary_stem(method, subj, hemisphere, epochs)}.json"
@@ -460,7 +698,7 @@ def classification_task(root, dataset, method, subj, hemisphere, rois, epochs, w
         if roi in summary["rois"] and preds_path(root, dataset, name).is_file() and not overwrite:
             continue
         alexnet, _ = models.load_feature_alexnet(root, method, subj, hemisphere, roi, epochs, weights=weights,
-                                                 device=device, seed=seed)
+                                                 device=device, seed=seed, image_size=image_size)
         feats = probe_features(alexnet, images, device, batch_size, precision)
         meta = {"method": method, "subj": None if method.startswith("pooled") else int(subj),
                 "hemisphere": utils.hemi_code(hemisphere), "roi": roi, "epochs": int(epochs), "image_size": image_size,
@@ -471,13 +709,14 @@ def classification_task(root, dataset, method, subj, hemisphere, rois, epochs, w
     return summary
 
 
-# --- MI bound task ---------------------------------------------------------------------
+# --- Tasks: MI bound ---------------------------------------------------------------
 
 @torch.no_grad()
 def embed_pairs(model, data, indices, device="cpu", batch_size=256, subj=None, precision="fp32"):
     """Image and fMRI embeddings of rows ``indices`` of a SubjectData, in increasing row order.
 
-    ``subj`` selects the fMRI map of a pooled model; ``precision`` fp32 (the authors') or bf16.
+    ``subj`` selects the fMRI map of a pooled model (a CL model ignores it); ``precision`` fp32 (the
+    authors') or bf16.
     Returns two float32 arrays (n, z).
     """
     model = model.to(device).eval()
@@ -485,16 +724,8 @@ def embed_pairs(model, data, indices, device="cpu", batch_size=256, subj=None, p
     for x, y in utils.iterate_batches(data.images, data.fmri, np.sort(indices), batch_size, device):
         with utils.feature_autocast(device, precision):
             z_img.append(model.embed_images(x).float().cpu())
-            z_fmri.append((model.embed_fmri(y) if subj is None else model.embed_fmri(y, subj)).float().cpu())
+            z_fmri.append(model.embed_fmri(y, subj).float().cpu())
     return torch.cat(z_img).numpy(), torch.cat(z_fmri).numpy()
-
-
-def _load_tuned(root, method, subj, hemisphere, roi, epochs, device):
-    """(model, meta) of a tuned method's checkpoint; a missing file names the script that makes it."""
-    import models
-    path = utils.method_checkpoint_path(root, method, subj, hemisphere, roi, epochs)
-    utils.require_file(path, f"make it with python {utils.METHOD_SCRIPTS[method]}")
-    return models.load_checkpoint(path, device)
 
 
 def mi_task(root, method, subj, hemisphere, rois, epochs, device="cpu", batch_size=256, overwrite=False,
@@ -512,7 +743,6 @@ def mi_task(root, method, subj, hemisphere, rois, epochs, device="cpu", batch_si
     -------
     summary : dict.
     """
-    import models
     if method not in ("cl-tuned", "pooled-avg", "pooled-const"):
         raise utils.UserError(f"the MI bound needs an fMRI embedding, which {method} models lack: "
                               "use --method cl-tuned or a lower-bound-mi-pooled-* type")
@@ -522,39 +752,36 @@ def mi_task(root, method, subj, hemisphere, rois, epochs, device="cpu", batch_si
     for roi in tqdm(rois, desc="MI bound"):
         if roi in summary["rois"] and not overwrite:
             continue
-        model, meta = _load_tuned(root, method, subj, hemisphere, roi, epochs, device)
-        pooled = meta["kind"] == "pooled"
-        if pooled:
-            counts = {int(s): n for s, n in meta["voxel_counts"].items()}
-            reference = models.PooledCLModel(counts, meta["h"], meta["z"], weights=meta["weights"], seed=meta["seed"])
-        else:
-            reference = models.CLModel(meta["n_voxels"], meta["h"], meta["z"], weights=meta["weights"], seed=meta["seed"])
+        model, meta = models.load_tuned(root, method, subj, hemisphere, roi, epochs, device)
+        reference = models.from_meta(meta).build()
+        trained_on = models.checkpoint_voxels(meta)
         result = {}
-        for s in (meta["subjects"] if pooled else [meta["subject"]]):
-            if pooled and utils.roi_voxel_count(root, s, hemisphere, roi) < min_voxels:
+        for s, voxels in trained_on.items():
+            if meta["kind"] == "pooled" and utils.roi_voxel_count(root, s, hemisphere, roi) < min_voxels:
                 continue
-            voxels = np.asarray(meta["voxels"][str(s)] if pooled else meta["voxels"], dtype=np.int64)
             data = utils.SubjectData(root, s, hemisphere, voxels, meta["image_size"])
-            key = int(s) if pooled else None
-            result[str(s)] = {name: mi_lower_bound(*embed_pairs(m, data, data.test, device, batch_size, key, precision))
-                              for name, m in (("tuned", model), ("untuned", reference))}
+            try:
+                result[str(s)] = {name: mi_lower_bound(*embed_pairs(m, data, data.test, device, batch_size, s,
+                                                                    precision))
+                                  for name, m in (("tuned", model), ("untuned", reference))}
+            except ValueError as e:
+                raise utils.UserError(f"{utils.subj_dir(s)}: {e}: use a dataset with more test images") from None
         summary["rois"][roi] = result
         utils.atomic_json_dump(summary, out)
     utils.atomic_json_dump(summary, out)
     return summary
 
 
+# --- Tasks: embeddings, test fMRI, random ROIs -------------------------------------
+
 def best_encoding_layer(root, method, subj, hemisphere, roi):
     """The best layer fit_encoding_models.py chose for a method on its own subject and ROI."""
-    path = utils.encoding_dir(root, subj) / method / f"{utils.hemi_code(hemisphere)}_{roi}.json"
+    path = result_path(root, subj, method, hemisphere, roi).with_suffix(".json")
     fix = f"run fit_encoding_models.py --method {method} --subj {int(subj)} first"
     layer = json.loads(utils.require_file(path, fix).read_text()).get("best_layer")
     if layer not in utils.LAYERS:
         raise utils.UserError(f"{path} records no best layer (the ROI was absent or too small): choose --embedding-layer")
     return layer
-
-
-EMBEDDING_SPLITS = ("test", "all")
 
 
 def _model_outputs(forward, images, rows, batch_size=256, device="cpu", precision="fp32"):
@@ -595,7 +822,8 @@ def save_embeddings(root, method, subj, hemisphere, rois, epochs, layer=PROBE_LA
         raise utils.UserError(f"unknown layer {layer!r}: use '' (the model output), 'best' or one of {', '.join(utils.LAYERS)}")
     if layer == "best" and method == "untuned":
         raise utils.UserError("--embedding-layer best needs an ROI's encoding result: use it with cl-tuned or reg-tuned")
-    todo = [None] if method == "untuned" else select_rois(root, method, subj, hemisphere, rois, epochs, min_voxels)
+    todo = [None] if method == "untuned" else select_rois(root, method, subj, hemisphere, rois, epochs, min_voxels,
+                                                          image_size)
     layers = [best_encoding_layer(root, method, subj, hemisphere, roi) if layer == "best" else layer for roi in todo]
     paths = utils.list_images(root, subj)
     rows = split_rows(len(paths), split)
@@ -612,7 +840,7 @@ def save_embeddings(root, method, subj, hemisphere, rois, epochs, layer=PROBE_LA
         if roi is None:
             model = alexnet = utils.load_alexnet(weights, seed)
         else:
-            model, _ = _load_tuned(root, method, subj, hemisphere, roi, epochs, device)
+            model, _ = models.load_tuned(root, method, subj, hemisphere, roi, epochs, device, image_size)
             alexnet = model.alexnet
         if roi_layer:
             emb = utils.extract_features(alexnet, images, batch_size, device, [roi_layer], rows, precision)[roi_layer]
@@ -622,289 +850,6 @@ def save_embeddings(root, method, subj, hemisphere, rois, epochs, layer=PROBE_LA
                                  batch_size, device, precision)
         utils.atomic_np_save(emb.astype(np.float32), path)
     return out
-
-
-# --- Voxel counts, test fMRI, random ROIs ----------------------------------------------
-
-def voxel_counts(root, subjects=None):
-    """Voxel count of every (subject, hemisphere, ROI): a pandas DataFrame with columns
-    subject, hemisphere, roi, roi_class, n_voxels (0 for an ROI absent in a subject)."""
-    import pandas as pd
-    rows = []
-    for subj in subjects or utils.find_subjects(root):
-        for h in utils.HEMISPHERES:
-            for roi in utils.ROIS:
-                rows.append({"subject": int(subj), "hemisphere": h, "roi": roi, "roi_class": utils.ROI_CLASS[roi],
-                             "n_voxels": utils.roi_voxel_count(root, subj, h, roi)})
-    return pd.DataFrame(rows)
-
-
-def random_rois(counts, n=30, seed=0, min_voxels=utils.MIN_VOXELS):
-    """``n`` distinct (subject, hemisphere, ROI) rows drawn at random among ROIs with more than ``min_voxels``.
-
-    The authors draw 30 among the ROIs with more than 20 voxels (for their hyper-parameter search).
-
-    Parameters
-    ----------
-    counts : DataFrame from ``voxel_counts``.
-
-    Returns
-    -------
-    DataFrame, the chosen rows in the order drawn.
-    """
-    pool = counts[counts["n_voxels"] > min_voxels].reset_index(drop=True)
-    if n > len(pool):
-        raise utils.UserError(f"asked for {n} random ROIs but only {len(pool)} have more than {min_voxels} voxels: "
-                              "ask for fewer")
-    pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:n].numpy()
-    return pool.iloc[pick].reset_index(drop=True)
-
-
-# --- Figures ---------------------------------------------------------------------------
-
-FAMILY_MARKERS = {"prf-visualrois": "o", "floc-bodies": "s", "floc-faces": "^", "floc-places": "D",
-                  "floc-words": "v", "streams": "P"}
-
-
-def save_figure(fig, stem):
-    """Save a matplotlib figure as ``stem``.png and ``stem``.pdf (atomically) and close it."""
-    import matplotlib.pyplot as plt
-    paths = []
-    for ext in ("png", "pdf"):
-        path = Path(f"{stem}.{ext}")
-        with utils.atomic_path(path) as tmp:
-            fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight")
-        paths.append(path)
-    plt.close(fig)
-    return paths
-
-
-def _summary_files(folder, method, epochs):
-    """{hemisphere: [(column, path)]} of the per-subject (or pooled) summaries of a method."""
-    out = {}
-    for h in utils.HEMISPHERES:
-        if method.startswith("pooled"):
-            files = [("pooled", folder / f"{h}_{method}_e{int(epochs)}.json")]
-        else:
-            files = [(f"subj{p.name.split('_')[0][4:]}", p)
-                     for p in sorted(folder.glob(f"subj*_{h}_{method}_e{int(epochs)}.json"))]
-        files = [(c, p) for c, p in files if p.is_file()]
-        if files:
-            out[h] = sorted(files, key=lambda cp: (len(cp[0]), cp[0]))
-    return out
-
-
-def _roi_table(columns):
-    """DataFrame (ROIs in canonical order, present ones only) x columns from {column: {roi: value}}."""
-    import pandas as pd
-    table = pd.DataFrame(columns, dtype=float)
-    return table.reindex([r for r in utils.ROIS if r in table.index])
-
-
-def classification_tables(root, dataset, method, epochs):
-    """Accuracy tables {hemisphere: DataFrame ROI x subject} and the untuned accuracy of a dataset."""
-    files = _summary_files(utils.results_dir(root) / "classification" / dataset, method, epochs)
-    if not files:
-        raise utils.UserError(f"no {method} classification results for {dataset} under {utils.results_dir(root)}: "
-                              "run generate_results.py --type classification-task first")
-    tables, untuned = {}, None
-    for h, cols in files.items():
-        summaries = {c: json.loads(p.read_text()) for c, p in cols}
-        untuned = next(iter(summaries.values()))["untuned"]
-        tables[h] = _roi_table({c: s["rois"] for c, s in summaries.items()})
-    return tables, untuned
-
-
-def mi_tables(root, method, epochs, value="scaled_bits"):
-    """MI-bound tables {hemisphere: (tuned, untuned)}, each a DataFrame ROI x subject of ``value``."""
-    files = _summary_files(utils.results_dir(root) / "mi_bounds", method, epochs)
-    if not files:
-        raise utils.UserError(f"no {method} MI bounds under {utils.results_dir(root) / 'mi_bounds'}: "
-                              "run generate_results.py --type lower-bound-mi first")
-    tables = {}
-    for h, cols in files.items():
-        tuned, untuned = {}, {}
-        for _, p in cols:
-            for roi, per_subj in json.loads(p.read_text())["rois"].items():
-                for s, res in per_subj.items():
-                    tuned.setdefault(f"subj{s}", {})[roi] = res["tuned"][value]
-                    untuned.setdefault(f"subj{s}", {})[roi] = res["untuned"][value]
-        tables[h] = (_roi_table(tuned), _roi_table(untuned))
-    return tables
-
-
-def plot_roi_heatmaps(tables, references, title, label, stem, fmt="{:.2f}"):
-    """ROI x subject heatmaps, one panel per hemisphere.
-
-    The colour is the change from the untuned reference (red: better, blue: worse), the
-    text the value itself, so both the level and the gain can be read.
-
-    Parameters
-    ----------
-    tables : {hemisphere: DataFrame ROI x column}.
-    references : {hemisphere: float or DataFrame of the same shape}, the untuned values.
-    """
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import TwoSlopeNorm
-    hemis = list(tables)
-    diffs = {h: tables[h] - references[h] for h in hemis}
-    span = max(float(np.nanmax(np.abs(d.to_numpy()))) for d in diffs.values()) or 1.0
-    norm = TwoSlopeNorm(0.0, -span, span)
-    height = max(len(t) for t in tables.values())
-    width = max(7.0, 2.5 + 0.9 * sum(t.shape[1] for t in tables.values()))
-    fig, axes = plt.subplots(1, len(hemis), figsize=(width, 2 + 0.3 * height), squeeze=False, layout="constrained")
-    for ax, h in zip(axes[0], hemis):
-        t = tables[h]
-        im = ax.imshow(diffs[h].to_numpy(), cmap="RdBu_r", norm=norm, aspect="auto")
-        for (i, j), v in np.ndenumerate(t.to_numpy()):
-            if np.isfinite(v):
-                ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=7)
-        ax.set_xticks(range(t.shape[1]), t.columns, rotation=45)
-        ax.set_yticks(range(len(t)), t.index)
-        ax.set_title({"lh": "left hemisphere", "rh": "right hemisphere"}[h])
-    fig.colorbar(im, ax=list(axes[0]), label=f"{label} - untuned")
-    fig.suptitle(title)
-    return save_figure(fig, stem)
-
-
-def results_figures(root, dataset, method, epochs):
-    """The classification-accuracy and MI-bound heatmaps of one method, from the saved results.
-
-    Returns the written paths; a quantity without results is skipped, both missing is an error.
-    """
-    folder = utils.results_dir(root) / "figures"
-    paths, missing = [], []
-    try:
-        tables, untuned = classification_tables(root, dataset, method, epochs)
-        paths += plot_roi_heatmaps(tables, {h: untuned for h in tables},
-                                   f"{dataset} classification accuracy, {method} (untuned: {untuned:.3f})",
-                                   "accuracy", folder / f"classification_{dataset}_{method}_e{int(epochs)}")
-    except utils.UserError as e:
-        missing.append(str(e))
-    try:
-        mi = mi_tables(root, method, epochs)
-        paths += plot_roi_heatmaps({h: t for h, (t, _) in mi.items()}, {h: u for h, (_, u) in mi.items()},
-                                   f"InfoNCE MI lower bound (bits, post-hoc temperature), {method}",
-                                   "bits", folder / f"mi_bound_{method}_e{int(epochs)}")
-    except utils.UserError as e:
-        missing.append(str(e))
-    if not paths:
-        raise utils.UserError(" and ".join(missing))
-    return paths
-
-
-def landscape(root, dataset, names=None, method="inpca", oracle=True, chunk_size=64, device="cpu"):
-    """Bhattacharyya distances between saved models' test probabilities, embedded in 2-D.
-
-    Parameters
-    ----------
-    names : model names to use (default: every saved model of ``dataset``).
-    method : 'inpca' or 'mds'.
-    oracle : add the one-hot distribution of the true labels as a model named 'oracle'.
-    chunk_size, device : as for ``bhattacharyya_distances``.
-
-    Returns
-    -------
-    dict with names, metas (list of dict), distances (M, M), coords (M, 2), eigenvalues (2,).
-    """
-    names, probs, labels, metas = load_predictions(root, dataset, names)
-    if oracle:
-        probs = np.concatenate([probs, np.eye(probs.shape[2], dtype=probs.dtype)[labels][None]])
-        names, metas = names + ["oracle"], metas + [{"method": "oracle", "accuracy": 1.0}]
-    distances = bhattacharyya_distances(probs, chunk_size, device)
-    coords, eigenvalues = embed(distances, method)
-    return {"names": names, "metas": metas, "distances": distances, "coords": coords,
-            "eigenvalues": eigenvalues, "method": method}
-
-
-def plot_landscape(land, stem, title=None):
-    """Scatter of a ``landscape``: colour = accuracy, marker = ROI family, untuned star, oracle cross."""
-    import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-    fig, ax = plt.subplots(figsize=(6.5, 5))
-    acc = np.array([m["accuracy"] for m in land["metas"]])
-    models = [i for i, m in enumerate(land["metas"]) if m["method"] not in ("untuned", "oracle")]
-    norm = plt.Normalize(acc[models].min() if models else acc.min(), acc[models].max() if models else acc.max())
-    xy = land["coords"]
-    for family, marker in FAMILY_MARKERS.items():
-        idx = [i for i in models if utils.ROI_CLASS.get(land["metas"][i].get("roi")) == family]
-        if idx:
-            ax.scatter(xy[idx, 0], xy[idx, 1], c=acc[idx], cmap="viridis", norm=norm, marker=marker, s=40,
-                       edgecolors="k", linewidths=0.3)
-    legend = [Line2D([], [], marker=m, ls="", color="grey", label=f) for f, m in FAMILY_MARKERS.items()
-              if any(utils.ROI_CLASS.get(land["metas"][i].get("roi")) == f for i in models)]
-    for special, marker, size in (("untuned", "*", 300), ("oracle", "X", 150)):
-        idx = [i for i, m in enumerate(land["metas"]) if m["method"] == special]
-        if idx:
-            ax.scatter(xy[idx, 0], xy[idx, 1], marker=marker, s=size, c="red" if special == "untuned" else "k",
-                       edgecolors="k", zorder=3)
-            legend.append(Line2D([], [], marker=marker, ls="", color="red" if special == "untuned" else "k",
-                                 markersize=10, label=f"{special} ({acc[idx[0]]:.3f})"))
-    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap="viridis"), ax=ax, label="test accuracy")
-    vals = land["eigenvalues"]
-    kind = "InPCA" if land["method"] == "inpca" else "MDS"
-    ax.set_xlabel(f"{kind} 1 (eigenvalue {vals[0]:.3g})")
-    ax.set_ylabel(f"{kind} 2 (eigenvalue {vals[1]:.3g})")
-    ax.legend(handles=legend, fontsize=7, loc="best")
-    ax.set_title(title or "model landscape")
-    return save_figure(fig, stem)
-
-
-# --- Grad-CAM --------------------------------------------------------------------------
-
-def fc7(alexnet, x):
-    """ReLU(fc7) of a torchvision AlexNet, differentiable: (B, 3, S, S) -> (B, 4096)."""
-    return alexnet.classifier[:6](torch.flatten(alexnet.avgpool(alexnet.features(x)), 1))
-
-
-def grad_cam(alexnet, head, x, target=None, layer="features.12"):
-    """Grad-CAM (Selvaraju et al. 2017) of ``head(fc7(alexnet, x))`` at ``layer``.
-
-    Parameters
-    ----------
-    head : module mapping fc7 features to class logits (see ``probe_head``).
-    x : tensor (B, 3, S, S), normalised images.
-    target : logit column per image (tensor (B,)); default the predicted class (salience_maps
-        passes the true class, as the authors).
-
-    Returns
-    -------
-    cam : tensor (B, S, S) in [0, 1]. target : tensor (B,).
-    """
-    acts = []
-    handle = alexnet.get_submodule(layer).register_forward_hook(lambda m, i, o: acts.append(o))
-    try:
-        with torch.enable_grad():
-            logits = head(fc7(alexnet.eval(), x))
-            target = logits.argmax(1) if target is None else torch.as_tensor(target).reshape(-1)
-            (grad,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), acts[0])
-    finally:
-        handle.remove()
-    weights = grad.mean((2, 3), keepdim=True)
-    cam = torch.relu((weights * acts[0]).sum(1, keepdim=True)).detach()
-    cam = torch.nn.functional.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    return cam / cam.flatten(1).amax(1).clamp_min(1e-12)[:, None, None], target
-
-
-def plot_salience(image, cams, titles, stem, suptitle=None):
-    """A panel: rows = models, columns = (image, mirrored image), each with its Grad-CAM overlaid.
-
-    Parameters
-    ----------
-    image : uint8 (S, S, 3). cams : array (n_models, 2, S, S). titles : list of str, one per model.
-    """
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(len(cams), 2, figsize=(5, 2.5 * len(cams)), squeeze=False)
-    for r, (pair, title) in enumerate(zip(cams, titles)):
-        for c, (img, cam) in enumerate(zip((image, image[:, ::-1]), pair)):
-            ax = axes[r, c]
-            ax.imshow(img)
-            ax.imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
-            ax.set_axis_off()
-            ax.set_title(f"{title}{' (mirrored)' if c else ''}", fontsize=8)
-    if suptitle:
-        fig.suptitle(suptitle, fontsize=9)
-    return save_figure(fig, stem)
 
 
 def save_test_fmri(root, subjects, hemispheres, rois, overwrite=False, min_voxels=utils.MIN_VOXELS):
@@ -958,15 +903,77 @@ def _test_fmri(root, subj, hemisphere, columns, n_images):
     return {key: fmri[:, np.searchsorted(voxels, v)] for key, v in columns.items()}
 
 
+def random_rois(counts, n=30, seed=0, min_voxels=utils.MIN_VOXELS):
+    """``n`` distinct (subject, hemisphere, ROI) rows drawn at random among ROIs with more than ``min_voxels``.
+
+    The authors draw 30 among the ROIs with more than 20 voxels (for their hyper-parameter search).
+
+    Parameters
+    ----------
+    counts : DataFrame from ``voxel_counts``.
+
+    Returns
+    -------
+    DataFrame, the chosen rows in the order drawn.
+    """
+    pool = counts[counts["n_voxels"] > min_voxels].reset_index(drop=True)
+    if n > len(pool):
+        raise utils.UserError(f"asked for {n} random ROIs but only {len(pool)} have more than {min_voxels} voxels: "
+                              "ask for fewer")
+    pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:n].numpy()
+    return pool.iloc[pick].reset_index(drop=True)
+
+
+# --- Tasks: landscape and Grad-CAM -------------------------------------------------
+
+def landscape(root, dataset, names=None, method="inpca", oracle=True, chunk_size=64, device="cpu"):
+    """Bhattacharyya distances between saved models' test probabilities, embedded in 2-D.
+
+    Parameters
+    ----------
+    names : model names to use (default: every saved model of ``dataset``).
+    method : 'inpca' or 'mds'.
+    oracle : add the one-hot distribution of the true labels as a model named 'oracle'.
+    chunk_size, device : as for ``bhattacharyya_distances``.
+
+    Returns
+    -------
+    dict with names, metas (list of dict), distances (M, M), coords (M, 2), eigenvalues (2,).
+    """
+    names, probs, labels, metas = load_predictions(root, dataset, names)
+    if oracle:
+        probs = np.concatenate([probs, np.eye(probs.shape[2], dtype=probs.dtype)[labels][None]])
+        names, metas = names + ["oracle"], metas + [{"method": "oracle", "accuracy": 1.0}]
+    try:
+        distances = bhattacharyya_distances(probs, chunk_size, device)
+        coords, eigenvalues = embed(distances, method)
+    except ValueError as e:
+        raise utils.UserError(f"landscape of {dataset}: {e}") from None
+    return {"names": names, "metas": metas, "distances": distances, "coords": coords,
+            "eigenvalues": eigenvalues, "method": method}
+
+
+class Salience(NamedTuple):
+    """Grad-CAM maps of one test image: uint8 image (S, S, 3), cams (n_models, 2, S, S) for the image and its
+    mirror, one title per model, and the class name."""
+    image: np.ndarray
+    cams: np.ndarray
+    titles: list
+    class_name: str
+
+
 def salience_maps(root, dataset, method, subj, roi, image_index, epochs, weights="imagenet", device="cpu",
                   image_size=224, seed=0):
     """Grad-CAM at features.12 of the untuned AlexNet and of the left- and right-hemisphere models of an
     ROI, on a test image and its mirror, for the image's true class (the authors' target).
 
-    The class scores come from each model's saved probe (``classification_task``).
-    Writes results/figures/salience_<dataset>_<model>_img<i>.png/.pdf; returns the paths.
+    The class scores come from each model's saved probe (``classification_task``);
+    ``figures.salience_figure`` draws the result.
+
+    Returns
+    -------
+    Salience.
     """
-    import models
     images, labels, classes = dataset_images(root, dataset, image_size)
     _, test = utils.train_test_split(len(labels))
     if not 0 <= image_index < len(test):
@@ -988,11 +995,9 @@ def salience_maps(root, dataset, method, subj, roi, image_index, epochs, weights
         if h is None:
             alexnet = utils.load_alexnet(weights, seed).to(device)
         else:
-            alexnet, _ = models.load_feature_alexnet(root, method, subj, h, roi, epochs, weights, device, seed)
+            alexnet, _ = models.load_feature_alexnet(root, method, subj, h, roi, epochs, weights, device, seed,
+                                                     image_size)
         cam, _ = grad_cam(alexnet, probe_head(probe).to(device), x, torch.full((2,), int(column[0]), device=device))
         cams.append(cam.cpu().numpy())
         titles.append("untuned" if h is None else f"{h} {roi} {method}")
-    who = "" if method.startswith("pooled") else f"subj{int(subj)}_"
-    stem = utils.results_dir(root) / "figures" / f"salience_{dataset}_{who}{roi}_{method}_e{int(epochs)}_img{image_index}"
-    return plot_salience(image, np.stack(cams), titles, stem,
-                         f"Grad-CAM at features.12 for the true class: {classes[label]}")
+    return Salience(image, np.stack(cams), titles, classes[label])

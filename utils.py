@@ -626,7 +626,7 @@ def iterate_batches(images, fmri, indices, batch_size, device, shuffle=False, ge
 # --- Splits ----------------------------------------------------------------------------
 
 def train_test_split(n, train_fraction=0.85, seed=0):
-    """The seeded split of DESIGN.md: perm = randperm(n, seed); train = perm[:int(0.85 n)].
+    """The seeded split of the protocol (README): perm = randperm(n, seed); train = perm[:int(0.85 n)].
 
     Returns
     -------
@@ -1100,3 +1100,61 @@ def shard(items, spec="1/1"):
     if not 1 <= k <= n:
         raise UserError(f"bad shard {spec!r}: K must be between 1 and N")
     return list(items)[k - 1::n]
+
+
+# --- Saved settings ----------------------------------------------------------------------
+
+# Epochs of each tuned method (the authors'): the training scripts' default and the number
+# in checkpoint names that the encoding and results scripts read by default.
+DEFAULT_EPOCHS = {"cl-tuned": 30, "reg-tuned": 75, "pooled-avg": 30, "pooled-const": 30}
+# The tuned-model kind behind each method's checkpoints.
+METHOD_KIND = {"cl-tuned": "cl", "reg-tuned": "reg", "pooled-avg": "pooled", "pooled-const": "pooled"}
+
+
+def method_epochs(opts, method):
+    """Epochs in the checkpoint names of ``method`` (0 for untuned), from CL_EPOCHS, REG_EPOCHS or POOLED_EPOCHS."""
+    return {"untuned": 0, "cl-tuned": opts.CL_EPOCHS, "reg-tuned": opts.REG_EPOCHS}.get(method, opts.POOLED_EPOCHS)
+
+
+def run_config(opts):
+    """The run's options whole, as plain JSON values: what checkpoints and results record as 'config'."""
+    return {k: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+            for k, v in vars(opts).items()}
+
+
+def _plain(value):
+    """Arrays, tuples and numpy scalars as plain Python values, so saved and requested settings compare equal."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_plain(v) for v in value]
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _show_setting(value):
+    """A setting for a one-line message; long lists are summarised."""
+    if isinstance(value, list) and len(value) > 6:
+        return f"[{len(value)} values: {', '.join(map(str, value[:3]))}, ...]"
+    if isinstance(value, dict) and len(str(value)) > 80:
+        return "{" + ", ".join(f"{k}: {_show_setting(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+NOT_RECORDED = "not recorded"
+
+
+def check_same_settings(path, stored, requested, fix="use --overwrite to replace it, or another --root"):
+    """Raise a UserError naming the first setting of ``requested`` that ``stored`` records otherwise.
+
+    Parameters
+    ----------
+    path : the existing checkpoint or result.
+    stored : dict, the settings it records (its meta).
+    requested : dict, the settings of this run that matter, in the order to check them.
+    fix : the end of the message.
+    """
+    for key, want in requested.items():
+        have = _plain(stored.get(key, NOT_RECORDED))
+        if have != _plain(want):
+            raise UserError(f"{path} was made with {key}={_show_setting(have)}, "
+                            f"but this run asks for {key}={_show_setting(_plain(want))}: {fix}")

@@ -73,3 +73,31 @@ def one_thread():
     with threadpool_limits(1):
         yield
     torch.set_num_threads(threads)
+
+
+def save_untrained_checkpoint(root, method, subj, hemisphere, roi, epochs=1, seed=0, image_size=64, subjects=None):
+    """A seeded untrained checkpoint of a tuned method, with the meta the training scripts write (models.plan_roi).
+
+    ``subjects``: the candidate subjects of a pooled method. Returns (model, meta).
+    """
+    import models
+    import utils
+    kind = utils.METHOD_KIND[method]
+    h_method = method.split("-")[1] if kind == "pooled" else "const"
+    plan = models.plan_roi(kind, root, roi, hemisphere, subjects or [subj], epochs, lr=1e-4, batch_size=64,
+                           weights="none", seed=seed, image_size=image_size, h_method=h_method, min_voxels=1)
+    model = plan.config.build()
+    models.save_checkpoint(model, plan.meta, plan.path)
+    return model, plan.meta
+
+
+def snapshot(root):
+    """{relative path: (size, mtime_ns)} of every file under ``root`` (links followed, except the image cache)."""
+    out = {}
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        dirs[:] = [d for d in dirs if not (folder == str(root) and d == "cache")]
+        for name in files:
+            path = Path(folder) / name
+            st = path.stat()
+            out[str(path.relative_to(root))] = (st.st_size, st.st_mtime_ns)
+    return out

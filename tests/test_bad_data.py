@@ -24,6 +24,7 @@ import fit_encoding_models as fem
 import generate_results
 import generate_voxel_roi_mappings as gen
 import models
+import results_utils as ru
 import utils
 
 TRAIN = ["--weights", "none", "--device", "cpu", "--image-size", "64", "--batch-size", "64", "--epochs", "1"]
@@ -94,7 +95,7 @@ def toy_data(n=24, n_voxels=30):
 
 
 def test_a_nan_loss_stops_training_and_keeps_the_last_good_epoch(tmp_path, monkeypatch):
-    real, steps = models.batch_loss, []
+    real, steps = models.CLModel.loss, []
 
     def loss_nan_from_epoch_2(model, *args, **kwargs):
         out = real(model, *args, **kwargs)
@@ -104,7 +105,7 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_epoch(tmp_path, monke
                 return out * float("nan")
         return out
 
-    monkeypatch.setattr(models, "batch_loss", loss_nan_from_epoch_2)
+    monkeypatch.setattr(models.CLModel, "loss", loss_nan_from_epoch_2)
     path = tmp_path / "m.pt"
     with pytest.raises(utils.UserError) as exc:
         models.train_model(models.CLModel(30), [toy_data()], path, {"name": "toy"}, epochs=3, lr=1e-4, batch_size=10)
@@ -243,9 +244,9 @@ def test_an_fmri_file_of_strings_is_one_line(own_root, capsys, bad):
 
 
 def test_a_truncated_result_names_the_file_and_overwrite_repairs_it(own_root, capsys):
-    path = fem.result_path(own_root, 1, "untuned", "lh", "V1v")
+    path = ru.result_path(own_root, 1, "untuned", "lh", "V1v")
     voxels = utils.roi_voxel_indices(own_root, 1, "lh", "V1v")
-    fem.save_result({"voxels": voxels, "alphas": np.ones(len(voxels)), "alpha_index": np.zeros(len(voxels), int),
+    ru.save_result({"voxels": voxels, "alphas": np.ones(len(voxels)), "alpha_index": np.zeros(len(voxels), int),
                      "cv_r": np.zeros(len(voxels)), "test_r": np.zeros(len(voxels)), "hemisphere": "lh",
                      "roi": "V1v"}, path)
     data = path.read_bytes()
@@ -253,7 +254,7 @@ def test_a_truncated_result_names_the_file_and_overwrite_repairs_it(own_root, ca
     err = fails(fem.main, ["--root", str(own_root), "--rois", "V2v"] + FIT, capsys, own_root)
     assert f"cannot read the result {path}" in err and "--overwrite" in err
     fem.main(["--root", str(own_root), "--rois", "V1v", "--overwrite"] + FIT)
-    assert len(fem.load_result(path)["test_r"]) == len(voxels)
+    assert len(ru.load_result(path)["test_r"]) == len(voxels)
 
 
 def test_save_test_fmri_checks_every_roi_before_writing(own_root, capsys):

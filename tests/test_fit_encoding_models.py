@@ -8,11 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import encoding
-import fit_encoding_models as fem
-import models
-import utils
 import conftest
+import encoding
+import figures
+import fit_encoding_models as fem
+import results_utils as ru
+import utils
+from conftest import save_untrained_checkpoint
 
 FAST = ["--weights", "none", "--device", "cpu", "--image-size", "64", "--batch-size", "128"]
 
@@ -34,16 +36,8 @@ def untuned_reference(root, subj, hemi, roi, alexnet=None):
 
 
 def save_cl_checkpoint(root, subj, hemi, roi, seed):
-    """A seeded untrained CL checkpoint with the meta the training script writes."""
-    voxels = utils.roi_voxel_indices(root, subj, hemi, roi)
-    model = models.CLModel(len(voxels), weights="none", seed=seed)
-    meta = {"kind": "cl", "roi": roi, "hemisphere": hemi, "epochs": 1, "lr": 1e-4, "batch_size": 64,
-            "seed": seed, "weights": "none", "image_size": 64, "max_voxels": None,
-            "code_version": utils.CODE_VERSION, "subject": subj, "n_voxels": len(voxels),
-            "voxels": voxels.tolist(), "h": model.h, "z": model.z, "temperature": 0.3}
-    path = utils.cl_model_path(root, subj, hemi, roi, 1)
-    models.save_checkpoint(model, meta, path)
-    return model
+    """A seeded untrained CL checkpoint (1 epoch) with the meta the training script writes."""
+    return save_untrained_checkpoint(root, "cl-tuned", subj, hemi, roi, epochs=1, seed=seed)[0]
 
 
 def test_untuned_results_summaries_absent_rois_and_resume(root, capsys):
@@ -55,12 +49,12 @@ def test_untuned_results_summaries_absent_rois_and_resume(root, capsys):
     assert "skip mTL-words: 10 voxels in lh of Subj1 (fewer than MIN_VOXELS=20)" in out
     absent = json.loads((utils.encoding_dir(root, 1) / "absent_rois.json").read_text())
     assert absent == {"lh": {"mTL-words": 10}}
-    assert not fem.result_path(root, 1, "untuned", "lh", "mTL-words").exists()
+    assert not ru.result_path(root, 1, "untuned", "lh", "mTL-words").exists()
 
     results = {}
     for roi in ("V1v", "EBA"):
-        assert written[roi] == fem.result_path(root, 1, "untuned", "lh", roi)
-        r = results[roi] = fem.load_result(written[roi])
+        assert written[roi] == ru.result_path(root, 1, "untuned", "lh", roi)
+        r = results[roi] = ru.load_result(written[roi])
         ref = untuned_reference(root, 1, "lh", roi)
         assert r["best_layer"] == ref["best_layer"]
         assert r["layer_scores"] == pytest.approx(ref["layer_scores"], abs=1e-10)
@@ -91,14 +85,14 @@ def test_untuned_results_summaries_absent_rois_and_resume(root, capsys):
     fem.main(["--root", str(root), "--rois", "EBA", "--overwrite"] + FAST)
     assert written["EBA"].stat().st_mtime_ns != before
     # Refitted alone, EBA gets the numbers it got in the pass shared with V1v (to rounding).
-    np.testing.assert_allclose(fem.load_result(written["EBA"])["test_r"], results["EBA"]["test_r"], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(ru.load_result(written["EBA"])["test_r"], results["EBA"]["test_r"], rtol=0, atol=1e-12)
 
 
 def test_figures_show_the_saved_results(root):
     fem.main(["--root", str(root), "--rois", "V1v", "EBA"] + FAST)
-    results = fem.collect_results(root, 1)
+    results = ru.collect_results(root, 1)
     table = pd.read_csv(utils.encoding_dir(root, 1) / "untuned" / "layer_scores.csv")
-    fig = fem.plot_layer_scores(table, root / "heat.png")
+    fig = figures.plot_layer_scores(table, root / "heat.png")
     image = fig.axes[0].images[0].get_array()
     for i, roi in enumerate(table["roi"]):
         r = results["untuned", "lh", roi]
@@ -108,7 +102,7 @@ def test_figures_show_the_saved_results(root):
     assert (root / "heat.pdf").stat().st_size > 0
 
     methods = pd.read_csv(utils.encoding_dir(root, 1) / "methods.csv")
-    fig = fem.plot_methods(methods, root / "bars.png")
+    fig = figures.plot_methods(methods, root / "bars.png")
     heights = [p.get_height() for p in fig.axes[0].patches]
     assert heights == pytest.approx([results["untuned", "lh", roi]["test_r"].mean() for roi in ("V1v", "EBA")])
 
@@ -127,11 +121,11 @@ def test_untuned_layer_protocol_needs_and_reuses_untuned_choice(root, capsys):
     argv = ["--root", str(root), "--method", "cl-tuned", "--cl-epochs", "1", "--rois", "EBA",
             "--protocol", "untuned-layer"] + FAST
     err = run_error(argv, capsys)
-    assert str(fem.result_path(root, 1, "untuned", "lh", "EBA")) in err and "--method untuned" in err
+    assert str(ru.result_path(root, 1, "untuned", "lh", "EBA")) in err and "--method untuned" in err
     fem.main(["--root", str(root), "--rois", "EBA"] + FAST)
     written = fem.main(argv)
-    assert written["EBA"] == fem.result_path(root, 1, "cl-tuned_untuned-layer", "lh", "EBA")
-    base, r = fem.load_result(fem.result_path(root, 1, "untuned", "lh", "EBA")), fem.load_result(written["EBA"])
+    assert written["EBA"] == ru.result_path(root, 1, "cl-tuned_untuned-layer", "lh", "EBA")
+    base, r = ru.load_result(ru.result_path(root, 1, "untuned", "lh", "EBA")), ru.load_result(written["EBA"])
     assert r["best_layer"] == base["best_layer"] and r["protocol"] == "untuned-layer"
     np.testing.assert_array_equal(r["alpha_index"], base["alpha_index"])
 
@@ -144,14 +138,14 @@ def test_transfer_uses_the_model_subjects_checkpoint_and_fills_the_matrix(root, 
     fem.main(common)
     transfer = fem.main(common + cl + ["--model-subj", "2"])["EBA"]
     own = fem.main(common + cl)["EBA"]
-    assert transfer == fem.result_path(root, 1, "cl-tuned_from-Subj2", "lh", "EBA")
-    r = fem.load_result(transfer)
+    assert transfer == ru.result_path(root, 1, "cl-tuned_from-Subj2", "lh", "EBA")
+    r = ru.load_result(transfer)
     assert r["model_subj"] == 2 and r["subject"] == 1
     assert r["checkpoint"] == str(utils.cl_model_path(root, 2, "lh", "EBA", 1))
     # Subject 2's trunk applied to subject 1's images and fMRI.
     ref = untuned_reference(root, 1, "lh", "EBA", alexnet=model.alexnet.eval())
     np.testing.assert_allclose(r["test_r"], ref["test_r"], atol=1e-10)
-    untuned = fem.load_result(fem.result_path(root, 1, "untuned", "lh", "EBA"))
+    untuned = ru.load_result(ru.result_path(root, 1, "untuned", "lh", "EBA"))
     assert not np.allclose(r["test_r"], untuned["test_r"])
 
     methods = pd.read_csv(utils.encoding_dir(root, 1) / "methods.csv").set_index("tag")
@@ -159,7 +153,7 @@ def test_transfer_uses_the_model_subjects_checkpoint_and_fills_the_matrix(root, 
     assert methods.loc["cl-tuned_from-Subj2", "pct_beats_untuned"] == pytest.approx(
         100 * np.mean(r["test_r"] > untuned["test_r"]))
     assert (utils.encoding_dir(root, 1) / "scatter_cl-tuned_from-Subj2_vs_untuned_lh.pdf").is_file()
-    fig = fem.plot_scatter(untuned["test_r"], r["test_r"], "cl-tuned", root / "scatter.png")
+    fig = figures.plot_scatter(untuned["test_r"], r["test_r"], "cl-tuned", root / "scatter.png")
     np.testing.assert_allclose(fig.axes[0].collections[0].get_offsets(), np.column_stack([untuned["test_r"], r["test_r"]]))
     assert f"{methods.loc['cl-tuned_from-Subj2', 'pct_beats_untuned']:.1f}%" in fig.axes[0].get_title()
 
@@ -168,7 +162,7 @@ def test_transfer_uses_the_model_subjects_checkpoint_and_fills_the_matrix(root, 
     # V1v has no result at all, so the 'all' group is EBA alone; 'early' (V1v) has no matrix.
     assert set(matrices) == {"all", "higher"}
     mean_r, frac = matrices["all"]
-    own_r = fem.load_result(own)
+    own_r = ru.load_result(own)
     assert mean_r.loc[2, 1] == pytest.approx(r["test_r"].mean())
     assert mean_r.loc[1, 1] == pytest.approx(own_r["test_r"].mean())
     assert frac.loc[2, 1] == pytest.approx(np.mean(r["test_r"] > untuned["test_r"]))
@@ -192,7 +186,7 @@ def test_constant_voxel_gets_r_zero_and_a_warning(synthetic_root, tmp_path, caps
     np.save(path, fmri)
     written = fem.main(["--root", str(tmp_path), "--rois", "EBA"] + FAST)
     assert "warning: EBA: 2 constant voxel(s) on the training split; their r is set to 0" in capsys.readouterr().out
-    r = fem.load_result(written["EBA"])
+    r = ru.load_result(written["EBA"])
     assert r["n_constant"] == 2
     assert (r["cv_r"][[3, 7]] == 0).all() and (r["test_r"][[3, 7]] == 0).all()
     assert np.isfinite(r["test_r"]).all() and np.count_nonzero(r["test_r"]) == len(voxels) - 2
@@ -213,8 +207,8 @@ def test_untuned_pass_is_shared_by_overlapping_rois_and_resumes_per_roi(root, tm
         alone = tmp_path_factory.mktemp(f"alone_{roi}")
         for name in ("training_images", "training_fmri", "roi_masks", "cache"):
             os.symlink(root / name, alone / name)
-        ref = fem.load_result(fem.main(["--root", str(alone), "--rois", roi] + FAST)[roi])
-        r = fem.load_result(written[roi])
+        ref = ru.load_result(fem.main(["--root", str(alone), "--rois", roi] + FAST)[roi])
+        r = ru.load_result(written[roi])
         assert r["best_layer"] == ref["best_layer"]
         assert r["layer_scores"] == pytest.approx(ref["layer_scores"], abs=1e-10)
         np.testing.assert_array_equal(r["alpha_index"], ref["alpha_index"])
@@ -224,7 +218,7 @@ def test_untuned_pass_is_shared_by_overlapping_rois_and_resumes_per_roi(root, tm
 
     # A run killed before early's result was written: the rerun fits early only.
     kept = {roi: written[roi].stat().st_mtime_ns for roi in ("V1v", "EBA")}
-    before = fem.load_result(written["early"])
+    before = ru.load_result(written["early"])
     written["early"].unlink()
     written["early"].with_suffix(".json").unlink()
     calls.clear()
@@ -233,7 +227,7 @@ def test_untuned_pass_is_shared_by_overlapping_rois_and_resumes_per_roi(root, tm
     assert again["V1v"] is None and again["EBA"] is None and again["early"] == written["early"]
     assert "skip V1v" in out and "skip EBA" in out and "early: best layer" in out
     assert {roi: written[roi].stat().st_mtime_ns for roi in ("V1v", "EBA")} == kept
-    np.testing.assert_allclose(fem.load_result(written["early"])["test_r"], before["test_r"], rtol=0, atol=1e-10)
+    np.testing.assert_allclose(ru.load_result(written["early"])["test_r"], before["test_r"], rtol=0, atol=1e-10)
     assert len(calls) == len(utils.LAYERS) * (5 + 1)
     assert not list((root / "cache").glob(f"{encoding.SPILL_PREFIX}-*"))
 
@@ -244,11 +238,11 @@ def fake_result(root, subj, tag, hemi, roi, test_r, cv_r=None):
     test_r = np.broadcast_to(np.asarray(test_r, dtype=float), voxels.shape).copy()
     cv_r = test_r if cv_r is None else np.broadcast_to(np.asarray(cv_r, dtype=float), voxels.shape).copy()
     method = tag.split("_")[0]
-    fem.save_result({"voxels": voxels, "alphas": np.ones(len(voxels)), "alpha_index": np.zeros(len(voxels), int),
-                     "cv_r": cv_r, "test_r": test_r, "method": method, "subject": subj, "hemisphere": hemi,
-                     "roi": roi, "model_subj": None, "protocol": "per-method", "best_layer": "features.2",
-                     "layer_scores": {layer: 0.0 for layer in utils.LAYERS}},
-                    fem.result_path(root, subj, tag, hemi, roi))
+    ru.save_result({"voxels": voxels, "alphas": np.ones(len(voxels)), "alpha_index": np.zeros(len(voxels), int),
+                    "cv_r": cv_r, "test_r": test_r, "method": method, "subject": subj, "hemisphere": hemi,
+                    "roi": roi, "model_subj": None, "protocol": "per-method", "best_layer": "features.2",
+                    "layer_scores": {layer: 0.0 for layer in utils.LAYERS}},
+                   ru.result_path(root, subj, tag, hemi, roi))
 
 
 def test_transfer_average_is_the_authors_unweighted_mean_with_absent_rois_as_zero(root):
@@ -289,7 +283,7 @@ def test_transfer_average_is_the_authors_unweighted_mean_with_absent_rois_as_zer
                             "--transfer-matrix"])
     m = matrices["higher"][0]
     assert m.loc[1, 1] == pytest.approx((0.2 + 0.6) / 2) and np.isnan(m.loc[2, 1]) and np.isnan(m.loc[1, 2])
-    fig = fem.plot_transfer(m, matrices["higher"][1], "t", root / "t.png")
+    fig = figures.plot_transfer(m, matrices["higher"][1], "t", root / "t.png")
     assert [t.get_text() for t in fig.axes[0].texts] == [f"{(0.2 + 0.6) / 2:.3f}", "n/a", "n/a", "n/a"]
 
 
@@ -322,8 +316,8 @@ def test_group_summary_averages_rois_without_weights(root):
 
 
 def test_feature_precision_is_recorded_and_checked(root, capsys):
-    r = fem.load_result(fem.main(["--root", str(root), "--rois", "EBA"] + FAST)["EBA"])
+    r = ru.load_result(fem.main(["--root", str(root), "--rois", "EBA"] + FAST)["EBA"])
     assert r["feature_precision"] == "fp32"
     err = run_error(["--root", str(root), "--rois", "V1v", "--feature-precision", "fp16"] + FAST, capsys)
     assert "--feature-precision fp16: allowed one of fp32, bf16" in err
-    assert not fem.result_path(root, 1, "untuned", "lh", "V1v").exists()
+    assert not ru.result_path(root, 1, "untuned", "lh", "V1v").exists()

@@ -1,6 +1,7 @@
 """models.py on random tensors: the loss, the three models, checkpoints, the training loop."""
 
 import copy
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -90,22 +91,20 @@ def test_regression_model_shape():
 
 @pytest.mark.parametrize("kind", ["cl", "pooled", "reg"])
 def test_checkpoint_round_trip_restores_identical_outputs(tmp_path, kind):
-    if kind == "cl":
-        model, meta = models.CLModel(24, seed=3), {"kind": "cl", "n_voxels": 24, "h": 19, "z": 4}
-    elif kind == "pooled":
-        model = models.PooledCLModel({1: 24, 3: 11}, h=16, seed=3)
-        meta = {"kind": "pooled", "voxel_counts": {"1": 24, "3": 11}, "h": 16, "z": 4}
-    else:
-        model, meta = models.RegressionModel(24, seed=3), {"kind": "reg", "n_voxels": 24}
+    counts = {1: 24, 3: 11} if kind == "pooled" else {1: 24}
+    config = models.MODEL_CONFIGS[kind].for_voxels(counts, "none", 3, h=16)
+    model = config.build()
+    meta = {"kind": kind, **dataclasses.asdict(config)}
     # Move BatchNorm running stats away from their initial values.
     model.train()
     with torch.no_grad():
-        models.batch_loss(model, torch.randn(6, 3, 64, 64), torch.randn(6, 24), 1)
+        model.loss(torch.randn(6, 3, 64, 64), torch.randn(6, 24), 1)
     model.eval()
     path = tmp_path / "m.pt"
     models.save_checkpoint(model, meta, path)
     loaded, loaded_meta = models.load_checkpoint(path)
     assert type(loaded) is type(model) and loaded_meta == meta and not loaded.training
+    assert models.from_meta(loaded_meta) == config
     x, y = torch.randn(3, 3, 64, 64), torch.randn(3, 24)
     with torch.no_grad():
         if kind == "reg":
@@ -116,6 +115,28 @@ def test_checkpoint_round_trip_restores_identical_outputs(tmp_path, kind):
                 assert torch.equal(a, b)
     raw = torch.load(path, weights_only=True)
     assert set(raw) == {"state_dict", "meta"}
+
+
+@pytest.mark.parametrize("kind, counts, sizes", [
+    ("cl", {2: 50}, {"n_voxels": 50, "h": 40, "z": 10}),
+    ("pooled", {1: 30, 2: 10}, {"voxel_counts": {"1": 30, "2": 10}, "h": 20, "z": 5}),
+    ("reg", {2: 50}, {"n_voxels": 50}),
+])
+def test_from_meta_rebuilds_each_kind_with_its_initial_weights(kind, counts, sizes):
+    config = models.MODEL_CONFIGS[kind].for_voxels(counts, "none", 7, h=20)
+    assert {k: v for k, v in dataclasses.asdict(config).items() if k not in ("weights", "seed")} == sizes
+    meta = {"kind": kind, "roi": "V1v", **dataclasses.asdict(config)}
+    a, b = models.from_meta(meta).build(), config.build()
+    assert type(a) is {"cl": models.CLModel, "pooled": models.PooledCLModel, "reg": models.RegressionModel}[kind]
+    # The recorded weights and seed: the same initial model, different from another seed's.
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+    other = models.from_meta({**meta, "seed": 8}).build()
+    assert not torch.equal(other.alexnet.features[0].weight, a.alexnet.features[0].weight)
+    with pytest.raises(ValueError, match="unknown model kind 'gan'"):
+        models.from_meta({**meta, "kind": "gan"})
+    with pytest.raises(ValueError, match="needs"):
+        models.from_meta({"kind": kind})
 
 
 def test_load_checkpoint_errors(tmp_path):
@@ -131,16 +152,6 @@ def test_load_checkpoint_errors(tmp_path):
         models.load_checkpoint(other)
 
 
-def test_check_voxel_count_names_both_counts():
-    meta = {"kind": "cl", "n_voxels": 40, "hemisphere": "lh", "roi": "V1v"}
-    models.check_voxel_count(meta, 1, 40, "x.pt")
-    with pytest.raises(utils.UserError, match="x.pt was trained on 40 voxels.*data have 41"):
-        models.check_voxel_count(meta, 1, 41, "x.pt")
-    pooled = {"kind": "pooled", "voxel_counts": {"1": 40, "2": 50}, "hemisphere": "lh", "roi": "V1v"}
-    with pytest.raises(utils.UserError, match="50 voxels of Subj2.*data have 49"):
-        models.check_voxel_count(pooled, 2, 49, "p.pt")
-
-
 def test_load_feature_alexnet(tmp_path):
     untuned, meta = models.load_feature_alexnet(tmp_path, "untuned", 1, "left", "V1v", 30, weights="none", seed=4)
     assert meta is None and torch.equal(untuned.features[0].weight, utils.load_alexnet("none", 4).features[0].weight)
@@ -148,11 +159,16 @@ def test_load_feature_alexnet(tmp_path):
         models.load_feature_alexnet(tmp_path, "cl-tuned", 1, "left", "V1v", 30)
     with pytest.raises(utils.UserError, match="pooled_model_training.py --h-method avg"):
         models.load_feature_alexnet(tmp_path, "pooled-avg", 1, "left", "V1v", 30)
-    model = models.RegressionModel(5, seed=9)
-    models.save_checkpoint(model, {"kind": "reg", "n_voxels": 5}, utils.reg_model_path(tmp_path, 2, "rh", "EBA", 3))
-    tuned, meta = models.load_feature_alexnet(tmp_path, "reg-tuned", 2, "right", "EBA", 3)
+    config = models.RegConfig.for_voxels({2: 5}, "none", 9)
+    model, path = config.build(), utils.reg_model_path(tmp_path, 2, "rh", "EBA", 3)
+    meta = models.roi_meta(config, "EBA", "rh", {2: np.arange(5)}, 3, 1e-4, 64, image_size=64)
+    models.save_checkpoint(model, meta, path)
+    tuned, meta = models.load_feature_alexnet(tmp_path, "reg-tuned", 2, "right", "EBA", 3, image_size=64, voxels=False)
     assert meta["kind"] == "reg" and not tuned.training
     assert torch.equal(tuned.features[0].weight, model.alexnet.features[0].weight)
+    with pytest.raises(utils.UserError, match=f"checkpoint {path} was made with image_size=64, but this run asks "
+                                              "for image_size=40"):
+        models.load_feature_alexnet(tmp_path, "reg-tuned", 2, "right", "EBA", 3, image_size=40, voxels=False)
 
 
 def test_shard_covers_every_roi_exactly_once():
@@ -270,6 +286,6 @@ def test_partial_state_from_other_settings_is_refused(tmp_path, monkeypatch):
     _crash_in_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         _train(tmp_path, models.RegressionModel(12, seed=0), data, "p")
-    with pytest.raises(utils.UserError, match=r"p.pt.partial was started with other settings \(name\)"):
+    with pytest.raises(utils.UserError, match=r"p.pt.partial was made with name='p', but this run asks for name='q'"):
         models.train_model(models.RegressionModel(12, seed=0), data, tmp_path / "p.pt", {"kind": "test", "name": "q"},
                            epochs=3, lr=1e-3, batch_size=16)

@@ -8,6 +8,7 @@ import scipy.io
 import scipy.stats
 
 import nod_utils as nu
+import results_utils as ru
 import utils
 from conftest import run_error
 
@@ -407,17 +408,26 @@ def test_tuned_model_of_an_nsd_subject_extracts_nod_features(nod_run, tmp_path, 
     assert e.value.code == 2
     expected = utils.cl_model_path(root, 2, "lh", "V1v", 3)
     assert f"no cl-tuned checkpoint at {expected}" in capsys.readouterr().err
-    model = models.CLModel(20, weights="none", seed=1)
-    models.save_checkpoint(model, {"kind": "cl", "n_voxels": 20, "h": model.h, "z": model.z, "subject": 2,
-                                   "hemisphere": "lh", "roi": "V1v", "weights": "none"}, expected)
+    # The checkpoint's meta as training writes it; ROOT holds no NSD masks, so only the trunk is checked.
+    config = models.CLConfig.for_voxels({2: 20}, "none", 1)
+    model = config.build()
+    # A V2v model under the V1v name is refused before the betas are read, and nothing is written.
+    models.save_checkpoint(model, models.roi_meta(config, "V2v", "lh", {2: np.arange(20)}, 3, 1e-4, 64, image_size=64),
+                           expected)
+    before = sorted((p, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file())
+    err = run_error(script.main, args, capsys)
+    assert f"checkpoint {expected} was made with roi='V2v', but this run asks for roi='V1v'" in err
+    assert sorted((p, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()) == before
+    models.save_checkpoint(model, models.roi_meta(config, "V1v", "lh", {2: np.arange(20)}, 3, 1e-4, 64, image_size=64),
+                           expected)
     table = script.main(args)
     cl = table[table["method"] == "cl-tuned"].iloc[0]
     assert (cl["nsd_roi"], cl["model_subj"], cl["n_voxels"]) == ("V1v", 2, 50)
     untuned = table[(table["method"] == "untuned") & (table["roi"] == "V1")].iloc[0]
     assert cl["mean_test_r"] != untuned["mean_test_r"]
     import joblib
-    r_cl = joblib.load(script.result_path(root, 1, "lh", "V1", "cl-tuned"))["test_r"]
-    r_un = joblib.load(script.result_path(root, 1, "lh", "V1", "untuned"))["test_r"]
+    r_cl = joblib.load(ru.nod_result_path(root, 1, "lh", "V1", "cl-tuned"))["test_r"]
+    r_un = joblib.load(ru.nod_result_path(root, 1, "lh", "V1", "untuned"))["test_r"]
     assert cl["pct_improved_over_untuned"] == pytest.approx(100 * np.mean(r_cl > r_un))
 
 
@@ -430,7 +440,7 @@ def test_results_record_their_settings_and_other_settings_are_refused(nod_run, c
     args = ["--root", str(root), "--subjects", "1", "--sessions", "1", "--runs", "1", "2", "3", "4",
             "--rois", "V1", "--hemispheres", "lh", "--methods", "untuned", "--weights", "none"]
     err = run_error(script.main, args + ["--zscore", "vertex"], capsys)
-    assert str(script.result_path(root, 1, "lh", "V1", "untuned")) in err and "--overwrite" in err
-    assert "'zscore': 'run'" in err and "'zscore': 'vertex'" in err
+    assert str(ru.nod_result_path(root, 1, "lh", "V1", "untuned")) in err and "--overwrite" in err
+    assert "was made with zscore='run', but this run asks for zscore='vertex'" in err
     err = run_error(script.main, args + ["--hemisphere-convention", "nsd"], capsys)
     assert "--hemisphere-convention nsd: allowed one of anatomical, authors" in err

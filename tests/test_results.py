@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+import figures
 import results_utils as ru
 import utils
+from conftest import save_untrained_checkpoint
 
 
 def _random_probs(rng, n_models, n_samples, n_classes):
@@ -40,9 +42,9 @@ def test_bhattacharyya_handles_one_hot_and_rejects_bad_input():
     other = np.full((1, 4, 3), 1 / 3)
     d = ru.bhattacharyya_distances(np.concatenate([onehot, other]))
     assert d[0, 1] == pytest.approx(-np.log(np.sqrt(1 / 3)))
-    with pytest.raises(utils.UserError, match="shape"):
+    with pytest.raises(ValueError, match="shape"):
         ru.bhattacharyya_distances(np.ones((4, 3)))
-    with pytest.raises(utils.UserError, match="non-negative"):
+    with pytest.raises(ValueError, match="non-negative"):
         ru.bhattacharyya_distances(-other)
 
 
@@ -85,7 +87,7 @@ def test_inpca_orders_by_absolute_eigenvalue():
     sig = np.sign(vals)
     rec = (((coords[:, None] - coords[None]) ** 2) * sig).sum(-1)
     np.testing.assert_allclose(rec, d, atol=1e-9)
-    with pytest.raises(utils.UserError, match="inpca"):
+    with pytest.raises(ValueError, match="inpca"):
         ru.embed(d, method="tsne")
 
 
@@ -122,7 +124,7 @@ def test_post_hoc_scaling_never_lowers_the_bound():
         grid = ru.infonce_bounds(ru.cosine_matrix(z_img, z_fmri), 0.3 * ru.BETAS, chunk_size=7)
         assert out["scaled_nats"] == pytest.approx(max(grid.max(), out["nats"]))
         assert (grid <= np.log(k) + 1e-12).all()
-    with pytest.raises(utils.UserError, match="K >= 2"):
+    with pytest.raises(ValueError, match="K >= 2"):
         ru.mi_lower_bound(np.ones((1, 3)), np.ones((1, 3)))
 
 
@@ -223,27 +225,11 @@ def pipeline_rois(root, n=2):
 
 def write_checkpoints(root, rois, epochs=1):
     """Seeded, untrained CL models (subject 1, both hemispheres), a regression and a pooled-avg model (lh, rois[0])."""
-    import models
-    common = {"epochs": epochs, "seed": 1, "weights": "none", "image_size": 64}
     for h in ("lh", "rh"):
         for roi in rois:
-            v = utils.roi_voxel_indices(root, 1, h, roi)
-            model = models.CLModel(len(v), weights="none", seed=1)
-            meta = {"kind": "cl", "roi": roi, "hemisphere": h, "subject": 1, "n_voxels": len(v),
-                    "voxels": v.tolist(), "h": model.h, "z": model.z, **common}
-            models.save_checkpoint(model, meta, utils.cl_model_path(root, 1, h, roi, epochs))
-    v = utils.roi_voxel_indices(root, 1, "lh", rois[0])
-    meta = {"kind": "reg", "roi": rois[0], "hemisphere": "lh", "subject": 1, "n_voxels": len(v), "voxels": v.tolist(),
-            **common}
-    models.save_checkpoint(models.RegressionModel(len(v), weights="none", seed=1), meta,
-                           utils.reg_model_path(root, 1, "lh", rois[0], epochs))
-    voxels = {s: utils.roi_voxel_indices(root, s, "lh", rois[0]) for s in (1, 2)}
-    counts = {s: len(v) for s, v in voxels.items()}
-    model = models.PooledCLModel(counts, int(np.mean(list(counts.values()))), weights="none", seed=1)
-    meta = {"kind": "pooled", "roi": rois[0], "hemisphere": "lh", "subjects": [1, 2], "h_method": "avg",
-            "voxel_counts": {str(s): n for s, n in counts.items()},
-            "voxels": {str(s): v.tolist() for s, v in voxels.items()}, "h": model.h, "z": model.z, **common}
-    models.save_checkpoint(model, meta, utils.pooled_model_path(root, "lh", rois[0], epochs, "avg"))
+            save_untrained_checkpoint(root, "cl-tuned", 1, h, roi, epochs, seed=1)
+    save_untrained_checkpoint(root, "reg-tuned", 1, "lh", rois[0], epochs, seed=1)
+    save_untrained_checkpoint(root, "pooled-avg", None, "lh", rois[0], epochs, seed=1, subjects=[1, 2])
 
 
 @pytest.fixture(scope="module")
@@ -347,8 +333,8 @@ def test_figures_salience_and_landscape_notebook(pipeline_root, monkeypatch):
     run(["--type", "figures", "--dataset", "caltech256", "--epochs", "1", "--method", "pooled-avg"], root)
     mi = ru.mi_tables(root, "pooled-avg", 1)
     assert list(mi) == ["lh"] and list(mi["lh"][0].columns) == ["subj1", "subj2"]
-    panels, plot = [], ru.plot_salience
-    monkeypatch.setattr(ru, "plot_salience", lambda *a: panels.append(a) or plot(*a))
+    panels, plot = [], figures.plot_salience
+    monkeypatch.setattr(figures, "plot_salience", lambda *a: panels.append(a) or plot(*a))
     run(["--type", "salience-maps", "--dataset", "caltech256", "--rois", rois[0], "--image-index", "3", *BASE], root)
     # Rows: untuned, lh, rh; each the Grad-CAM of the image's true class (the authors' target).
     image, cams, titles, _, suptitle = panels[0]
@@ -361,8 +347,8 @@ def test_figures_salience_and_landscape_notebook(pipeline_root, monkeypatch):
     column = int(np.flatnonzero(probe["classes"] == label)[0])
     ref, _ = ru.grad_cam(utils.load_alexnet("none", 0), ru.probe_head(probe), x, torch.tensor([column, column]))
     np.testing.assert_allclose(cams[0], ref.numpy(), atol=1e-6)
-    figures = utils.results_dir(root) / "figures"
-    assert {p.name for p in figures.iterdir()} >= {
+    folder = utils.results_dir(root) / "figures"
+    assert {p.name for p in folder.iterdir()} >= {
         "classification_caltech256_cl-tuned_e1.png", "mi_bound_cl-tuned_e1.pdf", "mi_bound_pooled-avg_e1.png",
         "classification_caltech256_pooled-avg_e1.png",
         f"salience_caltech256_subj1_{rois[0]}_cl-tuned_e1_img3.png"}
@@ -377,7 +363,7 @@ def test_figures_salience_and_landscape_notebook(pipeline_root, monkeypatch):
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     n_models = len(list((utils.classification_preds_dir(root) / "caltech256").glob("*.npz")))
     assert f"{n_models + 1} models (oracle included)" in text
-    assert (figures / "landscape_caltech256_inpca.png").is_file() and (figures / "landscape_caltech256_inpca.pdf").is_file()
+    assert (folder / "landscape_caltech256_inpca.png").is_file() and (folder / "landscape_caltech256_inpca.pdf").is_file()
     # The oracle point: its distance to a model is mean_n -log sqrt(p_model[n, true class]).
     land = ru.landscape(root, "caltech256")
     _, probs, labels, _ = ru.load_predictions(root, "caltech256")
@@ -455,13 +441,9 @@ def test_random_rois_need_more_than_min_voxels():
 
 
 def test_analyses_skip_rois_under_min_voxels(root):
-    import models
     # lh mTL-words has 10 voxels in Subj1: a checkpoint for it is ignored, and asking for it is an error.
     for roi in ("V1v", "mTL-words"):
-        v = utils.roi_voxel_indices(root, 1, "lh", roi)
-        meta = {"kind": "cl", "roi": roi, "hemisphere": "lh", "subject": 1, "n_voxels": len(v), "voxels": v.tolist(),
-                "epochs": 1, "seed": 0, "weights": "none", "image_size": 64}
-        models.save_checkpoint(models.CLModel(len(v)), meta, utils.cl_model_path(root, 1, "lh", roi, 1))
+        save_untrained_checkpoint(root, "cl-tuned", 1, "lh", roi)
     assert ru.select_rois(root, "cl-tuned", 1, "lh", [], 1) == ["V1v"]
     assert ru.select_rois(root, "cl-tuned", 1, "lh", [], 1, min_voxels=10) == ["V1v", "mTL-words"]
     with pytest.raises(utils.UserError, match="fewer than MIN_VOXELS=20"):

@@ -57,7 +57,7 @@ def test_all_rois_skips_empty_and_finished_rois(root, capsys):
     assert path.stat().st_mtime_ns == before
     # A finished checkpoint that no longer matches the data is an error, not a silent skip.
     err = run_error(cl_model_training_all_rois.main, argv + ["--max-voxels", "41"], capsys)
-    assert "trained on 40 voxels" in err and "the data have 41" in err
+    assert f"{path} was made with n_voxels=40, but this run asks for n_voxels=41" in err
     # The fix the message names: re-train with --overwrite.
     cl_model_training_all_rois.main(argv + ["--max-voxels", "41", "--overwrite"])
     assert models.read_meta(path)["n_voxels"] == 41 and path.stat().st_mtime_ns != before
