@@ -25,7 +25,6 @@ the shared pass is reported measured on the PER_ROI subset, and extrapolated to 
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time

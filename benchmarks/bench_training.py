@@ -127,7 +127,7 @@ def main(argv=None):
 
     def step():
         with utils.autocast(device):
-            loss = models.batch_loss(model, x, y)
+            loss = model.loss(x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
