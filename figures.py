@@ -109,9 +109,12 @@ def plot_roi_heatmaps(tables, references, title, label, stem, fmt="{:.2f}"):
     for ax, h in zip(axes[0], hemis):
         t = tables[h]
         im = ax.imshow(diffs[h].to_numpy(), cmap="RdBu_r", norm=norm, aspect="auto")
+        d = diffs[h].to_numpy()
         for (i, j), v in np.ndenumerate(t.to_numpy()):
             if np.isfinite(v):
-                ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=7)
+                # Light text on the saturated ends of the diverging map, dark text near white.
+                dark = np.isfinite(d[i, j]) and abs(norm(d[i, j]) - 0.5) > 0.3
+                ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=7, color="w" if dark else "k")
         ax.set_xticks(range(t.shape[1]), t.columns, rotation=45)
         ax.set_yticks(range(len(t)), t.index)
         ax.set_title({"lh": "left hemisphere", "rh": "right hemisphere"}[h])
