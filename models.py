@@ -354,9 +354,9 @@ def check_checkpoint(meta, path, root, method, subj, hemisphere, roi, image_size
     if voxels:
         if "voxels" not in meta:
             utils.check_same_settings(f"checkpoint {path}", meta, {"voxels": "the ROI's voxel indices"}, fix)
-        expected = {s: select_voxels(utils.roi_voxel_indices(root, s, hemisphere, roi), meta.get("max_voxels"),
-                                     meta.get("seed", 0)) for s in checkpoint_voxels(meta)}
         stored = checkpoint_voxels(meta)
+        expected = {s: select_voxels(utils.roi_voxel_indices(root, s, hemisphere, roi), meta.get("max_voxels"),
+                                     meta.get("seed", 0)) for s in stored}
         utils.check_same_settings(f"checkpoint {path}", {"voxels": stored}, {"voxels": expected},
                                   "the masks under --root changed since training: re-train it with --overwrite")
 

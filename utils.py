@@ -797,12 +797,13 @@ def iter_features(alexnet, images, batch_size=256, device="cpu", layers=LAYERS, 
         with feature_autocast(device, precision):
             out = extractor(x)
         feats = {k: v.flatten(1).float() for k, v in out.items()}
-        for k, v in feats.items():
-            if not torch.isfinite(v).all():
-                row, col = first_nonfinite(v.cpu().numpy())
-                raise UserError(f"the AlexNet features of layer {k} are non-finite ({v[row, col].item()}) at image "
-                                f"row {start + row}, column {col}: the network's weights hold NaN or Inf (a diverged "
-                                "checkpoint?); re-train that model or check the weights file")
+        # One device-to-host check per batch for all layers; the bad layer is looked up only on failure.
+        if not torch.stack([torch.isfinite(v).all() for v in feats.values()]).all():
+            k, v = next((k, v) for k, v in feats.items() if not torch.isfinite(v).all())
+            row, col = first_nonfinite(v.cpu().numpy())
+            raise UserError(f"the AlexNet features of layer {k} are non-finite ({v[row, col].item()}) at image "
+                            f"row {start + row}, column {col}: the network's weights hold NaN or Inf (a diverged "
+                            "checkpoint?); re-train that model or check the weights file")
         yield start, feats
 
 
