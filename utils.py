@@ -548,8 +548,17 @@ def image_cache(paths, image_size, cache_folder, name="images", workers=None, de
     remove_stale_temps(cache_folder, f"{glob.escape(name)}_s{image_size}_*.npy")
     cache_folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
-                                        shape=(len(paths), image_size, image_size, 3))
+        shape = (len(paths), image_size, image_size, 3)
+        try:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+            # The new file is sparse: a write into its memory map on a full disk kills the
+            # process with SIGBUS. Reserving every block first turns that into an OSError here.
+            if hasattr(os, "posix_fallocate"):
+                with open(tmp, "r+b") as f:
+                    os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            raise UserError(f"cannot write the image cache {target} ({e.strerror or e}): it needs "
+                            f"{np.prod(shape) / 2**30:.2f} GiB free there; free disk space") from None
         with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
             decoded = pool.map(lambda p: decode(p, image_size), paths)
             for i, im in enumerate(tqdm(decoded, total=len(paths), desc=f"caching {name}", leave=False)):

@@ -142,6 +142,24 @@ def test_cache_is_reused_and_rebuilt_when_the_image_list_changes(synthetic_root,
     assert len(list(utils.cache_dir(root).glob("*.npy"))) == 1  # the stale caches were removed
 
 
+def test_a_full_disk_is_one_line_before_any_image_is_written(synthetic_root, tmp_path, monkeypatch):
+    # Writing into the memory map of a sparse file on a full disk is a SIGBUS that kills the
+    # process; the blocks are reserved first, so a full disk is an error naming the cache.
+    import errno
+
+    def full(fd, offset, length):
+        assert os.fstat(fd).st_size == length == 240 * 16 * 16 * 3 + 128
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    decoded = []
+    with pytest.raises(utils.UserError, match=r"cannot write the image cache .*images_s16_\w+\.npy "
+                                              r"\(No space left on device\): it needs 0\.00 GiB free"):
+        utils.image_cache(utils.list_images(synthetic_root, 1), 16, tmp_path,
+                          decode=lambda p, s: decoded.append(p))
+    assert decoded == [] and list(tmp_path.iterdir()) == []
+
+
 # --- Options -------------------------------------------------------------------------------
 
 OPTIONS_SCRIPT = '''"""A test script with every kind of option.
