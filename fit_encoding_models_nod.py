@@ -11,7 +11,7 @@ The protocol is the NSD one (encoding.py): the seeded 85/15 split of the trials,
 contiguous folds inside train (utils.cv_folds), PCA + ridge per layer and fold,
 per-vertex alpha, best layer by mean CV r, refit on train, test r per vertex.
 
-Outputs under ROOT/encoding_results/nod/: sub-XX/sub-XX_<hemi>_<area>_<method>.joblib
+Outputs under ROOT/encoding_results/nod/: sub-XX/sub-XX_<hemi>_<area>_<method>.{npz,json}
 (written after each one; reruns skip them unless --overwrite, and refuse results made
 with another ZSCORE or HEMISPHERE_CONVENTION), summary.csv and the
 figure nod_transfer.png / .pdf (mean test r per area and method across subjects).
@@ -85,9 +85,9 @@ def settings(opts, method):
 def pending(opts, subj, hemi, roi, method):
     """Whether a result must be fitted; an existing one made with other settings is an error."""
     path = ru.nod_result_path(opts.ROOT, subj, hemi, roi, method)
-    if opts.OVERWRITE or not path.exists():
+    if opts.OVERWRITE or not (path.exists() and path.with_suffix(".json").exists()):
         return True
-    utils.check_same_settings(path, ru.load_nod_result(path), settings(opts, method),
+    utils.check_same_settings(path, ru.load_result(path), settings(opts, method),
                               "rerun with --overwrite, or write these settings under another --root")
     return False
 
@@ -137,7 +137,7 @@ def fit_method(opts, data, folds, device, subj, hemi, method, todo, cache):
                       vertices=vertices, weights=opts.WEIGHTS if meta is None else meta.get("weights"),
                       config=utils.run_config(opts))
         result.update(settings(opts, method))
-        utils.atomic_joblib_dump(result, ru.nod_result_path(opts.ROOT, subj, hemi, roi, method))
+        ru.save_result(result, ru.nod_result_path(opts.ROOT, subj, hemi, roi, method))
         print(f"{nod_utils.sub_name(subj)} {hemi} {roi} {method}: best layer {result['best_layer']}, "
               f"mean CV r {np.mean(result['cv_r']):.3f}, mean test r {np.mean(result['test_r']):.3f}")
 

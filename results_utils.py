@@ -13,7 +13,6 @@ import zlib
 from pathlib import Path
 from typing import NamedTuple
 
-import joblib
 import numpy as np
 import pandas as pd
 import torch
@@ -504,7 +503,7 @@ def method_tag(method, subj, model_subj, protocol):
 
 
 def result_path(root, subj, tag, hemisphere, roi):
-    """The .npz of one NSD ROI result; its .json (written last) marks it complete."""
+    """The .npz of one NSD ROI result; its .json (written last) marks it complete (save_result)."""
     return utils.encoding_dir(root, subj) / tag / f"{utils.hemi_code(hemisphere)}_{roi}.npz"
 
 
@@ -521,12 +520,13 @@ def load_result(path):
     return out
 
 
-RESULT_ARRAYS = ("voxels", "alphas", "alpha_index", "cv_r", "test_r")
-
-
 def save_result(result, path):
-    """Write an NSD ROI result: RESULT_ARRAYS to the .npz, every other field to the .json (last)."""
-    arrays = {k: np.asarray(result[k]) for k in RESULT_ARRAYS}
+    """Write an encoding result (NSD or NOD): its numpy arrays to the .npz ``path``, every
+    other field to the .json beside it, written last so that it marks the result complete.
+
+    Neither file is a pickle, so reading a result never runs code from the file.
+    """
+    arrays = {k: v for k, v in result.items() if isinstance(v, np.ndarray)}
     with utils.atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
     utils.atomic_json_dump({k: v for k, v in result.items() if k not in arrays}, Path(path).with_suffix(".json"))
@@ -549,21 +549,18 @@ def nod_results_dir(root):
 
 
 def nod_result_path(root, subj, hemisphere, roi, method):
-    """The .joblib of one NOD subject, hemisphere, area and method."""
+    """The .npz of one NOD subject, hemisphere, area and method; its .json (written last) marks it complete."""
     sub = nod_utils.sub_name(subj)
-    return nod_results_dir(root) / sub / f"{sub}_{utils.hemi_code(hemisphere)}_{roi}_{method}.joblib"
-
-
-def load_nod_result(path):
-    return joblib.load(path)
+    return nod_results_dir(root) / sub / f"{sub}_{utils.hemi_code(hemisphere)}_{roi}_{method}.npz"
 
 
 def collect_nod_results(root):
-    """Every NOD result: dict (subject, hemisphere, area, method) -> result."""
+    """Every complete NOD result: dict (subject, hemisphere, area, method) -> result."""
     results = {}
-    for path in sorted(nod_results_dir(root).glob("sub-*/sub-*_*.joblib")):
-        r = load_nod_result(path)
-        results[r["subject"], r["hemisphere"], r["roi"], r["method"]] = r
+    for js in sorted(nod_results_dir(root).glob("sub-*/sub-*_*.json")):
+        if js.with_suffix(".npz").is_file():
+            r = load_result(js.with_suffix(".npz"))
+            results[r["subject"], r["hemisphere"], r["roi"], r["method"]] = r
     return results
 
 

@@ -1,5 +1,7 @@
 """NOD: CIFTI I/O, run z-scoring, checks against events, labels, hemispheres, top-R2 selection, missing files."""
 
+import json
+
 import nibabel as nib
 import numpy as np
 import pandas as pd
@@ -332,7 +334,6 @@ def test_each_missing_file_names_its_path_and_how_to_fetch_it(tiny_nod, tmp_path
 @pytest.fixture(scope="module")
 def nod_run(tmp_path_factory):
     """A synthetic NOD tree (1 subject, 400 trials of 64 px) with untuned results for V1 and V4."""
-    import joblib
     import synthetic_data
     import fit_encoding_models_nod as script
     import encoding
@@ -352,7 +353,7 @@ def nod_run(tmp_path_factory):
                              "--weights", "none", "--image-size", "64", "--batch-size", "200"])
     finally:
         mp.undo()
-    results = {p.name: joblib.load(p) for p in (root / "encoding_results" / "nod").glob("sub-*/*.joblib")}
+    results = {p.name: ru.load_result(p) for p in (root / "encoding_results" / "nod").glob("sub-*/*.npz")}
     return root, table, calls, results
 
 
@@ -373,7 +374,7 @@ def test_planted_prf_responses_are_recovered(nod_run):
     import encoding
     root, table, _, results = nod_run
     truth = np.load(root / "synthetic_truth" / "nod" / "sub-01_truth.npz")
-    v1 = results["sub-01_lh_V1_untuned.joblib"]
+    v1 = results["sub-01_lh_V1_untuned.npz"]
     assert truth["planted"][v1["vertices"]].all()
     # Noise-only control: the same features and protocol on unplanted vertices.
     data = nu.NODSubjectData(root, 1, sessions=[1], runs=[1, 2, 3, 4], image_size=64)
@@ -425,9 +426,8 @@ def test_tuned_model_of_an_nsd_subject_extracts_nod_features(nod_run, tmp_path, 
     assert (cl["nsd_roi"], cl["model_subj"], cl["n_voxels"]) == ("V1v", 2, 50)
     untuned = table[(table["method"] == "untuned") & (table["roi"] == "V1")].iloc[0]
     assert cl["mean_test_r"] != untuned["mean_test_r"]
-    import joblib
-    r_cl = joblib.load(ru.nod_result_path(root, 1, "lh", "V1", "cl-tuned"))["test_r"]
-    r_un = joblib.load(ru.nod_result_path(root, 1, "lh", "V1", "untuned"))["test_r"]
+    r_cl = ru.load_result(ru.nod_result_path(root, 1, "lh", "V1", "cl-tuned"))["test_r"]
+    r_un = ru.load_result(ru.nod_result_path(root, 1, "lh", "V1", "untuned"))["test_r"]
     assert cl["pct_improved_over_untuned"] == pytest.approx(100 * np.mean(r_cl > r_un))
 
 
@@ -444,3 +444,26 @@ def test_results_record_their_settings_and_other_settings_are_refused(nod_run, c
     assert "was made with zscore='run', but this run asks for zscore='vertex'" in err
     err = run_error(script.main, args + ["--hemisphere-convention", "nsd"], capsys)
     assert "--hemisphere-convention nsd: allowed one of anatomical, authors" in err
+
+
+def test_a_truncated_result_is_one_line_and_overwrite_repairs_it(nod_run, tmp_path, capsys):
+    import shutil
+    import fit_encoding_models_nod as script
+    src, _, _, results = nod_run
+    root = tmp_path / "root"
+    shutil.copytree(src / "nod", root / "nod")
+    shutil.copytree(src / "encoding_results", root / "encoding_results")
+    path = ru.nod_result_path(root, 1, "lh", "V1", "untuned")
+    # The NSD format: plain arrays in the .npz (readable without pickle), the other fields in the .json.
+    with np.load(path, allow_pickle=False) as f:
+        assert sorted(f.files) == ["alpha_index", "alphas", "cv_r", "test_r", "vertices"]
+    assert json.loads(path.with_suffix(".json").read_text())["nsd_roi"] == "V1v"
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    args = ["--root", str(root), "--subjects", "1", "--sessions", "1", "--runs", "1", "2", "3", "4",
+            "--rois", "V1", "--hemispheres", "lh", "--methods", "untuned", "--weights", "none",
+            "--image-size", "64", "--batch-size", "200"]
+    err = run_error(script.main, args, capsys)
+    assert f"cannot read the result {path}" in err and "--overwrite" in err
+    script.main(args + ["--overwrite"])
+    assert np.array_equal(ru.load_result(path)["test_r"], results["sub-01_lh_V1_untuned.npz"]["test_r"])
