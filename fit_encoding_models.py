@@ -340,25 +340,27 @@ def result_settings(opts, method, epochs):
 
 
 def pending_rois(opts, root, subj, hemi, tag, settings):
-    """The ROIs still to fit, as (roi, voxels, result path); absent and finished ones are skipped with a line.
+    """The ROIs still to fit, as a list of (roi, voxels, result path), and the absent ones, as
+    {roi: voxel count}; absent and finished ones are skipped with a line.
 
     A finished result made with other voxels or ``settings`` is an error (utils.check_same_settings).
+    Nothing is written here: the caller records the absent ROIs once every input is checked.
     """
-    pending = []
+    pending, absent = [], {}
     for roi in opts.ROIS:
         voxels = utils.roi_voxel_indices(root, subj, hemi, roi)
         path = ru.result_path(root, subj, tag, hemi, roi)
         if len(voxels) < opts.MIN_VOXELS:
             tqdm.write(f"skip {roi}: {len(voxels)} voxels in {hemi} of {utils.subj_dir(subj)} "
                        f"(fewer than MIN_VOXELS={opts.MIN_VOXELS}); recorded as absent")
-            record_absent(root, subj, hemi, roi, len(voxels))
+            absent[roi] = len(voxels)
         elif path.with_suffix(".json").is_file() and not opts.OVERWRITE:
             utils.check_same_settings(path, ru.load_result(path), {"voxels": voxels, **settings},
                                       "use --overwrite to refit it, or another --root")
             tqdm.write(f"skip {roi}: {path} exists (use --overwrite to refit)")
         else:
             pending.append((roi, voxels, path))
-    return pending
+    return pending, absent
 
 
 @utils.cli
@@ -374,13 +376,16 @@ def main(argv=None):
     utils.check_writable(utils.encoding_dir(root, subj), utils.cache_dir(root))
     epochs = utils.method_epochs(opts, method)
     settings = result_settings(opts, method, epochs)
-    pending = pending_rois(opts, root, subj, hemi, tag, settings)
+    pending, absent = pending_rois(opts, root, subj, hemi, tag, settings)
     # The summaries read every result of the subject: a corrupt one fails now, not after the fits.
     ru.collect_results(root, subj, skip={path for _, _, path in pending})
     if method != "untuned":
         # Every checkpoint is checked before any work.
         for roi, _, _ in pending:
             models.tuned_meta(root, method, model_subj, hemi, roi, epochs, opts.IMAGE_SIZE)
+    fixed = None
+    if opts.PROTOCOL == "untuned-layer" and method != "untuned":
+        fixed = {roi: untuned_choice(root, subj, hemi, roi, v, opts.ALPHAS) for roi, v, _ in pending}
     n_images = len(utils.list_images(root, subj))
     train, test = utils.train_test_split(n_images)
     folds = utils.cv_folds(train, opts.N_FOLDS)
@@ -389,6 +394,8 @@ def main(argv=None):
     if pending:
         fmri_all = utils.load_fmri(root, subj, hemi, all_voxels)
         utils.check_counts(n_images, fmri_all, str(utils.fmri_path(root, subj, hemi)))
+    for roi, n_voxels in absent.items():
+        record_absent(root, subj, hemi, roi, n_voxels)
     timer = encoding.StageTimer(device)
     with timer("cache"):
         utils.subject_images(root, subj, opts.IMAGE_SIZE)
@@ -400,9 +407,6 @@ def main(argv=None):
         voxels = np.unique(np.concatenate([v for _, v, _ in group]))
         fmri = fmri_all if len(voxels) == len(all_voxels) else fmri_all[:, np.searchsorted(all_voxels, voxels)]
         columns = {roi: np.searchsorted(voxels, v) for roi, v, _ in group}
-        fixed = None
-        if opts.PROTOCOL == "untuned-layer" and method != "untuned":
-            fixed = {roi: untuned_choice(root, subj, hemi, roi, v, opts.ALPHAS) for roi, v, _ in group}
         alexnet, meta = models.load_feature_alexnet(root, method, model_subj, hemi, group[0][0], epochs,
                                                     opts.WEIGHTS, device, opts.SEED, opts.IMAGE_SIZE)
         images = utils.subject_images(root, subj, opts.IMAGE_SIZE)

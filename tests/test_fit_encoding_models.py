@@ -118,11 +118,18 @@ def test_missing_checkpoint_names_file_and_script(root, capsys):
 
 def test_untuned_layer_protocol_needs_and_reuses_untuned_choice(root, capsys):
     save_cl_checkpoint(root, 1, "lh", "EBA", seed=1)
+    save_cl_checkpoint(root, 1, "lh", "V1v", seed=2)
     argv = ["--root", str(root), "--method", "cl-tuned", "--cl-epochs", "1", "--rois", "EBA",
             "--protocol", "untuned-layer"] + FAST
     err = run_error(argv, capsys)
     assert str(ru.result_path(root, 1, "untuned", "lh", "EBA")) in err and "--method untuned" in err
     fem.main(["--root", str(root), "--rois", "EBA"] + FAST)
+    # V1v has no untuned result: the run stops before it writes EBA's result or records
+    # the absent mTL-words, so every input is checked before the first output.
+    before = conftest.snapshot(root)
+    err = run_error(argv + ["--rois", "EBA", "mTL-words", "V1v"], capsys)
+    assert f"no untuned result at {ru.result_path(root, 1, 'untuned', 'lh', 'V1v')}" in err
+    assert conftest.snapshot(root) == before
     written = fem.main(argv)
     assert written["EBA"] == ru.result_path(root, 1, "cl-tuned_untuned-layer", "lh", "EBA")
     base, r = ru.load_result(ru.result_path(root, 1, "untuned", "lh", "EBA")), ru.load_result(written["EBA"])
