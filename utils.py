@@ -6,6 +6,7 @@ Scripts import this module; it never imports a script. Every path is built from 
 
 import argparse
 import ast
+import errno
 import fnmatch
 import glob
 import hashlib
@@ -264,7 +265,8 @@ def atomic_path(path):
     The temporary file is hidden and named by temp_prefix; it is created with mode 0666
     less the umask, so the output gets the user's usual permissions. A crash inside the
     block leaves ``path`` untouched and removes the temporary file; a killed run's
-    leftovers for the same ``path`` are removed here.
+    leftovers for the same ``path`` are removed here. A full disk or quota (ENOSPC,
+    EDQUOT) inside the block is a UserError naming ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -279,6 +281,11 @@ def atomic_path(path):
     try:
         yield str(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise UserError(f"cannot write {path} ({e.strerror}): free disk space under {path.parent} (or raise "
+                        "your quota) and run again; finished outputs are kept and the rerun resumes") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -304,7 +311,15 @@ def check_writable(*folders):
 
 def atomic_torch_save(obj, path):
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as e:
+            # torch's zip writer reports a failed write (a full disk, a quota) as a RuntimeError
+            # about stream positions, without the OS error; the file system is the likely cause.
+            if "inline_container" not in str(e):
+                raise
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}, or over quota: torch could not write "
+                                        "the file") from None
 
 
 def atomic_np_save(array, path):

@@ -263,6 +263,41 @@ def test_save_test_fmri_checks_every_roi_before_writing(own_root, capsys):
     assert "ROI mTL-faces has 0 voxels in lh of Subj1" in err
 
 
+def test_a_full_disk_inside_atomic_path_is_one_line_and_leaves_nothing(tmp_path):
+    import errno
+    out = tmp_path / "out.npy"
+    with pytest.raises(utils.UserError, match=rf"cannot write {out} \(Disk quota exceeded\): free disk space "
+                                              rf"under {tmp_path} \(or raise your quota\)"):
+        with utils.atomic_path(out) as tmp:
+            open(tmp, "wb").write(b"half")
+            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+    with pytest.raises(PermissionError):  # other OS errors are not about space: they pass unchanged
+        with utils.atomic_path(out):
+            raise PermissionError(errno.EACCES, "denied")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_training_on_a_full_disk_stops_with_one_line(root, tmp_path):
+    # A real full file system: a 1 MB tmpfs over cl_models, in a private mount namespace.
+    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare -rm (user and mount namespaces) is not available here")
+    models_dir = root / "cl_models"
+    models_dir.mkdir()
+    train = " ".join(["--root", str(root), "--roi", "V1v", *TRAIN])
+    script = (f"mount -t tmpfs -o size=1m none {models_dir} && "
+              f"{sys.executable} cl_model_training.py {train}; echo rc=$?; ls -A {models_dir}/Subj1")
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    err = proc.stderr.strip().splitlines()[-1]
+    checkpoint = utils.cl_model_path(root, 1, "lh", "V1v", 1)
+    partial = models.partial_path(checkpoint)
+    assert err.startswith(f"error: cannot write {partial} (No space left on device, or over quota: torch could "
+                          f"not write the file): free disk space under {partial.parent}")
+    assert "Traceback" not in proc.stderr
+    # Exit code 2, and only the per-epoch log is on the full disk: no checkpoint, no temporary.
+    assert proc.stdout.split("rc=")[1].split() == ["2", models.log_path(checkpoint).name]
+
+
 def test_a_process_killed_while_writing_leaves_a_temporary_the_next_write_removes(tmp_path):
     out = tmp_path / "out.npy"
     code = ("import os, sys, utils\n"
