@@ -27,6 +27,7 @@ and .png/.pdf; TRANSFER_AGGREGATION authors averages the per-ROI matrices withou
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -58,6 +59,7 @@ CL_EPOCHS = utils.DEFAULT_EPOCHS["cl-tuned"]  # epochs in the cl-tuned checkpoin
 REG_EPOCHS = utils.DEFAULT_EPOCHS["reg-tuned"]  # epochs in the reg-tuned checkpoint names
 POOLED_EPOCHS = utils.DEFAULT_EPOCHS["pooled-avg"]  # epochs in the pooled checkpoint names
 BATCH_SIZE = 128  # images per forward pass
+SCRATCH: str | None = None  # folder of the temporary feature spill, ~8 GB per run at full size (None: ROOT/cache); $VARS expand when the run starts, e.g. '$TMPDIR' for a cluster node's local disk
 FEATURE_PRECISION = "fp32"  # feature extraction: fp32 (the authors') or bf16 (autocast on CUDA, faster)
 MIN_VOXELS = utils.MIN_VOXELS  # ROIs with fewer voxels are skipped and recorded as absent (the authors' 20)
 OVERWRITE = False  # recompute ROIs whose results exist
@@ -97,6 +99,18 @@ def untuned_choice(root, subj, hemisphere, roi, voxels, alphas):
         raise utils.UserError(f"untuned result {path} was fitted on other voxels or ALPHAS: "
                               "re-run the untuned method with --overwrite")
     return base["best_layer"], base["alpha_index"]
+
+
+def spill_folder(opts):
+    """Where the features are spilled: SCRATCH, its $VARS expanded in this process (on a cluster,
+    on the node that runs the job), or ROOT/cache."""
+    if opts.SCRATCH is None:
+        return utils.cache_dir(opts.ROOT)
+    folder = os.path.expandvars(opts.SCRATCH)
+    if "$" in folder:
+        raise utils.UserError(f"--scratch {opts.SCRATCH}: an environment variable in it is not set here "
+                              f"({folder}); set it, or give a folder")
+    return Path(folder)
 
 
 def record_absent(root, subj, hemisphere, roi, n_voxels):
@@ -373,7 +387,8 @@ def main(argv=None):
     model_subj = subj if opts.MODEL_SUBJ is None else opts.MODEL_SUBJ
     tag = ru.method_tag(method, subj, model_subj, opts.PROTOCOL)
     device = utils.resolve_device(opts.DEVICE)
-    utils.check_writable(utils.encoding_dir(root, subj), utils.cache_dir(root))
+    scratch = spill_folder(opts)
+    utils.check_writable(utils.encoding_dir(root, subj), utils.cache_dir(root), scratch)
     epochs = utils.method_epochs(opts, method)
     settings = result_settings(opts, method, epochs)
     pending, absent = pending_rois(opts, root, subj, hemi, tag, settings)
@@ -410,7 +425,7 @@ def main(argv=None):
         alexnet, meta = models.load_feature_alexnet(root, method, model_subj, hemi, group[0][0], epochs,
                                                     opts.WEIGHTS, device, opts.SEED, opts.IMAGE_SIZE)
         images = utils.subject_images(root, subj, opts.IMAGE_SIZE)
-        with encoding.FeatureSpill(alexnet, images, utils.cache_dir(root), device, opts.BATCH_SIZE,
+        with encoding.FeatureSpill(alexnet, images, scratch, device, opts.BATCH_SIZE,
                                    timer=timer, precision=opts.FEATURE_PRECISION) as spill:
             del images, alexnet  # the cache's pages and the network are not needed past the forward pass
             results = encoding.encode_rois(spill.layers(device), fmri, columns, train, test, folds, opts.ALPHAS,

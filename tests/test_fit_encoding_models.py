@@ -328,3 +328,28 @@ def test_feature_precision_is_recorded_and_checked(root, capsys):
     err = run_error(["--root", str(root), "--rois", "V1v", "--feature-precision", "fp16"] + FAST, capsys)
     assert "--feature-precision fp16: allowed one of fp32, bf16" in err
     assert not ru.result_path(root, 1, "untuned", "lh", "V1v").exists()
+
+
+def test_features_spill_to_the_scratch_folder_with_its_variables_expanded(root, tmp_path, monkeypatch, capsys):
+    scratch = tmp_path / "node_local"
+    monkeypatch.setenv("FEM_TEST_SCRATCH", str(scratch))
+    spills, enter = [], encoding.FeatureSpill.__enter__
+
+    def spy(self):
+        out = enter(self)
+        spills.append(self.path)
+        assert {p.name.rsplit(".", 2)[0] for p in self.path.iterdir()} == set(utils.LAYERS)
+        return out
+
+    monkeypatch.setattr(encoding.FeatureSpill, "__enter__", spy)
+    argv = ["--root", str(root), "--rois", "V1v"] + FAST
+    fem.main(argv + ["--scratch", "$FEM_TEST_SCRATCH/spill"])
+    assert len(spills) == 1 and spills[0].parent == scratch / "spill" and not spills[0].exists()
+    assert not list(utils.cache_dir(root).glob("features-spill*"))
+    path = ru.result_path(root, 1, "untuned", "lh", "V1v")
+    spilled = ru.load_result(path)
+    fem.main(argv + ["--overwrite"])
+    assert spills[1].parent == utils.cache_dir(root)
+    np.testing.assert_array_equal(ru.load_result(path)["test_r"], spilled["test_r"])
+    err = run_error(argv + ["--overwrite", "--scratch", "$FEM_TEST_UNSET/spill"], capsys)
+    assert "--scratch $FEM_TEST_UNSET/spill: an environment variable in it is not set here" in err
