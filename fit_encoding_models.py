@@ -91,7 +91,7 @@ def check_transfer(opts):
 def untuned_choice(root, subj, hemisphere, roi, voxels, alphas):
     """(best layer, per-voxel alpha index) chosen on the untuned network for the untuned-layer protocol."""
     path = ru.result_path(root, subj, "untuned", hemisphere, roi)
-    if not path.with_suffix(".json").is_file():
+    if not ru.result_complete(path):
         raise utils.UserError(f"no untuned result at {path}: run python fit_encoding_models.py --method untuned "
                               f"--subj {subj} --hemisphere {utils.hemi_code(hemisphere)} --rois {roi} first")
     base = ru.load_result(path)
@@ -245,7 +245,7 @@ def transfer_table(root, method, hemisphere, rois, min_voxels=utils.MIN_VOXELS):
         for model_subj in utils.find_subjects(root):
             for roi in rois:
                 path = ru.result_path(root, target, ru.method_tag(method, target, model_subj, "per-method"), hemi, roi)
-                if path.with_suffix(".json").is_file():
+                if ru.result_complete(path):
                     found[roi, model_subj, target] = path
     model_subjects, targets = sorted({k[1] for k in found}), sorted({k[2] for k in found})
     counts = {(s, roi): utils.roi_voxel_count(root, s, hemi, roi)
@@ -260,7 +260,7 @@ def transfer_table(root, method, hemisphere, rois, min_voxels=utils.MIN_VOXELS):
                 if (roi, model_subj, target) in found:
                     r = ru.load_result(found[roi, model_subj, target])
                     base = ru.result_path(root, target, "untuned", hemi, roi)
-                    untuned = ru.load_result(base) if base.with_suffix(".json").is_file() else None
+                    untuned = ru.load_result(base) if ru.result_complete(base) else None
                     row.update(status="fitted", n_voxels=len(r["voxels"]), sum_r=float(r["test_r"].sum()),
                                mean_test_r=float(r["test_r"].mean()))
                     if untuned is not None and np.array_equal(untuned["voxels"], r["voxels"]):
@@ -368,7 +368,7 @@ def pending_rois(opts, root, subj, hemi, tag, settings):
             tqdm.write(f"skip {roi}: {len(voxels)} voxels in {hemi} of {utils.subj_dir(subj)} "
                        f"(fewer than MIN_VOXELS={opts.MIN_VOXELS}); recorded as absent")
             absent[roi] = len(voxels)
-        elif path.with_suffix(".json").is_file() and not opts.OVERWRITE:
+        elif ru.result_complete(path) and not opts.OVERWRITE:
             utils.check_same_settings(path, ru.load_result(path), {"voxels": voxels, **settings},
                                       "use --overwrite to refit it, or another --root")
             tqdm.write(f"skip {roi}: {path} exists (use --overwrite to refit)")

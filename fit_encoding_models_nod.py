@@ -85,7 +85,7 @@ def settings(opts, method):
 def pending(opts, subj, hemi, roi, method):
     """Whether a result must be fitted; an existing one made with other settings is an error."""
     path = ru.nod_result_path(opts.ROOT, subj, hemi, roi, method)
-    if opts.OVERWRITE or not (path.exists() and path.with_suffix(".json").exists()):
+    if opts.OVERWRITE or not ru.result_complete(path):
         return True
     utils.check_same_settings(path, ru.load_result(path), settings(opts, method),
                               "rerun with --overwrite, or write these settings under another --root")

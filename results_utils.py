@@ -532,15 +532,23 @@ def save_result(result, path):
     utils.atomic_json_dump({k: v for k, v in result.items() if k not in arrays}, Path(path).with_suffix(".json"))
 
 
+def result_complete(path):
+    """Whether the result whose .npz is ``path`` is complete: save_result writes its .json last."""
+    return Path(path).with_suffix(".json").is_file()
+
+
+def complete_results(folder, pattern, skip=()):
+    """Yield (.npz path, result) of every complete result in ``folder`` whose .npz matches the glob
+    ``pattern`` (but the paths in ``skip``), in sorted path order."""
+    for path in sorted(Path(folder).glob(pattern)):
+        if result_complete(path) and path not in skip:
+            yield path, load_result(path)
+
+
 def collect_results(root, subj, skip=()):
     """Every complete NSD ROI result of a subject (but the .npz paths in ``skip``): dict (tag, hemisphere, roi) -> result."""
-    out = {}
-    for js in sorted(utils.encoding_dir(root, subj).glob("*/*.json")):
-        npz = js.with_suffix(".npz")
-        if npz.is_file() and npz not in skip:
-            r = load_result(npz)
-            out[js.parent.name, r["hemisphere"], r["roi"]] = r
-    return out
+    return {(path.parent.name, r["hemisphere"], r["roi"]): r
+            for path, r in complete_results(utils.encoding_dir(root, subj), "*/*.npz", skip)}
 
 
 def nod_results_dir(root):
@@ -556,12 +564,8 @@ def nod_result_path(root, subj, hemisphere, roi, method):
 
 def collect_nod_results(root):
     """Every complete NOD result: dict (subject, hemisphere, area, method) -> result."""
-    results = {}
-    for js in sorted(nod_results_dir(root).glob("sub-*/sub-*_*.json")):
-        if js.with_suffix(".npz").is_file():
-            r = load_result(js.with_suffix(".npz"))
-            results[r["subject"], r["hemisphere"], r["roi"], r["method"]] = r
-    return results
+    return {(r["subject"], r["hemisphere"], r["roi"], r["method"]): r
+            for _, r in complete_results(nod_results_dir(root), "sub-*/sub-*_*.npz")}
 
 
 def pct_beats_untuned(test_r, untuned_r):
