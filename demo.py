@@ -29,9 +29,12 @@ import generate_results
 import generate_voxel_roi_mappings
 import pooled_model_training
 import reg_model_training
-import results_utils as ru
 import synthetic_data
+import options
 import utils
+
+# The heavy helpers load on first use, so that --help answers at once.
+ru = options.lazy_import("results_utils")
 
 # --- Options ---
 ROOT = "demo_data"  # folder the synthetic dataset and all results go to
@@ -54,11 +57,11 @@ DEVICE = "auto"  # auto, cpu or cuda
 OVERWRITE = False  # redo every step even if its outputs exist
 # ---
 CHOICES = {"HEMISPHERE": utils.HEMISPHERE_NAMES, "ROIS": utils.ROIS}
-RANGES = {"SUBJECTS": utils.between(1, utils.N_SUBJECTS), "IMAGES": utils.at_least(1),
-          "IMAGE_SIZE": utils.ALEXNET_INPUT, "SNR": utils.POSITIVE, "SEED": utils.at_least(0),
-          "SUBJ": utils.Allowed("between 1 and --subjects", lambda subj, opts: 1 <= subj <= opts.SUBJECTS),
-          "EPOCHS": utils.at_least(1), "BATCH_SIZE": utils.at_least(2), "CLASSES": utils.at_least(2),
-          "CLASS_IMAGES": utils.at_least(1)}
+RANGES = {"SUBJECTS": options.between(1, utils.N_SUBJECTS), "IMAGES": options.at_least(1),
+          "IMAGE_SIZE": utils.ALEXNET_INPUT, "SNR": options.POSITIVE, "SEED": options.at_least(0),
+          "SUBJ": options.Allowed("between 1 and --subjects", lambda subj, opts: 1 <= subj <= opts.SUBJECTS),
+          "EPOCHS": options.at_least(1), "BATCH_SIZE": options.at_least(2), "CLASSES": options.at_least(2),
+          "CLASS_IMAGES": options.at_least(1)}
 
 DATASET = "caltech256"  # the ImageFolder-layout dataset name of generate_results.py
 # The encoding methods and their columns in the summary table.
@@ -172,9 +175,9 @@ def report_prf(table):
         print("no planted-pRF ROI among ROIS (V1v, V1d, V2v, V2d, V3v, V3d, hV4)")
 
 
-@utils.cli
+@options.cli
 def main(argv=None):
-    opts = utils.parse_options(sys.modules[__name__], argv)
+    opts = options.parse_options(sys.modules[__name__], argv)
     root, hemi, subj = opts.ROOT, utils.hemi_code(opts.HEMISPHERE), opts.SUBJ
     rois = opts.ROIS
     overwrite = ["--overwrite"] if opts.OVERWRITE else []

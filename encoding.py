@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import safe_io
 import utils
 
 ALPHAS = np.logspace(-1, 7, 9)
@@ -386,7 +387,7 @@ class FeatureSpill:
     when the engine reaches it (peak: one Gram matrix plus one block, instead of everything).
 
     Use as a context manager: entering runs the forward pass into a folder
-    ``<folder>/features-spill.tmp-<host>-<pid>-*`` (utils.temp_prefix); leaving removes it.
+    ``<folder>/features-spill.tmp-<host>-<pid>-*`` (safe_io.temp_prefix); leaving removes it.
     Folders of runs on this host whose process is gone (killed) are removed on entry; those
     of live runs are kept.
 
@@ -409,8 +410,8 @@ class FeatureSpill:
 
     def __enter__(self):
         self.folder.mkdir(parents=True, exist_ok=True)
-        utils.remove_stale_temps(self.folder, SPILL_PREFIX)
-        self.path = Path(tempfile.mkdtemp(prefix=utils.temp_prefix(SPILL_PREFIX), dir=self.folder))
+        safe_io.remove_stale_temps(self.folder, SPILL_PREFIX)
+        self.path = Path(tempfile.mkdtemp(prefix=safe_io.temp_prefix(SPILL_PREFIX), dir=self.folder))
         try:
             with _stage(self.timer, "forward"):
                 self._write()
@@ -441,7 +442,7 @@ class FeatureSpill:
                         f.write(np.ascontiguousarray(v[:, j * GRAM_CHUNK:(j + 1) * GRAM_CHUNK]).tobytes())
         except OSError as e:
             gb = self.n * sum(utils.layer_dims(self.images.shape[1]).values()) * 4 / 2**30
-            raise utils.UserError(f"cannot write the features to {self.path} ({e.strerror or e}): "
+            raise safe_io.UserError(f"cannot write the features to {self.path} ({e.strerror or e}): "
                                   f"this run needs about {gb:.1f} GB free there") from None
         finally:
             for f in (f for fs in files.values() for f in fs):

@@ -22,6 +22,7 @@ import pandas as pd
 
 import nod_utils
 import results_utils as ru
+import safe_io
 import utils
 
 EARLY_ROIS = utils.ROI_CLASSES["prf-visualrois"] + ["early"]
@@ -30,7 +31,6 @@ GROUP_NAMES = {"early": "early visual (V1v..hV4, early stream)", "higher": "high
 FSAVERAGE5_VERTICES = 10242
 SURFACES = ("inflated", "pial")
 VIEWS = ("lateral", "medial", "ventral")
-MAPS = ("all", "summary", "none")
 POOLED = ("pooled-avg", "pooled-const")
 HEMI_NAMES = {"lh": "left hemisphere", "rh": "right hemisphere"}
 # Categorical colours of methods, subjects and ROI groups (tab10 order).
@@ -79,7 +79,7 @@ def save_figure(fig, stem):
     paths = []
     for ext in ("png", "pdf"):
         path = Path(f"{stem}.{ext}")
-        with utils.atomic_path(path) as tmp:
+        with safe_io.atomic_path(path) as tmp:
             fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight")
         paths.append(path)
     plt.close(fig)
@@ -135,17 +135,17 @@ def results_figures(root, dataset, method, epochs):
         paths += plot_roi_heatmaps(tables, {h: untuned for h in tables},
                                    f"{dataset} classification accuracy, {method} (untuned: {untuned:.3f})",
                                    "accuracy", folder / f"classification_{dataset}_{method}_e{int(epochs)}")
-    except utils.UserError as e:
+    except safe_io.UserError as e:
         missing.append(str(e))
     try:
         mi = ru.mi_tables(root, method, epochs)
         paths += plot_roi_heatmaps({h: t for h, (t, _) in mi.items()}, {h: u for h, (_, u) in mi.items()},
                                    f"InfoNCE MI lower bound (bits, post-hoc temperature), {method}",
                                    "bits", folder / f"mi_bound_{method}_e{int(epochs)}")
-    except utils.UserError as e:
+    except safe_io.UserError as e:
         missing.append(str(e))
     if not paths:
-        raise utils.UserError(" and ".join(missing))
+        raise safe_io.UserError(" and ".join(missing))
     return paths
 
 
@@ -386,7 +386,7 @@ def load_voxel_counts(root):
 def _mi(root, method, epochs):
     try:
         return ru.mi_tables(root, method, epochs)
-    except utils.UserError:
+    except safe_io.UserError:
         kind = f"lower-bound-mi-{method}" if method in POOLED else "lower-bound-mi --subjects 1 2 3 4 5 6 7 8"
         raise Missing(f"no {method} MI bounds (e{int(epochs)}): make them with python generate_results.py "
                       f"--type {kind}") from None
@@ -684,7 +684,7 @@ def load_meshes(mesh="fsaverage5"):
         n = FSAVERAGE5_VERTICES
     else:
         fix = "point --mesh at a FreeSurfer fsaverage folder (with surf/lh.inflated, ...) or use fsaverage5"
-        files = {h: {k: str(utils.require_file(Path(mesh) / "surf" / f"{h}.{k}", fix)) for k in ("inflated", "pial", "sulc")}
+        files = {h: {k: str(safe_io.require_file(Path(mesh) / "surf" / f"{h}.{k}", fix)) for k in ("inflated", "pial", "sulc")}
                  for h in utils.HEMISPHERES}
         n = utils.N_FSAVERAGE_VERTICES
     out = {}
@@ -693,7 +693,7 @@ def load_meshes(mesh="fsaverage5"):
         out[h]["sulc"] = np.asarray(surface.load_surf_data(f["sulc"]), dtype=float)
         sizes = {len(out[h][k].coordinates) for k in ("inflated", "pial")} | {len(out[h]["sulc"])}
         if sizes != {n}:
-            raise utils.UserError(f"the {h} surfaces of {mesh} have {sorted(sizes)} vertices, not {n}: "
+            raise safe_io.UserError(f"the {h} surfaces of {mesh} have {sorted(sizes)} vertices, not {n}: "
                                   "give the full fsaverage (163842 vertices per hemisphere)")
     return out, n
 
@@ -841,8 +841,8 @@ def paper_figures(root, epochs=utils.DEFAULT_EPOCHS["cl-tuned"], mesh="fsaverage
     paths : list of written files (PNG and PDF).
     skipped : list of one-line messages, each naming a skipped figure and the command that makes its inputs.
     """
-    if maps not in MAPS:
-        raise utils.UserError(f"unknown maps {maps!r}: use all, summary or none")
+    if maps not in utils.CORTICAL_MAPS:
+        raise safe_io.UserError(f"unknown maps {maps!r}: use all, summary or none")
     folder = paper_dir(root)
     meshes = load_meshes(mesh) if maps != "none" else None  # a bad mesh folder fails before any figure is drawn
     encoding = load_encoding(root, subjects)
@@ -868,7 +868,7 @@ def paper_figures(root, epochs=utils.DEFAULT_EPOCHS["cl-tuned"], mesh="fsaverage
             f"InfoNCE MI lower bound on the test split, subject-specific vs pooled (h-{h})",
             folder / f"lower_bound_mi_estimates_specific_vs_pooled_h{h}", zero_lines=False)[0])
     attempt("mi_lower_bound_matrix", _mi_matrix, root, epochs, folder)
-    for dataset in ru.DATASETS:
+    for dataset in utils.CLASSIFICATION_DATASETS:
         attempt(f"{dataset}_results_matrix", _classification_matrix, root, dataset, epochs, folder)
         attempt(f"{dataset} landscapes", landscape_figures, root, dataset, folder)
     if maps != "none":
@@ -925,7 +925,7 @@ def _mi_matrix(root, epochs, folder):
 def _classification_matrix(root, dataset, epochs, folder):
     try:
         tables, untuned = ru.classification_tables(root, dataset, "cl-tuned", epochs)
-    except utils.UserError:
+    except safe_io.UserError:
         raise Missing(f"no cl-tuned {dataset} probes (e{int(epochs)}): make them with python generate_results.py "
                       f"--type classification-task --dataset {dataset} --subjects 1 2 3 4 5 6 7 8") from None
     return plot_roi_heatmaps(tables, {h: untuned for h in tables},

@@ -32,16 +32,21 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from tqdm.auto import tqdm
 
-import encoding
-import figures
-import models
-import results_utils as ru
+import options
+import safe_io
 import utils
 
+# The heavy helpers load on first use, so that --help answers at once.
+models = options.lazy_import("models")
+encoding = options.lazy_import("encoding")
+figures = options.lazy_import("figures")
+ru = options.lazy_import("results_utils")
+pd = options.lazy_import("pandas")
+
 # --- Options ---
+ROOT = "."  # project folder holding the data folders (training_fmri, training_images, roi_masks, ...)
 METHOD = "untuned"  # feature extractor: untuned, cl-tuned, reg-tuned, pooled-avg or pooled-const
 SUBJ = 1  # subject whose fMRI is predicted
 MODEL_SUBJ: int | None = None  # subject whose cl-/reg-tuned model extracts the features (None: SUBJ; another: transfer)
@@ -70,9 +75,9 @@ CHOICES = {"METHOD": utils.METHODS, "HEMISPHERE": utils.HEMISPHERE_NAMES, "ROIS"
            "PROTOCOL": ["per-method", "untuned-layer"], "FEATURE_PRECISION": utils.PRECISIONS,
            "TRANSFER_AGGREGATION": ["authors", "voxels"]}
 RANGES = {"SUBJ": utils.SUBJECT, "MODEL_SUBJ": utils.SUBJECT, "ALPHAS": utils.ALPHA_GRID,
-          "N_COMPONENTS": utils.at_least(1), "N_FOLDS": utils.at_least(2), "IMAGE_SIZE": utils.ALEXNET_INPUT,
-          "SEED": utils.at_least(0), "CL_EPOCHS": utils.at_least(1), "REG_EPOCHS": utils.at_least(1),
-          "POOLED_EPOCHS": utils.at_least(1), "BATCH_SIZE": utils.at_least(1), "MIN_VOXELS": utils.at_least(1)}
+          "N_COMPONENTS": options.at_least(1), "N_FOLDS": options.at_least(2), "IMAGE_SIZE": utils.ALEXNET_INPUT,
+          "SEED": options.at_least(0), "CL_EPOCHS": options.at_least(1), "REG_EPOCHS": options.at_least(1),
+          "POOLED_EPOCHS": options.at_least(1), "BATCH_SIZE": options.at_least(1), "MIN_VOXELS": options.at_least(1)}
 
 TRANSFER_METHODS = ("cl-tuned", "reg-tuned")
 # The methods of the group summaries, each on its own subject with the per-method protocol.
@@ -84,7 +89,7 @@ SUMMARY_COMPARISONS = (("cl-tuned", "untuned"), ("cl-tuned", "reg-tuned"), ("poo
 def check_transfer(opts):
     """A model from another subject (MODEL_SUBJ) exists only for the subject-specific methods."""
     if opts.MODEL_SUBJ not in (None, opts.SUBJ) and opts.METHOD not in TRANSFER_METHODS:
-        raise utils.UserError(f"MODEL_SUBJ {opts.MODEL_SUBJ} is for cl-tuned or reg-tuned models only "
+        raise safe_io.UserError(f"MODEL_SUBJ {opts.MODEL_SUBJ} is for cl-tuned or reg-tuned models only "
                               f"({opts.METHOD} is not tuned on one subject): drop --model-subj")
 
 
@@ -92,11 +97,11 @@ def untuned_choice(root, subj, hemisphere, roi, voxels, alphas):
     """(best layer, per-voxel alpha index) chosen on the untuned network for the untuned-layer protocol."""
     path = ru.result_path(root, subj, "untuned", hemisphere, roi)
     if not ru.result_complete(path):
-        raise utils.UserError(f"no untuned result at {path}: run python fit_encoding_models.py --method untuned "
+        raise safe_io.UserError(f"no untuned result at {path}: run python fit_encoding_models.py --method untuned "
                               f"--subj {subj} --hemisphere {utils.hemi_code(hemisphere)} --rois {roi} first")
     base = ru.load_result(path)
     if not np.array_equal(base["voxels"], voxels) or base["alpha_grid"] != list(alphas):
-        raise utils.UserError(f"untuned result {path} was fitted on other voxels or ALPHAS: "
+        raise safe_io.UserError(f"untuned result {path} was fitted on other voxels or ALPHAS: "
                               "re-run the untuned method with --overwrite")
     return base["best_layer"], base["alpha_index"]
 
@@ -108,7 +113,7 @@ def spill_folder(opts):
         return utils.cache_dir(opts.ROOT)
     folder = os.path.expandvars(opts.SCRATCH)
     if "$" in folder:
-        raise utils.UserError(f"--scratch {opts.SCRATCH}: an environment variable in it is not set here "
+        raise safe_io.UserError(f"--scratch {opts.SCRATCH}: an environment variable in it is not set here "
                               f"({folder}); set it, or give a folder")
     return Path(folder)
 
@@ -124,7 +129,7 @@ def record_absent(root, subj, hemisphere, roi, n_voxels):
         hemi.pop(roi, None)
     else:
         hemi[roi] = int(n_voxels)
-    utils.atomic_json_dump(absent, path)
+    safe_io.atomic_json_dump(absent, path)
 
 
 # --- Summaries and figures ---------------------------------------------------------------
@@ -181,11 +186,11 @@ def group_summary(results, subj):
 
 def write_group_summaries(root, subj, results):
     """The subject's group_summary.csv, then encoding_results/group_summary.csv of every subject that has one."""
-    utils.atomic_write_text(group_summary(results, subj).to_csv(index=False),
+    safe_io.atomic_write_text(group_summary(results, subj).to_csv(index=False),
                             utils.encoding_dir(root, subj) / "group_summary.csv")
     files = [utils.encoding_dir(root, s) / "group_summary.csv" for s in utils.find_subjects(root)]
     every = pd.concat([pd.read_csv(f) for f in files if f.is_file()], ignore_index=True)
-    utils.atomic_write_text(every.to_csv(index=False), Path(root) / "encoding_results" / "group_summary.csv")
+    safe_io.atomic_write_text(every.to_csv(index=False), Path(root) / "encoding_results" / "group_summary.csv")
 
 
 def write_summaries(root, subj):
@@ -210,10 +215,10 @@ def write_summaries(root, subj):
         return table
     write_group_summaries(root, subj, results)
     methods = table.drop(columns=utils.LAYERS)
-    utils.atomic_write_text(methods.to_csv(index=False), out_dir / "methods.csv")
+    safe_io.atomic_write_text(methods.to_csv(index=False), out_dir / "methods.csv")
     for tag, sub in table.groupby("tag", sort=False):
         cols = ["hemisphere", "roi"] + utils.LAYERS + ["best_layer"]
-        utils.atomic_write_text(sub[cols].to_csv(index=False), out_dir / tag / "layer_scores.csv")
+        safe_io.atomic_write_text(sub[cols].to_csv(index=False), out_dir / tag / "layer_scores.csv")
         for hemi, part in sub.groupby("hemisphere"):
             figures.plot_layer_scores(part, out_dir / tag / f"layer_scores_{hemi}.png")
     for hemi, part in table.groupby("hemisphere"):
@@ -315,15 +320,15 @@ def transfer_matrices(table, rois, aggregation="authors"):
 def run_transfer_matrix(opts):
     """Write the per-ROI transfer table and, per ROI group, the two matrices and their figure."""
     if opts.METHOD not in TRANSFER_METHODS:
-        raise utils.UserError(f"--transfer-matrix needs a subject-specific method, not {opts.METHOD!r}: "
+        raise safe_io.UserError(f"--transfer-matrix needs a subject-specific method, not {opts.METHOD!r}: "
                               "use --method cl-tuned or reg-tuned")
     hemi = utils.hemi_code(opts.HEMISPHERE)
     table = transfer_table(opts.ROOT, opts.METHOD, hemi, opts.ROIS, opts.MIN_VOXELS)
     if not (table["status"] == "fitted").any():
-        raise utils.UserError(f"no {opts.METHOD} results under {Path(opts.ROOT) / 'encoding_results'}: "
+        raise safe_io.UserError(f"no {opts.METHOD} results under {Path(opts.ROOT) / 'encoding_results'}: "
                               "fit some first (with --model-subj for transfer)")
     base = Path(opts.ROOT) / "encoding_results" / f"transfer_{opts.METHOD}_{hemi}"
-    utils.atomic_write_text(table.drop(columns=["sum_r"]).to_csv(index=False), f"{base}.csv")
+    safe_io.atomic_write_text(table.drop(columns=["sum_r"]).to_csv(index=False), f"{base}.csv")
     suffix = "" if opts.TRANSFER_AGGREGATION == "authors" else f"_{opts.TRANSFER_AGGREGATION}"
     matrices = {}
     for group, members in utils.ROI_GROUPS.items():
@@ -331,8 +336,8 @@ def run_transfer_matrix(opts):
         if mean_r is None:
             continue
         stem = f"{base}_{group}{suffix}"
-        utils.atomic_write_text(mean_r.to_csv(), f"{stem}_mean_r.csv")
-        utils.atomic_write_text(frac.to_csv(), f"{stem}_frac_improved.csv")
+        safe_io.atomic_write_text(mean_r.to_csv(), f"{stem}_mean_r.csv")
+        safe_io.atomic_write_text(frac.to_csv(), f"{stem}_frac_improved.csv")
         figures.plot_transfer(mean_r, frac, f"{opts.METHOD} {hemi} {group} ROIs ({opts.TRANSFER_AGGREGATION})", f"{stem}.png")
         print(f"{group} ROIs, mean test r (rows: model subject, columns: target subject)\n{mean_r.round(3)}")
         matrices[group] = (mean_r, frac)
@@ -357,7 +362,7 @@ def pending_rois(opts, root, subj, hemi, tag, settings):
     """The ROIs still to fit, as a list of (roi, voxels, result path), and the absent ones, as
     {roi: voxel count}; absent and finished ones are skipped with a line.
 
-    A finished result made with other voxels or ``settings`` is an error (utils.check_same_settings).
+    A finished result made with other voxels or ``settings`` is an error (safe_io.check_same_settings).
     Nothing is written here: the caller records the absent ROIs once every input is checked.
     """
     pending, absent = [], {}
@@ -369,7 +374,7 @@ def pending_rois(opts, root, subj, hemi, tag, settings):
                        f"(fewer than MIN_VOXELS={opts.MIN_VOXELS}); recorded as absent")
             absent[roi] = len(voxels)
         elif ru.result_complete(path) and not opts.OVERWRITE:
-            utils.check_same_settings(path, ru.load_result(path), {"voxels": voxels, **settings},
+            safe_io.check_same_settings(path, ru.load_result(path), {"voxels": voxels, **settings},
                                       "use --overwrite to refit it, or another --root")
             tqdm.write(f"skip {roi}: {path} exists (use --overwrite to refit)")
         else:
@@ -377,9 +382,9 @@ def pending_rois(opts, root, subj, hemi, tag, settings):
     return pending, absent
 
 
-@utils.cli
+@options.cli
 def main(argv=None):
-    opts = utils.parse_options(sys.modules[__name__], argv)
+    opts = options.parse_options(sys.modules[__name__], argv)
     check_transfer(opts)
     if opts.TRANSFER_MATRIX:
         return run_transfer_matrix(opts)
@@ -388,7 +393,7 @@ def main(argv=None):
     tag = ru.method_tag(method, subj, model_subj, opts.PROTOCOL)
     device = utils.resolve_device(opts.DEVICE)
     scratch = spill_folder(opts)
-    utils.check_writable(utils.encoding_dir(root, subj), utils.cache_dir(root), scratch)
+    safe_io.check_writable(utils.encoding_dir(root, subj), utils.cache_dir(root), scratch)
     epochs = utils.method_epochs(opts, method)
     settings = result_settings(opts, method, epochs)
     pending, absent = pending_rois(opts, root, subj, hemi, tag, settings)
@@ -444,7 +449,7 @@ def main(argv=None):
                 checkpoint=None if method == "untuned" else str(
                     utils.method_checkpoint_path(root, method, model_subj, hemi, roi, epochs)),
                 mean_cv_r=float(np.mean(result["cv_r"])), mean_test_r=float(np.mean(result["test_r"])),
-                config=utils.run_config(opts))
+                config=options.run_config(opts))
             with timer("write"):
                 ru.save_result(result, path)
                 record_absent(root, subj, hemi, roi, None)

@@ -22,14 +22,19 @@ import sys
 import numpy as np
 from tqdm.auto import tqdm
 
-import encoding
-import figures
-import models
 import nod_utils
-import results_utils as ru
+import options
+import safe_io
 import utils
 
+# The heavy helpers load on first use, so that --help answers at once.
+models = options.lazy_import("models")
+encoding = options.lazy_import("encoding")
+figures = options.lazy_import("figures")
+ru = options.lazy_import("results_utils")
+
 # --- Options ---
+ROOT = "."  # project folder holding the data folders (training_fmri, training_images, roi_masks, ...)
 NOD_ROOT: str | None = None  # the ds004496 clone holding supportfiles/ (None: ROOT/nod)
 SUBJECTS = [1, 2, 3, 4, 5, 6, 7, 8, 9]  # NOD subjects
 SESSIONS = [1, 2, 3, 4]  # NOD ImageNet sessions
@@ -59,11 +64,11 @@ CHOICES = {"ROIS": nod_utils.NOD_ROIS, "HEMISPHERES": utils.HEMISPHERE_NAMES,
            "HEMISPHERE_CONVENTION": nod_utils.HEMISPHERE_CONVENTIONS, "ZSCORE": nod_utils.ZSCORES,
            "METHODS": utils.METHODS, "NSD_STREAM": list(nod_utils.NSD_ROI)}
 # The NSD models are read from --root, which need not hold the NSD data (roi_masks).
-RANGES = {"SUBJECTS": utils.at_least(1), "SESSIONS": utils.at_least(1), "RUNS": utils.at_least(1),
-          "N_VOXELS": utils.at_least(1), "MODEL_SUBJ": utils.between(1, utils.N_SUBJECTS),
-          "CL_EPOCHS": utils.at_least(1), "REG_EPOCHS": utils.at_least(1), "POOLED_EPOCHS": utils.at_least(1),
-          "SEED": utils.at_least(0), "ALPHAS": utils.ALPHA_GRID, "N_COMPONENTS": utils.at_least(1),
-          "N_FOLDS": utils.at_least(2), "IMAGE_SIZE": utils.ALEXNET_INPUT, "BATCH_SIZE": utils.at_least(1)}
+RANGES = {"SUBJECTS": options.at_least(1), "SESSIONS": options.at_least(1), "RUNS": options.at_least(1),
+          "N_VOXELS": options.at_least(1), "MODEL_SUBJ": options.between(1, utils.N_SUBJECTS),
+          "CL_EPOCHS": options.at_least(1), "REG_EPOCHS": options.at_least(1), "POOLED_EPOCHS": options.at_least(1),
+          "SEED": options.at_least(0), "ALPHAS": utils.ALPHA_GRID, "N_COMPONENTS": options.at_least(1),
+          "N_FOLDS": options.at_least(2), "IMAGE_SIZE": utils.ALEXNET_INPUT, "BATCH_SIZE": options.at_least(1)}
 
 
 def settings(opts, method):
@@ -87,7 +92,7 @@ def pending(opts, subj, hemi, roi, method):
     path = ru.nod_result_path(opts.ROOT, subj, hemi, roi, method)
     if opts.OVERWRITE or not ru.result_complete(path):
         return True
-    utils.check_same_settings(path, ru.load_result(path), settings(opts, method),
+    safe_io.check_same_settings(path, ru.load_result(path), settings(opts, method),
                               "rerun with --overwrite, or write these settings under another --root")
     return False
 
@@ -135,19 +140,19 @@ def fit_method(opts, data, folds, device, subj, hemi, method, todo, cache):
         result.update(subject=subj, hemisphere=hemi, roi=roi, method=method, nsd_roi=nsd_roi,
                       model_subj=opts.MODEL_SUBJ if method in ("cl-tuned", "reg-tuned") else None,
                       vertices=vertices, weights=opts.WEIGHTS if meta is None else meta.get("weights"),
-                      config=utils.run_config(opts))
+                      config=options.run_config(opts))
         result.update(settings(opts, method))
         ru.save_result(result, ru.nod_result_path(opts.ROOT, subj, hemi, roi, method))
         print(f"{nod_utils.sub_name(subj)} {hemi} {roi} {method}: best layer {result['best_layer']}, "
               f"mean CV r {np.mean(result['cv_r']):.3f}, mean test r {np.mean(result['test_r']):.3f}")
 
 
-@utils.cli
+@options.cli
 def main(argv=None):
-    opts = utils.parse_options(sys.modules[__name__], argv)
+    opts = options.parse_options(sys.modules[__name__], argv)
     hemis = [utils.hemi_code(h) for h in opts.HEMISPHERES]
     device = utils.resolve_device(opts.DEVICE)
-    utils.check_writable(ru.nod_results_dir(opts.ROOT), utils.cache_dir(opts.ROOT))
+    safe_io.check_writable(ru.nod_results_dir(opts.ROOT), utils.cache_dir(opts.ROOT))
     for subj in tqdm(opts.SUBJECTS, desc="NOD subjects"):
         jobs = {(method, hemi): [roi for roi in opts.ROIS if pending(opts, subj, hemi, roi, method)]
                 for method in opts.METHODS for hemi in hemis}
@@ -173,8 +178,8 @@ def main(argv=None):
                   "HEMISPHERE_CONVENTION settings are left out of the summary")
         table = table[~other].reset_index(drop=True)
     if table.empty:
-        raise utils.UserError(f"no NOD results under {ru.nod_results_dir(opts.ROOT)}: check SUBJECTS and METHODS")
-    utils.atomic_write_text(table.to_csv(index=False), ru.nod_results_dir(opts.ROOT) / "summary.csv")
+        raise safe_io.UserError(f"no NOD results under {ru.nod_results_dir(opts.ROOT)}: check SUBJECTS and METHODS")
+    safe_io.atomic_write_text(table.to_csv(index=False), ru.nod_results_dir(opts.ROOT) / "summary.csv")
     figures.plot_nod_summary(table, ru.nod_results_dir(opts.ROOT) / "nod_transfer")
     print(table.groupby(["hemisphere", "roi", "method"], sort=False)[["mean_cv_r", "mean_test_r"]].mean().round(3))
     return table

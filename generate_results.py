@@ -13,11 +13,16 @@ Outputs go under ROOT/results and ROOT/classification_preds; reruns skip finishe
 
 import sys
 
-import figures
-import results_utils as ru
+import options
+import safe_io
 import utils
 
+# The heavy helpers load on first use, so that --help answers at once.
+figures = options.lazy_import("figures")
+ru = options.lazy_import("results_utils")
+
 # --- Options ---
+ROOT = "."  # project folder holding the data folders (training_fmri, training_images, roi_masks, ...)
 TYPE = "classification-task"  # the analysis (each type is described at the top of this file)
 DATASET = "caltech256"  # classification dataset in ROOT/datasets/<name>: caltech256, places365, imagenet, sun397
 METHOD = "cl-tuned"  # tuned models to analyse: cl-tuned or reg-tuned (save-embeddings also untuned; pooled types set it)
@@ -43,12 +48,12 @@ OVERWRITE = False  # recompute results that exist
 TYPES = ["classification-task", "classification-task-pooled-avg", "classification-task-pooled-const",
          "lower-bound-mi", "lower-bound-mi-pooled-avg", "lower-bound-mi-pooled-const", "voxel-counts",
          "save-embeddings", "save-test-fmri-responses", "random-rois-list", "figures", "salience-maps", "paper-figures"]
-CHOICES = {"TYPE": TYPES, "DATASET": ru.DATASETS, "METHOD": utils.METHODS, "HEMISPHERES": utils.HEMISPHERE_NAMES,
-           "ROIS": utils.ROIS, "EMBEDDING_LAYER": utils.LAYERS + ["", "best"], "EMBEDDING_SPLIT": ru.EMBEDDING_SPLITS,
-           "FEATURE_PRECISION": utils.PRECISIONS, "MAPS": figures.MAPS}
-RANGES = {"SUBJECTS": utils.SUBJECT, "EPOCHS": utils.at_least(1), "SEED": utils.at_least(0),
-          "IMAGE_SIZE": utils.ALEXNET_INPUT, "BATCH_SIZE": utils.at_least(1), "N_RANDOM_ROIS": utils.at_least(1),
-          "MIN_VOXELS": utils.at_least(1), "IMAGE_INDEX": utils.at_least(0)}
+CHOICES = {"TYPE": TYPES, "DATASET": utils.CLASSIFICATION_DATASETS, "METHOD": utils.METHODS, "HEMISPHERES": utils.HEMISPHERE_NAMES,
+           "ROIS": utils.ROIS, "EMBEDDING_LAYER": utils.LAYERS + ["", "best"], "EMBEDDING_SPLIT": utils.EMBEDDING_SPLITS,
+           "FEATURE_PRECISION": utils.PRECISIONS, "MAPS": utils.CORTICAL_MAPS}
+RANGES = {"SUBJECTS": utils.SUBJECT, "EPOCHS": options.at_least(1), "SEED": options.at_least(0),
+          "IMAGE_SIZE": utils.ALEXNET_INPUT, "BATCH_SIZE": options.at_least(1), "N_RANDOM_ROIS": options.at_least(1),
+          "MIN_VOXELS": options.at_least(1), "IMAGE_INDEX": options.at_least(0)}
 
 
 def model_subjects(opts, method):
@@ -85,7 +90,7 @@ def lower_bound_mi(opts, model_opts):
 
 def voxel_counts(opts, model_opts):
     path = utils.results_dir(opts.ROOT) / "voxel_counts.csv"
-    utils.atomic_write_text(ru.voxel_counts(opts.ROOT).to_csv(index=False), path)
+    safe_io.atomic_write_text(ru.voxel_counts(opts.ROOT).to_csv(index=False), path)
     print(f"wrote {path}")
 
 
@@ -108,7 +113,7 @@ def save_test_fmri(opts, model_opts):
 def random_rois(opts, model_opts):
     chosen = ru.random_rois(ru.voxel_counts(opts.ROOT), opts.N_RANDOM_ROIS, opts.SEED, opts.MIN_VOXELS)
     path = utils.results_dir(opts.ROOT) / f"random_rois_n{opts.N_RANDOM_ROIS}_seed{opts.SEED}.csv"
-    utils.atomic_write_text(chosen.to_csv(index=False), path)
+    safe_io.atomic_write_text(chosen.to_csv(index=False), path)
     print(chosen.to_string(index=False))
     print(f"wrote {path}")
 
@@ -120,7 +125,7 @@ def results_figures(opts, model_opts):
 
 def salience_maps(opts, model_opts):
     if len(opts.ROIS) != 1 or len(opts.SUBJECTS) != 1:
-        raise utils.UserError(f"salience-maps takes one subject and one ROI, got --subjects {opts.SUBJECTS} "
+        raise safe_io.UserError(f"salience-maps takes one subject and one ROI, got --subjects {opts.SUBJECTS} "
                               f"--rois {opts.ROIS}: pass e.g. --subjects 1 --rois V1v")
     maps = ru.salience_maps(dataset=opts.DATASET, subj=opts.SUBJECTS[0], roi=opts.ROIS[0],
                             image_index=opts.IMAGE_INDEX, **model_opts)
@@ -146,10 +151,10 @@ TASKS = {"classification-task": classification, "classification-task-pooled-avg"
          "paper-figures": paper_figures}
 
 
-@utils.cli
+@options.cli
 def main(argv=None):
-    opts = utils.parse_options(sys.modules[__name__], argv)
-    utils.check_writable(utils.results_dir(opts.ROOT), utils.classification_preds_dir(opts.ROOT),
+    opts = options.parse_options(sys.modules[__name__], argv)
+    safe_io.check_writable(utils.results_dir(opts.ROOT), utils.classification_preds_dir(opts.ROOT),
                          utils.cache_dir(opts.ROOT))
     method = "pooled-" + opts.TYPE.rsplit("-", 1)[1] if "pooled" in opts.TYPE else opts.METHOD
     epochs = opts.EPOCHS

@@ -13,9 +13,12 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+import options
+import safe_io
 import utils
 
 # --- Options ---
+ROOT = "."  # project folder holding the data folders (training_fmri, training_images, roi_masks, ...)
 SUBJECTS: list[int] = []  # subjects to process (empty: every SubjX folder under ROOT/roi_masks)
 OVERWRITE = False  # rewrite mapping files that already exist
 # ---
@@ -32,7 +35,7 @@ def roi_membership(root, subj, hemisphere):
     for cls in utils.ROI_CLASSES:
         labels = utils.load_roi_mask(root, subj, hemisphere, cls)
         if labels.shape != (n,):
-            raise utils.UserError(f"{utils.roi_mask_path(root, subj, hemisphere, cls)} has shape {labels.shape} "
+            raise safe_io.UserError(f"{utils.roi_mask_path(root, subj, hemisphere, cls)} has shape {labels.shape} "
                                   f"but the fsaverage mask has {n} vertices: use masks from the same download")
         mapping = utils.load_roi_mapping(root, subj, cls)
         for code, name in mapping.items():
@@ -52,11 +55,11 @@ def voxel_roi_lists(member):
     return [list(names[i]) for i in inverse.ravel()]
 
 
-@utils.cli
+@options.cli
 def main(argv=None):
-    opts = utils.parse_options(sys.modules[__name__], argv)
+    opts = options.parse_options(sys.modules[__name__], argv)
     subjects = opts.SUBJECTS or utils.find_subjects(opts.ROOT)
-    utils.check_writable(Path(opts.ROOT) / "voxel_roi_mappings")
+    safe_io.check_writable(Path(opts.ROOT) / "voxel_roi_mappings")
     todo = [(subj, hemi) for subj in subjects for hemi in utils.HEMISPHERES]
     for subj, hemi in list(todo):
         path = utils.voxel_roi_mapping_path(opts.ROOT, subj, hemi)
@@ -67,7 +70,7 @@ def main(argv=None):
     members = {job: roi_membership(opts.ROOT, *job) for job in todo}
     for (subj, hemi), member in tqdm(members.items(), desc="writing mappings", leave=False):
         path = utils.voxel_roi_mapping_path(opts.ROOT, subj, hemi)
-        utils.atomic_joblib_dump(voxel_roi_lists(member), path)
+        safe_io.atomic_joblib_dump(voxel_roi_lists(member), path)
         print(f"{path}: {len(member)} vertices, {int(member.any(1).sum())} in at least one ROI")
 
 if __name__ == "__main__":

@@ -23,9 +23,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+import options
+import safe_io
 import utils
 
 # --- Options ---
+ROOT = "."  # project folder holding the data folders (training_fmri, training_images, roi_masks, ...)
 SCRIPT = "cl_model_training.py"  # cl_model_training.py, reg_model_training.py, pooled_model_training.py or fit_encoding_models.py
 SUBJECTS: list[int] = []  # subjects; empty means every roi_masks/SubjX (pooled: the subjects pooled over)
 HEMISPHERES = ["left", "right"]  # hemispheres
@@ -44,8 +47,8 @@ WAIT = True  # wait for the jobs and print their status (False: submit and retur
 CHOICES = {"SCRIPT": ["cl_model_training.py", "reg_model_training.py", "pooled_model_training.py",
                       "fit_encoding_models.py"],
            "HEMISPHERES": utils.HEMISPHERE_NAMES, "ROIS": utils.ROIS, "CLUSTER": ["slurm", "local", "debug"]}
-RANGES = {"SUBJECTS": utils.SUBJECT, "TIME": utils.at_least(1), "GPUS": utils.at_least(0), "CPUS": utils.at_least(1),
-          "MEM_GB": utils.at_least(1), "ARRAY_PARALLELISM": utils.at_least(1)}
+RANGES = {"SUBJECTS": utils.SUBJECT, "TIME": options.at_least(1), "GPUS": options.at_least(0), "CPUS": options.at_least(1),
+          "MEM_GB": options.at_least(1), "ARRAY_PARALLELISM": options.at_least(1)}
 
 
 def run_job(script, argv):
@@ -109,7 +112,7 @@ def executor(opts, n_jobs):
     try:
         import submitit
     except ImportError:
-        raise utils.UserError("launch.py needs submitit, which is not installed: pip install submitit") from None
+        raise safe_io.UserError("launch.py needs submitit, which is not installed: pip install submitit") from None
     ex = submitit.AutoExecutor(folder=Path(opts.ROOT) / opts.LOG_FOLDER, cluster=opts.CLUSTER)
     # Jobs import the scripts by name wherever they start.
     setup = [f"export PYTHONPATH={shlex.quote(str(Path(__file__).resolve().parent))}${{PYTHONPATH:+:$PYTHONPATH}}"]
@@ -135,18 +138,18 @@ def failure_line(error):
     return f"{type(error).__name__}: {text.strip().splitlines()[0] if text.strip() else ''}"
 
 
-@utils.cli
+@options.cli
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    opts = utils.parse_options(sys.modules[__name__], argv[:argv.index("--")] if "--" in argv else argv)
+    opts = options.parse_options(sys.modules[__name__], argv[:argv.index("--")] if "--" in argv else argv)
     subjects = opts.SUBJECTS or utils.find_subjects(opts.ROOT)
     rois = opts.ROIS or utils.ROIS
     extra = shlex.split(opts.ARGS) + extra
     shared_pass = opts.SCRIPT == "fit_encoding_models.py" and encoding_method(extra) == "untuned"
     jobs = job_list(opts.ROOT, opts.SCRIPT, subjects, opts.HEMISPHERES, rois, shared_pass)
     if not jobs:
-        raise utils.UserError(f"no job to run: the ROIs {', '.join(rois)} have fewer than {utils.MIN_VOXELS} voxels "
+        raise safe_io.UserError(f"no job to run: the ROIs {', '.join(rois)} have fewer than {utils.MIN_VOXELS} voxels "
                               f"for subjects {subjects} in {', '.join(opts.HEMISPHERES)}; choose other ROIs or subjects")
     ex = executor(opts, len(jobs))
     with ex.batch():
@@ -164,7 +167,7 @@ def main(argv=None):
             failed += 1
             tqdm.write(f"{job.job_id:>14}  {label:22} FAILED: {failure_line(error)}")
     if failed:
-        raise utils.UserError(f"{failed} of {len(jobs)} {opts.SCRIPT} jobs failed: see the lines above and "
+        raise safe_io.UserError(f"{failed} of {len(jobs)} {opts.SCRIPT} jobs failed: see the lines above and "
                               f"their logs in {ex.folder}")
     return submitted
 

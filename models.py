@@ -23,10 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+import safe_io
 import utils
-
-# h of the pooled "const" method: the largest ROI of the 8 NSD subjects (subj5 rh EBA).
-H_CONST = 5741
 
 
 # --- Loss ------------------------------------------------------------------------------
@@ -115,7 +113,7 @@ class PooledCLModel(nn.Module):
     Parameters
     ----------
     voxel_counts : dict subject (int) -> n_voxels of the ROI in that subject.
-    h : int, hidden size (H_CONST, or the mean voxel count over the subjects).
+    h : int, hidden size (utils.H_CONST, or the mean voxel count over the subjects).
     z : int, embedding size; default int(0.25 h).
     weights, seed : as for CLModel.
     """
@@ -278,7 +276,7 @@ class FeatureNet(NamedTuple):
 def save_checkpoint(model, meta, path):
     """Atomically write {"state_dict": CPU tensors, "meta": plain-Python dict} to ``path``."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    utils.atomic_torch_save({"state_dict": state, "meta": meta}, path)
+    safe_io.atomic_torch_save({"state_dict": state, "meta": meta}, path)
 
 
 def load_checkpoint(path, device="cpu"):
@@ -292,25 +290,25 @@ def load_checkpoint(path, device="cpu"):
     """
     path = Path(path)
     if not path.is_file():
-        raise utils.UserError(f"checkpoint {path} not found: train it first with the matching "
+        raise safe_io.UserError(f"checkpoint {path} not found: train it first with the matching "
                               "*_model_training.py script (see README)")
-    ckpt = utils.load_state_dict_file(path, "checkpoint")
+    ckpt = safe_io.load_state_dict_file(path, "checkpoint")
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("meta"), dict) and "state_dict" in ckpt):
-        raise utils.UserError(f"{path} is not a checkpoint of this project: delete it and re-train")
+        raise safe_io.UserError(f"{path} is not a checkpoint of this project: delete it and re-train")
     meta = ckpt["meta"]
     try:
         # The state dict replaces every weight, so no initial weights are loaded.
         model = from_meta(meta).build(weights="none")
     except ValueError as e:
-        raise utils.UserError(f"{path} is not a checkpoint of this project ({e}): delete it and re-train") from None
+        raise safe_io.UserError(f"{path} is not a checkpoint of this project ({e}): delete it and re-train") from None
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:
-        raise utils.UserError(f"{path} does not match its meta ({str(e).splitlines()[0]}): "
+        raise safe_io.UserError(f"{path} does not match its meta ({str(e).splitlines()[0]}): "
                               "delete it and re-train") from None
-    bad = utils.nonfinite_tensor(model.state_dict())
+    bad = safe_io.nonfinite_tensor(model.state_dict())
     if bad is not None:
-        raise utils.UserError(f"{path} holds non-finite weights ({bad}): the training diverged; "
+        raise safe_io.UserError(f"{path} holds non-finite weights ({bad}): the training diverged; "
                               "delete it and re-train with a lower --lr")
     return Checkpoint(model.to(device).eval(), meta)
 
@@ -320,7 +318,7 @@ def read_meta(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["meta"]
     except Exception as e:
-        raise utils.UserError(f"cannot read checkpoint {path} ({type(e).__name__}): "
+        raise safe_io.UserError(f"cannot read checkpoint {path} ({type(e).__name__}): "
                               "delete it, or re-train with --overwrite") from None
 
 
@@ -350,14 +348,14 @@ def check_checkpoint(meta, path, root, method, subj, hemisphere, roi, image_size
     if image_size is not None:
         requested["image_size"] = int(image_size)
     fix = "train the model for this request (see README), or change the options to match it"
-    utils.check_same_settings(f"checkpoint {path}", meta, requested, fix)
+    safe_io.check_same_settings(f"checkpoint {path}", meta, requested, fix)
     if voxels:
         if "voxels" not in meta:
-            utils.check_same_settings(f"checkpoint {path}", meta, {"voxels": "the ROI's voxel indices"}, fix)
+            safe_io.check_same_settings(f"checkpoint {path}", meta, {"voxels": "the ROI's voxel indices"}, fix)
         stored = checkpoint_voxels(meta)
         expected = {s: select_voxels(utils.roi_voxel_indices(root, s, hemisphere, roi), meta.get("max_voxels"),
                                      meta.get("seed", 0)) for s in stored}
-        utils.check_same_settings(f"checkpoint {path}", {"voxels": stored}, {"voxels": expected},
+        safe_io.check_same_settings(f"checkpoint {path}", {"voxels": stored}, {"voxels": expected},
                                   "the masks under --root changed since training: re-train it with --overwrite")
 
 
@@ -378,7 +376,7 @@ def tuned_meta(root, method, subj, hemisphere, roi, epochs, image_size=None, vox
     path = utils.method_checkpoint_path(root, method, subj, hemisphere, roi, epochs)
     if not path.is_file():
         subj_flag = "" if method.startswith("pooled") else f" --subj {int(subj)}"
-        raise utils.UserError(
+        raise safe_io.UserError(
             f"no {method} checkpoint at {path}: make it with python {utils.METHOD_SCRIPTS[method]}"
             f"{subj_flag} --hemisphere {utils.hemi_code(hemisphere)} --roi {roi} --epochs {int(epochs)}")
     meta = read_meta(path)
@@ -555,8 +553,8 @@ def _resume(model, optimizer, generator, meta, checkpoint, device, overwrite):
     if overwrite:
         partial.unlink()
         return 0, []
-    state = utils.load_state_dict_file(partial, "partial training state")
-    utils.check_same_settings(f"unfinished run {partial}", state.get("meta", {}), training_settings(meta),
+    state = safe_io.load_state_dict_file(partial, "partial training state")
+    safe_io.check_same_settings(f"unfinished run {partial}", state.get("meta", {}), training_settings(meta),
                               "rerun with the same options, or pass --overwrite to start again")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
@@ -572,7 +570,7 @@ def _divergence_error(model, checkpoint, epoch, what, where, lr, temperature):
         cause += f" or the temperature {temperature:g} too low"
     partial = partial_path(checkpoint)
     kept = f"{partial} keeps epoch {epoch - 1}" if partial.exists() else "no training state was kept"
-    return utils.UserError(f"training of {Path(checkpoint).name} diverged: {what} at epoch {epoch}, {where}; "
+    return safe_io.UserError(f"training of {Path(checkpoint).name} diverged: {what} at epoch {epoch}, {where}; "
                            f"likely {cause}; no checkpoint written, {kept}: change the settings and rerun "
                            "with --overwrite")
 
@@ -611,7 +609,7 @@ def train_model(model, datasets, checkpoint, meta, epochs, lr, batch_size, tempe
     """
     device = torch.device(device)
     checkpoint = Path(checkpoint)
-    utils.remove_stale_temps(checkpoint.parent, *(glob.escape(p.name) for p in
+    safe_io.remove_stale_temps(checkpoint.parent, *(glob.escape(p.name) for p in
                                                   (checkpoint, partial_path(checkpoint), log_path(checkpoint))))
     model.to(device)
     if device.type == "cuda":
@@ -629,7 +627,7 @@ def train_model(model, datasets, checkpoint, meta, epochs, lr, batch_size, tempe
             t0 = time.perf_counter()
             try:
                 train_losses = _run_epoch(model, optimizer, datasets, batch_size, device, generator, temperature)
-                bad = utils.nonfinite_tensor(model.state_dict())
+                bad = safe_io.nonfinite_tensor(model.state_dict())
                 if bad is not None:
                     raise _Diverged(f"non-finite weights ({bad})", "after its last step")
             except _Diverged as e:
@@ -643,8 +641,8 @@ def train_model(model, datasets, checkpoint, meta, epochs, lr, batch_size, tempe
                                "history": history, "meta": meta})
             if saving is not None:
                 saving.result()
-            saving = writer.submit(utils.atomic_torch_save, state, partial_path(checkpoint))
-            utils.atomic_write_text(json.dumps(history, indent=1), log_path(checkpoint))
+            saving = writer.submit(safe_io.atomic_torch_save, state, partial_path(checkpoint))
+            safe_io.atomic_write_text(json.dumps(history, indent=1), log_path(checkpoint))
         if saving is not None:
             saving.result()
     meta = dict(meta, history=history)
@@ -692,7 +690,7 @@ def roi_meta(model_config, roi, hemisphere, voxels, epochs, lr, batch_size, temp
     voxels : {subject: voxel indices} the model is trained on (one subject unless pooled).
     epochs, lr, batch_size, temperature, image_size, max_voxels : the training settings
         (temperature is not recorded for a regression model, h_method only for a pooled one).
-    config : the run's options whole (utils.run_config), or None.
+    config : the run's options whole (options.run_config), or None.
 
     Returns
     -------
@@ -726,7 +724,7 @@ class RoiPlan(NamedTuple):
 
 
 def plan_roi(kind, root, roi, hemisphere, subjects, epochs, lr, batch_size, temperature=0.3, weights="imagenet",
-             seed=0, image_size=224, max_voxels=None, h_method="const", h_const=H_CONST, skip_small=False,
+             seed=0, image_size=224, max_voxels=None, h_method="const", h_const=utils.H_CONST, skip_small=False,
              min_voxels=utils.MIN_VOXELS, config=None):
     """The RoiPlan of one model of ``kind`` for one ROI (parameters as ``train_roi``), or None when
     ``skip_small`` skips the ROI."""
@@ -741,12 +739,12 @@ def plan_roi(kind, root, roi, hemisphere, subjects, epochs, lr, batch_size, temp
             if skip_small:
                 tqdm.write(f"skip {roi}: empty in {hemi} of {where}")
                 return None
-            raise utils.UserError(f"ROI {roi} is empty in {hemi} of {where}: choose an ROI with voxels there "
+            raise safe_io.UserError(f"ROI {roi} is empty in {hemi} of {where}: choose an ROI with voxels there "
                                   "(the *_all_rois scripts skip empty ROIs)")
         if skip_small:
             tqdm.write(f"skip {roi}: {counts} voxels in {hemi} of {where} (fewer than MIN_VOXELS={min_voxels})")
             return None
-        raise utils.UserError(f"ROI {roi} has {counts} voxels in {hemi} of {where}, fewer than MIN_VOXELS={min_voxels}: "
+        raise safe_io.UserError(f"ROI {roi} has {counts} voxels in {hemi} of {where}, fewer than MIN_VOXELS={min_voxels}: "
                               "choose a larger ROI (the authors skip ROIs under 20 voxels) or lower --min-voxels")
     for s, v in indices.items():
         if 0 < len(v) < min_voxels and kind == "pooled":
@@ -762,7 +760,7 @@ def plan_roi(kind, root, roi, hemisphere, subjects, epochs, lr, batch_size, temp
 
 def train_roi(kind, root, roi, hemisphere, subjects, epochs, lr, batch_size, temperature=0.3,
               weights="imagenet", device="auto", seed=0, image_size=224, max_voxels=None,
-              h_method="const", h_const=H_CONST, overwrite=False, skip_small=False, min_voxels=utils.MIN_VOXELS,
+              h_method="const", h_const=utils.H_CONST, overwrite=False, skip_small=False, min_voxels=utils.MIN_VOXELS,
               config=None):
     """Train and save one model of ``kind`` ('cl', 'reg' or 'pooled') for one ROI.
 
@@ -776,7 +774,7 @@ def train_roi(kind, root, roi, hemisphere, subjects, epochs, lr, batch_size, tem
     skip_small : print a line and return None for an ROI with fewer than ``min_voxels``
         voxels (in every subject) instead of raising.
     min_voxels : the authors' threshold (utils.MIN_VOXELS), applied before ``max_voxels``.
-    config : the script's options whole (utils.run_config), saved in the meta.
+    config : the script's options whole (options.run_config), saved in the meta.
     Other parameters as for train_model.
 
     Returns
@@ -791,11 +789,11 @@ def train_roi(kind, root, roi, hemisphere, subjects, epochs, lr, batch_size, tem
         return None
     roi = plan.meta["roi"]
     if plan.path.exists() and not overwrite:
-        utils.check_same_settings(plan.path, read_meta(plan.path), training_settings(plan.meta),
+        safe_io.check_same_settings(plan.path, read_meta(plan.path), training_settings(plan.meta),
                                   "use --overwrite to re-train it, or another --root")
         tqdm.write(f"skip {roi}: {plan.path} exists (use --overwrite to re-train)")
         return None
-    utils.check_writable(plan.path.parent, utils.cache_dir(root))
+    safe_io.check_writable(plan.path.parent, utils.cache_dir(root))
     model = plan.config.build()
     datasets = [utils.SubjectData(root, s, plan.meta["hemisphere"], v, image_size) for s, v in plan.voxels.items()]
     train_model(model, datasets, plan.path, plan.meta, epochs, lr, batch_size, temperature, device, seed, overwrite)

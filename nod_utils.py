@@ -50,6 +50,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+import safe_io
 import utils
 
 N_SESSIONS, N_RUNS, N_TRIALS = 4, 10, 100
@@ -71,10 +72,10 @@ SUPPORT_URL = "https://github.com/BNUCNL/NOD-fmri (folder validation/supportfile
 def check_conventions(zscore="run", hemisphere_convention="anatomical"):
     """Raise a UserError for an unknown normalisation or hemisphere convention."""
     if zscore not in ZSCORES:
-        raise utils.UserError(f"unknown ZSCORE {zscore!r}: use run (one mean and std per run, the authors') "
+        raise safe_io.UserError(f"unknown ZSCORE {zscore!r}: use run (one mean and std per run, the authors') "
                               "or vertex (per vertex within each run)")
     if hemisphere_convention not in HEMISPHERE_CONVENTIONS:
-        raise utils.UserError(f"unknown HEMISPHERE_CONVENTION {hemisphere_convention!r}: use anatomical "
+        raise safe_io.UserError(f"unknown HEMISPHERE_CONVENTION {hemisphere_convention!r}: use anatomical "
                               "(CIFTI CORTEX_LEFT/RIGHT) or authors (left = HCP-MMP labels 1..180)")
 
 
@@ -150,11 +151,11 @@ def require_nod_file(nod, path):
         return path
     nod = Path(nod)
     if path.parent == support_dir(nod):
-        raise utils.UserError(f"missing NOD support file {path}: download {path.name} from {SUPPORT_URL} "
+        raise safe_io.UserError(f"missing NOD support file {path}: download {path.name} from {SUPPORT_URL} "
                               f"into {path.parent}")
     rel = path.relative_to(nod) if path.is_relative_to(nod) else path
     clone = "" if (nod / ".datalad").is_dir() else f"datalad clone {DATASET_URL} {nod} && "
-    raise utils.UserError(f"missing NOD file {path}: fetch it with `{clone}cd {nod} && datalad get {rel}`")
+    raise safe_io.UserError(f"missing NOD file {path}: fetch it with `{clone}cd {nod} && datalad get {rel}`")
 
 
 # --- CIFTI -----------------------------------------------------------------------------
@@ -176,11 +177,11 @@ def read_cortex_dscalar(path, dtype=np.float32):
         structures = {name: slc for name, slc, _ in img.header.get_axis(1).iter_structures()}
         data = np.asarray(img.dataobj, dtype=dtype)
     except Exception as e:
-        raise utils.UserError(f"cannot read {path} as a CIFTI-2 dscalar file ({type(e).__name__}: {e}): "
+        raise safe_io.UserError(f"cannot read {path} as a CIFTI-2 dscalar file ({type(e).__name__}: {e}): "
                               "fetch it again with `datalad get`") from None
     missing = [s for s in CORTEX_STRUCTURES if s not in structures]
     if missing:
-        raise utils.UserError(f"{path} has no {', '.join(missing)} brain model: expected a ciftify "
+        raise safe_io.UserError(f"{path} has no {', '.join(missing)} brain model: expected a ciftify "
                               "dscalar file on the fs_LR 32k surfaces")
     left, right = (np.arange(data.shape[1])[structures[s]] for s in CORTEX_STRUCTURES)
     return np.ascontiguousarray(data[:, np.concatenate([left, right])]), len(left), names
@@ -217,7 +218,7 @@ def write_cortex_dscalar(data, n_left, path, n_subcortical=0, map_names=None, me
     header = nib.cifti2.Cifti2Header.from_axes((ax.ScalarAxis(names), bm))
     img = nib.Cifti2Image(data, header)
     img.nifti_header.set_intent("NIFTI_INTENT_CONNECTIVITY_DENSE_SCALARS")
-    with utils.atomic_path(path) as tmp:
+    with safe_io.atomic_path(path) as tmp:
         nib.save(img, tmp)
 
 
@@ -262,18 +263,18 @@ def check_beta_run(path, data, map_names, events, events_file):
     """
     stims = [PurePosixPath(str(s).replace("\\", "/")).name for s in events["stim_file"]]
     if len(map_names) != len(stims):
-        raise utils.UserError(f"{path} has {len(map_names)} beta maps but {events_file} lists {len(stims)} "
+        raise safe_io.UserError(f"{path} has {len(map_names)} beta maps but {events_file} lists {len(stims)} "
                               "trials: fetch both from the same ds004496 release")
     names = [PurePosixPath(str(n).replace("\\", "/")).name for n in map_names]
     bad = [i for i, (a, b) in enumerate(zip(names, stims)) if a != b]
     if bad:
-        raise utils.UserError(f"map {bad[0]} of {path} is named {map_names[bad[0]]!r} but row {bad[0]} of "
+        raise safe_io.UserError(f"map {bad[0]} of {path} is named {map_names[bad[0]]!r} but row {bad[0]} of "
                               f"{events_file} shows {stims[bad[0]]!r} ({len(bad)} of {len(stims)} differ): "
                               "betas and events must list the same stimuli in the same order")
-    bad = utils.first_nonfinite(data)
+    bad = safe_io.first_nonfinite(data)
     if bad is not None:
         row, col = bad
-        raise utils.UserError(f"{path} has a non-finite beta ({data[row, col]}) in map {row}, cortical column "
+        raise safe_io.UserError(f"{path} has a non-finite beta ({data[row, col]}) in map {row}, cortical column "
                               f"{col}: fetch it again with `datalad get`")
 
 
@@ -303,14 +304,14 @@ def load_betas(nod, subj, sessions=range(1, N_SESSIONS + 1), runs=range(1, N_RUN
         path = beta_path(nod, subj, s, r)
         data, left, names = read_cortex_dscalar(path)
         if blocks and (data.shape[1], left) != (blocks[0].shape[1], n_left):
-            raise utils.UserError(f"{path} has {data.shape[1]} cortical grayordinates ({left} left) but "
+            raise safe_io.UserError(f"{path} has {data.shape[1]} cortical grayordinates ({left} left) but "
                                   f"{beta_path(nod, subj, *pairs[0])} has {blocks[0].shape[1]} ({n_left} left): "
                                   "fetch all betas from the same ds004496 release")
         check_beta_run(path, data, names, read_events(nod, subj, s, r), events_path(nod, subj, s, r))
         n_left = left
         blocks.append(zscore_runs(data, [len(data)], zscore))
     betas = np.concatenate(blocks)
-    utils.atomic_np_save(betas, cache)
+    safe_io.atomic_np_save(betas, cache)
     return np.load(cache, mmap_mode="r")
 
 
@@ -321,7 +322,7 @@ def read_events(nod, subj, session, run):
     events = pd.read_csv(path, sep="\t")
     missing = {"trial_type", "stim_file"} - set(events.columns)
     if missing:
-        raise utils.UserError(f"{path} lacks the column(s) {', '.join(sorted(missing))}: "
+        raise safe_io.UserError(f"{path} lacks the column(s) {', '.join(sorted(missing))}: "
                               "expected a ds004496 ImageNet events file")
     return events
 
@@ -338,18 +339,18 @@ def build_labels(nod, subj, sessions=range(1, N_SESSIONS + 1), runs=range(1, N_R
     path = require_nod_file(nod, superclass_path(nod))
     mapping = pd.read_csv(path)
     if "superClassID" not in mapping.columns:
-        raise utils.UserError(f"{path} has no superClassID column: download superClassMapping.csv from {SUPPORT_URL}")
+        raise safe_io.UserError(f"{path} has no superClassID column: download superClassMapping.csv from {SUPPORT_URL}")
     events = pd.concat([read_events(nod, subj, s, r) for s in sessions for r in runs], ignore_index=True)
     trial_type = pd.to_numeric(events["trial_type"], errors="coerce").to_numpy(dtype=np.float64)
     bad = ~np.isfinite(trial_type) | (trial_type != np.round(trial_type)) | (trial_type < 1) \
         | (trial_type > len(mapping))
     if bad.any():
-        raise utils.UserError(f"trial_type {events['trial_type'][np.argmax(bad)]} of {sub_name(subj)} is not a "
+        raise safe_io.UserError(f"trial_type {events['trial_type'][np.argmax(bad)]} of {sub_name(subj)} is not a "
                               f"class id in 1..{len(mapping)}, the classes of {path}: check the events files")
     class_id = trial_type.astype(np.int64)
     labels = pd.DataFrame({"class_id": class_id, "image_name": events["stim_file"].astype(str),
                            "superclass_id": mapping["superClassID"].to_numpy()[class_id - 1]})
-    utils.atomic_write_text(labels.to_csv(index=False), label_csv_path(nod, subj))
+    safe_io.atomic_write_text(labels.to_csv(index=False), label_csv_path(nod, subj))
     return labels
 
 
@@ -365,7 +366,7 @@ def mmp_area_index(nod):
         if m:
             names.append(m.group(1))
     if not names:
-        raise utils.UserError(f"{path} has no L_<area>_ROI rows: download roilbl_mmp.csv from {SUPPORT_URL}")
+        raise safe_io.UserError(f"{path} has no L_<area>_ROI rows: download roilbl_mmp.csv from {SUPPORT_URL}")
     return {name: i + 1 for i, name in enumerate(names)}
 
 
@@ -376,7 +377,7 @@ def load_mmp(nod):
     try:
         labels = scipy.io.loadmat(str(path))["glasser_MMP"]
     except (KeyError, ValueError, OSError) as e:
-        raise utils.UserError(f"cannot read glasser_MMP from {path} ({type(e).__name__}: {e}): "
+        raise safe_io.UserError(f"cannot read glasser_MMP from {path} ({type(e).__name__}: {e}): "
                               f"download MMP_mpmLR32k.mat from {SUPPORT_URL}") from None
     return np.asarray(labels).ravel().astype(np.int64)
 
@@ -395,7 +396,7 @@ def roi_vertices(nod, roi, hemisphere, n_left, convention="anatomical"):
     check_conventions(hemisphere_convention=convention)
     index = mmp_area_index(nod)
     if roi not in index:
-        raise utils.UserError(f"unknown HCP-MMP area {roi!r}: valid names include {', '.join(NOD_ROIS)} "
+        raise safe_io.UserError(f"unknown HCP-MMP area {roi!r}: valid names include {', '.join(NOD_ROIS)} "
                               f"(all are listed in {roi_labels_path(nod)})")
     right = utils.hemi_code(hemisphere) == "rh"
     mmp = load_mmp(nod)
@@ -417,11 +418,11 @@ def load_prf_r2(nod, subj):
     path = require_nod_file(nod, prf_params_path(nod, subj))
     params, n_left, names = read_cortex_dscalar(path, dtype=np.float64)
     if params.shape[0] <= PRF_R2_ROW:
-        raise utils.UserError(f"{path} has {params.shape[0]} maps: expected the pRF parameters with R2 "
+        raise safe_io.UserError(f"{path} has {params.shape[0]} maps: expected the pRF parameters with R2 "
                               f"in map {PRF_R2_ROW}")
     named = [i for i, n in enumerate(names) if str(n).strip().lower() == "r2"]
     if named and named[0] != PRF_R2_ROW:
-        raise utils.UserError(f"{path} names map {named[0]} 'R2' (maps: {', '.join(map(str, names))}) but R2 is "
+        raise safe_io.UserError(f"{path} names map {named[0]} 'R2' (maps: {', '.join(map(str, names))}) but R2 is "
                               f"read from map {PRF_R2_ROW}, as in ds004496: fetch the ds004496 pRF file")
     return np.nan_to_num(params[PRF_R2_ROW], nan=0.0), n_left
 
@@ -454,7 +455,7 @@ def select_vertices(nod, subj, roi, hemisphere, k=50, convention="anatomical"):
     r2, n_left = load_prf_r2(nod, subj)
     n_mmp = len(load_mmp(nod))
     if len(r2) != n_mmp:
-        raise utils.UserError(f"{prf_params_path(nod, subj)} has {len(r2)} cortical grayordinates but "
+        raise safe_io.UserError(f"{prf_params_path(nod, subj)} has {len(r2)} cortical grayordinates but "
                               f"{mmp_path(nod)} labels {n_mmp}: use files on the same fs_LR 32k surfaces "
                               f"(real: {N_CORTEX})")
     top = top_vertices(r2, roi_vertices(nod, roi, hemisphere, n_left, convention), k)
@@ -497,11 +498,11 @@ class NODSubjectData:
         self.labels = build_labels(self.nod, subj, sessions, runs)
         self.betas = load_betas(self.nod, subj, sessions, runs, zscore)
         if len(self.betas) != len(self.labels):
-            raise utils.UserError(f"{sub_name(subj)} has {len(self.betas)} beta maps but {len(self.labels)} "
+            raise safe_io.UserError(f"{sub_name(subj)} has {len(self.betas)} beta maps but {len(self.labels)} "
                                   "events rows: each run's events file must list one row per trial")
         n_mmp = len(load_mmp(self.nod))
         if self.betas.shape[1] != n_mmp:
-            raise utils.UserError(f"the betas of {sub_name(subj)} ({beta_path(self.nod, subj, 1, 1).parent.parent}) "
+            raise safe_io.UserError(f"the betas of {sub_name(subj)} ({beta_path(self.nod, subj, 1, 1).parent.parent}) "
                                   f"have {self.betas.shape[1]} cortical grayordinates but {mmp_path(self.nod)} "
                                   f"labels {n_mmp} (real ds004496: {N_CORTEX} = {N_CORTEX_LEFT} left + "
                                   f"{N_CORTEX_RIGHT} right): use files on the same fs_LR 32k surfaces")

@@ -9,15 +9,19 @@ counts and voxels are in its meta) and the per-epoch losses (<name>.log.json).
 
 import sys
 
-import models
+import options
 import utils
 
+# The heavy helpers load on first use, so that --help answers at once.
+models = options.lazy_import("models")
+
 # --- Options ---
+ROOT = "."  # project folder holding the data folders (training_fmri, training_images, roi_masks, ...)
 HEMISPHERE = "left"  # left or right
 ROI = "V1v"  # one of the 31 ROI names
 SUBJECTS: list[int] = []  # candidate subjects; empty means all under roi_masks (those where the ROI has fewer than MIN_VOXELS voxels are left out)
 H_METHOD = "const"  # const (h = H_CONST) or avg (h = mean voxel count over the subjects)
-H_CONST = models.H_CONST  # h of the const method: the largest ROI of the NSD subjects (subj5 rh EBA)
+H_CONST = utils.H_CONST  # h of the const method: the largest ROI of the NSD subjects (subj5 rh EBA)
 BATCH_SIZE = 1024  # image-fMRI pairs per step
 EPOCHS = utils.DEFAULT_EPOCHS["pooled-avg"]  # passes over each subject's 85% training split
 LR = 1e-4  # Adam learning rate
@@ -33,9 +37,9 @@ OVERWRITE = False  # re-train even if the checkpoint exists
 CHOICES = {"HEMISPHERE": utils.HEMISPHERE_NAMES, "ROI": utils.ROIS, "H_METHOD": ["const", "avg"]}
 # Training skips one-row batches (BatchNorm needs two rows), so batch size 1, like 0 epochs,
 # would save an untrained model.
-RANGES = {"SUBJECTS": utils.SUBJECT, "H_CONST": utils.at_least(1), "BATCH_SIZE": utils.at_least(2),
-          "EPOCHS": utils.at_least(1), "LR": utils.POSITIVE, "TEMPERATURE": utils.POSITIVE, "SEED": utils.at_least(0),
-          "IMAGE_SIZE": utils.ALEXNET_INPUT, "MAX_VOXELS": utils.at_least(1), "MIN_VOXELS": utils.at_least(1)}
+RANGES = {"SUBJECTS": utils.SUBJECT, "H_CONST": options.at_least(1), "BATCH_SIZE": options.at_least(2),
+          "EPOCHS": options.at_least(1), "LR": options.POSITIVE, "TEMPERATURE": options.POSITIVE, "SEED": options.at_least(0),
+          "IMAGE_SIZE": utils.ALEXNET_INPUT, "MAX_VOXELS": options.at_least(1), "MIN_VOXELS": options.at_least(1)}
 
 
 def train(opts, roi, skip_small=False):
@@ -45,12 +49,12 @@ def train(opts, roi, skip_small=False):
         batch_size=opts.BATCH_SIZE, temperature=opts.TEMPERATURE, weights=opts.WEIGHTS, device=opts.DEVICE,
         seed=opts.SEED, image_size=opts.IMAGE_SIZE, max_voxels=opts.MAX_VOXELS, min_voxels=opts.MIN_VOXELS,
         h_method=opts.H_METHOD, h_const=opts.H_CONST, overwrite=opts.OVERWRITE, skip_small=skip_small,
-        config=utils.run_config(opts))
+        config=options.run_config(opts))
 
 
-@utils.cli
+@options.cli
 def main(argv=None):
-    opts = utils.parse_options(sys.modules[__name__], argv)
+    opts = options.parse_options(sys.modules[__name__], argv)
     return train(opts, opts.ROI)
 
 

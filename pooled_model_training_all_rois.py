@@ -9,17 +9,18 @@ import sys
 
 from tqdm.auto import tqdm
 
-import models
+import options
 import utils
 from pooled_model_training import RANGES, train
 
 # --- Options ---
+ROOT = "."  # project folder holding the data folders (training_fmri, training_images, roi_masks, ...)
 HEMISPHERE = "left"  # left or right
 ROIS: list[str] = []  # ROI names to train; empty means all 31
 SHARD = "1/1"  # K/N: train only the K-th of N round-robin parts of the ROI list
 SUBJECTS: list[int] = []  # candidate subjects; empty means all under roi_masks (those where an ROI has fewer than MIN_VOXELS voxels are left out)
 H_METHOD = "const"  # const (h = H_CONST) or avg (h = mean voxel count over the subjects)
-H_CONST = models.H_CONST  # h of the const method: the largest ROI of the NSD subjects (subj5 rh EBA)
+H_CONST = utils.H_CONST  # h of the const method: the largest ROI of the NSD subjects (subj5 rh EBA)
 BATCH_SIZE = 1024  # image-fMRI pairs per step
 EPOCHS = utils.DEFAULT_EPOCHS["pooled-avg"]  # passes over each subject's 85% training split
 LR = 1e-4  # Adam learning rate
@@ -35,9 +36,9 @@ OVERWRITE = False  # re-train ROIs whose checkpoint exists
 CHOICES = {"HEMISPHERE": utils.HEMISPHERE_NAMES, "ROIS": utils.ROIS, "H_METHOD": ["const", "avg"]}
 
 
-@utils.cli
+@options.cli
 def main(argv=None):
-    opts = utils.parse_options(sys.modules[__name__], argv)
+    opts = options.parse_options(sys.modules[__name__], argv)
     rois = utils.shard(opts.ROIS or utils.ROIS, opts.SHARD)
     return [train(opts, roi, skip_small=True) for roi in tqdm(rois, desc="ROIs")]
 

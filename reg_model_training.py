@@ -7,10 +7,14 @@ resumes from its last finished epoch when started again with the same options.
 
 import sys
 
-import models
+import options
 import utils
 
+# The heavy helpers load on first use, so that --help answers at once.
+models = options.lazy_import("models")
+
 # --- Options ---
+ROOT = "."  # project folder holding the data folders (training_fmri, training_images, roi_masks, ...)
 SUBJ = 1  # subject whose fMRI tunes the model
 HEMISPHERE = "left"  # left or right
 ROI = "V1v"  # one of the 31 ROI names
@@ -28,9 +32,9 @@ OVERWRITE = False  # re-train even if the checkpoint exists
 CHOICES = {"HEMISPHERE": utils.HEMISPHERE_NAMES, "ROI": utils.ROIS}
 # Training skips one-row batches (BatchNorm needs two rows), so batch size 1, like 0 epochs,
 # would save an untrained model.
-RANGES = {"SUBJ": utils.SUBJECT, "BATCH_SIZE": utils.at_least(2), "EPOCHS": utils.at_least(1),
-          "LR": utils.POSITIVE, "SEED": utils.at_least(0), "IMAGE_SIZE": utils.ALEXNET_INPUT,
-          "MAX_VOXELS": utils.at_least(1), "MIN_VOXELS": utils.at_least(1)}
+RANGES = {"SUBJ": utils.SUBJECT, "BATCH_SIZE": options.at_least(2), "EPOCHS": options.at_least(1),
+          "LR": options.POSITIVE, "SEED": options.at_least(0), "IMAGE_SIZE": utils.ALEXNET_INPUT,
+          "MAX_VOXELS": options.at_least(1), "MIN_VOXELS": options.at_least(1)}
 
 
 def train(opts, roi, skip_small=False):
@@ -40,12 +44,12 @@ def train(opts, roi, skip_small=False):
         batch_size=opts.BATCH_SIZE, weights=opts.WEIGHTS, device=opts.DEVICE, seed=opts.SEED,
         image_size=opts.IMAGE_SIZE, max_voxels=opts.MAX_VOXELS, min_voxels=opts.MIN_VOXELS,
         overwrite=opts.OVERWRITE, skip_small=skip_small,
-        config=utils.run_config(opts))
+        config=options.run_config(opts))
 
 
-@utils.cli
+@options.cli
 def main(argv=None):
-    opts = utils.parse_options(sys.modules[__name__], argv)
+    opts = options.parse_options(sys.modules[__name__], argv)
     return train(opts, opts.ROI)
 
 

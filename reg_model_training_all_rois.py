@@ -9,10 +9,12 @@ import sys
 
 from tqdm.auto import tqdm
 
+import options
 import utils
 from reg_model_training import RANGES, train
 
 # --- Options ---
+ROOT = "."  # project folder holding the data folders (training_fmri, training_images, roi_masks, ...)
 SUBJ = 1  # subject whose fMRI tunes the models
 HEMISPHERE = "left"  # left or right
 ROIS: list[str] = []  # ROI names to train; empty means all 31
@@ -31,9 +33,9 @@ OVERWRITE = False  # re-train ROIs whose checkpoint exists
 CHOICES = {"HEMISPHERE": utils.HEMISPHERE_NAMES, "ROIS": utils.ROIS}
 
 
-@utils.cli
+@options.cli
 def main(argv=None):
-    opts = utils.parse_options(sys.modules[__name__], argv)
+    opts = options.parse_options(sys.modules[__name__], argv)
     rois = utils.shard(opts.ROIS or utils.ROIS, opts.SHARD)
     return [train(opts, roi, skip_small=True) for roi in tqdm(rois, desc="ROIs")]
 

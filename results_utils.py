@@ -4,7 +4,7 @@ Also the one place where encoding results (NSD and NOD) are named, read and writ
 ``generate_results.py``, the encoding scripts, ``figures.py`` and the landscape notebook
 call these functions. In order: numerics (plain arrays in, plain arrays out; bad
 arguments raise ValueError), loading (datasets, saved predictions and results), then
-the tasks that ``generate_results.py`` runs (user errors are utils.UserError).
+the tasks that ``generate_results.py`` runs (user errors are safe_io.UserError).
 """
 
 import json
@@ -26,15 +26,15 @@ from tqdm.auto import tqdm
 
 import models
 import nod_utils
+import safe_io
 import utils
 
-DATASETS = ("caltech256", "places365", "imagenet", "sun397")
 # The classification probe's layer: ReLU(fc7) of AlexNet.
 PROBE_LAYER = "classifier.5"
 # Post-hoc temperatures of the MI bound: tau' = TEMPERATURE * beta.
 TEMPERATURE = 0.3
 BETAS = np.logspace(-2, 2, 1000)
-EMBEDDING_SPLITS = ("test", "all")
+
 
 class Embedding(NamedTuple):
     """Points of an embedding (n, n_components) and the eigenvalues (n_components,) of its axes."""
@@ -318,9 +318,9 @@ def dataset_samples(root, name):
     samples : list of (str, int), in the dataset's own order.
     classes : list of str.
     """
-    if name not in DATASETS:
-        raise utils.UserError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}")
-    folder = utils.require_dir(dataset_folder(root, name), f"put the {name} dataset there (see README)")
+    if name not in utils.CLASSIFICATION_DATASETS:
+        raise safe_io.UserError(f"unknown dataset {name!r}: use one of {', '.join(utils.CLASSIFICATION_DATASETS)}")
+    folder = safe_io.require_dir(dataset_folder(root, name), f"put the {name} dataset there (see README)")
     try:
         if name == "caltech256":
             ds = tvd.ImageFolder(folder)
@@ -335,10 +335,10 @@ def dataset_samples(root, name):
             ds = tvd.SUN397(folder, download=False)
             samples, classes = list(zip(map(str, ds._image_files), ds._labels)), ds.classes
     except (RuntimeError, FileNotFoundError) as e:
-        raise utils.UserError(f"cannot read the {name} dataset in {folder} ({str(e).splitlines()[0]}): "
+        raise safe_io.UserError(f"cannot read the {name} dataset in {folder} ({str(e).splitlines()[0]}): "
                               "place the files as the README shows") from None
     if not samples:
-        raise utils.UserError(f"no images found in {folder}: place the {name} images there (see README)")
+        raise safe_io.UserError(f"no images found in {folder}: place the {name} images there (see README)")
     return [(str(p), int(y)) for p, y in samples], list(classes)
 
 
@@ -353,7 +353,7 @@ def decode_cropped(path, image_size):
         with Image.open(path) as im:
             return np.asarray(crop_transform(image_size)(im.convert("RGB")), dtype=np.uint8)
     except (OSError, SyntaxError, ValueError) as e:
-        raise utils.UserError(f"cannot read image {path} ({e}): replace or remove the file") from None
+        raise safe_io.UserError(f"cannot read image {path} ({e}): replace or remove the file") from None
 
 
 def dataset_images(root, name, image_size=224, workers=None):
@@ -406,7 +406,7 @@ def probe_path(root, dataset, name):
 
 def save_predictions(root, dataset, name, probe, labels, meta):
     """Write a model's test probabilities, labels, accuracy and meta (plain strings / numbers)."""
-    with utils.atomic_path(preds_path(root, dataset, name)) as tmp, open(tmp, "wb") as f:
+    with safe_io.atomic_path(preds_path(root, dataset, name)) as tmp, open(tmp, "wb") as f:
         np.savez(f, probs=probe["probs"], labels=labels, accuracy=probe["accuracy"], meta=json.dumps(meta))
 
 
@@ -421,16 +421,16 @@ def load_predictions(root, dataset, names=None):
     labels : np.ndarray int64 (n_test,).
     metas : list of dict, each with 'accuracy' added.
     """
-    folder = utils.require_dir(utils.classification_preds_dir(root) / dataset,
+    folder = safe_io.require_dir(utils.classification_preds_dir(root) / dataset,
                                f"run generate_results.py --type classification-task --dataset {dataset} first")
     files = sorted(folder.glob("*.npz")) if names is None else [preds_path(root, dataset, n) for n in names]
     if not files:
-        raise utils.UserError(f"no saved predictions in {folder}: run generate_results.py --type classification-task first")
+        raise safe_io.UserError(f"no saved predictions in {folder}: run generate_results.py --type classification-task first")
     probs, metas, labels = [], [], None
     for f in files:
-        with np.load(utils.require_file(f, "run generate_results.py --type classification-task for that model")) as z:
+        with np.load(safe_io.require_file(f, "run generate_results.py --type classification-task for that model")) as z:
             if labels is not None and not np.array_equal(z["labels"], labels):
-                raise utils.UserError(f"{f} was scored on other test images than {files[0]}: rerun with --overwrite")
+                raise safe_io.UserError(f"{f} was scored on other test images than {files[0]}: rerun with --overwrite")
             labels = z["labels"]
             probs.append(z["probs"])
             metas.append({**json.loads(str(z["meta"])), "accuracy": float(z["accuracy"])})
@@ -462,7 +462,7 @@ def classification_tables(root, dataset, method, epochs):
     """ClassificationTables: accuracy tables {hemisphere: DataFrame ROI x subject} and the untuned accuracy."""
     files = _summary_files(utils.results_dir(root) / "classification" / dataset, method, epochs)
     if not files:
-        raise utils.UserError(f"no {method} classification results for {dataset} under {utils.results_dir(root)}: "
+        raise safe_io.UserError(f"no {method} classification results for {dataset} under {utils.results_dir(root)}: "
                               "run generate_results.py --type classification-task first")
     tables, untuned = {}, None
     for h, cols in files.items():
@@ -476,7 +476,7 @@ def mi_tables(root, method, epochs, value="scaled_bits"):
     """MI-bound tables {hemisphere: MITables(tuned, untuned)}, each a DataFrame ROI x subject of ``value``."""
     files = _summary_files(utils.results_dir(root) / "mi_bounds", method, epochs)
     if not files:
-        raise utils.UserError(f"no {method} MI bounds under {utils.results_dir(root) / 'mi_bounds'}: "
+        raise safe_io.UserError(f"no {method} MI bounds under {utils.results_dir(root) / 'mi_bounds'}: "
                               "run generate_results.py --type lower-bound-mi first")
     tables = {}
     for h, cols in files.items():
@@ -515,7 +515,7 @@ def load_result(path):
         with np.load(path) as f:
             out.update({k: f[k] for k in f.files})
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
-        raise utils.UserError(f"cannot read the result {path} ({type(e).__name__}): it is truncated or corrupt; "
+        raise safe_io.UserError(f"cannot read the result {path} ({type(e).__name__}): it is truncated or corrupt; "
                               "delete it and its .json, or refit that ROI with --overwrite") from None
     return out
 
@@ -527,9 +527,9 @@ def save_result(result, path):
     Neither file is a pickle, so reading a result never runs code from the file.
     """
     arrays = {k: v for k, v in result.items() if isinstance(v, np.ndarray)}
-    with utils.atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with safe_io.atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
-    utils.atomic_json_dump({k: v for k, v in result.items() if k not in arrays}, Path(path).with_suffix(".json"))
+    safe_io.atomic_json_dump({k: v for k, v in result.items() if k not in arrays}, Path(path).with_suffix(".json"))
 
 
 def result_complete(path):
@@ -605,13 +605,13 @@ def select_rois(root, method, subj, hemisphere, rois, epochs, min_voxels=utils.M
     None: the task uses the checkpoint's) before the task does any work.
     """
     if method not in utils.METHOD_SCRIPTS:
-        raise utils.UserError(f"method {method!r} has no per-ROI checkpoints: use one of {', '.join(utils.METHOD_SCRIPTS)}")
+        raise safe_io.UserError(f"method {method!r} has no per-ROI checkpoints: use one of {', '.join(utils.METHOD_SCRIPTS)}")
     if rois:
         for roi in rois:
             path = utils.method_checkpoint_path(root, method, subj, hemisphere, utils.check_roi(roi), epochs)
-            utils.require_file(path, f"make it with python {utils.METHOD_SCRIPTS[method]}")
+            safe_io.require_file(path, f"make it with python {utils.METHOD_SCRIPTS[method]}")
             if not large_enough(root, method, subj, hemisphere, roi, min_voxels):
-                raise utils.UserError(f"ROI {roi} has fewer than MIN_VOXELS={min_voxels} voxels in "
+                raise safe_io.UserError(f"ROI {roi} has fewer than MIN_VOXELS={min_voxels} voxels in "
                                       f"{utils.hemi_code(hemisphere)} of {utils.subj_dir(subj)}: "
                                       "drop it or lower --min-voxels")
         found = list(rois)
@@ -621,7 +621,7 @@ def select_rois(root, method, subj, hemisphere, rois, epochs, min_voxels=utils.M
                  and large_enough(root, method, subj, hemisphere, r, min_voxels)]
     if not found:
         example = utils.method_checkpoint_path(root, method, subj, hemisphere, "V1v", epochs)
-        raise utils.UserError(f"no {method} checkpoints like {example}: train them with {utils.METHOD_SCRIPTS[method]}")
+        raise safe_io.UserError(f"no {method} checkpoints like {example}: train them with {utils.METHOD_SCRIPTS[method]}")
     for roi in found:
         models.tuned_meta(root, method, subj, hemisphere, roi, epochs, image_size)
     return found
@@ -653,13 +653,13 @@ def untuned_features(root, dataset, images, weights, seed, device, batch_size, p
     if path.is_file():
         return np.load(path, mmap_mode="r")
     alexnet = utils.load_alexnet(weights, seed)
-    utils.atomic_np_save(probe_features(alexnet, images, device, batch_size, precision), path)
+    safe_io.atomic_np_save(probe_features(alexnet, images, device, batch_size, precision), path)
     return np.load(path, mmap_mode="r")
 
 
 def _score_model(root, dataset, name, feats, labels, train, test, n_classes, meta):
     probe = fit_probe(feats, labels, train, test, n_classes)
-    with utils.atomic_path(probe_path(root, dataset, name)) as tmp, open(tmp, "wb") as f:
+    with safe_io.atomic_path(probe_path(root, dataset, name)) as tmp, open(tmp, "wb") as f:
         np.savez(f, **{k: probe[k] for k in ("mean", "scale", "coef", "intercept", "classes")})
     save_predictions(root, dataset, name, probe, labels[test], meta)
     return probe["accuracy"]
@@ -705,8 +705,8 @@ def classification_task(root, dataset, method, subj, hemisphere, rois, epochs, w
                 "hemisphere": utils.hemi_code(hemisphere), "roi": roi, "epochs": int(epochs), "image_size": image_size,
                 "precision": precision}
         summary["rois"][roi] = _score_model(root, dataset, name, feats, labels, train, test, len(classes), meta)
-        utils.atomic_json_dump(summary, out)
-    utils.atomic_json_dump(summary, out)
+        safe_io.atomic_json_dump(summary, out)
+    safe_io.atomic_json_dump(summary, out)
     return summary
 
 
@@ -745,7 +745,7 @@ def mi_task(root, method, subj, hemisphere, rois, epochs, device="cpu", batch_si
     summary : dict.
     """
     if method not in ("cl-tuned", "pooled-avg", "pooled-const"):
-        raise utils.UserError(f"the MI bound needs an fMRI embedding, which {method} models lack: "
+        raise safe_io.UserError(f"the MI bound needs an fMRI embedding, which {method} models lack: "
                               "use --method cl-tuned or a lower-bound-mi-pooled-* type")
     rois = select_rois(root, method, subj, hemisphere, rois, epochs, min_voxels)
     out = utils.results_dir(root) / "mi_bounds" / f"{summary_stem(method, subj, hemisphere, epochs)}.json"
@@ -766,10 +766,10 @@ def mi_task(root, method, subj, hemisphere, rois, epochs, device="cpu", batch_si
                                                                     precision))
                                   for name, m in (("tuned", model), ("untuned", reference))}
             except ValueError as e:
-                raise utils.UserError(f"{utils.subj_dir(s)}: {e}: use a dataset with more test images") from None
+                raise safe_io.UserError(f"{utils.subj_dir(s)}: {e}: use a dataset with more test images") from None
         summary["rois"][roi] = result
-        utils.atomic_json_dump(summary, out)
-    utils.atomic_json_dump(summary, out)
+        safe_io.atomic_json_dump(summary, out)
+    safe_io.atomic_json_dump(summary, out)
     return summary
 
 
@@ -779,9 +779,9 @@ def best_encoding_layer(root, method, subj, hemisphere, roi):
     """The best layer fit_encoding_models.py chose for a method on its own subject and ROI."""
     path = result_path(root, subj, method, hemisphere, roi).with_suffix(".json")
     fix = f"run fit_encoding_models.py --method {method} --subj {int(subj)} first"
-    layer = json.loads(utils.require_file(path, fix).read_text()).get("best_layer")
+    layer = json.loads(safe_io.require_file(path, fix).read_text()).get("best_layer")
     if layer not in utils.LAYERS:
-        raise utils.UserError(f"{path} records no best layer (the ROI was absent or too small): choose --embedding-layer")
+        raise safe_io.UserError(f"{path} records no best layer (the ROI was absent or too small): choose --embedding-layer")
     return layer
 
 
@@ -798,8 +798,8 @@ def _model_outputs(forward, images, rows, batch_size=256, device="cpu", precisio
 
 def split_rows(n_images, split="test"):
     """Rows of a subject's images in an export: the test split in split order (the authors'), or all, sorted."""
-    if split not in EMBEDDING_SPLITS:
-        raise utils.UserError(f"unknown split {split!r}: use test (the authors') or all")
+    if split not in utils.EMBEDDING_SPLITS:
+        raise safe_io.UserError(f"unknown split {split!r}: use test (the authors') or all")
     return utils.train_test_split(n_images)[1] if split == "test" else np.arange(n_images)
 
 
@@ -818,11 +818,11 @@ def save_embeddings(root, method, subj, hemisphere, rois, epochs, layer=PROBE_LA
     Returns the paths written or found, the ids file first.
     """
     if method not in ("untuned", "cl-tuned", "reg-tuned"):
-        raise utils.UserError(f"save-embeddings takes --method untuned, cl-tuned or reg-tuned, not {method!r}")
+        raise safe_io.UserError(f"save-embeddings takes --method untuned, cl-tuned or reg-tuned, not {method!r}")
     if layer and layer != "best" and layer not in utils.LAYERS:
-        raise utils.UserError(f"unknown layer {layer!r}: use '' (the model output), 'best' or one of {', '.join(utils.LAYERS)}")
+        raise safe_io.UserError(f"unknown layer {layer!r}: use '' (the model output), 'best' or one of {', '.join(utils.LAYERS)}")
     if layer == "best" and method == "untuned":
-        raise utils.UserError("--embedding-layer best needs an ROI's encoding result: use it with cl-tuned or reg-tuned")
+        raise safe_io.UserError("--embedding-layer best needs an ROI's encoding result: use it with cl-tuned or reg-tuned")
     todo = [None] if method == "untuned" else select_rois(root, method, subj, hemisphere, rois, epochs, min_voxels,
                                                           image_size)
     layers = [best_encoding_layer(root, method, subj, hemisphere, roi) if layer == "best" else layer for roi in todo]
@@ -831,7 +831,7 @@ def save_embeddings(root, method, subj, hemisphere, rois, epochs, layer=PROBE_LA
     images = utils.subject_images(root, subj, image_size)
     folder = utils.results_dir(root) / "embeddings"
     out = [folder / f"subj{int(subj)}_{split}_nsd_ids.npy"]
-    utils.atomic_np_save(utils.nsd_ids(paths)[rows], out[0])
+    safe_io.atomic_np_save(utils.nsd_ids(paths)[rows], out[0])
     for roi, roi_layer in zip(tqdm(todo, desc="embeddings"), layers):
         name = f"subj{int(subj)}_untuned" if roi is None else model_name(method, subj, hemisphere, roi, epochs)
         path = folder / f"{name}_{roi_layer or 'output'}_{split}.npy"
@@ -849,7 +849,7 @@ def save_embeddings(root, method, subj, hemisphere, rois, epochs, layer=PROBE_LA
             model = model.to(device).eval()
             emb = _model_outputs(model.embed_images if method == "cl-tuned" else model, images, rows,
                                  batch_size, device, precision)
-        utils.atomic_np_save(emb.astype(np.float32), path)
+        safe_io.atomic_np_save(emb.astype(np.float32), path)
     return out
 
 
@@ -874,7 +874,7 @@ def save_test_fmri(root, subjects, hemispheres, rois, overwrite=False, min_voxel
                 voxels = utils.roi_voxel_indices(root, subj, h, roi)
                 if len(voxels) < min_voxels:
                     if rois:
-                        raise utils.UserError(f"ROI {roi} has {len(voxels)} voxels in {h} of {utils.subj_dir(subj)}, "
+                        raise safe_io.UserError(f"ROI {roi} has {len(voxels)} voxels in {h} of {utils.subj_dir(subj)}, "
                                               f"fewer than MIN_VOXELS={min_voxels}: choose a larger ROI or lower "
                                               "--min-voxels")
                     continue
@@ -887,11 +887,11 @@ def save_test_fmri(root, subjects, hemispheres, rois, overwrite=False, min_voxel
     for subj, h, ids, todo, pending in jobs:
         test = split_rows(len(ids), "test")
         index_paths = [folder / f"subj{int(subj)}_test_indices.npy", folder / f"subj{int(subj)}_test_nsd_ids.npy"]
-        utils.atomic_np_save(test, index_paths[0])
-        utils.atomic_np_save(ids[test], index_paths[1])
+        safe_io.atomic_np_save(test, index_paths[0])
+        safe_io.atomic_np_save(ids[test], index_paths[1])
         fmri = _test_fmri(root, subj, h, pending, len(ids)) if pending else {}
         for path, values in fmri.items():
-            utils.atomic_np_save(values[test], path)
+            safe_io.atomic_np_save(values[test], path)
         paths += index_paths + list(todo)
     return paths
 
@@ -919,7 +919,7 @@ def random_rois(counts, n=30, seed=0, min_voxels=utils.MIN_VOXELS):
     """
     pool = counts[counts["n_voxels"] > min_voxels].reset_index(drop=True)
     if n > len(pool):
-        raise utils.UserError(f"asked for {n} random ROIs but only {len(pool)} have more than {min_voxels} voxels: "
+        raise safe_io.UserError(f"asked for {n} random ROIs but only {len(pool)} have more than {min_voxels} voxels: "
                               "ask for fewer")
     pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:n].numpy()
     return pool.iloc[pick].reset_index(drop=True)
@@ -949,7 +949,7 @@ def landscape(root, dataset, names=None, method="inpca", oracle=True, chunk_size
         distances = bhattacharyya_distances(probs, chunk_size, device)
         coords, eigenvalues = embed(distances, method)
     except ValueError as e:
-        raise utils.UserError(f"landscape of {dataset}: {e}") from None
+        raise safe_io.UserError(f"landscape of {dataset}: {e}") from None
     return {"names": names, "metas": metas, "distances": distances, "coords": coords,
             "eigenvalues": eigenvalues, "method": method}
 
@@ -978,7 +978,7 @@ def salience_maps(root, dataset, method, subj, roi, image_index, epochs, weights
     images, labels, classes = dataset_images(root, dataset, image_size)
     _, test = utils.train_test_split(len(labels))
     if not 0 <= image_index < len(test):
-        raise utils.UserError(f"image index {image_index} is outside the {len(test)} test images of {dataset}: "
+        raise safe_io.UserError(f"image index {image_index} is outside the {len(test)} test images of {dataset}: "
                               f"use 0 to {len(test) - 1}")
     image = np.ascontiguousarray(images[test[image_index]])
     label = int(labels[test[image_index]])
@@ -987,11 +987,11 @@ def salience_maps(root, dataset, method, subj, roi, image_index, epochs, weights
     cams, titles = [], []
     for h in (None,) + utils.HEMISPHERES:
         name = "untuned" if h is None else model_name(method, subj, h, roi, epochs)
-        with np.load(utils.require_file(probe_path(root, dataset, name), fix)) as z:
+        with np.load(safe_io.require_file(probe_path(root, dataset, name), fix)) as z:
             probe = {k: z[k] for k in z.files}
         column = np.flatnonzero(probe["classes"] == label)
         if not len(column):
-            raise utils.UserError(f"the probe of {name} saw no training image of class {classes[label]!r}: "
+            raise safe_io.UserError(f"the probe of {name} saw no training image of class {classes[label]!r}: "
                                   "choose another --image-index")
         if h is None:
             alexnet = utils.load_alexnet(weights, seed).to(device)

@@ -58,6 +58,8 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
+import options
+import safe_io
 import utils
 
 # --- Options ---
@@ -72,8 +74,8 @@ MAX_VERTICES: int | None = None  # with MASKS_FROM, keep only this many vertices
 OVERWRITE = False  # rewrite a dataset that already exists under ROOT
 NOD = False  # write a synthetic NOD tree (ds004496 layout, IMAGES // 100 runs of 100 trials) under ROOT/nod instead
 # ---
-RANGES = {"SUBJECTS": utils.at_least(1), "IMAGES": utils.at_least(1), "IMAGE_SIZE": utils.at_least(8),
-          "SEED": utils.at_least(0), "SNR": utils.POSITIVE, "MAX_VERTICES": utils.at_least(1)}
+RANGES = {"SUBJECTS": options.at_least(1), "IMAGES": options.at_least(1), "IMAGE_SIZE": options.at_least(8),
+          "SEED": options.at_least(0), "SNR": options.POSITIVE, "MAX_VERTICES": options.at_least(1)}
 
 GRID = 32  # side of the grey image the pRF model sees
 SFS = np.array([2.0, 4.0, 8.0])  # preferred spatial frequencies, cycles per image
@@ -167,7 +169,7 @@ def _render_chunk(rng, n, size):
 
 def _save_png(image, path):
     from PIL import Image
-    with utils.atomic_path(path) as tmp:
+    with safe_io.atomic_path(path) as tmp:
         Image.fromarray(image).save(tmp, format="PNG", compress_level=1)
 
 
@@ -453,9 +455,9 @@ def params_path(root, subj, hemisphere):
 def load_truth(root, subj, hemisphere):
     """The planted parameters of a hemisphere (see the module docstring) plus "noise_free"."""
     fix = "write the dataset with synthetic_data.py (only synthetic datasets have a ground truth)"
-    with np.load(utils.require_file(params_path(root, subj, hemisphere), fix)) as params:
+    with np.load(safe_io.require_file(params_path(root, subj, hemisphere), fix)) as params:
         truth = dict(params)
-    truth["noise_free"] = np.load(utils.require_file(noise_free_path(root, subj, hemisphere), fix))
+    truth["noise_free"] = np.load(safe_io.require_file(noise_free_path(root, subj, hemisphere), fix))
     return truth
 
 
@@ -491,12 +493,12 @@ def _load_masks(masks_from, subj):
     """
     fix = f"point --masks-from at a folder holding the Algonauts roi_masks {utils.subj_dir(subj)} folder"
     # The utils path helpers give ROOT/roi_masks/SubjX/<file>; here the folder itself holds SubjX.
-    real = lambda path: utils.require_file(Path(masks_from) / path.relative_to("roi_masks"), fix)
+    real = lambda path: safe_io.require_file(Path(masks_from) / path.relative_to("roi_masks"), fix)
     out = {}
     for hemi in utils.HEMISPHERES:
         labels = {cls: utils.load_label_file(real(utils.roi_mask_path("", subj, hemi, cls))) for cls in utils.ROI_CLASSES}
         out[hemi] = (labels, utils.load_label_file(real(utils.fsaverage_mask_path("", subj, hemi))))
-    mappings = {cls: utils.load_mapping_file(real(utils.roi_mapping_path("", subj, cls))) for cls in utils.ROI_CLASSES}
+    mappings = {cls: safe_io.load_mapping_file(real(utils.roi_mapping_path("", subj, cls))) for cls in utils.ROI_CLASSES}
     return out, mappings
 
 
@@ -524,12 +526,12 @@ def write_algonauts_dataset(root, n_subjects=2, n_images=300, image_size=425, se
     """
     root = Path(root)
     if n_subjects < 1 or n_images < 1 or image_size < 8:
-        raise utils.UserError(f"need at least 1 subject, 1 image and 8 px images, got {n_subjects}, "
+        raise safe_io.UserError(f"need at least 1 subject, 1 image and 8 px images, got {n_subjects}, "
                               f"{n_images}, {image_size}: pass positive sizes")
     if not snr > 0:
-        raise utils.UserError(f"snr must be positive, got {snr}: pass e.g. --snr 1.0")
+        raise safe_io.UserError(f"snr must be positive, got {snr}: pass e.g. --snr 1.0")
     if masks_from is not None:
-        masks_from = utils.require_dir(masks_from, "point --masks-from at the folder holding the SubjX roi_masks")
+        masks_from = safe_io.require_dir(masks_from, "point --masks-from at the folder holding the SubjX roi_masks")
         masks = {s: _load_masks(masks_from, s) for s in range(1, n_subjects + 1)}
 
     summary, params = {}, {}
@@ -551,11 +553,11 @@ def write_algonauts_dataset(root, n_subjects=2, n_images=300, image_size=425, se
             fsavg = np.zeros(utils.N_FSAVERAGE_VERTICES, dtype=np.int64)
             fsavg[fsavg_rows] = 1
             for cls, codes in labels.items():
-                utils.atomic_np_save(codes.astype(np.int64), utils.roi_mask_path(root, s, hemi, cls))
+                safe_io.atomic_np_save(codes.astype(np.int64), utils.roi_mask_path(root, s, hemi, cls))
             for cls, mapping in mappings.items():
-                with utils.atomic_path(utils.roi_mapping_path(root, s, cls)) as tmp, open(tmp, "wb") as f:
+                with safe_io.atomic_path(utils.roi_mapping_path(root, s, cls)) as tmp, open(tmp, "wb") as f:
                     np.save(f, mapping, allow_pickle=True)
-            utils.atomic_np_save(fsavg, utils.fsaverage_mask_path(root, s, hemi))
+            safe_io.atomic_np_save(fsavg, utils.fsaverage_mask_path(root, s, hemi))
             params[s, hemi] = plant_params(seed, s, hemi, labels, snr)
             summary[s][hemi] = {"n_vertices": len(labels["streams"]), "roi_sizes": {
                 roi: int((labels[utils.ROI_CLASS[roi]] == utils.ROI_CODE[roi]).sum()) for roi in utils.ROIS}}
@@ -592,7 +594,7 @@ def write_algonauts_dataset(root, n_subjects=2, n_images=300, image_size=425, se
 
     for s in range(1, n_subjects + 1):
         r = rows[s - 1]
-        utils.atomic_np_save(stats[r], truth_dir(root, s) / f"subj{s}_image_stats.npy")
+        safe_io.atomic_np_save(stats[r], truth_dir(root, s) / f"subj{s}_image_stats.npy")
         for hemi in utils.HEMISPHERES:
             p = params[s, hemi]
             prf = p["kind"] == KIND_PRF
@@ -601,13 +603,13 @@ def write_algonauts_dataset(root, n_subjects=2, n_images=300, image_size=425, se
             signal[:, ~prf] = stats_responses(p, stats_z[r])
             sd = signal.std(0)
             signal = (signal - signal.mean(0)) / np.where(sd > 1e-8, sd, np.inf)
-            utils.atomic_np_save(signal, noise_free_path(root, s, hemi))
-            with utils.atomic_path(params_path(root, s, hemi)) as tmp:
+            safe_io.atomic_np_save(signal, noise_free_path(root, s, hemi))
+            with safe_io.atomic_path(params_path(root, s, hemi)) as tmp:
                 np.savez(tmp, sfs=SFS, orientations=ORIENTATIONS, nsd_ids=nsd_ids[r], **p)
             fmri = _rng(seed, 7, s, utils.HEMISPHERES.index(hemi)).standard_normal(signal.shape, dtype=np.float32)
             fmri *= np.sqrt(1 / p["snr"]).astype(np.float32)
             fmri += signal
-            utils.atomic_np_save(fmri, utils.fmri_path(root, s, hemi))
+            safe_io.atomic_np_save(fmri, utils.fmri_path(root, s, hemi))
     return summary
 
 
@@ -700,7 +702,7 @@ def write_nod_dataset(root, n_subjects=2, n_sessions=1, n_runs=2, n_trials=100, 
     n_left, n_right = n_vertices
     n_cortex = n_left + n_right
     meshes = tuple(int(round(n * NOD_MESH_RATIO)) for n in n_vertices)
-    utils.atomic_write_text('{"Name": "synthetic NOD (ds004496 layout)", "BIDSVersion": "1.8.0"}\n',
+    safe_io.atomic_write_text('{"Name": "synthetic NOD (ds004496 layout)", "BIDSVersion": "1.8.0"}\n',
                             nod / "dataset_description.json")
 
     # Atlas: V1..V4 blocks at the start of each hemisphere, the rest spread over other areas;
@@ -714,16 +716,16 @@ def write_nod_dataset(root, n_subjects=2, n_sessions=1, n_runs=2, n_trials=100, 
         for k, roi in enumerate(NOD_PRF_SIGMA):
             block = slice(start + k * roi_size, start + (k + 1) * roi_size)
             mmp[block], roi_of[block] = areas[roi] + offset, roi
-    with utils.atomic_path(nod_utils.mmp_path(nod)) as tmp:
+    with safe_io.atomic_path(nod_utils.mmp_path(nod)) as tmp:
         scipy.io.savemat(tmp, {"glasser_MMP": mmp[None, :].astype(np.float64)})
     rows = [f"L_{a}_ROI,R_{a}_ROI" for a in NOD_MMP_AREAS]
-    utils.atomic_write_text("???,???\n" + "\n".join(rows) + "\n", nod_utils.roi_labels_path(nod))
+    safe_io.atomic_write_text("???,???\n" + "\n".join(rows) + "\n", nod_utils.roi_labels_path(nod))
     wnids = nod_wnids(n_classes)
     superclass = rng.integers(1, 31, n_classes)
     mapping = pd.DataFrame({"classID": wnids, "superClassID": superclass,
                             "className": [f"class {i + 1}" for i in range(n_classes)],
                             "superClassName": [f"superclass {c}" for c in superclass]})
-    utils.atomic_write_text(mapping.to_csv(index=False), nod_utils.superclass_path(nod))
+    safe_io.atomic_write_text(mapping.to_csv(index=False), nod_utils.superclass_path(nod))
 
     for subj in range(1, n_subjects + 1):
         sub = nod_utils.sub_name(subj)
@@ -765,7 +767,7 @@ def write_nod_dataset(root, n_subjects=2, n_sessions=1, n_runs=2, n_trials=100, 
                         for c, t in zip(classes[rows], range(rows.start, rows.stop))]
                 for name, im in zip(stim, images[rows]):
                     path = nod_utils.stimulus_path(nod, name)
-                    with utils.atomic_path(path) as tmp:
+                    with safe_io.atomic_path(path) as tmp:
                         Image.fromarray(im).save(tmp, format="JPEG", quality=95)
                 answered = rng.random(n_trials) < 0.8
                 events = pd.DataFrame({"onset": 4.0 * np.arange(n_trials), "duration": 1.0,
@@ -774,7 +776,7 @@ def write_nod_dataset(root, n_subjects=2, n_sessions=1, n_runs=2, n_trials=100, 
                                        "stim_file": stim})
                 if run % 2 == 0:
                     events["response"] = np.where(answered, rng.integers(1, 3, n_trials), np.nan)
-                utils.atomic_write_text(events.to_csv(sep="\t", index=False, na_rep="n/a"),
+                safe_io.atomic_write_text(events.to_csv(sep="\t", index=False, na_rep="n/a"),
                                         nod_utils.events_path(nod, subj, session, run))
                 gain, offset = rng.uniform(0.5, 2.0), rng.normal(0, 3)
                 nod_utils.write_cortex_dscalar(noisy[rows] * gain + offset, n_left,
@@ -782,15 +784,15 @@ def write_nod_dataset(root, n_subjects=2, n_sessions=1, n_runs=2, n_trials=100, 
                                                map_names=[Path(n).name for n in stim], mesh_sizes=meshes)
                 trial += n_trials
         truth = root / "synthetic_truth" / "nod" / f"{sub}_truth.npz"
-        with utils.atomic_path(truth) as tmp, open(tmp, "wb") as f:
+        with safe_io.atomic_path(truth) as tmp, open(tmp, "wb") as f:
             np.savez(f, signal=signal, planted=planted, x=x, y=y, sigma=sigma)
     return nod
 
 
-@utils.cli
+@options.cli
 def main(argv=None):
-    opts = utils.parse_options(sys.modules[__name__], argv)
-    utils.check_writable(opts.ROOT)
+    opts = options.parse_options(sys.modules[__name__], argv)
+    safe_io.check_writable(opts.ROOT)
     if opts.NOD:
         n_runs = max(1, opts.IMAGES // 100)
         nod = write_nod_dataset(opts.ROOT, opts.SUBJECTS, n_sessions=1, n_runs=n_runs, image_size=opts.IMAGE_SIZE,

@@ -1,35 +1,27 @@
-"""Shared helpers: constants, paths, ROI masks, datasets, splits, image cache, AlexNet, options.
+"""The science helpers: ROIs and their groups, paths, ROI masks, fMRI and images, splits and
+folds, the image cache, AlexNet and feature extraction.
 
 Scripts import this module; it never imports a script. Every path is built from a
 ``root`` folder given by the caller, so nothing here depends on the working directory.
+The safeguards (atomic writes, safe loading, settings checks) are in safe_io.py, the
+command-line options in options.py.
 """
 
-import argparse
-import ast
-import errno
-import fnmatch
 import glob
 import hashlib
-import inspect
-import io
-import json
 import os
-import pickle
 import re
-import secrets
-import shutil
-import socket
-import sys
-import tokenize
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Callable, NamedTuple
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
+
+import options
+import safe_io
+
+# Imported on first use, so that a script's --help answers before torch loads.
+torch = options.lazy_import("torch")
 
 CODE_VERSION = "1.0"
 
@@ -80,10 +72,6 @@ IMAGENET_WEIGHTS_FILE = "alexnet-owt-7be5be79.pth"
 IMAGENET_WEIGHTS_URL = "https://download.pytorch.org/models/" + IMAGENET_WEIGHTS_FILE
 
 
-class UserError(Exception):
-    """A problem with the user's input: reported as one line, without a traceback."""
-
-
 # --- Paths -----------------------------------------------------------------------------
 
 def subj_dir(subj):
@@ -98,13 +86,13 @@ def hemi_code(hemisphere):
         return "lh"
     if h in ("right", "rh", "r"):
         return "rh"
-    raise UserError(f"unknown hemisphere {hemisphere!r}: use 'left' or 'right'")
+    raise safe_io.UserError(f"unknown hemisphere {hemisphere!r}: use 'left' or 'right'")
 
 
 def check_roi(roi):
     """Return ``roi`` if it is one of the 31 ROI names, else raise a UserError listing them."""
     if roi not in ROI_CLASS:
-        raise UserError(f"unknown ROI {roi!r}: valid names are {', '.join(ROIS)}")
+        raise safe_io.UserError(f"unknown ROI {roi!r}: valid names are {', '.join(ROIS)}")
     return roi
 
 
@@ -145,7 +133,7 @@ def cl_model_path(root, subj, hemisphere, roi, epochs):
 
 def pooled_model_path(root, hemisphere, roi, epochs, h_method):
     if h_method not in ("const", "avg"):
-        raise UserError(f"unknown H_METHOD {h_method!r}: use 'const' or 'avg'")
+        raise safe_io.UserError(f"unknown H_METHOD {h_method!r}: use 'const' or 'avg'")
     return Path(root) / "cl_models" / f"{hemi_code(hemisphere)}_{roi}_pooled_model_e{int(epochs)}_h{h_method}.pt"
 
 
@@ -172,250 +160,13 @@ def cache_dir(root):
     return Path(root) / "cache"
 
 
-def require_dir(path, fix):
-    """Raise a UserError naming ``path`` and ``fix`` unless ``path`` is a folder."""
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"missing folder {path}: {fix}")
-    return path
-
-
-def require_file(path, fix):
-    """Raise a UserError naming ``path`` and ``fix`` unless ``path`` is a file."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"missing file {path}: {fix}")
-    return path
-
-
 def find_subjects(root):
     """Subjects (ints, sorted) that have a folder under ``root/roi_masks``."""
-    masks = require_dir(Path(root) / "roi_masks", "put the Algonauts roi_masks/SubjX folders there (see README)")
+    masks = safe_io.require_dir(Path(root) / "roi_masks", "put the Algonauts roi_masks/SubjX folders there (see README)")
     subjects = sorted(int(p.name[4:]) for p in masks.iterdir() if p.is_dir() and p.name[:4] == "Subj" and p.name[4:].isdigit())
     if not subjects:
-        raise UserError(f"no SubjX folders in {masks}: put the Algonauts roi_masks/SubjX folders there (see README)")
+        raise safe_io.UserError(f"no SubjX folders in {masks}: put the Algonauts roi_masks/SubjX folders there (see README)")
     return subjects
-
-
-# --- Atomic writes and temporary files ------------------------------------------------
-
-# Temporary files and folders are named <name>.tmp-<host>-<pid>-<random>..., so that a
-# later run can tell a killed run's leftovers (process gone: removed) from a live run's.
-TEMP_MARK = ".tmp-"
-_TEMP_OWNER = re.compile(re.escape(TEMP_MARK) + r"(?P<host>[^-/]+)-(?P<pid>\d+)-")
-
-
-def _host():
-    return socket.gethostname().replace("-", "_")
-
-
-def temp_prefix(name):
-    """'<name>.tmp-<host>-<pid>-': the start of the name of a temporary file or folder of this process."""
-    return f"{name}{TEMP_MARK}{_host()}-{os.getpid()}-"
-
-
-def _process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
-def remove_stale_temps(folder, *patterns):
-    """Remove the temporary files and folders in ``folder`` left by killed processes of this host.
-
-    Only names made by temp_prefix count; those of live processes, and of other hosts
-    (whose processes cannot be checked from here), are kept.
-
-    Parameters
-    ----------
-    folder : path-like (a missing folder has nothing to remove).
-    patterns : fnmatch patterns of the final names the temporaries stood for (default: any).
-
-    Returns
-    -------
-    removed : sorted list of Path.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    host, removed = _host(), []
-    for path in folder.iterdir():
-        m = _TEMP_OWNER.search(path.name)
-        if m is None or m["host"] != host or _process_alive(int(m["pid"])):
-            continue
-        target = path.name[:m.start()].removeprefix(".")
-        if patterns and not any(fnmatch.fnmatchcase(target, p) for p in patterns):
-            continue
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-        removed.append(path)
-    return sorted(removed)
-
-
-@contextmanager
-def atomic_path(path):
-    """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically.
-
-    The temporary file is hidden and named by temp_prefix; it is created with mode 0666
-    less the umask, so the output gets the user's usual permissions. A crash inside the
-    block leaves ``path`` untouched and removes the temporary file; a killed run's
-    leftovers for the same ``path`` are removed here. A full disk or quota (ENOSPC,
-    EDQUOT) inside the block is a UserError naming ``path``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(path.parent, glob.escape(path.name))
-    while True:
-        tmp = path.parent / f".{temp_prefix(path.name)}{secrets.token_hex(4)}{path.suffix}"
-        try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            break
-        except FileExistsError:
-            continue
-    try:
-        yield str(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        raise UserError(f"cannot write {path} ({e.strerror}): free disk space under {path.parent} (or raise "
-                        "your quota) and run again; finished outputs are kept and the rerun resumes") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def check_writable(*folders):
-    """Raise a UserError unless every output folder exists and is writable, or can be created.
-
-    Writes nothing: the nearest existing folder on the way must be a writable folder.
-    """
-    for folder in folders:
-        folder = Path(folder)
-        probe = folder
-        while not probe.exists() and probe != probe.parent:
-            probe = probe.parent
-        if not probe.is_dir():
-            raise UserError(f"cannot write to {folder}: {probe} is not a folder; choose another --root "
-                            "or move that file away")
-        if not os.access(probe, os.W_OK | os.X_OK):
-            raise UserError(f"cannot write to {folder}: {probe} is not writable by you; choose another --root "
-                            "or fix its permissions")
-
-
-def atomic_torch_save(obj, path):
-    with atomic_path(path) as tmp:
-        try:
-            torch.save(obj, tmp)
-        except RuntimeError as e:
-            # torch's zip writer reports a failed write (a full disk, a quota) as a RuntimeError
-            # about stream positions, without the OS error; the file system is the likely cause.
-            if "inline_container" not in str(e):
-                raise
-            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}, or over quota: torch could not write "
-                                        "the file") from None
-
-
-def atomic_np_save(array, path):
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, array)
-
-
-def atomic_joblib_dump(obj, path):
-    import joblib
-    with atomic_path(path) as tmp:
-        joblib.dump(obj, tmp)
-
-
-def atomic_write_text(text, path):
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        f.write(text)
-
-
-def atomic_json_dump(obj, path):
-    atomic_write_text(json.dumps(obj, indent=1, sort_keys=True), path)
-
-
-# --- Reading arrays safely ------------------------------------------------------------
-
-def load_npy(path, fix="re-copy the file", mmap_mode=None):
-    """A numeric .npy array (never a pickle); a truncated or corrupt file is a one-line UserError naming it."""
-    try:
-        array = np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"cannot read {path} as a numeric .npy array ({reason}): the file is truncated "
-                        f"or corrupt; {fix}") from None
-    if array.dtype.kind not in "biuf":
-        raise UserError(f"{path} holds {array.dtype} values, not numbers: {fix}")
-    return array
-
-
-def first_nonfinite(array, chunk_rows=1024):
-    """(row, column) of the first NaN or Inf of a 2-D array in row order, or None if all are finite.
-
-    Works in blocks of rows, so a memory-mapped file needs no full-size temporary.
-    """
-    for start in range(0, array.shape[0], chunk_rows):
-        finite = np.isfinite(array[start:start + chunk_rows])
-        if not finite.all():
-            row, col = np.argwhere(~finite)[0]
-            return start + int(row), int(col)
-    return None
-
-
-# A pickled mapping (np.save of a dict) needs only these: numpy's array and scalar
-# re-constructors, ndarray and dtype; builtin dicts, ints and strings need no global.
-_RECONSTRUCT = np.empty(0).__reduce__()[0]
-_SCALAR = np.int64(0).__reduce__()[0]
-_MAPPING_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT, ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
-    ("numpy.core.multiarray", "scalar"): _SCALAR, ("numpy._core.multiarray", "scalar"): _SCALAR,
-    ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
-}
-
-
-class _MappingUnpickler(pickle.Unpickler):
-    """Unpickles only what a saved dict of ints and strings needs; anything else could run code."""
-
-    def find_class(self, module, name):
-        if (module, name) not in _MAPPING_GLOBALS:
-            raise pickle.UnpicklingError(f"it asks for {module}.{name}, which could run code")
-        return _MAPPING_GLOBALS[module, name]
-
-
-def load_mapping_file(path):
-    """The dict code (int) -> ROI name (str) of an Algonauts ``mapping_<class>.npy``, read without running code.
-
-    The file is a pickled 0-d object array; it is unpickled with only numpy's array
-    re-constructors allowed, so a file that would run code is refused with one line.
-    """
-    fix = "re-copy the Algonauts roi_masks folder (mapping files hold a dict of ROI codes to names)"
-    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-    try:
-        with open(path, "rb") as f:
-            if f.read(len(np.lib.format.MAGIC_PREFIX)) != np.lib.format.MAGIC_PREFIX:
-                raise ValueError("it is not a .npy file")
-            f.seek(0)
-            version = np.lib.format.read_magic(f)
-            if version not in readers:
-                raise ValueError(f".npy format version {version}")
-            shape, _, dtype = readers[version](f)
-            if shape != () or dtype != object:
-                raise ValueError(f"a {dtype} array of shape {shape}")
-            mapping = _MappingUnpickler(f).load().item()
-        if not isinstance(mapping, dict):
-            raise ValueError(f"a pickled {type(mapping).__name__}")
-        return {int(k): str(v) for k, v in mapping.items()}
-    except Exception as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"refusing {path}: not a mapping file ({reason}); {fix}") from None
 
 
 # --- ROI masks -------------------------------------------------------------------------
@@ -425,9 +176,9 @@ MASKS_FIX = "copy the Algonauts roi_masks folder for this subject (see README)"
 
 def load_label_file(path):
     """A 1-D numeric mask file (ROI labels or the fsaverage 0/1 mask), with one-line errors."""
-    labels = load_npy(require_file(path, MASKS_FIX), "re-" + MASKS_FIX)
+    labels = safe_io.load_npy(safe_io.require_file(path, MASKS_FIX), "re-" + MASKS_FIX)
     if labels.ndim != 1:
-        raise UserError(f"{path} has shape {labels.shape}: expected one value per vertex; re-{MASKS_FIX}")
+        raise safe_io.UserError(f"{path} has shape {labels.shape}: expected one value per vertex; re-{MASKS_FIX}")
     return labels
 
 
@@ -438,7 +189,7 @@ def load_roi_mask(root, subj, hemisphere, roi_class):
 
 def load_roi_mapping(root, subj, roi_class):
     """Dict code -> ROI name of one class (code 0 is 'Unknown')."""
-    return load_mapping_file(require_file(roi_mapping_path(root, subj, roi_class), MASKS_FIX))
+    return safe_io.load_mapping_file(safe_io.require_file(roi_mapping_path(root, subj, roi_class), MASKS_FIX))
 
 
 def n_vertices(root, subj, hemisphere):
@@ -467,31 +218,31 @@ def load_fmri(root, subj, hemisphere, voxels=None):
     The width is checked against the subject's fsaverage mask; NaN or Inf in the columns
     read is a UserError naming the first bad row and column.
     """
-    path = require_file(fmri_path(root, subj, hemisphere),
+    path = safe_io.require_file(fmri_path(root, subj, hemisphere),
                         "place the Algonauts training_fmri files there (see README)")
-    fmri = load_npy(path, "re-copy the Algonauts training_fmri file", mmap_mode="r")
+    fmri = safe_io.load_npy(path, "re-copy the Algonauts training_fmri file", mmap_mode="r")
     if fmri.ndim != 2:
-        raise UserError(f"{path} has shape {fmri.shape}: expected 2-D (n_images, n_vertices)")
+        raise safe_io.UserError(f"{path} has shape {fmri.shape}: expected 2-D (n_images, n_vertices)")
     expected = n_vertices(root, subj, hemisphere)
     if fmri.shape[1] != expected:
-        raise UserError(f"{path} has {fmri.shape[1]} columns but the roi_masks of {subj_dir(subj)} "
+        raise safe_io.UserError(f"{path} has {fmri.shape[1]} columns but the roi_masks of {subj_dir(subj)} "
                         f"have {expected} {hemi_code(hemisphere)} vertices: use the matching masks")
     out = np.ascontiguousarray(fmri if voxels is None else fmri[:, voxels], dtype=np.float32)
-    bad = first_nonfinite(out)
+    bad = safe_io.first_nonfinite(out)
     if bad is not None:
         row, col = bad
         column = col if voxels is None else int(np.asarray(voxels)[col])
-        raise UserError(f"{path} has a non-finite value ({out[row, col]}) at row {row}, column {column}: "
+        raise safe_io.UserError(f"{path} has a non-finite value ({out[row, col]}) at row {row}, column {column}: "
                         "fMRI responses must be numbers; fix or re-copy the file")
     return out
 
 
 def list_images(root, subj):
     """Sorted PNG paths of a subject; their order is the fMRI row order."""
-    d = require_dir(images_dir(root, subj), "place the Algonauts training_images there (see README)")
+    d = safe_io.require_dir(images_dir(root, subj), "place the Algonauts training_images there (see README)")
     paths = sorted(p for p in d.iterdir() if p.suffix.lower() == ".png")
     if not paths:
-        raise UserError(f"no .png images in {d}: place the Algonauts training_images there (see README)")
+        raise safe_io.UserError(f"no .png images in {d}: place the Algonauts training_images there (see README)")
     return paths
 
 
@@ -501,14 +252,14 @@ def nsd_ids(paths):
     for p in paths:
         m = re.search(r"_nsd-(\d+)", Path(p).name)
         if m is None:
-            raise UserError(f"{p} has no NSD id in its name: Algonauts images are named like train-0001_nsd-00013.png")
+            raise safe_io.UserError(f"{p} has no NSD id in its name: Algonauts images are named like train-0001_nsd-00013.png")
         ids.append(int(m.group(1)))
     return np.asarray(ids, dtype=np.int64)
 
 
 def check_counts(n_images, fmri, what):
     if fmri.shape[0] != n_images:
-        raise UserError(f"{what} has {fmri.shape[0]} rows but there are {n_images} images: "
+        raise safe_io.UserError(f"{what} has {fmri.shape[0]} rows but there are {n_images} images: "
                         "fMRI rows and images must match one to one")
 
 
@@ -523,7 +274,7 @@ def decode_image(path, image_size):
             im = im.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
             return np.asarray(im, dtype=np.uint8)
     except (OSError, SyntaxError, ValueError) as e:
-        raise UserError(f"cannot read image {path} ({e}): replace or remove the file") from None
+        raise safe_io.UserError(f"cannot read image {path} ({e}): replace or remove the file") from None
 
 
 def _cache_key(paths, image_size):
@@ -560,9 +311,9 @@ def image_cache(paths, image_size, cache_folder, name="images", workers=None, de
         return np.load(target, mmap_mode="r")
     for old in cache_folder.glob(f"{name}_s{image_size}_*.npy"):
         old.unlink()
-    remove_stale_temps(cache_folder, f"{glob.escape(name)}_s{image_size}_*.npy")
+    safe_io.remove_stale_temps(cache_folder, f"{glob.escape(name)}_s{image_size}_*.npy")
     cache_folder.mkdir(parents=True, exist_ok=True)
-    with atomic_path(target) as tmp:
+    with safe_io.atomic_path(target) as tmp:
         shape = (len(paths), image_size, image_size, 3)
         try:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
@@ -572,7 +323,7 @@ def image_cache(paths, image_size, cache_folder, name="images", workers=None, de
                 with open(tmp, "r+b") as f:
                     os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
         except OSError as e:
-            raise UserError(f"cannot write the image cache {target} ({e.strerror or e}): it needs "
+            raise safe_io.UserError(f"cannot write the image cache {target} ({e.strerror or e}): it needs "
                             f"{np.prod(shape) / 2**30:.2f} GiB free there; free disk space") from None
         with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
             decoded = pool.map(lambda p: decode(p, image_size), paths)
@@ -672,7 +423,7 @@ def cv_folds(train, n_folds=5):
     train = np.asarray(train, dtype=np.int64)
     v = int(len(train) / n_folds)
     if v < 1:
-        raise UserError(f"{len(train)} training images cannot make {n_folds} folds: use fewer folds or more images")
+        raise safe_io.UserError(f"{len(train)} training images cannot make {n_folds} folds: use fewer folds or more images")
     folds = []
     for k in range(n_folds):
         val = train[k * v:(k + 1) * v]
@@ -689,11 +440,11 @@ def resolve_device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} asked for but CUDA is not available: use --device cpu")
+        raise safe_io.UserError(f"device {name!r} asked for but CUDA is not available: use --device cpu")
     try:
         return torch.device(name)
     except RuntimeError:
-        raise UserError(f"unknown device {name!r}: use auto, cpu or cuda") from None
+        raise safe_io.UserError(f"unknown device {name!r}: use auto, cpu or cuda") from None
 
 
 def autocast(device):
@@ -707,7 +458,7 @@ PRECISIONS = ("fp32", "bf16")
 
 def check_precision(precision):
     if precision not in PRECISIONS:
-        raise UserError(f"unknown feature precision {precision!r}: use fp32 (the authors') or bf16")
+        raise safe_io.UserError(f"unknown feature precision {precision!r}: use fp32 (the authors') or bf16")
     return precision
 
 
@@ -724,26 +475,6 @@ def feature_autocast(device, precision="fp32"):
 def imagenet_weights_path():
     """Where torchvision keeps the ImageNet AlexNet weights ($TORCH_HOME/hub/checkpoints/...)."""
     return Path(torch.hub.get_dir()) / "checkpoints" / IMAGENET_WEIGHTS_FILE
-
-
-def load_state_dict_file(path, what="weights"):
-    """torch.load(path, weights_only=True) with a one-line UserError for missing or corrupt files."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{what} file {path} not found: check the path")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot load {what} file {path} ({type(e).__name__}): the file is corrupt, "
-                        "re-create or re-download it") from None
-
-
-def nonfinite_tensor(state):
-    """Name of the first floating-point tensor of a state dict that holds NaN or Inf, or None."""
-    for name, tensor in state.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            return name
-    return None
 
 
 def load_alexnet(weights="imagenet", seed=0):
@@ -765,19 +496,19 @@ def load_alexnet(weights="imagenet", seed=0):
     if str(weights).lower() == "imagenet":
         path = imagenet_weights_path()
         if not path.is_file():
-            raise UserError(f"ImageNet AlexNet weights not found at {path}: download {IMAGENET_WEIGHTS_URL} "
+            raise safe_io.UserError(f"ImageNet AlexNet weights not found at {path}: download {IMAGENET_WEIGHTS_URL} "
                             "to that path (or set TORCH_HOME), or use --weights none for random weights")
     else:
         path = Path(weights)
-    state = load_state_dict_file(path, "AlexNet weights")
+    state = safe_io.load_state_dict_file(path, "AlexNet weights")
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as e:
-        raise UserError(f"{path} is not an AlexNet state dict ({str(e).splitlines()[0]}): "
+        raise safe_io.UserError(f"{path} is not an AlexNet state dict ({str(e).splitlines()[0]}): "
                         "pass a torchvision AlexNet state dict") from None
-    bad = nonfinite_tensor(model.state_dict())
+    bad = safe_io.nonfinite_tensor(model.state_dict())
     if bad is not None:
-        raise UserError(f"AlexNet weights {path} hold NaN or Inf ({bad}): re-download or re-create the file")
+        raise safe_io.UserError(f"AlexNet weights {path} hold NaN or Inf ({bad}): re-download or re-create the file")
     return model.eval()
 
 
@@ -796,7 +527,6 @@ def feature_extractor(alexnet, layers=LAYERS):
     return create_feature_extractor(alexnet.eval(), return_nodes=list(layers))
 
 
-@torch.no_grad()
 def iter_features(alexnet, images, batch_size=256, device="cpu", layers=LAYERS, indices=None, precision="fp32"):
     """One forward pass per batch through all ``layers`` at once.
 
@@ -818,14 +548,14 @@ def iter_features(alexnet, images, batch_size=256, device="cpu", layers=LAYERS, 
     rows = np.arange(len(images)) if indices is None else np.asarray(indices)
     for start in tqdm(range(0, len(rows), batch_size), desc="features", leave=False):
         x = normalize_images(np.ascontiguousarray(images[rows[start:start + batch_size]]), device)
-        with feature_autocast(device, precision):
+        with torch.no_grad(), feature_autocast(device, precision):
             out = extractor(x)
         feats = {k: v.flatten(1).float() for k, v in out.items()}
         # One device-to-host check per batch for all layers; the bad layer is looked up only on failure.
         if not torch.stack([torch.isfinite(v).all() for v in feats.values()]).all():
             k, v = next((k, v) for k, v in feats.items() if not torch.isfinite(v).all())
-            row, col = first_nonfinite(v.cpu().numpy())
-            raise UserError(f"the AlexNet features of layer {k} are non-finite ({v[row, col].item()}) at image "
+            row, col = safe_io.first_nonfinite(v.cpu().numpy())
+            raise safe_io.UserError(f"the AlexNet features of layer {k} are non-finite ({v[row, col].item()}) at image "
                             f"row {start + row}, column {col}: the network's weights hold NaN or Inf (a diverged "
                             "checkpoint?); re-train that model or check the weights file")
         yield start, feats
@@ -843,248 +573,29 @@ def extract_features(alexnet, images, batch_size=256, device="cpu", layers=LAYER
     return out
 
 
-# --- Options ---------------------------------------------------------------------------
+# --- Option values of the science (used in the scripts' CHOICES and RANGES) -------------
 
 HEMISPHERE_NAMES = ["left", "right", "lh", "rh"]
+# The classification datasets of the probes (folders ROOT/datasets/<name>).
+CLASSIFICATION_DATASETS = ("caltech256", "places365", "imagenet", "sun397")
+# The rows of saved embeddings: the test split in split order (the authors'), or all images.
+EMBEDDING_SPLITS = ("test", "all")
+# The cortical maps of the paper figures: all, per subject the CL gain and the winning method, or none.
+CORTICAL_MAPS = ("all", "summary", "none")
 # The smallest square input for which all eight LAYERS exist: at 62 px the last max-pool
 # (features.12) gets a 2 x 2 map and fails (found by trying torchvision's AlexNet).
 MIN_IMAGE_SIZE = 63
 
 
-class Allowed(NamedTuple):
-    """What an option allows beyond its type, declared in a script's RANGES dict.
-
-    ``text`` is shown by --help and in errors; ``test(value, opts)`` -> bool sees the
-    parsed options (``opts.ROOT``, ...). A list option is tested element by element,
-    unless ``whole``. ``found(opts)``, if given, says in the error what the data hold.
-    """
-    text: str
-    test: Callable
-    whole: bool = False
-    found: Callable = None
-
-
-def at_least(low):
-    return Allowed(f">= {low}", lambda value, opts: value >= low)
-
-
-def above(low):
-    return Allowed(f"> {low}", lambda value, opts: value > low)
-
-
-def between(low, high):
-    return Allowed(f"between {low} and {high}", lambda value, opts: low <= value <= high)
-
-
-POSITIVE = above(0)
-ALEXNET_INPUT = Allowed(f">= {MIN_IMAGE_SIZE} (the smallest input of AlexNet's eight layers)",
+ALEXNET_INPUT = options.Allowed(f">= {MIN_IMAGE_SIZE} (the smallest input of AlexNet's eight layers)",
                         lambda size, opts: size >= MIN_IMAGE_SIZE)
-SUBJECT = Allowed(f"between 1 and {N_SUBJECTS} with a folder roi_masks/SubjX under --root",
+SUBJECT = options.Allowed(f"between 1 and {N_SUBJECTS} with a folder roi_masks/SubjX under --root",
                   lambda subj, opts: 1 <= subj <= N_SUBJECTS and subj in find_subjects(opts.ROOT),
                   found=lambda opts: f"{Path(opts.ROOT) / 'roi_masks'} holds "
                                      + ", ".join(map(subj_dir, find_subjects(opts.ROOT))))
-ALPHA_GRID = Allowed("positive numbers in strictly ascending order, at least one",
+ALPHA_GRID = options.Allowed("positive numbers in strictly ascending order, at least one",
                      lambda alphas, opts: len(alphas) > 0 and alphas[0] > 0
                      and all(a < b for a, b in zip(alphas, alphas[1:])), whole=True)
-
-
-class Option(NamedTuple):
-    """One option of a script: its type (``kind`` is the element type of a list) and help."""
-    name: str
-    kind: type
-    is_list: bool
-    optional: bool  # 'none' gives None
-    help: str
-
-
-_KINDS = {"bool": bool, "int": int, "float": float, "str": str}
-_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
-
-
-def _annotation_type(node, where):
-    """(kind, is_list, optional) of an annotation ``T``, ``list[T]`` or either ``| None``."""
-    optional = (isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr)
-                and isinstance(node.right, ast.Constant) and node.right.value is None)
-    node = node.left if optional else node
-    is_list = isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id == "list"
-    node = node.slice if is_list else node
-    if not (isinstance(node, ast.Name) and node.id in _KINDS):
-        raise RuntimeError(f"{where}: annotate an option as T, list[T] or T | None, T one of {', '.join(_KINDS)}")
-    return _KINDS[node.id], is_list, optional
-
-
-def _value_type(value, where):
-    """(kind, is_list, optional) of an option's value."""
-    is_list = isinstance(value, (list, tuple))
-    if is_list and not value or value is None:
-        raise RuntimeError(f"{where}: annotate an empty-list or None default, e.g. SUBJECTS: list[int] = [] "
-                           "or MAX_VOXELS: int | None = None")
-    kind = type(value[0] if is_list else value)
-    if kind not in _KINDS.values():
-        raise RuntimeError(f"{where}: an option is a bool, int, float or str, or a list of one of them")
-    return kind, is_list, False
-
-
-def _options_block(module):
-    """The options of a script: the statements between ``# --- Options ---`` and the next ``# ---``.
-
-    The block is parsed with ast, so an option may span several lines. Each statement
-    must assign one UPPER_CASE name (``NAME = value`` or ``NAME: type = value``); anything
-    else raises. The type comes from the annotation, else from the value; the help from
-    the comments on the statement's lines.
-
-    Returns
-    -------
-    options : list of Option, in block order.
-    """
-    source = inspect.getsource(module)
-    where = getattr(module, "__file__", module.__name__)
-    lines = [line.strip().lower() for line in source.splitlines()]
-    try:
-        start = next(i for i, line in enumerate(lines) if line.startswith("# --- options")) + 1
-        end = next(i for i, line in enumerate(lines[start:], start) if line.startswith("# ---")) + 1
-    except StopIteration:
-        raise RuntimeError(f"{where} has no '# --- Options ---' block ending with a '# ---' line") from None
-    comments = {}
-    for token in tokenize.generate_tokens(io.StringIO(source).readline):
-        if token.type == tokenize.COMMENT:
-            comments[token.start[0]] = token.string.lstrip("#").strip()
-    options = []
-    for node in ast.parse(source).body:
-        if node.end_lineno < start or node.lineno > end:
-            continue
-        target = None
-        if isinstance(node, ast.Assign) and len(node.targets) == 1:
-            target = node.targets[0]
-        elif isinstance(node, ast.AnnAssign) and node.value is not None:
-            target = node.target
-        line = f"{where}:{node.lineno}"
-        if not (isinstance(target, ast.Name) and target.id.isupper() and start < node.lineno <= node.end_lineno < end):
-            raise RuntimeError(f"{line}: the options block holds only assignments 'NAME = value' of UPPER_CASE names")
-        if any(o.name == target.id for o in options):
-            raise RuntimeError(f"{line}: option {target.id} is assigned twice")
-        if isinstance(node, ast.AnnAssign):
-            kind, is_list, optional = _annotation_type(node.annotation, line)
-        else:
-            kind, is_list, optional = _value_type(getattr(module, target.id), line)
-        text = " ".join(comments[i] for i in range(node.lineno, node.end_lineno + 1) if i in comments)
-        options.append(Option(target.id, kind, is_list, optional, text))
-    return options
-
-
-def _show(value):
-    """A value as the command line writes it."""
-    if isinstance(value, (list, tuple)):
-        return " ".join(map(_show, value)) or "(empty)"
-    if isinstance(value, float):
-        return f"{value:g}"
-    return "''" if value == "" else "none" if value is None else str(value)
-
-
-def _allowed_text(option, choices, allowed):
-    """What an option (each element of a list) allows, in words."""
-    if allowed is not None and allowed.whole:
-        text = allowed.text
-    elif choices is not None:
-        text = "one of " + ", ".join(map(_show, choices))
-    else:
-        noun = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[option.kind]
-        text = noun if allowed is None else f"{noun} {allowed.text}"
-    return text + (" or none" if option.optional else "")
-
-
-def _convert(option, text, allowed_text):
-    """A flag's text in the option's type; anything else is a UserError naming flag, value and what is allowed."""
-    if option.optional and text.lower() == "none":
-        return None
-    try:
-        value = _BOOLS[text.lower()] if option.kind is bool else option.kind(text)
-    except (KeyError, ValueError):
-        value = None
-    if value is None or option.kind is float and not np.isfinite(value):
-        raise UserError(f"{_flag(option.name)} {text}: allowed {allowed_text}")
-    return value
-
-
-def _flag(name):
-    return "--" + name.lower().replace("_", "-")
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose own errors (unknown flag, missing value) are one-line UserErrors."""
-
-    def error(self, message):
-        raise UserError(f"{message}: see python {self.prog} --help")
-
-
-def parse_options(module, argv=None):
-    """Command-line flags built from a script's ``# --- Options ---`` block, checked before any work.
-
-    Each UPPER_CASE constant becomes a flag (``IMAGE_SIZE`` -> ``--image-size``) whose
-    default is the constant and whose help is its comment; ``--root`` (default '.') is
-    added unless the block has ROOT. Lists take several values (``--rois V1v V2v`` or
-    ``--rois V1v,V2v``); ``none`` gives None where the type allows it (``T | None``).
-    The script's ``CHOICES`` dict (option -> allowed names) and ``RANGES`` dict (option ->
-    Allowed) restrict the values; --help lists them, and a value outside them (flag or
-    constant) is a UserError ``--option VALUE: allowed ...``.
-
-    Returns
-    -------
-    opts : SimpleNamespace with one UPPER_CASE attribute per option.
-    """
-    if isinstance(module, str):
-        module = sys.modules[module]
-    options = _options_block(module)
-    if "ROOT" not in [o.name for o in options]:
-        options = [Option("ROOT", str, False, False, "project folder holding the data folders")] + options
-    choices, ranges = getattr(module, "CHOICES", {}), getattr(module, "RANGES", {})
-    undeclared = (set(choices) | set(ranges)) - {o.name for o in options}
-    if undeclared:
-        raise RuntimeError(f"{module.__name__}: CHOICES or RANGES name {', '.join(sorted(undeclared))}, not options")
-    doc = (module.__doc__ or "").strip().splitlines()
-    parser = _Parser(prog=Path(module.__file__).name, description=doc[0] if doc else None)
-    allowed = {o.name: _allowed_text(o, choices.get(o.name), ranges.get(o.name)) for o in options}
-    for o in options:
-        default = getattr(module, o.name, ".")
-        restricted = o.name in choices or o.name in ranges
-        text = f"{o.help} (default: {_show(default)}" + (f"; allowed: {allowed[o.name]})" if restricted else ")")
-        kwargs = (dict(nargs="*", metavar="V") if o.is_list else
-                  dict(nargs="?", const="true", metavar="BOOL") if o.kind is bool else
-                  dict(metavar=o.kind.__name__.upper()))
-        parser.add_argument(_flag(o.name), dest=o.name, default=None, help=text.replace("%", "%%"), **kwargs)
-    args = parser.parse_args(argv)
-    values = {}
-    for o in options:
-        raw = getattr(args, o.name)
-        if raw is None:
-            default = getattr(module, o.name, ".")
-            values[o.name] = list(default) if o.is_list else default
-        elif o.is_list:
-            values[o.name] = [_convert(o, t, allowed[o.name]) for token in raw for t in token.split(",") if t]
-        else:
-            values[o.name] = _convert(o, raw, allowed[o.name])
-    opts = SimpleNamespace(**values)
-    for o in options:
-        check, names, value = ranges.get(o.name), choices.get(o.name), values[o.name]
-        items = [value] if not o.is_list or check is not None and check.whole else value
-        for item in items:
-            if item is not None and (names is not None and item not in names
-                                     or check is not None and not check.test(item, opts)):
-                found = f" ({check.found(opts)})" if check is not None and check.found else ""
-                raise UserError(f"{_flag(o.name)} {_show(item)}: allowed {allowed[o.name]}{found}")
-    return opts
-
-
-def cli(main):
-    """Decorate a script's ``main(argv=None)``: a UserError becomes one line and exit code 2."""
-    def wrapped(argv=None):
-        try:
-            return main(argv)
-        except UserError as e:
-            tqdm.write(f"error: {e}", file=sys.stderr)  # clears a progress bar left open by the error
-            raise SystemExit(2) from None
-    wrapped.__name__, wrapped.__doc__, wrapped.__wrapped__ = main.__name__, main.__doc__, main
-    return wrapped
 
 
 # --- Feature-extraction methods ---------------------------------------------------------
@@ -1109,7 +620,7 @@ def method_checkpoint_path(root, method, subj, hemisphere, roi, epochs):
         return reg_model_path(root, subj, hemisphere, roi, epochs)
     if method in ("pooled-avg", "pooled-const"):
         return pooled_model_path(root, hemisphere, roi, epochs, method.split("-")[1])
-    raise UserError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    raise safe_io.UserError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
 
 
 def shard(items, spec="1/1"):
@@ -1121,14 +632,16 @@ def shard(items, spec="1/1"):
     try:
         k, n = (int(part) for part in str(spec).split("/"))
     except ValueError:
-        raise UserError(f"bad shard {spec!r}: use K/N, e.g. 2/4 for the second of four parts") from None
+        raise safe_io.UserError(f"bad shard {spec!r}: use K/N, e.g. 2/4 for the second of four parts") from None
     if not 1 <= k <= n:
-        raise UserError(f"bad shard {spec!r}: K must be between 1 and N")
+        raise safe_io.UserError(f"bad shard {spec!r}: K must be between 1 and N")
     return list(items)[k - 1::n]
 
 
 # --- Saved settings ----------------------------------------------------------------------
 
+# h of the pooled models' const method: the largest ROI of the NSD subjects (subj5 rh EBA).
+H_CONST = 5741
 # Epochs of each tuned method (the authors'): the training scripts' default and the number
 # in checkpoint names that the encoding and results scripts read by default.
 DEFAULT_EPOCHS = {"cl-tuned": 30, "reg-tuned": 75, "pooled-avg": 30, "pooled-const": 30}
@@ -1141,45 +654,3 @@ def method_epochs(opts, method):
     return {"untuned": 0, "cl-tuned": opts.CL_EPOCHS, "reg-tuned": opts.REG_EPOCHS}.get(method, opts.POOLED_EPOCHS)
 
 
-def run_config(opts):
-    """The run's options whole, as plain JSON values: what checkpoints and results record as 'config'."""
-    return {k: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
-            for k, v in vars(opts).items()}
-
-
-def _plain(value):
-    """Arrays, tuples and numpy scalars as plain Python values, so saved and requested settings compare equal."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [_plain(v) for v in value]
-    return value.item() if isinstance(value, np.generic) else value
-
-
-def _show_setting(value):
-    """A setting for a one-line message; long lists are summarised."""
-    if isinstance(value, list) and len(value) > 6:
-        return f"[{len(value)} values: {', '.join(map(str, value[:3]))}, ...]"
-    if isinstance(value, dict) and len(str(value)) > 80:
-        return "{" + ", ".join(f"{k}: {_show_setting(v)}" for k, v in value.items()) + "}"
-    return repr(value)
-
-
-NOT_RECORDED = "not recorded"
-
-
-def check_same_settings(path, stored, requested, fix="use --overwrite to replace it, or another --root"):
-    """Raise a UserError naming the first setting of ``requested`` that ``stored`` records otherwise.
-
-    Parameters
-    ----------
-    path : the existing checkpoint or result.
-    stored : dict, the settings it records (its meta).
-    requested : dict, the settings of this run that matter, in the order to check them.
-    fix : the end of the message.
-    """
-    for key, want in requested.items():
-        have = _plain(stored.get(key, NOT_RECORDED))
-        if have != _plain(want):
-            raise UserError(f"{path} was made with {key}={_show_setting(have)}, "
-                            f"but this run asks for {key}={_show_setting(_plain(want))}: {fix}")

@@ -27,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import encoding  # noqa: E402
 import synthetic_data  # noqa: E402
+import options  # noqa: E402
+import safe_io  # noqa: E402
 import utils  # noqa: E402
 
 # --- Options ---
@@ -168,7 +170,7 @@ def run_child(part, argv):
 
 def main(argv=None):
     import bench_encoding
-    opts = utils.parse_options(bench_encoding, argv)
+    opts = options.parse_options(bench_encoding, argv)
     if opts.PART != "all":
         return child(opts)
     ensure_dataset(opts)
@@ -183,7 +185,7 @@ def main(argv=None):
         "max_abs_diff_mean_cv_r": max(diffs.values()), "abs_diff_mean_cv_r_per_layer": diffs,
         "abs_diff_mean_test_r": abs(proj["mean_test_r"] - ref["mean_test_r"]),
         "same_best_layer": proj["best_layer"] == ref["best_layer"], **results}
-    utils.atomic_json_dump(summary, Path(opts.ROOT).parent / "bench_encoding.json")
+    safe_io.atomic_json_dump(summary, Path(opts.ROOT).parent / "bench_encoding.json")
     print(f"{opts.N_IMAGES} images at {opts.IMAGE_SIZE} px, {opts.ROI} ({proj['n_voxels']} voxels), "
           f"{opts.THREADS} threads")
     print(f"project   {proj['seconds']:8.1f} s (features {proj['features_s']:.1f} s, fit {proj['fit_s']:.1f} s), "

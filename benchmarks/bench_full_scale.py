@@ -34,6 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import synthetic_data  # noqa: E402
+import options  # noqa: E402
+import safe_io  # noqa: E402
 import utils  # noqa: E402
 
 # --- Options ---
@@ -59,7 +61,7 @@ def ensure_dataset(opts):
     root = Path(opts.ROOT)
     if not utils.fmri_path(root, 1, "lh").is_file():
         masks = Path(opts.MASKS_FROM)
-        utils.require_dir(masks / "Subj1", "give --masks-from the folder holding the real SubjX roi_masks")
+        safe_io.require_dir(masks / "Subj1", "give --masks-from the folder holding the real SubjX roi_masks")
         synthetic_data.write_algonauts_dataset(root, n_subjects=1, n_images=opts.N_IMAGES,
                                                image_size=opts.PNG_SIZE, seed=0, masks_from=masks)
     return root.resolve()
@@ -162,7 +164,7 @@ def report(results):
 
 def main(argv=None):
     import bench_full_scale
-    opts = utils.parse_options(bench_full_scale, argv)
+    opts = options.parse_options(bench_full_scale, argv)
     unknown = [p for p in opts.PARTS if p not in PART_NAMES]
     if unknown:
         raise SystemExit(f"unknown --parts {unknown}: use {' '.join(PART_NAMES)}")
@@ -176,7 +178,7 @@ def main(argv=None):
             continue
         print(f"{part}: running ...", flush=True)
         results[part] = run_part(opts, part, root)
-        utils.atomic_json_dump(results, out_path)
+        safe_io.atomic_json_dump(results, out_path)
     report(results)
     print(f"wrote {out_path}")
     return results

@@ -25,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
 import synthetic_data  # noqa: E402
+import options  # noqa: E402
+import safe_io  # noqa: E402
 import utils  # noqa: E402
 
 # --- Options ---
@@ -81,9 +83,9 @@ def timed_pass(batches, device):
     return n, time.perf_counter() - t0
 
 
-@utils.cli
+@options.cli
 def main(argv=None):
-    opts = utils.parse_options(sys.modules[__name__], argv)
+    opts = options.parse_options(sys.modules[__name__], argv)
     device = utils.resolve_device(opts.DEVICE)
     root = Path(opts.ROOT)
     if not (root / "training_images").is_dir():
@@ -155,7 +157,7 @@ def main(argv=None):
     for k, v in results.items():
         print(f"{k:28s} {v:.4g}" if isinstance(v, float) else f"{k:28s} {v}")
     out = Path("benchmarks/output/bench_training.json")
-    utils.atomic_json_dump(results, out)
+    safe_io.atomic_json_dump(results, out)
     print(f"wrote {out}")
     return results
 

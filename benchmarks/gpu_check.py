@@ -26,6 +26,7 @@ import cl_model_training  # noqa: E402
 import encoding  # noqa: E402
 import models  # noqa: E402
 import synthetic_data  # noqa: E402
+import options  # noqa: E402
 import utils  # noqa: E402
 
 # --- Options ---
@@ -41,7 +42,7 @@ DEVICE = "cuda"  # the device checked against the CPU (cpu: a dry run of this sc
 
 def main(argv=None):
     import gpu_check
-    opts = utils.parse_options(gpu_check, argv)
+    opts = options.parse_options(gpu_check, argv)
     dev = opts.DEVICE
     if dev == "cuda" and not torch.cuda.is_available():
         print("gpu_check: skipped, CUDA is not available on this machine")

@@ -25,6 +25,7 @@ import generate_results
 import generate_voxel_roi_mappings as gen
 import models
 import results_utils as ru
+import safe_io
 import utils
 
 TRAIN = ["--weights", "none", "--device", "cpu", "--image-size", "64", "--batch-size", "64", "--epochs", "1"]
@@ -107,7 +108,7 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_epoch(tmp_path, monke
 
     monkeypatch.setattr(models.CLModel, "loss", loss_nan_from_epoch_2)
     path = tmp_path / "m.pt"
-    with pytest.raises(utils.UserError) as exc:
+    with pytest.raises(safe_io.UserError) as exc:
         models.train_model(models.CLModel(30), [toy_data()], path, {"name": "toy"}, epochs=3, lr=1e-4, batch_size=10)
     msg = str(exc.value)
     assert "\n" not in msg
@@ -115,7 +116,7 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_epoch(tmp_path, monke
            "temperature 0.3 too low; no checkpoint written" in msg
     assert f"{models.partial_path(path)} keeps epoch 1" in msg
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.log.json", "m.pt.partial"]
-    state = utils.load_state_dict_file(models.partial_path(path))
+    state = safe_io.load_state_dict_file(models.partial_path(path))
     assert state["epoch"] == 1 and all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
     assert [row["epoch"] for row in json.loads(models.log_path(path).read_text())] == [1]
 
@@ -127,7 +128,7 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_epoch(tmp_path, monke
 def test_a_really_diverging_run_saves_nothing(tmp_path, kind, lr, temperature, cause):
     model = models.CLModel(30) if kind == "cl" else models.RegressionModel(30)
     path = tmp_path / "m.pt"
-    with pytest.raises(utils.UserError, match="diverged") as exc:
+    with pytest.raises(safe_io.UserError, match="diverged") as exc:
         models.train_model(model, [toy_data()], path, {"name": "toy"}, epochs=3, lr=lr, batch_size=10,
                            temperature=temperature)
     assert cause in str(exc.value) and "\n" not in str(exc.value)
@@ -144,7 +145,7 @@ def test_a_diverged_checkpoint_is_refused(tmp_path):
         model.head[0].weight[2, 5] = float("nan")
     path = tmp_path / "m.pt"
     models.save_checkpoint(model, {"kind": "cl", "n_voxels": 30, "h": model.h, "z": model.z}, path)
-    with pytest.raises(utils.UserError, match=f"{path} holds non-finite weights \\(head.0.weight\\)"):
+    with pytest.raises(safe_io.UserError, match=f"{path} holds non-finite weights \\(head.0.weight\\)"):
         models.load_checkpoint(path)
 
 
@@ -174,7 +175,7 @@ def test_a_mapping_file_never_runs_code(own_root, tmp_path, capsys, form):
 def test_the_real_mapping_files_still_load(shared_masks):
     for folder in sorted(shared_masks.iterdir()):
         for path in sorted(folder.glob("mapping_*.npy")):
-            mapping = utils.load_mapping_file(path)
+            mapping = safe_io.load_mapping_file(path)
             assert mapping == {int(k): v for k, v in np.load(path, allow_pickle=True).item().items()}
             assert mapping[0] == "Unknown" and len(mapping) > 1
 
@@ -204,7 +205,7 @@ def test_outputs_get_the_users_umask(own_root, umask):
     old = os.umask(umask)
     try:
         gen.main(["--root", str(own_root), "--subjects", "1"])
-        utils.atomic_json_dump({"a": 1}, own_root / "results" / "x.json")
+        safe_io.atomic_json_dump({"a": 1}, own_root / "results" / "x.json")
     finally:
         os.umask(old)
     written = list((own_root / "voxel_roi_mappings" / "Subj1").iterdir()) + [own_root / "results" / "x.json"]
@@ -266,13 +267,13 @@ def test_save_test_fmri_checks_every_roi_before_writing(own_root, capsys):
 def test_a_full_disk_inside_atomic_path_is_one_line_and_leaves_nothing(tmp_path):
     import errno
     out = tmp_path / "out.npy"
-    with pytest.raises(utils.UserError, match=rf"cannot write {out} \(Disk quota exceeded\): free disk space "
+    with pytest.raises(safe_io.UserError, match=rf"cannot write {out} \(Disk quota exceeded\): free disk space "
                                               rf"under {tmp_path} \(or raise your quota\)"):
-        with utils.atomic_path(out) as tmp:
+        with safe_io.atomic_path(out) as tmp:
             open(tmp, "wb").write(b"half")
             raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
     with pytest.raises(PermissionError):  # other OS errors are not about space: they pass unchanged
-        with utils.atomic_path(out):
+        with safe_io.atomic_path(out):
             raise PermissionError(errno.EACCES, "denied")
     assert list(tmp_path.iterdir()) == []
 
@@ -305,15 +306,15 @@ def test_training_on_a_full_disk_stops_with_one_line(root, tmp_path):
 
 def test_a_process_killed_while_writing_leaves_a_temporary_the_next_write_removes(tmp_path):
     out = tmp_path / "out.npy"
-    code = ("import os, sys, utils\n"
-            f"with utils.atomic_path({str(out)!r}) as tmp:\n"
+    code = ("import os, sys, safe_io\n"
+            f"with safe_io.atomic_path({str(out)!r}) as tmp:\n"
             "    open(tmp, 'wb').write(b'half')\n"
             "    os.kill(os.getpid(), 9)\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == -9
     (left,) = tmp_path.iterdir()
     assert left.name.startswith(".out.npy.tmp-") and left.name.endswith(".npy")
-    utils.atomic_np_save(np.arange(3), out)
+    safe_io.atomic_np_save(np.arange(3), out)
     assert [p.name for p in tmp_path.iterdir()] == ["out.npy"]
     np.testing.assert_array_equal(np.load(out), np.arange(3))
 
@@ -324,7 +325,7 @@ def test_nan_weights_and_features_are_refused(tmp_path):
         alexnet.features[0].weight[0, 0, 0, 0] = float("nan")
     path = tmp_path / "w.pt"
     torch.save(alexnet.state_dict(), path)
-    with pytest.raises(utils.UserError, match=f"AlexNet weights {path} hold NaN or Inf \\(features.0.weight\\)"):
+    with pytest.raises(safe_io.UserError, match=f"AlexNet weights {path} hold NaN or Inf \\(features.0.weight\\)"):
         utils.load_alexnet(path)
-    with pytest.raises(utils.UserError, match=r"layer features.2 are non-finite \(nan\) at image row 0, column 0:"):
+    with pytest.raises(safe_io.UserError, match=r"layer features.2 are non-finite \(nan\) at image row 0, column 0:"):
         utils.extract_features(alexnet, np.zeros((3, 64, 64, 3), np.uint8))

@@ -11,6 +11,7 @@ from scipy import stats
 import figures
 import generate_results
 import results_utils as ru
+import safe_io
 import utils
 from conftest import run_error
 
@@ -49,14 +50,14 @@ def results_root(tmp_path_factory, shared_masks):
                 _write_result(root, s, "pooled-avg", h, roi, base + rng.normal(0.005, 0.01, n))
                 if s != 3:
                     _write_result(root, s, "pooled-const", h, roi, base - 0.002 + rng.normal(0, 0.01, n))
-    utils.atomic_write_text(ru.voxel_counts(root).to_csv(index=False), utils.results_dir(root) / "voxel_counts.csv")
+    safe_io.atomic_write_text(ru.voxel_counts(root).to_csv(index=False), utils.results_dir(root) / "voxel_counts.csv")
     bound = lambda bits: {"scaled_bits": bits}
     for h in utils.HEMISPHERES:
         for s in SUBJECTS:
-            utils.atomic_json_dump({"rois": {roi: {str(s): {"tuned": bound(1 + s + k), "untuned": bound(0.1)}}
+            safe_io.atomic_json_dump({"rois": {roi: {str(s): {"tuned": bound(1 + s + k), "untuned": bound(0.1)}}
                                              for k, roi in enumerate(ROIS)}},
                                    utils.results_dir(root) / "mi_bounds" / f"subj{s}_{h}_cl-tuned_e{EPOCHS}.json")
-        utils.atomic_json_dump({"rois": {roi: {str(s): {"tuned": bound(0.5 + s), "untuned": bound(0.1)}
+        safe_io.atomic_json_dump({"rois": {roi: {str(s): {"tuned": bound(0.5 + s), "untuned": bound(0.1)}
                                                for s in SUBJECTS} for roi in ROIS[:2]}},
                                utils.results_dir(root) / "mi_bounds" / f"{h}_pooled-avg_e{EPOCHS}.json")
     labels = rng.integers(0, 3, 20)
@@ -67,7 +68,7 @@ def results_root(tmp_path_factory, shared_masks):
             name = ru.model_name("cl-tuned", s, "lh", roi, EPOCHS)
             ru.save_predictions(root, "caltech256", name, {"probs": probs(), "accuracy": 0.6}, labels,
                                 {"method": "cl-tuned", "subj": s, "hemisphere": "lh", "roi": roi})
-        utils.atomic_json_dump({"untuned": 0.5, "rois": {"V1v": 0.6 + s / 100, "EBA": 0.55}},
+        safe_io.atomic_json_dump({"untuned": 0.5, "rois": {"V1v": 0.6 + s / 100, "EBA": 0.55}},
                                utils.results_dir(root) / "classification" / "caltech256" / f"subj{s}_lh_cl-tuned_e{EPOCHS}.json")
     name = ru.model_name("pooled-avg", None, "lh", "V1v", EPOCHS)
     ru.save_predictions(root, "caltech256", name, {"probs": probs(), "accuracy": 0.6}, labels,
@@ -163,7 +164,7 @@ def test_missing_inputs_are_skipped_with_the_command(tmp_path, shared_masks, cap
     paths = generate_results.main(["--root", str(tmp_path), "--type", "paper-figures"])
     skipped = [line for line in capsys.readouterr().out.splitlines() if line.startswith("skip ")]
     assert paths == []
-    assert len(skipped) == 11 + 2 * len(ru.DATASETS)
+    assert len(skipped) == 11 + 2 * len(utils.CLASSIFICATION_DATASETS)
     assert any(m.startswith("skip roi_subj_presence_table") and "--type voxel-counts" in m for m in skipped)
     assert any(m.startswith("skip cortical maps") and "fit_encoding_models.py --method untuned" in m for m in skipped)
     assert not (tmp_path / "results").exists()
@@ -269,5 +270,5 @@ def test_full_fsaverage_mesh_folder(tmp_path):
     np.testing.assert_array_equal(figures.to_mesh(np.arange(4.0), rows, m)[rows], np.arange(4.0))
     assert np.isfinite(figures.to_mesh(np.arange(4.0), rows, figures.FSAVERAGE5_VERTICES)).sum() == 2
     os.remove(tmp_path / "surf" / "lh.sulc")
-    with pytest.raises(utils.UserError, match="lh.sulc"):
+    with pytest.raises(safe_io.UserError, match="lh.sulc"):
         figures.load_meshes(str(tmp_path))

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import models
+import safe_io
 import utils
 
 
@@ -140,24 +141,24 @@ def test_from_meta_rebuilds_each_kind_with_its_initial_weights(kind, counts, siz
 
 
 def test_load_checkpoint_errors(tmp_path):
-    with pytest.raises(utils.UserError, match="missing.pt not found"):
+    with pytest.raises(safe_io.UserError, match="missing.pt not found"):
         models.load_checkpoint(tmp_path / "missing.pt")
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"not a checkpoint")
-    with pytest.raises(utils.UserError, match="corrupt.pt.*corrupt"):
+    with pytest.raises(safe_io.UserError, match="corrupt.pt.*corrupt"):
         models.load_checkpoint(corrupt)
     other = tmp_path / "other.pt"
     torch.save({"weight": torch.zeros(2)}, other)
-    with pytest.raises(utils.UserError, match="other.pt is not a checkpoint of this project"):
+    with pytest.raises(safe_io.UserError, match="other.pt is not a checkpoint of this project"):
         models.load_checkpoint(other)
 
 
 def test_load_feature_alexnet(tmp_path):
     untuned, meta = models.load_feature_alexnet(tmp_path, "untuned", 1, "left", "V1v", 30, weights="none", seed=4)
     assert meta is None and torch.equal(untuned.features[0].weight, utils.load_alexnet("none", 4).features[0].weight)
-    with pytest.raises(utils.UserError, match=r"subj1_lh_V1v_model_e30\.pt: make it with python cl_model_training"):
+    with pytest.raises(safe_io.UserError, match=r"subj1_lh_V1v_model_e30\.pt: make it with python cl_model_training"):
         models.load_feature_alexnet(tmp_path, "cl-tuned", 1, "left", "V1v", 30)
-    with pytest.raises(utils.UserError, match="pooled_model_training.py --h-method avg"):
+    with pytest.raises(safe_io.UserError, match="pooled_model_training.py --h-method avg"):
         models.load_feature_alexnet(tmp_path, "pooled-avg", 1, "left", "V1v", 30)
     config = models.RegConfig.for_voxels({2: 5}, "none", 9)
     model, path = config.build(), utils.reg_model_path(tmp_path, 2, "rh", "EBA", 3)
@@ -166,7 +167,7 @@ def test_load_feature_alexnet(tmp_path):
     tuned, meta = models.load_feature_alexnet(tmp_path, "reg-tuned", 2, "right", "EBA", 3, image_size=64, voxels=False)
     assert meta["kind"] == "reg" and not tuned.training
     assert torch.equal(tuned.features[0].weight, model.alexnet.features[0].weight)
-    with pytest.raises(utils.UserError, match=f"checkpoint {path} was made with image_size=64, but this run asks "
+    with pytest.raises(safe_io.UserError, match=f"checkpoint {path} was made with image_size=64, but this run asks "
                                               "for image_size=40"):
         models.load_feature_alexnet(tmp_path, "reg-tuned", 2, "right", "EBA", 3, image_size=40, voxels=False)
 
@@ -178,7 +179,7 @@ def test_shard_covers_every_roi_exactly_once():
         assert max(map(len, parts)) - min(map(len, parts)) <= 1
     assert utils.shard(utils.ROIS, "2/4") == utils.shard(list(utils.ROIS), "2/4")
     for bad in ("0/4", "5/4", "2", "a/b"):
-        with pytest.raises(utils.UserError, match="bad shard"):
+        with pytest.raises(safe_io.UserError, match="bad shard"):
             utils.shard(utils.ROIS, bad)
 
 
@@ -233,7 +234,7 @@ def test_cl_training_lowers_train_loss_raises_heldout_bound_and_logs(tmp_path):
     assert [row["epoch"] for row in history] == [1, 2, 3, 4, 5]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert _heldout_bound(trained, data[0]) > before + 0.15
-    assert utils.load_state_dict_file(tmp_path / "cl.pt")["meta"]["history"] == history
+    assert safe_io.load_state_dict_file(tmp_path / "cl.pt")["meta"]["history"] == history
     assert json.loads((tmp_path / "cl.log.json").read_text()) == history
     assert not models.partial_path(tmp_path / "cl.pt").exists()
 
@@ -286,6 +287,6 @@ def test_partial_state_from_other_settings_is_refused(tmp_path, monkeypatch):
     _crash_in_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         _train(tmp_path, models.RegressionModel(12, seed=0), data, "p")
-    with pytest.raises(utils.UserError, match=r"p.pt.partial was made with name='p', but this run asks for name='q'"):
+    with pytest.raises(safe_io.UserError, match=r"p.pt.partial was made with name='p', but this run asks for name='q'"):
         models.train_model(models.RegressionModel(12, seed=0), data, tmp_path / "p.pt", {"kind": "test", "name": "q"},
                            epochs=3, lr=1e-3, batch_size=16)

@@ -11,6 +11,7 @@ import scipy.stats
 
 import nod_utils as nu
 import results_utils as ru
+import safe_io
 import utils
 from conftest import run_error
 
@@ -90,10 +91,10 @@ def test_betas_are_zscored_per_run_and_cached_per_normalisation(tmp_path):
         for run_ in (1, 2, 3):
             nu.beta_path(nod, 1, session, run_).unlink()
     np.testing.assert_array_equal(nu.load_betas(nod, 1, **args), run)
-    with pytest.raises(utils.UserError, match="datalad get derivatives/ciftify/sub-01/results/"
+    with pytest.raises(safe_io.UserError, match="datalad get derivatives/ciftify/sub-01/results/"
                                               "ses-imagenet01_task-imagenet_run-1/"):
         nu.load_betas(nod, 1, overwrite=True, **args)
-    with pytest.raises(utils.UserError, match="unknown ZSCORE 'session'"):
+    with pytest.raises(safe_io.UserError, match="unknown ZSCORE 'session'"):
         nu.load_betas(nod, 1, zscore="session", **args)
 
 
@@ -103,17 +104,17 @@ def test_beta_maps_must_follow_the_events_and_be_finite(tmp_path):
     names = [f"n00000002_1{t}.JPEG" for t in range(5)]
     names[2], names[3] = names[3], names[2]
     path = _write_run(nod, 2, 1, 2, data, 4, names=names)
-    with pytest.raises(utils.UserError, match=f"map 2 of {path} is named 'n00000002_13.JPEG' but row 2 of .* "
+    with pytest.raises(safe_io.UserError, match=f"map 2 of {path} is named 'n00000002_13.JPEG' but row 2 of .* "
                                               r"shows 'n00000002_12.JPEG' \(2 of 5 differ\)"):
         nu.load_betas(nod, 2, sessions=[1], runs=[1, 2])
     path = _write_run(nod, 2, 1, 2, data, 4)
     nu.write_cortex_dscalar(data[:4], 4, path, map_names=[f"n00000002_1{t}.JPEG" for t in range(4)])
-    with pytest.raises(utils.UserError, match=f"{path} has 4 beta maps but .* lists 5 trials"):
+    with pytest.raises(safe_io.UserError, match=f"{path} has 4 beta maps but .* lists 5 trials"):
         nu.load_betas(nod, 2, sessions=[1], runs=[1, 2])
     bad = data.copy()
     bad[3, 7] = np.nan
     path = _write_run(nod, 2, 1, 2, bad, 4)
-    with pytest.raises(utils.UserError, match=f"{path} has a non-finite beta \\(nan\\) in map 3, cortical column 7"):
+    with pytest.raises(safe_io.UserError, match=f"{path} has a non-finite beta \\(nan\\) in map 3, cortical column 7"):
         nu.load_betas(nod, 2, sessions=[1], runs=[1, 2])
 
 
@@ -121,7 +122,7 @@ def test_mismatched_run_widths_are_a_user_error(tmp_path):
     nod = tmp_path / "nod"
     _write_run(nod, 2, 1, 1, np.random.default_rng(0).random((5, 10)), 4)
     _write_run(nod, 2, 1, 2, np.random.default_rng(1).random((5, 11)), 4)
-    with pytest.raises(utils.UserError, match="cortical grayordinates"):
+    with pytest.raises(safe_io.UserError, match="cortical grayordinates"):
         nu.load_betas(nod, 2, sessions=[1], runs=[1, 2])
 
 
@@ -156,9 +157,9 @@ def test_hemisphere_conventions_on_a_hand_made_atlas(tmp_path):
     assert nu.roi_vertices(nod, "V1", "lh", 5, "authors").tolist() == [3, 5, 7]
     assert nu.roi_vertices(nod, "V1", "rh", 5, "authors").tolist() == [0, 2, 9]
     assert nu.roi_vertices(nod, "V4", "lh", 5, "authors").tolist() == [8]
-    with pytest.raises(utils.UserError, match="unknown HCP-MMP area 'V9'"):
+    with pytest.raises(safe_io.UserError, match="unknown HCP-MMP area 'V9'"):
         nu.roi_vertices(nod, "V9", "left", 5)
-    with pytest.raises(utils.UserError, match="unknown HEMISPHERE_CONVENTION 'nsd'"):
+    with pytest.raises(safe_io.UserError, match="unknown HEMISPHERE_CONVENTION 'nsd'"):
         nu.roi_vertices(nod, "V1", "left", 5, "nsd")
 
 
@@ -208,7 +209,7 @@ def test_select_vertices_reproduces_the_authors_pipeline(tmp_path, capsys):
     assert f"warning: sub-04 lh V2: {k} of the {k} selected vertices have pRF R2 <= 0" in capsys.readouterr().out
     nu.write_cortex_dscalar(params, n_left, nu.prf_params_path(nod, 4), n_subcortical=4,
                             map_names=["ang", "ecc", "R2", "gain", "x"])
-    with pytest.raises(utils.UserError, match="names map 2 'R2' .* but R2 is read from map 3"):
+    with pytest.raises(safe_io.UserError, match="names map 2 'R2' .* but R2 is read from map 3"):
         nu.load_prf_r2(nod, 4)
 
 
@@ -236,7 +237,7 @@ def test_labels_come_from_events_and_superclass_mapping(tmp_path):
         == nod / "stimuli" / "imagenet" / "n1" / "x.JPEG"
     rows[1].loc[2, "trial_type"] = 2.5
     rows[1].to_csv(nu.events_path(nod, 6, 1, 2), sep="\t", index=False)
-    with pytest.raises(utils.UserError, match="trial_type 2.5 of sub-06 is not a class id in 1..10"):
+    with pytest.raises(safe_io.UserError, match="trial_type 2.5 of sub-06 is not a class id in 1..10"):
         nu.build_labels(nod, 6, sessions=[1], runs=[1, 2])
 
 
@@ -318,7 +319,7 @@ def test_each_missing_file_names_its_path_and_how_to_fetch_it(tiny_nod, tmp_path
             "mmp": nu.mmp_path(nod), "roilbl": nu.roi_labels_path(nod),
             "superclass": nu.superclass_path(nod)}[which]
     path.unlink()
-    with pytest.raises(utils.UserError) as err:
+    with pytest.raises(safe_io.UserError) as err:
         nu.NODSubjectData(root, 1, sessions=[1], runs=[1, 2], image_size=32).roi_fmri("V1", "lh")
     message = str(err.value)
     assert str(path) in message

@@ -9,6 +9,7 @@ import torch
 
 import figures
 import results_utils as ru
+import safe_io
 import utils
 from conftest import save_untrained_checkpoint
 
@@ -174,17 +175,17 @@ def test_probe_separates_solid_colours(tmp_path):
 
 
 def test_missing_or_unknown_dataset_is_a_user_error(tmp_path):
-    with pytest.raises(utils.UserError, match=str(tmp_path / "datasets" / "places365")):
+    with pytest.raises(safe_io.UserError, match=str(tmp_path / "datasets" / "places365")):
         ru.dataset_samples(tmp_path, "places365")
-    with pytest.raises(utils.UserError, match="caltech256, places365"):
+    with pytest.raises(safe_io.UserError, match="caltech256, places365"):
         ru.dataset_samples(tmp_path, "cifar10")
     (tmp_path / "datasets" / "sun397").mkdir(parents=True)
-    with pytest.raises(utils.UserError, match="sun397"):
+    with pytest.raises(safe_io.UserError, match="sun397"):
         ru.dataset_samples(tmp_path, "sun397")
     write_colour_folder(tmp_path / "datasets" / "caltech256", per_class=2)
     bad = tmp_path / "datasets" / "caltech256" / "red" / "broken.png"
     bad.write_bytes(b"not a png")
-    with pytest.raises(utils.UserError, match=f"cannot read image {bad}"):
+    with pytest.raises(safe_io.UserError, match=f"cannot read image {bad}"):
         ru.dataset_images(tmp_path, "caltech256", image_size=32)
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 
@@ -413,7 +414,7 @@ def test_fmri_side_outputs(pipeline_root):
         np.testing.assert_allclose(emb[-20:], model(utils.normalize_images(np.array(images[-20:]))).numpy(), atol=1e-5)
     assert emb.shape == (len(images), utils.roi_voxel_count(root, 1, "lh", rois[0]))
     # 'best' reads the layer fit_encoding_models.py chose for this model and ROI.
-    utils.atomic_json_dump({"best_layer": "features.9"}, utils.encoding_dir(root, 1) / "cl-tuned" / f"rh_{rois[1]}.json")
+    safe_io.atomic_json_dump({"best_layer": "features.9"}, utils.encoding_dir(root, 1) / "cl-tuned" / f"rh_{rois[1]}.json")
     run(["--type", "save-embeddings", "--hemispheres", "right", "--rois", rois[1], "--embedding-layer", "best", *BASE], root)
     emb = np.load(folder / f"subj1_rh_{rois[1]}_cl-tuned_e1_features.9_test.npy")
     model, _ = models.load_checkpoint(utils.cl_model_path(root, 1, "rh", rois[1], 1))
@@ -436,7 +437,7 @@ def test_random_rois_need_more_than_min_voxels():
                            "n_voxels": [20, 21, 5, 40]})
     chosen = ru.random_rois(counts, 2, seed=0)
     assert sorted(chosen["n_voxels"]) == [21, 40]
-    with pytest.raises(utils.UserError, match="only 2 have more than 20 voxels"):
+    with pytest.raises(safe_io.UserError, match="only 2 have more than 20 voxels"):
         ru.random_rois(counts, 3)
 
 
@@ -446,7 +447,7 @@ def test_analyses_skip_rois_under_min_voxels(root):
         save_untrained_checkpoint(root, "cl-tuned", 1, "lh", roi)
     assert ru.select_rois(root, "cl-tuned", 1, "lh", [], 1) == ["V1v"]
     assert ru.select_rois(root, "cl-tuned", 1, "lh", [], 1, min_voxels=10) == ["V1v", "mTL-words"]
-    with pytest.raises(utils.UserError, match="fewer than MIN_VOXELS=20"):
+    with pytest.raises(safe_io.UserError, match="fewer than MIN_VOXELS=20"):
         ru.select_rois(root, "cl-tuned", 1, "lh", ["mTL-words"], 1)
     paths = ru.save_test_fmri(root, [1], ["lh"], [])
     saved = {p.stem for p in paths}

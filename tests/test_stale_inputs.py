@@ -14,6 +14,7 @@ import models
 import pooled_model_training
 import reg_model_training
 import results_utils as ru
+import options
 import utils
 from conftest import run_error, save_untrained_checkpoint, snapshot
 
@@ -65,7 +66,7 @@ def test_checkpoints_record_the_whole_config(root):
     argv = ["--root", str(root), "--subj", "2", "--hemisphere", "right", "--roi", "EBA"] + TRAIN + ["--lr", "0.001"]
     path = reg_model_training.main(argv)
     meta = models.read_meta(path)
-    assert meta["config"] == utils.run_config(utils.parse_options(reg_model_training, argv))
+    assert meta["config"] == options.run_config(options.parse_options(reg_model_training, argv))
     assert meta["config"]["LR"] == 0.001 and meta["config"]["ROOT"] == str(root) and meta["config"]["SUBJ"] == 2
     # The recorded model config rebuilds the trained architecture.
     model, _ = models.load_checkpoint(path)
@@ -105,7 +106,7 @@ def test_result_with_other_settings_is_not_reused(fitted, capsys, extra, message
 def test_results_record_the_whole_config(fitted, capsys):
     root, argv = fitted
     r = ru.load_result(ru.result_path(root, 1, "untuned", "lh", "V1v"))
-    assert r["config"] == utils.run_config(utils.parse_options(fem, argv))
+    assert r["config"] == options.run_config(options.parse_options(fem, argv))
     assert r["config"]["ROIS"] == ["V1v"] and r["config"]["IMAGE_SIZE"] == 64
     # Equal settings: skipped as before.
     assert fem.main(argv) == {"V1v": None} and "skip V1v" in capsys.readouterr().out

@@ -17,6 +17,8 @@ import torch
 from PIL import Image
 
 import synthetic_data
+import options
+import safe_io
 import utils
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +42,7 @@ def copy_root(src, dst, skip=()):
 def user_error(fn, capsys):
     """Run ``fn`` the way a script's main runs: exit code 2 and one 'error: ...' line."""
     with pytest.raises(SystemExit) as e:
-        utils.cli(lambda argv: fn())()
+        options.cli(lambda argv: fn())()
     assert e.value.code == 2
     err = capsys.readouterr().err
     err = err[err.rindex("error: "):]  # progress bars may precede it
@@ -74,7 +76,7 @@ def test_cv_folds():
         assert not set(test) & (set(fit) | set(val))
     assert len(set(np.concatenate(vals))) == 5 * v
     assert all(np.array_equal(a[1], b[1]) for a, b in zip(folds, utils.cv_folds(train)))
-    with pytest.raises(utils.UserError, match="folds"):
+    with pytest.raises(safe_io.UserError, match="folds"):
         utils.cv_folds(train[:3])
 
 
@@ -153,7 +155,7 @@ def test_a_full_disk_is_one_line_before_any_image_is_written(synthetic_root, tmp
 
     monkeypatch.setattr(os, "posix_fallocate", full)
     decoded = []
-    with pytest.raises(utils.UserError, match=r"cannot write the image cache .*images_s16_\w+\.npy "
+    with pytest.raises(safe_io.UserError, match=r"cannot write the image cache .*images_s16_\w+\.npy "
                                               r"\(No space left on device\): it needs 0\.00 GiB free"):
         utils.image_cache(utils.list_images(synthetic_root, 1), 16, tmp_path,
                           decode=lambda p, s: decoded.append(p))
@@ -169,6 +171,7 @@ More text that is not the description.
 import sys
 
 # --- Options ---
+ROOT = "."  # project folder
 SUBJ = 1  # subject number
 LR = 1e-4  # learning rate
 HEMISPHERE = "left"  # left or right
@@ -184,7 +187,7 @@ EPOCHS = 3  # passes (with a "#" in a string: "#")
 # ---
 NOT_AN_OPTION = 3
 CHOICES = {"HEMISPHERE": ["left", "right"]}
-RANGES = {"LR": utils.POSITIVE, "EPOCHS": utils.at_least(1)}
+RANGES = {"LR": options.POSITIVE, "EPOCHS": options.at_least(1)}
 '''
 
 
@@ -193,40 +196,40 @@ def options_module(tmp_path, source=OPTIONS_SCRIPT):
     path.write_text(source)
     module = types.ModuleType("script_with_options")
     module.__file__ = str(path)
-    module.utils = utils
+    module.options = options
     exec(compile(source, str(path), "exec"), module.__dict__)
     return module
 
 
 def test_parse_options_defaults_and_types(tmp_path):
     module = options_module(tmp_path)
-    opts = utils.parse_options(module, [])
+    opts = options.parse_options(module, [])
     assert vars(opts) == {"ROOT": ".", "SUBJ": 1, "LR": 1e-4, "HEMISPHERE": "left", "ROIS": ["V1v", "V2v"],
                           "EPOCHS_LIST": [1, 2], "SUBJECTS": [], "OVERWRITE": False, "MAX_VOXELS": None, "EPOCHS": 3}
-    opts = utils.parse_options(module, [
+    opts = options.parse_options(module, [
         "--root", "data", "--subj", "3", "--lr", "0.01", "--hemisphere", "right", "--rois", "V1v", "hV4", "EBA",
         "--epochs-list", "3,4", "--subjects", "2", "5", "--overwrite", "--max-voxels", "50", "--epochs", "7"])
     assert vars(opts) == {"ROOT": "data", "SUBJ": 3, "LR": 0.01, "HEMISPHERE": "right", "ROIS": ["V1v", "hV4", "EBA"],
                           "EPOCHS_LIST": [3, 4], "SUBJECTS": [2, 5], "OVERWRITE": True, "MAX_VOXELS": 50, "EPOCHS": 7}
     assert type(opts.SUBJ) is int and type(opts.LR) is float
-    assert utils.parse_options(module, ["--rois", "V1v,V3v", "--overwrite", "false"]).ROIS == ["V1v", "V3v"]
-    assert utils.parse_options(module, ["--overwrite", "false"]).OVERWRITE is False
-    assert utils.parse_options(module, ["--max-voxels", "none"]).MAX_VOXELS is None
+    assert options.parse_options(module, ["--rois", "V1v,V3v", "--overwrite", "false"]).ROIS == ["V1v", "V3v"]
+    assert options.parse_options(module, ["--overwrite", "false"]).OVERWRITE is False
+    assert options.parse_options(module, ["--max-voxels", "none"]).MAX_VOXELS is None
     # The defaults are copies: a script that changes its opts leaves the module's constants alone.
-    utils.parse_options(module, []).ROIS.append("EBA")
+    options.parse_options(module, []).ROIS.append("EBA")
     assert module.ROIS == ["V1v", "V2v"]
 
 
 def test_parse_options_help_and_errors(tmp_path, capsys):
     module = options_module(tmp_path)
     with pytest.raises(SystemExit) as e:
-        utils.parse_options(module, ["--help"])
+        options.parse_options(module, ["--help"])
     assert e.value.code == 0
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps the help lines
     assert "A test script with every kind of option." in out and "More text" not in out
     for flag, comment in [("--subj", "subject number"), ("--lr", "learning rate"), ("--overwrite", "rewrite outputs"),
                           ("--rois", "ROIs to run, over several lines"), ("--max-voxels", "cap on voxels"),
-                          ("--epochs", 'passes (with a "#" in a string: "#")'), ("--root", "")]:
+                          ("--epochs", 'passes (with a "#" in a string: "#")'), ("--root", "project folder")]:
         assert flag in out and comment in out
     assert "(default: left; allowed: one of left, right)" in out
     assert "(default: 0.0001; allowed: a number > 0)" in out and "(default: 3; allowed: an integer >= 1)" in out
@@ -241,7 +244,7 @@ def test_parse_options_help_and_errors(tmp_path, capsys):
                       (["--hemisphere", "up"], "--hemisphere up: allowed one of left, right"),
                       (["--unknown", "1"], "unrecognized arguments: --unknown 1: see python script_with_options.py"),
                       (["--subj"], "argument --subj: expected one argument")]:
-        assert user_error(lambda: utils.parse_options(module, bad), capsys).startswith("error: " + line)
+        assert user_error(lambda: options.parse_options(module, bad), capsys).startswith("error: " + line)
 
 
 @pytest.mark.parametrize("statement", [
@@ -251,13 +254,19 @@ def test_parse_options_help_and_errors(tmp_path, capsys):
 def test_options_block_holds_only_typed_assignments(tmp_path, statement):
     source = OPTIONS_SCRIPT.replace("# ---\nNOT_AN", statement + "\n# ---\nNOT_AN")
     with pytest.raises(RuntimeError, match=r"script_with_options.py:\d+: "):
-        utils.parse_options(options_module(tmp_path, source), [])
+        options.parse_options(options_module(tmp_path, source), [])
+
+
+def test_options_block_declares_root(tmp_path):
+    source = OPTIONS_SCRIPT.replace('ROOT = "."  # project folder\n', "")
+    with pytest.raises(RuntimeError, match="declares no ROOT"):
+        options.parse_options(options_module(tmp_path, source), [])
 
 
 def test_choices_and_ranges_name_options(tmp_path):
-    source = OPTIONS_SCRIPT.replace('"EPOCHS": utils.at_least(1)', '"EPOCH": utils.at_least(1)')
+    source = OPTIONS_SCRIPT.replace('"EPOCHS": options.at_least(1)', '"EPOCH": options.at_least(1)')
     with pytest.raises(RuntimeError, match="EPOCH, not options"):
-        utils.parse_options(options_module(tmp_path, source), [])
+        options.parse_options(options_module(tmp_path, source), [])
 
 
 SCRIPTS = ["cl_model_training", "cl_model_training_all_rois", "reg_model_training", "reg_model_training_all_rois",
@@ -268,10 +277,10 @@ SCRIPTS = ["cl_model_training", "cl_model_training_all_rois", "reg_model_trainin
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_script_defaults_parse_and_pass_their_checks(name, tiny):
     module = importlib.import_module(name)
-    names = [o.name for o in utils._options_block(module)]
-    opts = utils.parse_options(module, [] if "ROOT" in names else ["--root", str(tiny)])
-    assert set(vars(opts)) == set(names) | {"ROOT"}
-    assert all(getattr(opts, name) == getattr(module, name) for name in names)
+    names = [o.name for o in options._options_block(module)]
+    opts = options.parse_options(module, ["--root", str(tiny)])
+    assert "ROOT" in names and list(vars(opts)) == names
+    assert all(getattr(opts, name) == getattr(module, name) for name in names if name != "ROOT")
 
 
 @pytest.mark.parametrize("twin", [name for name in SCRIPTS if name.endswith("_all_rois")])
@@ -282,7 +291,7 @@ def test_all_rois_twin_defines_every_option_its_train_reads(twin):
     read = {node.attr for node in ast.walk(train)
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "opts"}
     assert len(read) > 10
-    assert read <= {o.name for o in utils._options_block(importlib.import_module(twin))} | {"ROOT"}
+    assert read <= {o.name for o in options._options_block(importlib.import_module(twin))}
 
 
 def test_smallest_alexnet_input():
@@ -318,14 +327,14 @@ def test_features_are_fp32_by_default_and_bf16_on_request():
     # bf16 keeps 8 significant bits: close to fp32, but not equal.
     err = np.abs(bf16["features.5"] - fp32["features.5"]).max() / np.abs(fp32["features.5"]).max()
     assert 0 < err < 0.05
-    with pytest.raises(utils.UserError, match="unknown feature precision 'fp16'"):
+    with pytest.raises(safe_io.UserError, match="unknown feature precision 'fp16'"):
         utils.extract_features(alexnet, images, layers=layers, precision="fp16")
 
 
 def test_nsd_ids_from_file_names():
     np.testing.assert_array_equal(utils.nsd_ids(["a/train-0001_nsd-00013.png", "train-0002_nsd-72999.png"]),
                                   [13, 72999])
-    with pytest.raises(utils.UserError, match="img_7.png has no NSD id"):
+    with pytest.raises(safe_io.UserError, match="img_7.png has no NSD id"):
         utils.nsd_ids(["img_7.png"])
 
 
@@ -343,7 +352,7 @@ def test_load_alexnet_from_a_path_and_from_the_imagenet_cache(tmp_path):
 
     cached = Path(os.environ["TORCH_HOME"]) / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth"
     assert utils.imagenet_weights_path() == cached
-    with pytest.raises(utils.UserError) as e:
+    with pytest.raises(safe_io.UserError) as e:
         utils.load_alexnet("imagenet")
     assert str(cached) in str(e.value) and utils.IMAGENET_WEIGHTS_URL in str(e.value)
     cached.parent.mkdir(parents=True)

@@ -1,0 +1,273 @@
+"""The options of a script: its ``# --- Options ---`` block of UPPER_CASE constants becomes
+its command-line flags (``IMAGE_SIZE`` -> ``--image-size``), and its ``CHOICES`` and
+``RANGES`` dicts restrict their values; everything is checked before any work.
+
+Only the standard library is imported here, so ``--help`` answers at once; the scripts
+load their heavy helpers with ``lazy_import``.
+"""
+
+import argparse
+import ast
+import importlib.util
+import inspect
+import io
+import math
+import sys
+import tokenize
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable, NamedTuple
+
+import safe_io
+
+
+def lazy_import(name):
+    """The module ``name``, executed on first attribute access (importlib's LazyLoader).
+
+    Scripts load torch and the helpers that need it this way, so that parsing the
+    options (and ``--help``) does not wait for them.
+    """
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+class Allowed(NamedTuple):
+    """What an option allows beyond its type, declared in a script's RANGES dict.
+
+    ``text`` is shown by --help and in errors; ``test(value, opts)`` -> bool sees the
+    parsed options (``opts.ROOT``, ...). A list option is tested element by element,
+    unless ``whole``. ``found(opts)``, if given, says in the error what the data hold.
+    """
+    text: str
+    test: Callable
+    whole: bool = False
+    found: Callable = None
+
+
+def at_least(low):
+    return Allowed(f">= {low}", lambda value, opts: value >= low)
+
+
+def above(low):
+    return Allowed(f"> {low}", lambda value, opts: value > low)
+
+
+def between(low, high):
+    return Allowed(f"between {low} and {high}", lambda value, opts: low <= value <= high)
+
+
+POSITIVE = above(0)
+
+
+class Option(NamedTuple):
+    """One option of a script: its type (``kind`` is the element type of a list) and help."""
+    name: str
+    kind: type
+    is_list: bool
+    optional: bool  # 'none' gives None
+    help: str
+
+
+_KINDS = {"bool": bool, "int": int, "float": float, "str": str}
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def _annotation_type(node, where):
+    """(kind, is_list, optional) of an annotation ``T``, ``list[T]`` or either ``| None``."""
+    optional = (isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr)
+                and isinstance(node.right, ast.Constant) and node.right.value is None)
+    node = node.left if optional else node
+    is_list = isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id == "list"
+    node = node.slice if is_list else node
+    if not (isinstance(node, ast.Name) and node.id in _KINDS):
+        raise RuntimeError(f"{where}: annotate an option as T, list[T] or T | None, T one of {', '.join(_KINDS)}")
+    return _KINDS[node.id], is_list, optional
+
+
+def _value_type(value, where):
+    """(kind, is_list, optional) of an option's value."""
+    is_list = isinstance(value, (list, tuple))
+    if is_list and not value or value is None:
+        raise RuntimeError(f"{where}: annotate an empty-list or None default, e.g. SUBJECTS: list[int] = [] "
+                           "or MAX_VOXELS: int | None = None")
+    kind = type(value[0] if is_list else value)
+    if kind not in _KINDS.values():
+        raise RuntimeError(f"{where}: an option is a bool, int, float or str, or a list of one of them")
+    return kind, is_list, False
+
+
+def _options_block(module):
+    """The options of a script: the statements between ``# --- Options ---`` and the next ``# ---``.
+
+    The block is parsed with ast, so an option may span several lines. Each statement
+    must assign one UPPER_CASE name (``NAME = value`` or ``NAME: type = value``); anything
+    else raises. The type comes from the annotation, else from the value; the help from
+    the comments on the statement's lines.
+
+    Returns
+    -------
+    options : list of Option, in block order.
+    """
+    source = inspect.getsource(module)
+    where = getattr(module, "__file__", module.__name__)
+    lines = [line.strip().lower() for line in source.splitlines()]
+    try:
+        start = next(i for i, line in enumerate(lines) if line.startswith("# --- options")) + 1
+        end = next(i for i, line in enumerate(lines[start:], start) if line.startswith("# ---")) + 1
+    except StopIteration:
+        raise RuntimeError(f"{where} has no '# --- Options ---' block ending with a '# ---' line") from None
+    comments = {}
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            comments[token.start[0]] = token.string.lstrip("#").strip()
+    options = []
+    for node in ast.parse(source).body:
+        if node.end_lineno < start or node.lineno > end:
+            continue
+        target = None
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target = node.targets[0]
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            target = node.target
+        line = f"{where}:{node.lineno}"
+        if not (isinstance(target, ast.Name) and target.id.isupper() and start < node.lineno <= node.end_lineno < end):
+            raise RuntimeError(f"{line}: the options block holds only assignments 'NAME = value' of UPPER_CASE names")
+        if any(o.name == target.id for o in options):
+            raise RuntimeError(f"{line}: option {target.id} is assigned twice")
+        if isinstance(node, ast.AnnAssign):
+            kind, is_list, optional = _annotation_type(node.annotation, line)
+        else:
+            kind, is_list, optional = _value_type(getattr(module, target.id), line)
+        text = " ".join(comments[i] for i in range(node.lineno, node.end_lineno + 1) if i in comments)
+        options.append(Option(target.id, kind, is_list, optional, text))
+    return options
+
+
+def _show(value):
+    """A value as the command line writes it."""
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(_show, value)) or "(empty)"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return "''" if value == "" else "none" if value is None else str(value)
+
+
+def _allowed_text(option, choices, allowed):
+    """What an option (each element of a list) allows, in words."""
+    if allowed is not None and allowed.whole:
+        text = allowed.text
+    elif choices is not None:
+        text = "one of " + ", ".join(map(_show, choices))
+    else:
+        noun = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[option.kind]
+        text = noun if allowed is None else f"{noun} {allowed.text}"
+    return text + (" or none" if option.optional else "")
+
+
+def _convert(option, text, allowed_text):
+    """A flag's text in the option's type; anything else is a UserError naming flag, value and what is allowed."""
+    if option.optional and text.lower() == "none":
+        return None
+    try:
+        value = _BOOLS[text.lower()] if option.kind is bool else option.kind(text)
+    except (KeyError, ValueError):
+        value = None
+    if value is None or option.kind is float and not math.isfinite(value):
+        raise safe_io.UserError(f"{_flag(option.name)} {text}: allowed {allowed_text}")
+    return value
+
+
+def _flag(name):
+    return "--" + name.lower().replace("_", "-")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose own errors (unknown flag, missing value) are one-line UserErrors."""
+
+    def error(self, message):
+        raise safe_io.UserError(f"{message}: see python {self.prog} --help")
+
+
+def parse_options(module, argv=None):
+    """Command-line flags built from a script's ``# --- Options ---`` block, checked before any work.
+
+    Each UPPER_CASE constant becomes a flag (``IMAGE_SIZE`` -> ``--image-size``) whose
+    default is the constant and whose help is its comment (every block declares ROOT,
+    the project folder, so every script has ``--root``). Lists take several values (``--rois V1v V2v`` or
+    ``--rois V1v,V2v``); ``none`` gives None where the type allows it (``T | None``).
+    The script's ``CHOICES`` dict (option -> allowed names) and ``RANGES`` dict (option ->
+    Allowed) restrict the values; --help lists them, and a value outside them (flag or
+    constant) is a UserError ``--option VALUE: allowed ...``.
+
+    Returns
+    -------
+    opts : SimpleNamespace with one UPPER_CASE attribute per option.
+    """
+    if isinstance(module, str):
+        module = sys.modules[module]
+    options = _options_block(module)
+    if "ROOT" not in [o.name for o in options]:
+        raise RuntimeError(f"{module.__file__}: the options block declares no ROOT (the project folder)")
+    choices, ranges = getattr(module, "CHOICES", {}), getattr(module, "RANGES", {})
+    undeclared = (set(choices) | set(ranges)) - {o.name for o in options}
+    if undeclared:
+        raise RuntimeError(f"{module.__name__}: CHOICES or RANGES name {', '.join(sorted(undeclared))}, not options")
+    doc = (module.__doc__ or "").strip().splitlines()
+    parser = _Parser(prog=Path(module.__file__).name, description=doc[0] if doc else None)
+    allowed = {o.name: _allowed_text(o, choices.get(o.name), ranges.get(o.name)) for o in options}
+    for o in options:
+        default = getattr(module, o.name)
+        restricted = o.name in choices or o.name in ranges
+        text = f"{o.help} (default: {_show(default)}" + (f"; allowed: {allowed[o.name]})" if restricted else ")")
+        kwargs = (dict(nargs="*", metavar="V") if o.is_list else
+                  dict(nargs="?", const="true", metavar="BOOL") if o.kind is bool else
+                  dict(metavar=o.kind.__name__.upper()))
+        parser.add_argument(_flag(o.name), dest=o.name, default=None, help=text.replace("%", "%%"), **kwargs)
+    args = parser.parse_args(argv)
+    values = {}
+    for o in options:
+        raw = getattr(args, o.name)
+        if raw is None:
+            default = getattr(module, o.name)
+            values[o.name] = list(default) if o.is_list else default
+        elif o.is_list:
+            values[o.name] = [_convert(o, t, allowed[o.name]) for token in raw for t in token.split(",") if t]
+        else:
+            values[o.name] = _convert(o, raw, allowed[o.name])
+    opts = SimpleNamespace(**values)
+    for o in options:
+        check, names, value = ranges.get(o.name), choices.get(o.name), values[o.name]
+        items = [value] if not o.is_list or check is not None and check.whole else value
+        for item in items:
+            if item is not None and (names is not None and item not in names
+                                     or check is not None and not check.test(item, opts)):
+                found = f" ({check.found(opts)})" if check is not None and check.found else ""
+                raise safe_io.UserError(f"{_flag(o.name)} {_show(item)}: allowed {allowed[o.name]}{found}")
+    return opts
+
+
+def cli(main):
+    """Decorate a script's ``main(argv=None)``: a UserError becomes one line and exit code 2."""
+    def wrapped(argv=None):
+        try:
+            return main(argv)
+        except safe_io.UserError as e:
+            from tqdm.auto import tqdm
+            tqdm.write(f"error: {e}", file=sys.stderr)  # clears a progress bar left open by the error
+            raise SystemExit(2) from None
+    wrapped.__name__, wrapped.__doc__, wrapped.__wrapped__ = main.__name__, main.__doc__, main
+    return wrapped
+
+
+def run_config(opts):
+    """The run's options whole, as plain JSON values: what checkpoints and results record as 'config'."""
+    return {k: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+            for k, v in vars(opts).items()}
+
+

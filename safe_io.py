@@ -1,0 +1,327 @@
+"""The safeguards, kept out of the science: atomic writes and temporary files, writability,
+safe loading of .npy arrays, mapping files and state dicts, non-finite checks, and the
+check that a saved checkpoint or result was made with the requested settings.
+
+A problem with the user's input is a ``UserError``: the scripts report it as one line
+naming the path or value and the fix, and exit with code 2 (options.cli).
+"""
+
+import errno
+import fnmatch
+import glob
+import json
+import os
+import pickle
+import re
+import secrets
+import shutil
+import socket
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+
+class UserError(Exception):
+    """A problem with the user's input: reported as one line, without a traceback."""
+
+
+def require_dir(path, fix):
+    """Raise a UserError naming ``path`` and ``fix`` unless ``path`` is a folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"missing folder {path}: {fix}")
+    return path
+
+
+def require_file(path, fix):
+    """Raise a UserError naming ``path`` and ``fix`` unless ``path`` is a file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"missing file {path}: {fix}")
+    return path
+
+
+# --- Atomic writes and temporary files ------------------------------------------------
+
+# Temporary files and folders are named <name>.tmp-<host>-<pid>-<random>..., so that a
+# later run can tell a killed run's leftovers (process gone: removed) from a live run's.
+TEMP_MARK = ".tmp-"
+_TEMP_OWNER = re.compile(re.escape(TEMP_MARK) + r"(?P<host>[^-/]+)-(?P<pid>\d+)-")
+
+
+def _host():
+    return socket.gethostname().replace("-", "_")
+
+
+def temp_prefix(name):
+    """'<name>.tmp-<host>-<pid>-': the start of the name of a temporary file or folder of this process."""
+    return f"{name}{TEMP_MARK}{_host()}-{os.getpid()}-"
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temps(folder, *patterns):
+    """Remove the temporary files and folders in ``folder`` left by killed processes of this host.
+
+    Only names made by temp_prefix count; those of live processes, and of other hosts
+    (whose processes cannot be checked from here), are kept.
+
+    Parameters
+    ----------
+    folder : path-like (a missing folder has nothing to remove).
+    patterns : fnmatch patterns of the final names the temporaries stood for (default: any).
+
+    Returns
+    -------
+    removed : sorted list of Path.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    host, removed = _host(), []
+    for path in folder.iterdir():
+        m = _TEMP_OWNER.search(path.name)
+        if m is None or m["host"] != host or _process_alive(int(m["pid"])):
+            continue
+        target = path.name[:m.start()].removeprefix(".")
+        if patterns and not any(fnmatch.fnmatchcase(target, p) for p in patterns):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return sorted(removed)
+
+
+@contextmanager
+def atomic_path(path):
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically.
+
+    The temporary file is hidden and named by temp_prefix; it is created with mode 0666
+    less the umask, so the output gets the user's usual permissions. A crash inside the
+    block leaves ``path`` untouched and removes the temporary file; a killed run's
+    leftovers for the same ``path`` are removed here. A full disk or quota (ENOSPC,
+    EDQUOT) inside the block is a UserError naming ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path.parent, glob.escape(path.name))
+    while True:
+        tmp = path.parent / f".{temp_prefix(path.name)}{secrets.token_hex(4)}{path.suffix}"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+        except FileExistsError:
+            continue
+    try:
+        yield str(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise UserError(f"cannot write {path} ({e.strerror}): free disk space under {path.parent} (or raise "
+                        "your quota) and run again; finished outputs are kept and the rerun resumes") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def check_writable(*folders):
+    """Raise a UserError unless every output folder exists and is writable, or can be created.
+
+    Writes nothing: the nearest existing folder on the way must be a writable folder.
+    """
+    for folder in folders:
+        folder = Path(folder)
+        probe = folder
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if not probe.is_dir():
+            raise UserError(f"cannot write to {folder}: {probe} is not a folder; choose another --root "
+                            "or move that file away")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise UserError(f"cannot write to {folder}: {probe} is not writable by you; choose another --root "
+                            "or fix its permissions")
+
+
+def atomic_torch_save(obj, path):
+    import torch
+    with atomic_path(path) as tmp:
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as e:
+            # torch's zip writer reports a failed write (a full disk, a quota) as a RuntimeError
+            # about stream positions, without the OS error; the file system is the likely cause.
+            if "inline_container" not in str(e):
+                raise
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}, or over quota: torch could not write "
+                                        "the file") from None
+
+
+def atomic_np_save(array, path):
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
+
+
+def atomic_joblib_dump(obj, path):
+    import joblib
+    with atomic_path(path) as tmp:
+        joblib.dump(obj, tmp)
+
+
+def atomic_write_text(text, path):
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+
+
+def atomic_json_dump(obj, path):
+    atomic_write_text(json.dumps(obj, indent=1, sort_keys=True), path)
+
+
+# --- Reading arrays safely ------------------------------------------------------------
+
+def load_npy(path, fix="re-copy the file", mmap_mode=None):
+    """A numeric .npy array (never a pickle); a truncated or corrupt file is a one-line UserError naming it."""
+    try:
+        array = np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"cannot read {path} as a numeric .npy array ({reason}): the file is truncated "
+                        f"or corrupt; {fix}") from None
+    if array.dtype.kind not in "biuf":
+        raise UserError(f"{path} holds {array.dtype} values, not numbers: {fix}")
+    return array
+
+
+def first_nonfinite(array, chunk_rows=1024):
+    """(row, column) of the first NaN or Inf of a 2-D array in row order, or None if all are finite.
+
+    Works in blocks of rows, so a memory-mapped file needs no full-size temporary.
+    """
+    for start in range(0, array.shape[0], chunk_rows):
+        finite = np.isfinite(array[start:start + chunk_rows])
+        if not finite.all():
+            row, col = np.argwhere(~finite)[0]
+            return start + int(row), int(col)
+    return None
+
+
+# A pickled mapping (np.save of a dict) needs only these: numpy's array and scalar
+# re-constructors, ndarray and dtype; builtin dicts, ints and strings need no global.
+_RECONSTRUCT = np.empty(0).__reduce__()[0]
+_SCALAR = np.int64(0).__reduce__()[0]
+_MAPPING_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT, ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy.core.multiarray", "scalar"): _SCALAR, ("numpy._core.multiarray", "scalar"): _SCALAR,
+    ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+}
+
+
+class _MappingUnpickler(pickle.Unpickler):
+    """Unpickles only what a saved dict of ints and strings needs; anything else could run code."""
+
+    def find_class(self, module, name):
+        if (module, name) not in _MAPPING_GLOBALS:
+            raise pickle.UnpicklingError(f"it asks for {module}.{name}, which could run code")
+        return _MAPPING_GLOBALS[module, name]
+
+
+def load_mapping_file(path):
+    """The dict code (int) -> ROI name (str) of an Algonauts ``mapping_<class>.npy``, read without running code.
+
+    The file is a pickled 0-d object array; it is unpickled with only numpy's array
+    re-constructors allowed, so a file that would run code is refused with one line.
+    """
+    fix = "re-copy the Algonauts roi_masks folder (mapping files hold a dict of ROI codes to names)"
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    try:
+        with open(path, "rb") as f:
+            if f.read(len(np.lib.format.MAGIC_PREFIX)) != np.lib.format.MAGIC_PREFIX:
+                raise ValueError("it is not a .npy file")
+            f.seek(0)
+            version = np.lib.format.read_magic(f)
+            if version not in readers:
+                raise ValueError(f".npy format version {version}")
+            shape, _, dtype = readers[version](f)
+            if shape != () or dtype != object:
+                raise ValueError(f"a {dtype} array of shape {shape}")
+            mapping = _MappingUnpickler(f).load().item()
+        if not isinstance(mapping, dict):
+            raise ValueError(f"a pickled {type(mapping).__name__}")
+        return {int(k): str(v) for k, v in mapping.items()}
+    except Exception as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"refusing {path}: not a mapping file ({reason}); {fix}") from None
+
+
+# --- State dicts -----------------------------------------------------------------------
+
+def load_state_dict_file(path, what="weights"):
+    """torch.load(path, weights_only=True) with a one-line UserError for missing or corrupt files."""
+    import torch
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} file {path} not found: check the path")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot load {what} file {path} ({type(e).__name__}): the file is corrupt, "
+                        "re-create or re-download it") from None
+
+
+def nonfinite_tensor(state):
+    """Name of the first floating-point tensor of a state dict that holds NaN or Inf, or None."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not tensor.isfinite().all():
+            return name
+    return None
+
+
+# --- Saved settings ----------------------------------------------------------------------
+
+def _plain(value):
+    """Arrays, tuples and numpy scalars as plain Python values, so saved and requested settings compare equal."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_plain(v) for v in value]
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _show_setting(value):
+    """A setting for a one-line message; long lists are summarised."""
+    if isinstance(value, list) and len(value) > 6:
+        return f"[{len(value)} values: {', '.join(map(str, value[:3]))}, ...]"
+    if isinstance(value, dict) and len(str(value)) > 80:
+        return "{" + ", ".join(f"{k}: {_show_setting(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+NOT_RECORDED = "not recorded"
+
+
+def check_same_settings(path, stored, requested, fix="use --overwrite to replace it, or another --root"):
+    """Raise a UserError naming the first setting of ``requested`` that ``stored`` records otherwise.
+
+    Parameters
+    ----------
+    path : the existing checkpoint or result.
+    stored : dict, the settings it records (its meta).
+    requested : dict, the settings of this run that matter, in the order to check them.
+    fix : the end of the message.
+    """
+    for key, want in requested.items():
+        have = _plain(stored.get(key, NOT_RECORDED))
+        if have != _plain(want):
+            raise UserError(f"{path} was made with {key}={_show_setting(have)}, "
+                            f"but this run asks for {key}={_show_setting(_plain(want))}: {fix}")
