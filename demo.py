@@ -34,6 +34,7 @@ import options
 import utils
 
 # The heavy helpers load on first use, so that --help answers at once.
+encoding_results = options.lazy_import("encoding_results")
 ru = options.lazy_import("results_utils")
 
 # --- Options ---
@@ -147,10 +148,10 @@ def summary_table(root, subj, hemisphere, rois, epochs):
     mi = mi_bounds(root, subj, hemisphere, rois, epochs)
     rows = {}
     for roi in rois:
-        test_r = {m: ru.load_result(ru.result_path(root, subj, m, hemisphere, roi))["test_r"] for m in METHODS}
+        test_r = {m: encoding_results.load_result(encoding_results.result_path(root, subj, m, hemisphere, roi))["test_r"] for m in METHODS}
         rows[roi] = {"voxels": len(test_r["untuned"]),
                      **{METHODS[m]: float(np.mean(r)) for m, r in test_r.items()},
-                     "CL > untuned %": ru.pct_beats_untuned(test_r["cl-tuned"], test_r["untuned"]),
+                     "CL > untuned %": encoding_results.pct_beats_untuned(test_r["cl-tuned"], test_r["untuned"]),
                      "MI CL bits": mi[roi][0], "MI untuned bits": mi[roi][1]}
     return pd.DataFrame.from_dict(rows, orient="index")
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+import encoding_results
 import nod_utils
 import results_utils as ru
 import safe_io
@@ -277,10 +278,30 @@ def plot_transfer(mean_r, frac, title, path):
     return fig
 
 
+def summary_figures(root, subj, table, results):
+    """The subject's figures of ``encoding_results.write_summaries``: per method tag and hemisphere the
+    ROI x layer scores, per hemisphere the methods per ROI and, per tuned tag, its per-voxel test r
+    against untuned."""
+    out_dir = utils.encoding_dir(root, subj)
+    for tag, sub in table.groupby("tag", sort=False):
+        for hemi, part in sub.groupby("hemisphere"):
+            plot_layer_scores(part, out_dir / tag / f"layer_scores_{hemi}.png")
+    for hemi, part in table.groupby("hemisphere"):
+        plot_methods(part, out_dir / f"methods_{hemi}.png")
+        for tag in dict.fromkeys(part["tag"]):
+            pairs = [(results["untuned", hemi, roi], results[tag, hemi, roi]) for roi in part["roi"].unique()
+                     if tag != "untuned" and (tag, hemi, roi) in results and ("untuned", hemi, roi) in results]
+            pairs = [(u, r) for u, r in pairs if np.array_equal(u["voxels"], r["voxels"])]
+            if pairs:
+                plot_scatter(np.concatenate([u["test_r"] for u, _ in pairs]),
+                             np.concatenate([r["test_r"] for _, r in pairs]), tag,
+                             out_dir / f"scatter_{tag}_vs_untuned_{hemi}.png")
+
+
 def plot_nod_summary(table, stem):
     """NOD: mean test r per area and method across subjects (bars, SEM), one panel per hemisphere.
 
-    ``table`` is fit_encoding_models_nod.summary_table's; returns the PNG and PDF paths.
+    ``table`` is encoding_results.nod_summary_table's; returns the PNG and PDF paths.
     """
     plt = pyplot()
     hemis = sorted(table["hemisphere"].unique())
@@ -325,7 +346,7 @@ def load_encoding(root, subjects=None):
     """{subject: collect_results dict} of the subjects with encoding results (own model, per-method protocol)."""
     out = {}
     for subj in subjects or utils.find_subjects(root):
-        results = {k: r for k, r in ru.collect_results(root, subj).items() if k[0] in utils.METHODS}
+        results = {k: r for k, r in encoding_results.collect_results(root, subj).items() if k[0] in utils.METHODS}
         if results:
             out[int(subj)] = results
     return out

@@ -9,27 +9,20 @@ pooled checkpoint. With MODEL_SUBJ set to another subject, that subject's tuned 
 applied to SUBJ (transfer). PROTOCOL untuned-layer reuses the layer and per-voxel alphas
 chosen on the untuned network (its results must exist).
 
-Outputs, under ROOT/encoding_results/SubjX/:
+Outputs, under ROOT/encoding_results/SubjX/ (the format is in encoding_results.py):
   <tag>/<hemi>_<ROI>.npz and .json   per ROI, written after each ROI (reruns skip them);
                                      tag = method [+ _from-SubjY] [+ _untuned-layer]
-  <tag>/layer_scores.csv, <tag>/layer_scores_<hemi>.png/.pdf   ROI x layer CV scores, best layer boxed
-  methods.csv, methods_<hemi>.png/.pdf                          every method present, per ROI
-  scatter_<tag>_vs_untuned_<hemi>.png/.pdf                      per-voxel test r against untuned
-  absent_rois.json                                              ROIs skipped for having < MIN_VOXELS voxels
-  group_summary.csv (and ../group_summary.csv for all subjects) per ROI group (all, early,
-                     higher) and score (test r, CV r): mean r per method, % of voxels where
-                     CL > untuned, CL > reg, pooled > CL (the authors' unweighted ROI averages)
-With --transfer-matrix nothing is fitted: the model-subject x target-subject matrices of
-METHOD (mean test r, fraction of target voxels improved over untuned) per ROI group are
-built from the results that exist, as ROOT/encoding_results/transfer_<method>_<hemi>*.csv
-and .png/.pdf; TRANSFER_AGGREGATION authors averages the per-ROI matrices without weights
-(an ROI absent in a subject counts as 0), voxels pools the voxels of the ROIs.
+  absent_rois.json                   ROIs skipped for having < MIN_VOXELS voxels
+and at the end the subject's summaries, rebuilt from every result (as
+``generate_results.py --type summaries`` does): methods.csv, <tag>/layer_scores.csv,
+group_summary.csv and their figures. The transfer matrices are made from the saved
+results by ``generate_results.py --type transfer-matrix``.
 """
 
-import json
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -42,8 +35,7 @@ import utils
 models = options.lazy_import("models")
 encoding = options.lazy_import("encoding")
 figures = options.lazy_import("figures")
-ru = options.lazy_import("results_utils")
-pd = options.lazy_import("pandas")
+encoding_results = options.lazy_import("encoding_results")
 
 # --- Options ---
 ROOT = "."  # project folder holding the data folders (training_fmri, training_images, roi_masks, ...)
@@ -68,283 +60,71 @@ SCRATCH: str | None = None  # folder of the temporary feature spill, ~8 GB per r
 FEATURE_PRECISION = "fp32"  # feature extraction: fp32 (the authors') or bf16 (autocast on CUDA, faster)
 MIN_VOXELS = utils.MIN_VOXELS  # ROIs with fewer voxels are skipped and recorded as absent (the authors' 20)
 OVERWRITE = False  # recompute ROIs whose results exist
-TRANSFER_MATRIX = False  # only build the model-subject x target-subject matrices from existing results
-TRANSFER_AGGREGATION = "authors"  # transfer matrices: authors (unweighted mean over ROIs, absent ROI = 0) or voxels (pooled)
 # ---
 CHOICES = {"METHOD": utils.METHODS, "HEMISPHERE": utils.HEMISPHERE_NAMES, "ROIS": utils.ROIS,
-           "PROTOCOL": ["per-method", "untuned-layer"], "FEATURE_PRECISION": utils.PRECISIONS,
-           "TRANSFER_AGGREGATION": ["authors", "voxels"]}
+           "PROTOCOL": ["per-method", "untuned-layer"], "FEATURE_PRECISION": utils.PRECISIONS}
 RANGES = {"SUBJ": utils.SUBJECT, "MODEL_SUBJ": utils.SUBJECT, "ALPHAS": utils.ALPHA_GRID,
           "N_COMPONENTS": options.at_least(1), "N_FOLDS": options.at_least(2), "IMAGE_SIZE": utils.ALEXNET_INPUT,
           "SEED": options.at_least(0), "CL_EPOCHS": options.at_least(1), "REG_EPOCHS": options.at_least(1),
           "POOLED_EPOCHS": options.at_least(1), "BATCH_SIZE": options.at_least(1), "MIN_VOXELS": options.at_least(1)}
 
-TRANSFER_METHODS = ("cl-tuned", "reg-tuned")
-# The methods of the group summaries, each on its own subject with the per-method protocol.
-SUMMARY_METHODS = ("untuned", "cl-tuned", "reg-tuned", "pooled-avg", "pooled-const")
-SUMMARY_COMPARISONS = (("cl-tuned", "untuned"), ("cl-tuned", "reg-tuned"), ("pooled-avg", "cl-tuned"),
-                       ("pooled-const", "cl-tuned"))
 
 
-def check_transfer(opts):
-    """A model from another subject (MODEL_SUBJ) exists only for the subject-specific methods."""
-    if opts.MODEL_SUBJ not in (None, opts.SUBJ) and opts.METHOD not in TRANSFER_METHODS:
-        raise safe_io.UserError(f"MODEL_SUBJ {opts.MODEL_SUBJ} is for cl-tuned or reg-tuned models only "
-                              f"({opts.METHOD} is not tuned on one subject): drop --model-subj")
+@options.cli
+def main(argv=None):
+    opts = options.parse_options(sys.modules[__name__], argv)
+    run = check_inputs(opts)
+    root, subj, method, hemi = opts.ROOT, opts.SUBJ, opts.METHOD, run.hemi
+    for roi, n_voxels in run.absent.items():
+        encoding_results.record_absent(root, subj, hemi, roi, n_voxels)
+    timer = encoding.StageTimer(run.device)
+    with timer("cache"):
+        utils.subject_images(root, subj, opts.IMAGE_SIZE)
+    written = {roi: None for roi in opts.ROIS}
+    # The untuned network's features are the same for every ROI: one pass serves them all.
+    # A tuned network belongs to one ROI: one pass each.
+    passes = [run.pending] if method == "untuned" and run.pending else [[item] for item in run.pending]
+    for group in tqdm(passes, desc=f"{utils.subj_dir(subj)} {hemi} {run.tag}", disable=len(passes) < 2):
+        voxels = np.unique(np.concatenate([v for _, v, _ in group]))
+        fmri = run.fmri if len(voxels) == len(run.voxels) else run.fmri[:, np.searchsorted(run.voxels, voxels)]
+        columns = {roi: np.searchsorted(voxels, v) for roi, v, _ in group}
+        alexnet, meta = models.load_feature_alexnet(root, method, run.model_subj, hemi, group[0][0], run.epochs,
+                                                    opts.WEIGHTS, run.device, opts.SEED, opts.IMAGE_SIZE)
+        images = utils.subject_images(root, subj, opts.IMAGE_SIZE)
+        with encoding.FeatureSpill(alexnet, images, run.scratch, run.device, opts.BATCH_SIZE,
+                                   timer=timer, precision=opts.FEATURE_PRECISION) as spill:
+            del images, alexnet  # the cache's pages and the network are not needed past the forward pass
+            results = encoding.encode_rois(spill.layers(run.device), fmri, columns, run.train, run.test, run.folds,
+                                           opts.ALPHAS, opts.N_COMPONENTS, run.fixed, run.device, timer=timer)
+        for roi, roi_voxels, path in group:
+            result = results[roi]
+            if result["n_constant"]:
+                tqdm.write(f"warning: {roi}: {result['n_constant']} constant voxel(s) on the training split; "
+                           "their r is set to 0")
+            result.update(
+                method=method, subject=subj,
+                model_subj=run.model_subj if method in encoding_results.TRANSFER_METHODS else None,
+                hemisphere=hemi, roi=roi, protocol=opts.PROTOCOL, voxels=roi_voxels, seed=opts.SEED)
+            result.update(run.settings)
+            result.update(
+                weights=opts.WEIGHTS if meta is None else meta.get("weights"),
+                checkpoint=None if method == "untuned" else str(
+                    utils.method_checkpoint_path(root, method, run.model_subj, hemi, roi, run.epochs)),
+                mean_cv_r=float(np.mean(result["cv_r"])), mean_test_r=float(np.mean(result["test_r"])),
+                config=options.run_config(opts))
+            with timer("write"):
+                encoding_results.save_result(result, path)
+                encoding_results.record_absent(root, subj, hemi, roi, None)
+            written[roi] = path
+            tqdm.write(f"{roi}: best layer {result['best_layer']}, mean CV r {result['mean_cv_r']:.3f}, "
+                       f"mean test r {result['mean_test_r']:.3f} ({len(roi_voxels)} voxels)")
+    with timer("write"):
+        figures.summary_figures(root, subj, *encoding_results.write_summaries(root, subj))
+    print(f"stage times: {timer}")
+    return written
 
 
-def untuned_choice(root, subj, hemisphere, roi, voxels, alphas):
-    """(best layer, per-voxel alpha index) chosen on the untuned network for the untuned-layer protocol."""
-    path = ru.result_path(root, subj, "untuned", hemisphere, roi)
-    if not ru.result_complete(path):
-        raise safe_io.UserError(f"no untuned result at {path}: run python fit_encoding_models.py --method untuned "
-                              f"--subj {subj} --hemisphere {utils.hemi_code(hemisphere)} --rois {roi} first")
-    base = ru.load_result(path)
-    if not np.array_equal(base["voxels"], voxels) or base["alpha_grid"] != list(alphas):
-        raise safe_io.UserError(f"untuned result {path} was fitted on other voxels or ALPHAS: "
-                              "re-run the untuned method with --overwrite")
-    return base["best_layer"], base["alpha_index"]
-
-
-def spill_folder(opts):
-    """Where the features are spilled: SCRATCH, its $VARS expanded in this process (on a cluster,
-    on the node that runs the job), or ROOT/cache."""
-    if opts.SCRATCH is None:
-        return utils.cache_dir(opts.ROOT)
-    folder = os.path.expandvars(opts.SCRATCH)
-    if "$" in folder:
-        raise safe_io.UserError(f"--scratch {opts.SCRATCH}: an environment variable in it is not set here "
-                              f"({folder}); set it, or give a folder")
-    return Path(folder)
-
-
-def record_absent(root, subj, hemisphere, roi, n_voxels):
-    """Add (or, with n_voxels None, remove) an ROI in the subject's absent_rois.json."""
-    path = utils.encoding_dir(root, subj) / "absent_rois.json"
-    absent = json.loads(path.read_text()) if path.is_file() else {}
-    if n_voxels is None and roi not in absent.get(utils.hemi_code(hemisphere), {}):
-        return
-    hemi = absent.setdefault(utils.hemi_code(hemisphere), {})
-    if n_voxels is None:
-        hemi.pop(roi, None)
-    else:
-        hemi[roi] = int(n_voxels)
-    safe_io.atomic_json_dump(absent, path)
-
-
-# --- Summaries and figures ---------------------------------------------------------------
-
-
-def _roi_order(key):
-    return utils.ROIS.index(key)
-
-
-def comparable_untuned_r(result, untuned):
-    """The untuned test r to compare a tuned result with: None for an untuned result, or without an
-    untuned result on the same voxels."""
-    if untuned is None or result["method"] == "untuned" or not np.array_equal(result["voxels"], untuned["voxels"]):
-        return None
-    return untuned["test_r"]
-
-
-def group_summary(results, subj):
-    """Per ROI group (utils.ROI_GROUPS) and score (test r, CV r at the best layer): the authors' summaries.
-
-    For every method of SUMMARY_METHODS with results, averaged without weights over the
-    (hemisphere, ROI) pairs of the group that every such method has fitted on the same
-    voxels: the mean r, and for each pair of SUMMARY_COMPARISONS the % of voxels where the
-    first method's r beats the second's (NaN where a method has no results).
-
-    Parameters
-    ----------
-    results : dict (tag, hemisphere, roi) -> result, from ``collect_results``.
-
-    Returns
-    -------
-    DataFrame, one row per (group, score).
-    """
-    methods = [m for m in SUMMARY_METHODS if any(k[0] == m for k in results)]
-    rows = []
-    for group, members in utils.ROI_GROUPS.items():
-        pairs = []
-        for hemi in utils.HEMISPHERES:
-            for roi in members:
-                found = [results.get((m, hemi, roi)) for m in methods]
-                if methods and all(r is not None and np.array_equal(r["voxels"], found[0]["voxels"]) for r in found):
-                    pairs.append(dict(zip(methods, found)))
-        for score in ("test_r", "cv_r"):
-            row = {"subject": int(subj), "group": group, "score": score, "n_rois": len(pairs)}
-            for m in SUMMARY_METHODS:
-                row[f"mean_{m}"] = (float(np.mean([p[m][score].mean() for p in pairs]))
-                                    if pairs and m in methods else np.nan)
-            for a, b in SUMMARY_COMPARISONS:
-                row[f"pct_{a}_gt_{b}"] = (100 * float(np.mean([np.mean(p[a][score] > p[b][score]) for p in pairs]))
-                                          if pairs and a in methods and b in methods else np.nan)
-            rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def write_group_summaries(root, subj, results):
-    """The subject's group_summary.csv, then encoding_results/group_summary.csv of every subject that has one."""
-    safe_io.atomic_write_text(group_summary(results, subj).to_csv(index=False),
-                            utils.encoding_dir(root, subj) / "group_summary.csv")
-    files = [utils.encoding_dir(root, s) / "group_summary.csv" for s in utils.find_subjects(root)]
-    every = pd.concat([pd.read_csv(f) for f in files if f.is_file()], ignore_index=True)
-    safe_io.atomic_write_text(every.to_csv(index=False), Path(root) / "encoding_results" / "group_summary.csv")
-
-
-def write_summaries(root, subj):
-    """Regenerate the subject's summary tables (group_summary.csv included) and figures from every result.
-
-    Returns
-    -------
-    methods : DataFrame, one row per (tag, hemisphere, ROI), as written to methods.csv.
-    """
-    out_dir = utils.encoding_dir(root, subj)
-    results = ru.collect_results(root, subj)
-    rows = []
-    for (tag, hemi, roi), r in sorted(results.items(), key=lambda kv: (kv[0][1], _roi_order(kv[0][2]), kv[0][0])):
-        untuned = results.get(("untuned", hemi, roi))
-        rows.append({"tag": tag, "method": r["method"], "model_subj": r["model_subj"], "protocol": r["protocol"],
-                     "hemisphere": hemi, "roi": roi, "n_voxels": len(r["voxels"]), "best_layer": r["best_layer"],
-                     "mean_cv_r": float(np.mean(r["cv_r"])), "mean_test_r": float(np.mean(r["test_r"])),
-                     "pct_beats_untuned": ru.pct_beats_untuned(r["test_r"], comparable_untuned_r(r, untuned)),
-                     **{layer: r["layer_scores"][layer] for layer in utils.LAYERS}})
-    table = pd.DataFrame(rows)
-    if table.empty:
-        return table
-    write_group_summaries(root, subj, results)
-    methods = table.drop(columns=utils.LAYERS)
-    safe_io.atomic_write_text(methods.to_csv(index=False), out_dir / "methods.csv")
-    for tag, sub in table.groupby("tag", sort=False):
-        cols = ["hemisphere", "roi"] + utils.LAYERS + ["best_layer"]
-        safe_io.atomic_write_text(sub[cols].to_csv(index=False), out_dir / tag / "layer_scores.csv")
-        for hemi, part in sub.groupby("hemisphere"):
-            figures.plot_layer_scores(part, out_dir / tag / f"layer_scores_{hemi}.png")
-    for hemi, part in table.groupby("hemisphere"):
-        figures.plot_methods(part, out_dir / f"methods_{hemi}.png")
-        for tag in dict.fromkeys(part["tag"]):
-            pairs = [(results["untuned", hemi, roi], results[tag, hemi, roi]) for roi in part["roi"].unique()
-                     if tag != "untuned" and (tag, hemi, roi) in results and ("untuned", hemi, roi) in results]
-            pairs = [(u, r) for u, r in pairs if np.array_equal(u["voxels"], r["voxels"])]
-            if pairs:
-                figures.plot_scatter(np.concatenate([u["test_r"] for u, _ in pairs]),
-                             np.concatenate([r["test_r"] for _, r in pairs]), tag,
-                             out_dir / f"scatter_{tag}_vs_untuned_{hemi}.png")
-    return methods
-
-
-def transfer_table(root, method, hemisphere, rois, min_voxels=utils.MIN_VOXELS):
-    """One row per (ROI, model subject, target subject) of ``method``, over the model and target subjects
-    that have at least one result.
-
-    'status' is 'fitted' (a result exists), 'absent' (the ROI has fewer than ``min_voxels``
-    voxels in the target or the model subject, so the authors count it as 0) or 'missing'
-    (not fitted yet). 'mean_test_r' and 'frac_improved' (fraction of the target's voxels
-    whose test r beats its untuned result; NaN without one) are set for fitted rows;
-    'sum_r', 'n_improved' and 'n_compared' serve the voxel-pooled aggregation.
-    """
-    hemi = utils.hemi_code(hemisphere)
-    found = {}
-    for target in utils.find_subjects(root):
-        for model_subj in utils.find_subjects(root):
-            for roi in rois:
-                path = ru.result_path(root, target, ru.method_tag(method, target, model_subj, "per-method"), hemi, roi)
-                if ru.result_complete(path):
-                    found[roi, model_subj, target] = path
-    model_subjects, targets = sorted({k[1] for k in found}), sorted({k[2] for k in found})
-    counts = {(s, roi): utils.roi_voxel_count(root, s, hemi, roi)
-              for s in set(model_subjects) | set(targets) for roi in rois}
-    rows = []
-    for roi in rois:
-        for model_subj in model_subjects:
-            for target in targets:
-                row = {"roi": roi, "model_subj": model_subj, "target_subj": target, "status": "missing",
-                       "n_voxels": 0, "sum_r": 0.0, "n_compared": 0, "n_improved": 0,
-                       "mean_test_r": np.nan, "frac_improved": np.nan}
-                if (roi, model_subj, target) in found:
-                    r = ru.load_result(found[roi, model_subj, target])
-                    base = ru.result_path(root, target, "untuned", hemi, roi)
-                    untuned = ru.load_result(base) if ru.result_complete(base) else None
-                    row.update(status="fitted", n_voxels=len(r["voxels"]), sum_r=float(r["test_r"].sum()),
-                               mean_test_r=float(r["test_r"].mean()))
-                    if untuned is not None and np.array_equal(untuned["voxels"], r["voxels"]):
-                        improved = r["test_r"] > untuned["test_r"]
-                        row.update(n_compared=len(improved), n_improved=int(improved.sum()),
-                                   frac_improved=float(improved.mean()))
-                elif min(counts[target, roi], counts[model_subj, roi]) < min_voxels:
-                    row["status"] = "absent"
-                rows.append(row)
-    return pd.DataFrame(rows, columns=["roi", "model_subj", "target_subj", "status", "n_voxels", "sum_r",
-                                       "n_compared", "n_improved", "mean_test_r", "frac_improved"])
-
-
-def transfer_matrices(table, rois, aggregation="authors"):
-    """Model-subject x target-subject matrices of mean test r and fraction improved over the ROIs ``rois``.
-
-    Parameters
-    ----------
-    table : DataFrame from ``transfer_table``.
-    rois : the ROIs to aggregate (e.g. one of utils.ROI_GROUPS).
-    aggregation : 'authors': the unweighted mean of the per-ROI values over the ROIs with
-        at least one result, an absent ROI counting as 0 and a missing one making the
-        entry NaN; 'voxels': the voxels of the fitted ROIs pooled (absent ROIs add nothing).
-
-    Returns
-    -------
-    mean_r, frac_improved : DataFrames indexed by model subject, columns target subject
-        (None, None when no ROI of ``rois`` has a result).
-    """
-    part = table[table["roi"].isin(rois)]
-    part = part[part.groupby("roi")["status"].transform(lambda st: (st == "fitted").any())]
-    if part.empty:
-        return None, None
-    keys = ["model_subj", "target_subj"]
-    if aggregation == "voxels":
-        fitted = part.assign(**{c: part[c].where(part["status"] == "fitted", 0)
-                                for c in ("n_voxels", "sum_r", "n_compared", "n_improved")})
-        pooled = fitted.groupby(keys)[["n_voxels", "sum_r", "n_compared", "n_improved"]].sum()
-        mean_r = pooled["sum_r"] / pooled["n_voxels"].where(pooled["n_voxels"] > 0)
-        frac = pooled["n_improved"] / pooled["n_compared"].where(pooled["n_compared"] > 0)
-    else:
-        absent = part["status"] == "absent"
-        values = part.assign(mean_test_r=part["mean_test_r"].mask(absent, 0.0),
-                             frac_improved=part["frac_improved"].mask(absent, 0.0))
-        # mean(skipna=False): one missing ROI makes the entry NaN rather than silently dropping it.
-        grouped = values.groupby(keys)
-        mean_r = grouped["mean_test_r"].apply(lambda v: v.mean(skipna=False))
-        frac = grouped["frac_improved"].apply(lambda v: v.mean(skipna=False))
-    return mean_r.unstack("target_subj"), frac.unstack("target_subj")
-
-
-def run_transfer_matrix(opts):
-    """Write the per-ROI transfer table and, per ROI group, the two matrices and their figure."""
-    if opts.METHOD not in TRANSFER_METHODS:
-        raise safe_io.UserError(f"--transfer-matrix needs a subject-specific method, not {opts.METHOD!r}: "
-                              "use --method cl-tuned or reg-tuned")
-    hemi = utils.hemi_code(opts.HEMISPHERE)
-    table = transfer_table(opts.ROOT, opts.METHOD, hemi, opts.ROIS, opts.MIN_VOXELS)
-    if not (table["status"] == "fitted").any():
-        raise safe_io.UserError(f"no {opts.METHOD} results under {Path(opts.ROOT) / 'encoding_results'}: "
-                              "fit some first (with --model-subj for transfer)")
-    base = Path(opts.ROOT) / "encoding_results" / f"transfer_{opts.METHOD}_{hemi}"
-    safe_io.atomic_write_text(table.drop(columns=["sum_r"]).to_csv(index=False), f"{base}.csv")
-    suffix = "" if opts.TRANSFER_AGGREGATION == "authors" else f"_{opts.TRANSFER_AGGREGATION}"
-    matrices = {}
-    for group, members in utils.ROI_GROUPS.items():
-        mean_r, frac = transfer_matrices(table, members, opts.TRANSFER_AGGREGATION)
-        if mean_r is None:
-            continue
-        stem = f"{base}_{group}{suffix}"
-        safe_io.atomic_write_text(mean_r.to_csv(), f"{stem}_mean_r.csv")
-        safe_io.atomic_write_text(frac.to_csv(), f"{stem}_frac_improved.csv")
-        figures.plot_transfer(mean_r, frac, f"{opts.METHOD} {hemi} {group} ROIs ({opts.TRANSFER_AGGREGATION})", f"{stem}.png")
-        print(f"{group} ROIs, mean test r (rows: model subject, columns: target subject)\n{mean_r.round(3)}")
-        matrices[group] = (mean_r, frac)
-    return table, matrices
-
-
-# --- Fitting ---------------------------------------------------------------------------
+# --- Checking every input before the first write ------------------------------------------
 
 def result_settings(opts, method, epochs):
     """The settings of this run that a result records and that must agree for it to be reused."""
@@ -358,49 +138,82 @@ def result_settings(opts, method, epochs):
     return settings
 
 
-def pending_rois(opts, root, subj, hemi, tag, settings):
+def pending_rois(opts, subj, hemi, tag, settings):
     """The ROIs still to fit, as a list of (roi, voxels, result path), and the absent ones, as
     {roi: voxel count}; absent and finished ones are skipped with a line.
 
     A finished result made with other voxels or ``settings`` is an error (safe_io.check_same_settings).
-    Nothing is written here: the caller records the absent ROIs once every input is checked.
+    Nothing is written here: main records the absent ROIs once every input is checked.
     """
     pending, absent = [], {}
     for roi in opts.ROIS:
-        voxels = utils.roi_voxel_indices(root, subj, hemi, roi)
-        path = ru.result_path(root, subj, tag, hemi, roi)
+        voxels = utils.roi_voxel_indices(opts.ROOT, subj, hemi, roi)
+        path = encoding_results.result_path(opts.ROOT, subj, tag, hemi, roi)
         if len(voxels) < opts.MIN_VOXELS:
             tqdm.write(f"skip {roi}: {len(voxels)} voxels in {hemi} of {utils.subj_dir(subj)} "
                        f"(fewer than MIN_VOXELS={opts.MIN_VOXELS}); recorded as absent")
             absent[roi] = len(voxels)
-        elif ru.result_complete(path) and not opts.OVERWRITE:
-            safe_io.check_same_settings(path, ru.load_result(path), {"voxels": voxels, **settings},
-                                      "use --overwrite to refit it, or another --root")
+        elif encoding_results.result_complete(path) and not opts.OVERWRITE:
+            safe_io.check_same_settings(path, encoding_results.load_result(path), {"voxels": voxels, **settings},
+                                        "use --overwrite to refit it, or another --root")
             tqdm.write(f"skip {roi}: {path} exists (use --overwrite to refit)")
         else:
             pending.append((roi, voxels, path))
     return pending, absent
 
 
-@options.cli
-def main(argv=None):
-    opts = options.parse_options(sys.modules[__name__], argv)
-    check_transfer(opts)
-    if opts.TRANSFER_MATRIX:
-        return run_transfer_matrix(opts)
+def untuned_choice(root, subj, hemisphere, roi, voxels, alphas):
+    """(best layer, per-voxel alpha index) chosen on the untuned network for the untuned-layer protocol."""
+    path = encoding_results.result_path(root, subj, "untuned", hemisphere, roi)
+    if not encoding_results.result_complete(path):
+        raise safe_io.UserError(f"no untuned result at {path}: run python fit_encoding_models.py --method untuned "
+                                f"--subj {subj} --hemisphere {utils.hemi_code(hemisphere)} --rois {roi} first")
+    base = encoding_results.load_result(path)
+    if not np.array_equal(base["voxels"], voxels) or base["alpha_grid"] != list(alphas):
+        raise safe_io.UserError(f"untuned result {path} was fitted on other voxels or ALPHAS: "
+                                "re-run the untuned method with --overwrite")
+    return base["best_layer"], base["alpha_index"]
+
+
+def spill_folder(opts):
+    """Where the features are spilled: SCRATCH, its $VARS expanded in this process (on a cluster,
+    on the node that runs the job), or ROOT/cache."""
+    if opts.SCRATCH is None:
+        return utils.cache_dir(opts.ROOT)
+    folder = os.path.expandvars(opts.SCRATCH)
+    if "$" in folder:
+        raise safe_io.UserError(f"--scratch {opts.SCRATCH}: an environment variable in it is not set here "
+                                f"({folder}); set it, or give a folder")
+    return Path(folder)
+
+
+def check_inputs(opts):
+    """Every input of the run, checked before anything is written: the output folders, the results
+    that exist (settings, and readability, since the summaries read them all), the checkpoints, the
+    untuned choices of the untuned-layer protocol, and the fMRI of every pending ROI (NaN, Inf,
+    row count).
+
+    Returns
+    -------
+    SimpleNamespace: hemi, tag, model_subj, device, scratch, epochs, settings, pending [(roi,
+    voxels, path)], absent {roi: n_voxels}, fixed (untuned choices or None), train, test and
+    folds (the split), voxels (union of the pending ROIs' voxels) and fmri (their columns,
+    float32 (n_images, n_voxels)).
+    """
     root, subj, method, hemi = opts.ROOT, opts.SUBJ, opts.METHOD, utils.hemi_code(opts.HEMISPHERE)
+    if opts.MODEL_SUBJ not in (None, subj) and method not in encoding_results.TRANSFER_METHODS:
+        raise safe_io.UserError(f"MODEL_SUBJ {opts.MODEL_SUBJ} is for cl-tuned or reg-tuned models only "
+                                f"({method} is not tuned on one subject): drop --model-subj")
     model_subj = subj if opts.MODEL_SUBJ is None else opts.MODEL_SUBJ
-    tag = ru.method_tag(method, subj, model_subj, opts.PROTOCOL)
+    tag = encoding_results.method_tag(method, subj, model_subj, opts.PROTOCOL)
     device = utils.resolve_device(opts.DEVICE)
     scratch = spill_folder(opts)
     safe_io.check_writable(utils.encoding_dir(root, subj), utils.cache_dir(root), scratch)
     epochs = utils.method_epochs(opts, method)
     settings = result_settings(opts, method, epochs)
-    pending, absent = pending_rois(opts, root, subj, hemi, tag, settings)
-    # The summaries read every result of the subject: a corrupt one fails now, not after the fits.
-    ru.collect_results(root, subj, skip={path for _, _, path in pending})
+    pending, absent = pending_rois(opts, subj, hemi, tag, settings)
+    encoding_results.collect_results(root, subj, skip={path for _, _, path in pending})
     if method != "untuned":
-        # Every checkpoint is checked before any work.
         for roi, _, _ in pending:
             models.tuned_meta(root, method, model_subj, hemi, roi, epochs, opts.IMAGE_SIZE)
     fixed = None
@@ -409,57 +222,14 @@ def main(argv=None):
     n_images = len(utils.list_images(root, subj))
     train, test = utils.train_test_split(n_images)
     folds = utils.cv_folds(train, opts.N_FOLDS)
-    # The fMRI of every pending ROI is read (and checked for NaN or Inf) before any work.
-    all_voxels = np.unique(np.concatenate([v for _, v, _ in pending])) if pending else None
+    voxels = np.unique(np.concatenate([v for _, v, _ in pending])) if pending else None
+    fmri = None
     if pending:
-        fmri_all = utils.load_fmri(root, subj, hemi, all_voxels)
-        utils.check_counts(n_images, fmri_all, str(utils.fmri_path(root, subj, hemi)))
-    for roi, n_voxels in absent.items():
-        record_absent(root, subj, hemi, roi, n_voxels)
-    timer = encoding.StageTimer(device)
-    with timer("cache"):
-        utils.subject_images(root, subj, opts.IMAGE_SIZE)
-    written = {roi: None for roi in opts.ROIS}
-    # The untuned network's features are the same for every ROI: one pass serves them all.
-    # A tuned network belongs to one ROI: one pass each.
-    passes = [pending] if method == "untuned" and pending else [[item] for item in pending]
-    for group in tqdm(passes, desc=f"{utils.subj_dir(subj)} {hemi} {tag}", disable=len(passes) < 2):
-        voxels = np.unique(np.concatenate([v for _, v, _ in group]))
-        fmri = fmri_all if len(voxels) == len(all_voxels) else fmri_all[:, np.searchsorted(all_voxels, voxels)]
-        columns = {roi: np.searchsorted(voxels, v) for roi, v, _ in group}
-        alexnet, meta = models.load_feature_alexnet(root, method, model_subj, hemi, group[0][0], epochs,
-                                                    opts.WEIGHTS, device, opts.SEED, opts.IMAGE_SIZE)
-        images = utils.subject_images(root, subj, opts.IMAGE_SIZE)
-        with encoding.FeatureSpill(alexnet, images, scratch, device, opts.BATCH_SIZE,
-                                   timer=timer, precision=opts.FEATURE_PRECISION) as spill:
-            del images, alexnet  # the cache's pages and the network are not needed past the forward pass
-            results = encoding.encode_rois(spill.layers(device), fmri, columns, train, test, folds, opts.ALPHAS,
-                                           opts.N_COMPONENTS, fixed, device, timer=timer)
-        for roi, roi_voxels, path in group:
-            result = results[roi]
-            if result["n_constant"]:
-                tqdm.write(f"warning: {roi}: {result['n_constant']} constant voxel(s) on the training split; "
-                           "their r is set to 0")
-            result.update(
-                method=method, subject=subj, model_subj=model_subj if method in TRANSFER_METHODS else None,
-                hemisphere=hemi, roi=roi, protocol=opts.PROTOCOL, voxels=roi_voxels, seed=opts.SEED)
-            result.update(settings)
-            result.update(
-                weights=opts.WEIGHTS if meta is None else meta.get("weights"),
-                checkpoint=None if method == "untuned" else str(
-                    utils.method_checkpoint_path(root, method, model_subj, hemi, roi, epochs)),
-                mean_cv_r=float(np.mean(result["cv_r"])), mean_test_r=float(np.mean(result["test_r"])),
-                config=options.run_config(opts))
-            with timer("write"):
-                ru.save_result(result, path)
-                record_absent(root, subj, hemi, roi, None)
-            written[roi] = path
-            tqdm.write(f"{roi}: best layer {result['best_layer']}, mean CV r {result['mean_cv_r']:.3f}, "
-                       f"mean test r {result['mean_test_r']:.3f} ({len(roi_voxels)} voxels)")
-    with timer("write"):
-        write_summaries(root, subj)
-    print(f"stage times: {timer}")
-    return written
+        fmri = utils.load_fmri(root, subj, hemi, voxels)
+        utils.check_counts(n_images, fmri, str(utils.fmri_path(root, subj, hemi)))
+    return SimpleNamespace(hemi=hemi, tag=tag, model_subj=model_subj, device=device, scratch=scratch, epochs=epochs,
+                           settings=settings, pending=pending, absent=absent, fixed=fixed, train=train, test=test,
+                           folds=folds, voxels=voxels, fmri=fmri)
 
 
 if __name__ == "__main__":

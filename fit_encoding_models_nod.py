@@ -30,8 +30,8 @@ import utils
 # The heavy helpers load on first use, so that --help answers at once.
 models = options.lazy_import("models")
 encoding = options.lazy_import("encoding")
+encoding_results = options.lazy_import("encoding_results")
 figures = options.lazy_import("figures")
-ru = options.lazy_import("results_utils")
 
 # --- Options ---
 ROOT = "."  # project folder holding the data folders (training_fmri, training_images, roi_masks, ...)
@@ -89,60 +89,44 @@ def settings(opts, method):
 
 def pending(opts, subj, hemi, roi, method):
     """Whether a result must be fitted; an existing one made with other settings is an error."""
-    path = ru.nod_result_path(opts.ROOT, subj, hemi, roi, method)
-    if opts.OVERWRITE or not ru.result_complete(path):
+    path = encoding_results.nod_result_path(opts.ROOT, subj, hemi, roi, method)
+    if opts.OVERWRITE or not encoding_results.result_complete(path):
         return True
-    safe_io.check_same_settings(path, ru.load_result(path), settings(opts, method),
+    safe_io.check_same_settings(path, encoding_results.load_result(path), settings(opts, method),
                               "rerun with --overwrite, or write these settings under another --root")
     return False
-
-
-def summary_table(root):
-    """One row per saved result: subject, hemisphere, area, method, best layer, mean CV r,
-    mean test r and % of vertices whose test r beats untuned (NaN without an untuned result)."""
-    import pandas as pd
-    results = ru.collect_nod_results(root)
-    rows = []
-    for (subj, hemi, roi, method), r in sorted(results.items(), key=lambda kv: (
-            kv[0][0], kv[0][1], nod_utils.NOD_ROIS.index(kv[0][2]), utils.METHODS.index(kv[0][3]))):
-        base = results.get((subj, hemi, roi, "untuned"))
-        improved = ru.pct_beats_untuned(r["test_r"], None if base is None else base["test_r"])
-        rows.append({"subject": subj, "hemisphere": hemi, "roi": roi, "method": method,
-                     "nsd_roi": r["nsd_roi"], "model_subj": r["model_subj"], "n_voxels": len(r["vertices"]),
-                     "zscore": r.get("zscore"), "hemisphere_convention": r.get("hemisphere_convention"),
-                     "best_layer": r["best_layer"], "mean_cv_r": float(np.mean(r["cv_r"])),
-                     "mean_test_r": float(np.mean(r["test_r"])), "pct_improved_over_untuned": improved})
-    return pd.DataFrame(rows)
 
 
 def fit_method(opts, data, folds, device, subj, hemi, method, todo, cache):
     """Fit every area in ``todo`` with one method's features, extracting each AlexNet's features once.
 
-    ``cache`` holds the last features as {key: features}; the untuned ones serve every
-    area and hemisphere, a tuned model's only its own NSD ROI and hemisphere.
+    ``cache`` holds the last network's features and checkpoint meta as {key: (features, meta)};
+    the untuned ones serve every area and hemisphere, a tuned model's only its own NSD ROI and
+    hemisphere, so a network is loaded only when its features are not cached.
     """
     streams = nod_utils.NSD_ROI[opts.NSD_STREAM]
     for roi in todo:
         nsd_roi = streams[roi]
-        alexnet, meta = models.load_feature_alexnet(opts.ROOT, method, opts.MODEL_SUBJ, hemi, nsd_roi,
-                                                    utils.method_epochs(opts, method), opts.WEIGHTS, device, opts.SEED,
-                                                    opts.IMAGE_SIZE, voxels=False)
         key = (method,) if method == "untuned" else (method, hemi, nsd_roi)
         if key not in cache:
+            alexnet, meta = models.load_feature_alexnet(opts.ROOT, method, opts.MODEL_SUBJ, hemi, nsd_roi,
+                                                        utils.method_epochs(opts, method), opts.WEIGHTS, device,
+                                                        opts.SEED, opts.IMAGE_SIZE, voxels=False)
             cache.clear()
-            cache[key] = encoding.layer_features(alexnet, data.images, device, opts.BATCH_SIZE)
+            cache[key] = encoding.layer_features(alexnet, data.images, device, opts.BATCH_SIZE), meta
+        layers, meta = cache[key]
         vertices, fmri = data.roi_fmri(roi, hemi, opts.N_VOXELS)
-        result = encoding.encode_roi(cache[key], fmri, data.train, data.test, folds, opts.ALPHAS,
+        result = encoding.encode_roi(layers, fmri, data.train, data.test, folds, opts.ALPHAS,
                                      opts.N_COMPONENTS, device=device)
         if result["n_constant"]:
             tqdm.write(f"warning: {roi}: {result['n_constant']} constant vertex(es) on the training split; "
                        "their r is set to 0")
         result.update(subject=subj, hemisphere=hemi, roi=roi, method=method, nsd_roi=nsd_roi,
-                      model_subj=opts.MODEL_SUBJ if method in ("cl-tuned", "reg-tuned") else None,
+                      model_subj=opts.MODEL_SUBJ if method in encoding_results.TRANSFER_METHODS else None,
                       vertices=vertices, weights=opts.WEIGHTS if meta is None else meta.get("weights"),
                       config=options.run_config(opts))
         result.update(settings(opts, method))
-        ru.save_result(result, ru.nod_result_path(opts.ROOT, subj, hemi, roi, method))
+        encoding_results.save_result(result, encoding_results.nod_result_path(opts.ROOT, subj, hemi, roi, method))
         print(f"{nod_utils.sub_name(subj)} {hemi} {roi} {method}: best layer {result['best_layer']}, "
               f"mean CV r {np.mean(result['cv_r']):.3f}, mean test r {np.mean(result['test_r']):.3f}")
 
@@ -150,39 +134,53 @@ def fit_method(opts, data, folds, device, subj, hemi, method, todo, cache):
 @options.cli
 def main(argv=None):
     opts = options.parse_options(sys.modules[__name__], argv)
-    hemis = [utils.hemi_code(h) for h in opts.HEMISPHERES]
-    device = utils.resolve_device(opts.DEVICE)
-    safe_io.check_writable(ru.nod_results_dir(opts.ROOT), utils.cache_dir(opts.ROOT))
-    for subj in tqdm(opts.SUBJECTS, desc="NOD subjects"):
-        jobs = {(method, hemi): [roi for roi in opts.ROIS if pending(opts, subj, hemi, roi, method)]
-                for method in opts.METHODS for hemi in hemis}
-        if not any(jobs.values()):
+    device, jobs = check_inputs(opts)
+    for subj, todo in tqdm(jobs.items(), desc="NOD subjects"):
+        if not any(todo.values()):
             print(f"{nod_utils.sub_name(subj)}: all results exist, skipped (use --overwrite)")
             continue
-        # Only the NSD models' trunks are used, so their voxels are not checked (ROOT needs no NSD masks).
-        for (method, hemi), todo in jobs.items():
-            for roi in todo if method != "untuned" else []:
-                models.tuned_meta(opts.ROOT, method, opts.MODEL_SUBJ, hemi, nod_utils.NSD_ROI[opts.NSD_STREAM][roi],
-                                  utils.method_epochs(opts, method), opts.IMAGE_SIZE, voxels=False)
         data = nod_utils.NODSubjectData(opts.ROOT, subj, opts.NOD_ROOT, opts.SESSIONS, opts.RUNS, opts.IMAGE_SIZE,
                                         opts.ZSCORE, opts.HEMISPHERE_CONVENTION)
         folds, cache = utils.cv_folds(data.train, opts.N_FOLDS), {}
-        for (method, hemi), todo in jobs.items():
-            if todo:
-                fit_method(opts, data, folds, device, subj, hemi, method, todo, cache)
-    table = summary_table(opts.ROOT)
+        for (method, hemi), rois in todo.items():
+            if rois:
+                fit_method(opts, data, folds, device, subj, hemi, method, rois, cache)
+    folder = encoding_results.nod_results_dir(opts.ROOT)
+    table = encoding_results.nod_summary_table(opts.ROOT)
     if not table.empty:
         other = (table["zscore"] != opts.ZSCORE) | (table["hemisphere_convention"] != opts.HEMISPHERE_CONVENTION)
         if other.any():
-            print(f"{int(other.sum())} result(s) under {ru.nod_results_dir(opts.ROOT)} made with other ZSCORE or "
+            print(f"{int(other.sum())} result(s) under {folder} made with other ZSCORE or "
                   "HEMISPHERE_CONVENTION settings are left out of the summary")
         table = table[~other].reset_index(drop=True)
     if table.empty:
-        raise safe_io.UserError(f"no NOD results under {ru.nod_results_dir(opts.ROOT)}: check SUBJECTS and METHODS")
-    safe_io.atomic_write_text(table.to_csv(index=False), ru.nod_results_dir(opts.ROOT) / "summary.csv")
-    figures.plot_nod_summary(table, ru.nod_results_dir(opts.ROOT) / "nod_transfer")
+        raise safe_io.UserError(f"no NOD results under {folder}: check SUBJECTS and METHODS")
+    safe_io.atomic_write_text(table.to_csv(index=False), folder / "summary.csv")
+    figures.plot_nod_summary(table, folder / "nod_transfer")
     print(table.groupby(["hemisphere", "roi", "method"], sort=False)[["mean_cv_r", "mean_test_r"]].mean().round(3))
     return table
+
+
+def check_inputs(opts):
+    """The device, the output folders, the results that exist (settings) and the tuned checkpoints of
+    every subject, checked before any work.
+
+    Returns
+    -------
+    device, and jobs : dict subject -> {(method, hemisphere): [areas still to fit]}.
+    """
+    device = utils.resolve_device(opts.DEVICE)
+    safe_io.check_writable(encoding_results.nod_results_dir(opts.ROOT), utils.cache_dir(opts.ROOT))
+    hemis = [utils.hemi_code(h) for h in opts.HEMISPHERES]
+    jobs = {subj: {(method, hemi): [roi for roi in opts.ROIS if pending(opts, subj, hemi, roi, method)]
+                   for method in opts.METHODS for hemi in hemis} for subj in opts.SUBJECTS}
+    # Only the NSD models' trunks are used, so their voxels are not checked (ROOT needs no NSD masks).
+    for todo in jobs.values():
+        for (method, hemi), rois in todo.items():
+            for roi in rois if method != "untuned" else []:
+                models.tuned_meta(opts.ROOT, method, opts.MODEL_SUBJ, hemi, nod_utils.NSD_ROI[opts.NSD_STREAM][roi],
+                                  utils.method_epochs(opts, method), opts.IMAGE_SIZE, voxels=False)
+    return device, jobs
 
 
 if __name__ == "__main__":

@@ -1,6 +1,12 @@
-"""Downstream analyses of the tuned models: classification probes, MI bounds, embeddings, figures.
+"""The analyses after the fits: encoding summaries and transfer matrices, classification probes,
+MI bounds, embeddings, figures.
 
-One --type per analysis (the logic lives in results_utils.py):
+One --type per analysis (the numbers come from encoding_results.py and results_utils.py,
+the pictures from figures.py):
+  summaries                                       per subject: methods.csv, layer_scores.csv, group_summary.csv and
+                                                  their figures, rebuilt from the saved encoding results
+  transfer-matrix                                 model subject x target subject matrices of METHOD (mean test r,
+                                                  fraction of voxels above untuned) per ROI group
   classification-task[-pooled-avg|-pooled-const]  fc7 logistic-regression probes on DATASET
   lower-bound-mi[-pooled-avg|-pooled-const]       InfoNCE MI lower bound on the test split
   voxel-counts, save-embeddings, save-test-fmri-responses, random-rois-list
@@ -8,16 +14,19 @@ One --type per analysis (the logic lives in results_utils.py):
   salience-maps                                   Grad-CAM (true class) of the untuned, left and right models on an
                                                   image and its mirror
   paper-figures                                   every figure of the paper, cortical maps included (figures.py)
-Outputs go under ROOT/results and ROOT/classification_preds; reruns skip finished ROIs.
+Outputs go under ROOT/results, ROOT/classification_preds and (summaries, transfer matrices)
+ROOT/encoding_results; reruns skip finished ROIs.
 """
 
 import sys
+from pathlib import Path
 
 import options
 import safe_io
 import utils
 
 # The heavy helpers load on first use, so that --help answers at once.
+encoding_results = options.lazy_import("encoding_results")
 figures = options.lazy_import("figures")
 ru = options.lazy_import("results_utils")
 
@@ -43,14 +52,13 @@ FEATURE_PRECISION = "fp32"  # features for probes, MI and embeddings: fp32 (the 
 IMAGE_INDEX = 0  # salience-maps: which test image of DATASET (position in the 15% split)
 MESH = "fsaverage5"  # paper-figures: cortical maps on nilearn's fsaverage5, or a FreeSurfer fsaverage folder (surf/lh.inflated, ...) for full resolution
 MAPS = "all"  # paper-figures cortical maps: all, summary (per subject the CL gain and the winning method) or none
+TRANSFER_AGGREGATION = "authors"  # transfer-matrix: authors (unweighted mean over ROIs, absent ROI = 0) or voxels (pooled)
 OVERWRITE = False  # recompute results that exist
 # ---
-TYPES = ["classification-task", "classification-task-pooled-avg", "classification-task-pooled-const",
-         "lower-bound-mi", "lower-bound-mi-pooled-avg", "lower-bound-mi-pooled-const", "voxel-counts",
-         "save-embeddings", "save-test-fmri-responses", "random-rois-list", "figures", "salience-maps", "paper-figures"]
-CHOICES = {"TYPE": TYPES, "DATASET": utils.CLASSIFICATION_DATASETS, "METHOD": utils.METHODS, "HEMISPHERES": utils.HEMISPHERE_NAMES,
+# CHOICES["TYPE"] is the list of TASKS, set below them.
+CHOICES = {"DATASET": utils.CLASSIFICATION_DATASETS, "METHOD": utils.METHODS, "HEMISPHERES": utils.HEMISPHERE_NAMES,
            "ROIS": utils.ROIS, "EMBEDDING_LAYER": utils.LAYERS + ["", "best"], "EMBEDDING_SPLIT": utils.EMBEDDING_SPLITS,
-           "FEATURE_PRECISION": utils.PRECISIONS, "MAPS": utils.CORTICAL_MAPS}
+           "FEATURE_PRECISION": utils.PRECISIONS, "MAPS": utils.CORTICAL_MAPS, "TRANSFER_AGGREGATION": ["authors", "voxels"]}
 RANGES = {"SUBJECTS": utils.SUBJECT, "EPOCHS": options.at_least(1), "SEED": options.at_least(0),
           "IMAGE_SIZE": utils.ALEXNET_INPUT, "BATCH_SIZE": options.at_least(1), "N_RANDOM_ROIS": options.at_least(1),
           "MIN_VOXELS": options.at_least(1), "IMAGE_INDEX": options.at_least(0)}
@@ -59,6 +67,29 @@ RANGES = {"SUBJECTS": utils.SUBJECT, "EPOCHS": options.at_least(1), "SEED": opti
 def model_subjects(opts, method):
     """The subjects whose models are analysed: SUBJECTS, or [None] for the pooled models."""
     return [None] if method.startswith("pooled") else opts.SUBJECTS
+
+
+def summaries(opts, model_opts):
+    for subj in opts.SUBJECTS:
+        table, results = encoding_results.write_summaries(opts.ROOT, subj)
+        if table.empty:
+            raise safe_io.UserError(f"no encoding results under {utils.encoding_dir(opts.ROOT, subj)}: "
+                                    "run fit_encoding_models.py first")
+        figures.summary_figures(opts.ROOT, subj, table, results)
+        print(f"wrote the summaries of {len(table)} results under {utils.encoding_dir(opts.ROOT, subj)}")
+
+
+def transfer_matrix(opts, model_opts):
+    method, out = model_opts["method"], {}
+    for h in opts.HEMISPHERES:
+        table, matrices = encoding_results.write_transfer_matrices(opts.ROOT, method, h, opts.ROIS or utils.ROIS,
+                                                               opts.MIN_VOXELS, opts.TRANSFER_AGGREGATION)
+        for group, (mean_r, frac, stem) in matrices.items():
+            figures.plot_transfer(mean_r, frac, f"{method} {utils.hemi_code(h)} {group} ROIs "
+                                                f"({opts.TRANSFER_AGGREGATION})", f"{stem}.png")
+            print(f"{group} ROIs, mean test r (rows: model subject, columns: target subject)\n{mean_r.round(3)}")
+        out[utils.hemi_code(h)] = table, matrices
+    return out
 
 
 def classification(opts, model_opts):
@@ -143,26 +174,33 @@ def paper_figures(opts, model_opts):
     return paths
 
 
-TASKS = {"classification-task": classification, "classification-task-pooled-avg": classification,
+TASKS = {"summaries": summaries, "transfer-matrix": transfer_matrix, "classification-task": classification, "classification-task-pooled-avg": classification,
          "classification-task-pooled-const": classification, "lower-bound-mi": lower_bound_mi,
          "lower-bound-mi-pooled-avg": lower_bound_mi, "lower-bound-mi-pooled-const": lower_bound_mi,
          "voxel-counts": voxel_counts, "save-embeddings": save_embeddings, "save-test-fmri-responses": save_test_fmri,
          "random-rois-list": random_rois, "figures": results_figures, "salience-maps": salience_maps,
          "paper-figures": paper_figures}
+CHOICES["TYPE"] = list(TASKS)
 
 
 @options.cli
 def main(argv=None):
     opts = options.parse_options(sys.modules[__name__], argv)
+    model_opts = check_inputs(opts)
+    return TASKS[opts.TYPE](opts, model_opts)
+
+
+def check_inputs(opts):
+    """The output folders and the device, checked before any work; returns the model options of the
+    tasks (root, method, epochs, weights, device, image_size, seed)."""
     safe_io.check_writable(utils.results_dir(opts.ROOT), utils.classification_preds_dir(opts.ROOT),
-                         utils.cache_dir(opts.ROOT))
+                           Path(opts.ROOT) / "encoding_results", utils.cache_dir(opts.ROOT))
     method = "pooled-" + opts.TYPE.rsplit("-", 1)[1] if "pooled" in opts.TYPE else opts.METHOD
     epochs = opts.EPOCHS
     if epochs is None:
         epochs = utils.DEFAULT_EPOCHS.get(method, utils.DEFAULT_EPOCHS["cl-tuned"])
-    model_opts = dict(root=opts.ROOT, method=method, epochs=epochs, weights=opts.WEIGHTS,
-                      device=utils.resolve_device(opts.DEVICE), image_size=opts.IMAGE_SIZE, seed=opts.SEED)
-    return TASKS[opts.TYPE](opts, model_opts)
+    return dict(root=opts.ROOT, method=method, epochs=epochs, weights=opts.WEIGHTS,
+                device=utils.resolve_device(opts.DEVICE), image_size=opts.IMAGE_SIZE, seed=opts.SEED)
 
 
 if __name__ == "__main__":

@@ -58,20 +58,28 @@ def voxel_roi_lists(member):
 @options.cli
 def main(argv=None):
     opts = options.parse_options(sys.modules[__name__], argv)
-    subjects = opts.SUBJECTS or utils.find_subjects(opts.ROOT)
-    safe_io.check_writable(Path(opts.ROOT) / "voxel_roi_mappings")
-    todo = [(subj, hemi) for subj in subjects for hemi in utils.HEMISPHERES]
-    for subj, hemi in list(todo):
-        path = utils.voxel_roi_mapping_path(opts.ROOT, subj, hemi)
-        if path.exists() and not opts.OVERWRITE:
-            print(f"{path} exists: skipped (use --overwrite)")
-            todo.remove((subj, hemi))
-    # Read every mask before writing anything, so a bad input leaves no partial output.
-    members = {job: roi_membership(opts.ROOT, *job) for job in todo}
+    members = check_inputs(opts)
     for (subj, hemi), member in tqdm(members.items(), desc="writing mappings", leave=False):
         path = utils.voxel_roi_mapping_path(opts.ROOT, subj, hemi)
         safe_io.atomic_joblib_dump(voxel_roi_lists(member), path)
         print(f"{path}: {len(member)} vertices, {int(member.any(1).sum())} in at least one ROI")
+
+
+def check_inputs(opts):
+    """The output folder and every mask of the mappings still to write, read before anything is
+    written (finished mappings are skipped with a line); returns {(subject, hemisphere): membership}."""
+    subjects = opts.SUBJECTS or utils.find_subjects(opts.ROOT)
+    safe_io.check_writable(Path(opts.ROOT) / "voxel_roi_mappings")
+    todo = []
+    for subj in subjects:
+        for hemi in utils.HEMISPHERES:
+            path = utils.voxel_roi_mapping_path(opts.ROOT, subj, hemi)
+            if path.exists() and not opts.OVERWRITE:
+                print(f"{path} exists: skipped (use --overwrite)")
+            else:
+                todo.append((subj, hemi))
+    return {job: roi_membership(opts.ROOT, *job) for job in todo}
+
 
 if __name__ == "__main__":
     main()

@@ -1,15 +1,13 @@
 """Downstream analyses: classification probes, the InfoNCE MI bound, embeddings, the landscape, Grad-CAM.
 
-Also the one place where encoding results (NSD and NOD) are named, read and written.
-``generate_results.py``, the encoding scripts, ``figures.py`` and the landscape notebook
-call these functions. In order: numerics (plain arrays in, plain arrays out; bad
-arguments raise ValueError), loading (datasets, saved predictions and results), then
-the tasks that ``generate_results.py`` runs (user errors are safe_io.UserError).
+``generate_results.py``, ``figures.py`` and the landscape notebook call these functions;
+the encoding results themselves are read and written by encoding_results.py. In order:
+numerics (plain arrays in, plain arrays out; bad arguments raise ValueError), loading
+(datasets, saved predictions), then the tasks that ``generate_results.py`` runs (user
+errors are safe_io.UserError).
 """
 
 import json
-import zipfile
-import zlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -24,8 +22,8 @@ from sklearn.preprocessing import StandardScaler
 from torchvision import transforms
 from tqdm.auto import tqdm
 
+import encoding_results
 import models
-import nod_utils
 import safe_io
 import utils
 
@@ -490,91 +488,6 @@ def mi_tables(root, method, epochs, value="scaled_bits"):
     return tables
 
 
-# --- Encoding results (NSD and NOD): where they are, reading and writing -----------------
-
-def method_tag(method, subj, model_subj, protocol):
-    """Folder name of a method's NSD results: method [+ _from-SubjY] [+ _untuned-layer]."""
-    tag = method
-    if model_subj is not None and int(model_subj) != int(subj):
-        tag += f"_from-{utils.subj_dir(model_subj)}"
-    if protocol == "untuned-layer" and method != "untuned":
-        tag += "_untuned-layer"
-    return tag
-
-
-def result_path(root, subj, tag, hemisphere, roi):
-    """The .npz of one NSD ROI result; its .json (written last) marks it complete (save_result)."""
-    return utils.encoding_dir(root, subj) / tag / f"{utils.hemi_code(hemisphere)}_{roi}.npz"
-
-
-def load_result(path):
-    """One ROI's result: the JSON fields plus the arrays of the .npz (voxels, alphas, cv_r, test_r, ...)."""
-    path = Path(path)
-    try:
-        out = json.loads(path.with_suffix(".json").read_text())
-        with np.load(path) as f:
-            out.update({k: f[k] for k in f.files})
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
-        raise safe_io.UserError(f"cannot read the result {path} ({type(e).__name__}): it is truncated or corrupt; "
-                              "delete it and its .json, or refit that ROI with --overwrite") from None
-    return out
-
-
-def save_result(result, path):
-    """Write an encoding result (NSD or NOD): its numpy arrays to the .npz ``path``, every
-    other field to the .json beside it, written last so that it marks the result complete.
-
-    Neither file is a pickle, so reading a result never runs code from the file.
-    """
-    arrays = {k: v for k, v in result.items() if isinstance(v, np.ndarray)}
-    with safe_io.atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    safe_io.atomic_json_dump({k: v for k, v in result.items() if k not in arrays}, Path(path).with_suffix(".json"))
-
-
-def result_complete(path):
-    """Whether the result whose .npz is ``path`` is complete: save_result writes its .json last."""
-    return Path(path).with_suffix(".json").is_file()
-
-
-def complete_results(folder, pattern, skip=()):
-    """Yield (.npz path, result) of every complete result in ``folder`` whose .npz matches the glob
-    ``pattern`` (but the paths in ``skip``), in sorted path order."""
-    for path in sorted(Path(folder).glob(pattern)):
-        if result_complete(path) and path not in skip:
-            yield path, load_result(path)
-
-
-def collect_results(root, subj, skip=()):
-    """Every complete NSD ROI result of a subject (but the .npz paths in ``skip``): dict (tag, hemisphere, roi) -> result."""
-    return {(path.parent.name, r["hemisphere"], r["roi"]): r
-            for path, r in complete_results(utils.encoding_dir(root, subj), "*/*.npz", skip)}
-
-
-def nod_results_dir(root):
-    """Where the NOD results go: ROOT/encoding_results/nod."""
-    return Path(root) / "encoding_results" / "nod"
-
-
-def nod_result_path(root, subj, hemisphere, roi, method):
-    """The .npz of one NOD subject, hemisphere, area and method; its .json (written last) marks it complete."""
-    sub = nod_utils.sub_name(subj)
-    return nod_results_dir(root) / sub / f"{sub}_{utils.hemi_code(hemisphere)}_{roi}_{method}.npz"
-
-
-def collect_nod_results(root):
-    """Every complete NOD result: dict (subject, hemisphere, area, method) -> result."""
-    return {(r["subject"], r["hemisphere"], r["roi"], r["method"]): r
-            for _, r in complete_results(nod_results_dir(root), "sub-*/sub-*_*.npz")}
-
-
-def pct_beats_untuned(test_r, untuned_r):
-    """% of voxels whose test r beats the untuned one: 100 mean(test_r > untuned_r); NaN without ``untuned_r``."""
-    if untuned_r is None:
-        return np.nan
-    return 100 * float(np.mean(np.asarray(test_r) > np.asarray(untuned_r)))
-
-
 # --- Loading: voxel counts ---------------------------------------------------------
 
 def voxel_counts(root, subjects=None):
@@ -689,7 +602,7 @@ def classification_task(root, dataset, method, subj, hemisphere, rois, epochs, w
     summary = _load_summary(out, overwrite)
     untuned_meta = {"method": "untuned", "weights": _weights_tag(weights, seed), "image_size": image_size,
                     "precision": precision}
-    saved = load_predictions(root, dataset, ["untuned"])[3][0] if preds_path(root, dataset, "untuned").is_file() else {}
+    saved = load_predictions(root, dataset, ["untuned"]).metas[0] if preds_path(root, dataset, "untuned").is_file() else {}
     if overwrite or {k: saved.get(k) for k in untuned_meta} != untuned_meta:
         feats = untuned_features(root, dataset, images, weights, seed, device, batch_size, precision)
         saved["accuracy"] = _score_model(root, dataset, "untuned", feats, labels, train, test, len(classes), untuned_meta)
@@ -777,7 +690,7 @@ def mi_task(root, method, subj, hemisphere, rois, epochs, device="cpu", batch_si
 
 def best_encoding_layer(root, method, subj, hemisphere, roi):
     """The best layer fit_encoding_models.py chose for a method on its own subject and ROI."""
-    path = result_path(root, subj, method, hemisphere, roi).with_suffix(".json")
+    path = encoding_results.result_path(root, subj, method, hemisphere, roi).with_suffix(".json")
     fix = f"run fit_encoding_models.py --method {method} --subj {int(subj)} first"
     layer = json.loads(safe_io.require_file(path, fix).read_text()).get("best_layer")
     if layer not in utils.LAYERS:

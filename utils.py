@@ -649,8 +649,20 @@ DEFAULT_EPOCHS = {"cl-tuned": 30, "reg-tuned": 75, "pooled-avg": 30, "pooled-con
 METHOD_KIND = {"cl-tuned": "cl", "reg-tuned": "reg", "pooled-avg": "pooled", "pooled-const": "pooled"}
 
 
+# The option that gives the epochs in each tuned method's checkpoint names.
+EPOCHS_OPTION = {"cl-tuned": "CL_EPOCHS", "reg-tuned": "REG_EPOCHS", "pooled-avg": "POOLED_EPOCHS",
+                 "pooled-const": "POOLED_EPOCHS"}
+
+
 def method_epochs(opts, method):
-    """Epochs in the checkpoint names of ``method`` (0 for untuned), from CL_EPOCHS, REG_EPOCHS or POOLED_EPOCHS."""
-    return {"untuned": 0, "cl-tuned": opts.CL_EPOCHS, "reg-tuned": opts.REG_EPOCHS}.get(method, opts.POOLED_EPOCHS)
+    """Epochs in the checkpoint names of ``method`` (0 for untuned), from CL_EPOCHS, REG_EPOCHS or POOLED_EPOCHS.
+
+    Raises ValueError for a name that is not one of METHODS.
+    """
+    if method == "untuned":
+        return 0
+    if method not in EPOCHS_OPTION:
+        raise ValueError(f"unknown method {method!r}: expected one of {', '.join(METHODS)}")
+    return getattr(opts, EPOCHS_OPTION[method])
 
 

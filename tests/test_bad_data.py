@@ -20,11 +20,11 @@ import pytest
 import torch
 
 import cl_model_training
+import encoding_results
 import fit_encoding_models as fem
 import generate_results
 import generate_voxel_roi_mappings as gen
 import models
-import results_utils as ru
 import safe_io
 import utils
 
@@ -245,9 +245,9 @@ def test_an_fmri_file_of_strings_is_one_line(own_root, capsys, bad):
 
 
 def test_a_truncated_result_names_the_file_and_overwrite_repairs_it(own_root, capsys):
-    path = ru.result_path(own_root, 1, "untuned", "lh", "V1v")
+    path = encoding_results.result_path(own_root, 1, "untuned", "lh", "V1v")
     voxels = utils.roi_voxel_indices(own_root, 1, "lh", "V1v")
-    ru.save_result({"voxels": voxels, "alphas": np.ones(len(voxels)), "alpha_index": np.zeros(len(voxels), int),
+    encoding_results.save_result({"voxels": voxels, "alphas": np.ones(len(voxels)), "alpha_index": np.zeros(len(voxels), int),
                      "cv_r": np.zeros(len(voxels)), "test_r": np.zeros(len(voxels)), "hemisphere": "lh",
                      "roi": "V1v"}, path)
     data = path.read_bytes()
@@ -255,7 +255,7 @@ def test_a_truncated_result_names_the_file_and_overwrite_repairs_it(own_root, ca
     err = fails(fem.main, ["--root", str(own_root), "--rois", "V2v"] + FIT, capsys, own_root)
     assert f"cannot read the result {path}" in err and "--overwrite" in err
     fem.main(["--root", str(own_root), "--rois", "V1v", "--overwrite"] + FIT)
-    assert len(ru.load_result(path)["test_r"]) == len(voxels)
+    assert len(encoding_results.load_result(path)["test_r"]) == len(voxels)
 
 
 def test_save_test_fmri_checks_every_roi_before_writing(own_root, capsys):

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+import encoding_results
 import launch
 import models
 import utils
@@ -122,7 +123,7 @@ def test_demo_tiny_run_reports_what_it_saved(tmp_path, capsys):
     # No ImageNet file in the test's torch cache: seeded random weights, said so.
     assert "notice: no ImageNet AlexNet weights" in out and "weights none" in out
     # Every number of the summary is the saved result.
-    test_r = {m: ru.load_result(ru.result_path(root, 1, m, "lh", "V1v"))["test_r"] for m in demo.METHODS}
+    test_r = {m: encoding_results.load_result(encoding_results.result_path(root, 1, m, "lh", "V1v"))["test_r"] for m in demo.METHODS}
     assert len(test_r["untuned"]) == utils.roi_voxel_count(root, 1, "lh", "V1v") == table.loc["V1v", "voxels"]
     for method, column in demo.METHODS.items():
         assert table.loc["V1v", column] == pytest.approx(test_r[method].mean(), abs=1e-12)
@@ -152,7 +153,7 @@ def test_demo_tiny_run_reports_what_it_saved(tmp_path, capsys):
             "paper_early_group_cs_avgs_picture.png", "paper_cortical_subj2_gain_cl-tuned.png",
             "paper_cortical_all_subjects_panel.png", "paper_roi_subj_presence_table.png"} <= set(copies)
     # The group figure averages the CL gain of both subjects.
-    gains = [np.mean(ru.load_result(ru.result_path(root, s, "cl-tuned", "lh", "V1v"))["test_r"]
-                     - ru.load_result(ru.result_path(root, s, "untuned", "lh", "V1v"))["test_r"]) for s in (1, 2)]
+    gains = [np.mean(encoding_results.load_result(encoding_results.result_path(root, s, "cl-tuned", "lh", "V1v"))["test_r"]
+                     - encoding_results.load_result(encoding_results.result_path(root, s, "untuned", "lh", "V1v"))["test_r"]) for s in (1, 2)]
     stats = figures.group_gains(figures.encoding_table(figures.load_encoding(root)), "cl-tuned", ["V1v"])
     assert stats["n"].tolist() == [2] and stats["mean"].iloc[0] == pytest.approx(np.mean(gains), abs=1e-12)

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+import encoding_results
 import figures
 import generate_results
 import results_utils as ru
@@ -23,10 +24,10 @@ EPOCHS = 30
 def _write_result(root, subj, method, hemi, roi, test_r, best_layer="features.5"):
     voxels = utils.roi_voxel_indices(root, subj, hemi, roi)
     n = len(voxels)
-    ru.save_result({"voxels": voxels, "alphas": np.ones(n), "alpha_index": np.zeros(n, int), "cv_r": test_r,
+    encoding_results.save_result({"voxels": voxels, "alphas": np.ones(n), "alpha_index": np.zeros(n, int), "cv_r": test_r,
                     "test_r": test_r, "method": method, "hemisphere": hemi, "roi": roi, "best_layer": best_layer,
                     "layer_scores": {layer: 0.0 for layer in utils.LAYERS}},
-                   ru.result_path(root, subj, method, hemi, roi))
+                   encoding_results.result_path(root, subj, method, hemi, roi))
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +83,9 @@ def _independent_gains(root, method):
     for s in SUBJECTS:
         for h in utils.HEMISPHERES:
             for roi in ROIS:
-                path = ru.result_path(root, s, method, h, roi)
+                path = encoding_results.result_path(root, s, method, h, roi)
                 if path.is_file():
-                    with np.load(path) as a, np.load(ru.result_path(root, s, "untuned", h, roi)) as b:
+                    with np.load(path) as a, np.load(encoding_results.result_path(root, s, "untuned", h, roi)) as b:
                         out[s, h, roi] = float(np.mean(a["test_r"]) - np.mean(b["test_r"]))
     return out
 
@@ -133,7 +134,7 @@ def test_drawn_values(results_root, tmp_path):
     table = figures.encoding_table(figures.load_encoding(results_root))
     _, layers = figures.plot_best_layers(table, tmp_path / "layers")
     for s in SUBJECTS:
-        with open(ru.result_path(results_root, s, "untuned", "rh", "hV4").with_suffix(".json")) as f:
+        with open(encoding_results.result_path(results_root, s, "untuned", "rh", "hV4").with_suffix(".json")) as f:
             assert layers["rh"].loc["hV4", s] == json.load(f)["best_layer"]
     assert pd.isna(layers["lh"].loc["FFA-1", 3])
     _, counts = figures.plot_presence(ru.voxel_counts(results_root), tmp_path / "presence")
@@ -226,8 +227,8 @@ def test_cortical_maps_draw_the_saved_values(results_root):
         "subj1_gain_cl-tuned", "subj1_cortical_results_single_subj", "all_subjects_panel")}
     rows = np.flatnonzero(np.load(utils.fsaverage_mask_path(results_root, 1, "lh")))
     # Independent: the V1v gain of each of its vertices on fsaverage5; V1v comes first in canonical order.
-    with np.load(ru.result_path(results_root, 1, "cl-tuned", "lh", "V1v")) as a, \
-            np.load(ru.result_path(results_root, 1, "untuned", "lh", "V1v")) as b:
+    with np.load(encoding_results.result_path(results_root, 1, "cl-tuned", "lh", "V1v")) as a, \
+            np.load(encoding_results.result_path(results_root, 1, "untuned", "lh", "V1v")) as b:
         gain = a["test_r"] - b["test_r"]
         keep = rows[a["voxels"]] < 10242
         where = rows[a["voxels"]][keep]
@@ -236,7 +237,7 @@ def test_cortical_maps_draw_the_saved_values(results_root):
     # Winner: the index, in the methods present, of the highest test r of each vertex.
     tests = []
     for m in utils.METHODS:
-        path = ru.result_path(results_root, 1, m, "lh", "V1v")
+        path = encoding_results.result_path(results_root, 1, m, "lh", "V1v")
         if path.is_file():
             with np.load(path) as f:
                 tests.append(f["test_r"][keep])
@@ -245,7 +246,7 @@ def test_cortical_maps_draw_the_saved_values(results_root):
     test_r = figures.subject_surface_maps(results_root, 1, encoding[1], 10242, figures.test_r_of("pooled-const"))
     fitted = np.zeros(len(rows), bool)
     for roi in reversed(ROIS):
-        r = ru.load_result(ru.result_path(results_root, 1, "pooled-const", "lh", roi))
+        r = encoding_results.load_result(encoding_results.result_path(results_root, 1, "pooled-const", "lh", roi))
         fitted[r["voxels"]] = True
         on = rows[r["voxels"]] < 10242
         if roi == "V1v":

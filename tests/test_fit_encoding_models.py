@@ -10,9 +10,10 @@ import pytest
 
 import conftest
 import encoding
+import encoding_results
 import figures
 import fit_encoding_models as fem
-import results_utils as ru
+import generate_results
 import utils
 from conftest import save_untrained_checkpoint
 
@@ -24,6 +25,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def run_error(argv, capsys):
     return conftest.run_error(fem.main, argv, capsys)
+
+
+def run_transfer_matrix(root, *argv):
+    """generate_results --type transfer-matrix of cl-tuned, left hemisphere: (table, {group: (mean_r, frac, stem)})."""
+    return generate_results.main(["--root", str(root), "--type", "transfer-matrix", "--method", "cl-tuned",
+                                  "--hemispheres", "left", *argv])["lh"]
 
 
 def untuned_reference(root, subj, hemi, roi, alexnet=None):
@@ -49,12 +56,12 @@ def test_untuned_results_summaries_absent_rois_and_resume(root, capsys):
     assert "skip mTL-words: 10 voxels in lh of Subj1 (fewer than MIN_VOXELS=20)" in out
     absent = json.loads((utils.encoding_dir(root, 1) / "absent_rois.json").read_text())
     assert absent == {"lh": {"mTL-words": 10}}
-    assert not ru.result_path(root, 1, "untuned", "lh", "mTL-words").exists()
+    assert not encoding_results.result_path(root, 1, "untuned", "lh", "mTL-words").exists()
 
     results = {}
     for roi in ("V1v", "EBA"):
-        assert written[roi] == ru.result_path(root, 1, "untuned", "lh", roi)
-        r = results[roi] = ru.load_result(written[roi])
+        assert written[roi] == encoding_results.result_path(root, 1, "untuned", "lh", roi)
+        r = results[roi] = encoding_results.load_result(written[roi])
         ref = untuned_reference(root, 1, "lh", roi)
         assert r["best_layer"] == ref["best_layer"]
         assert r["layer_scores"] == pytest.approx(ref["layer_scores"], abs=1e-10)
@@ -85,12 +92,12 @@ def test_untuned_results_summaries_absent_rois_and_resume(root, capsys):
     fem.main(["--root", str(root), "--rois", "EBA", "--overwrite"] + FAST)
     assert written["EBA"].stat().st_mtime_ns != before
     # Refitted alone, EBA gets the numbers it got in the pass shared with V1v (to rounding).
-    np.testing.assert_allclose(ru.load_result(written["EBA"])["test_r"], results["EBA"]["test_r"], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(encoding_results.load_result(written["EBA"])["test_r"], results["EBA"]["test_r"], rtol=0, atol=1e-12)
 
 
 def test_figures_show_the_saved_results(root):
     fem.main(["--root", str(root), "--rois", "V1v", "EBA"] + FAST)
-    results = ru.collect_results(root, 1)
+    results = encoding_results.collect_results(root, 1)
     table = pd.read_csv(utils.encoding_dir(root, 1) / "untuned" / "layer_scores.csv")
     fig = figures.plot_layer_scores(table, root / "heat.png")
     image = fig.axes[0].images[0].get_array()
@@ -122,17 +129,17 @@ def test_untuned_layer_protocol_needs_and_reuses_untuned_choice(root, capsys):
     argv = ["--root", str(root), "--method", "cl-tuned", "--cl-epochs", "1", "--rois", "EBA",
             "--protocol", "untuned-layer"] + FAST
     err = run_error(argv, capsys)
-    assert str(ru.result_path(root, 1, "untuned", "lh", "EBA")) in err and "--method untuned" in err
+    assert str(encoding_results.result_path(root, 1, "untuned", "lh", "EBA")) in err and "--method untuned" in err
     fem.main(["--root", str(root), "--rois", "EBA"] + FAST)
     # V1v has no untuned result: the run stops before it writes EBA's result or records
     # the absent mTL-words, so every input is checked before the first output.
     before = conftest.snapshot(root)
     err = run_error(argv + ["--rois", "EBA", "mTL-words", "V1v"], capsys)
-    assert f"no untuned result at {ru.result_path(root, 1, 'untuned', 'lh', 'V1v')}" in err
+    assert f"no untuned result at {encoding_results.result_path(root, 1, 'untuned', 'lh', 'V1v')}" in err
     assert conftest.snapshot(root) == before
     written = fem.main(argv)
-    assert written["EBA"] == ru.result_path(root, 1, "cl-tuned_untuned-layer", "lh", "EBA")
-    base, r = ru.load_result(ru.result_path(root, 1, "untuned", "lh", "EBA")), ru.load_result(written["EBA"])
+    assert written["EBA"] == encoding_results.result_path(root, 1, "cl-tuned_untuned-layer", "lh", "EBA")
+    base, r = encoding_results.load_result(encoding_results.result_path(root, 1, "untuned", "lh", "EBA")), encoding_results.load_result(written["EBA"])
     assert r["best_layer"] == base["best_layer"] and r["protocol"] == "untuned-layer"
     np.testing.assert_array_equal(r["alpha_index"], base["alpha_index"])
 
@@ -145,14 +152,14 @@ def test_transfer_uses_the_model_subjects_checkpoint_and_fills_the_matrix(root, 
     fem.main(common)
     transfer = fem.main(common + cl + ["--model-subj", "2"])["EBA"]
     own = fem.main(common + cl)["EBA"]
-    assert transfer == ru.result_path(root, 1, "cl-tuned_from-Subj2", "lh", "EBA")
-    r = ru.load_result(transfer)
+    assert transfer == encoding_results.result_path(root, 1, "cl-tuned_from-Subj2", "lh", "EBA")
+    r = encoding_results.load_result(transfer)
     assert r["model_subj"] == 2 and r["subject"] == 1
     assert r["checkpoint"] == str(utils.cl_model_path(root, 2, "lh", "EBA", 1))
     # Subject 2's trunk applied to subject 1's images and fMRI.
     ref = untuned_reference(root, 1, "lh", "EBA", alexnet=model.alexnet.eval())
     np.testing.assert_allclose(r["test_r"], ref["test_r"], atol=1e-10)
-    untuned = ru.load_result(ru.result_path(root, 1, "untuned", "lh", "EBA"))
+    untuned = encoding_results.load_result(encoding_results.result_path(root, 1, "untuned", "lh", "EBA"))
     assert not np.allclose(r["test_r"], untuned["test_r"])
 
     methods = pd.read_csv(utils.encoding_dir(root, 1) / "methods.csv").set_index("tag")
@@ -164,12 +171,11 @@ def test_transfer_uses_the_model_subjects_checkpoint_and_fills_the_matrix(root, 
     np.testing.assert_allclose(fig.axes[0].collections[0].get_offsets(), np.column_stack([untuned["test_r"], r["test_r"]]))
     assert f"{methods.loc['cl-tuned_from-Subj2', 'pct_beats_untuned']:.1f}%" in fig.axes[0].get_title()
 
-    table, matrices = fem.main(["--root", str(root), "--method", "cl-tuned", "--rois", "EBA", "V1v",
-                                "--transfer-matrix"])
+    table, matrices = run_transfer_matrix(root, "--rois", "EBA", "V1v")
     # V1v has no result at all, so the 'all' group is EBA alone; 'early' (V1v) has no matrix.
     assert set(matrices) == {"all", "higher"}
-    mean_r, frac = matrices["all"]
-    own_r = ru.load_result(own)
+    mean_r, frac, _ = matrices["all"]
+    own_r = encoding_results.load_result(own)
     assert mean_r.loc[2, 1] == pytest.approx(r["test_r"].mean())
     assert mean_r.loc[1, 1] == pytest.approx(own_r["test_r"].mean())
     assert frac.loc[2, 1] == pytest.approx(np.mean(r["test_r"] > untuned["test_r"]))
@@ -178,7 +184,8 @@ def test_transfer_uses_the_model_subjects_checkpoint_and_fills_the_matrix(root, 
     np.testing.assert_allclose(saved.to_numpy(), mean_r.to_numpy())
     assert list(table["status"]) == ["fitted", "fitted", "missing", "missing"]
     assert (root / "encoding_results" / "transfer_cl-tuned_lh_all.png").is_file()
-    err = run_error(["--root", str(root), "--method", "untuned", "--transfer-matrix"], capsys)
+    err = conftest.run_error(generate_results.main, ["--root", str(root), "--type", "transfer-matrix",
+                                                      "--method", "untuned"], capsys)
     assert "--method cl-tuned or reg-tuned" in err
 
 
@@ -193,7 +200,7 @@ def test_constant_voxel_gets_r_zero_and_a_warning(synthetic_root, tmp_path, caps
     np.save(path, fmri)
     written = fem.main(["--root", str(tmp_path), "--rois", "EBA"] + FAST)
     assert "warning: EBA: 2 constant voxel(s) on the training split; their r is set to 0" in capsys.readouterr().out
-    r = ru.load_result(written["EBA"])
+    r = encoding_results.load_result(written["EBA"])
     assert r["n_constant"] == 2
     assert (r["cv_r"][[3, 7]] == 0).all() and (r["test_r"][[3, 7]] == 0).all()
     assert np.isfinite(r["test_r"]).all() and np.count_nonzero(r["test_r"]) == len(voxels) - 2
@@ -214,8 +221,8 @@ def test_untuned_pass_is_shared_by_overlapping_rois_and_resumes_per_roi(root, tm
         alone = tmp_path_factory.mktemp(f"alone_{roi}")
         for name in ("training_images", "training_fmri", "roi_masks", "cache"):
             os.symlink(root / name, alone / name)
-        ref = ru.load_result(fem.main(["--root", str(alone), "--rois", roi] + FAST)[roi])
-        r = ru.load_result(written[roi])
+        ref = encoding_results.load_result(fem.main(["--root", str(alone), "--rois", roi] + FAST)[roi])
+        r = encoding_results.load_result(written[roi])
         assert r["best_layer"] == ref["best_layer"]
         assert r["layer_scores"] == pytest.approx(ref["layer_scores"], abs=1e-10)
         np.testing.assert_array_equal(r["alpha_index"], ref["alpha_index"])
@@ -225,7 +232,7 @@ def test_untuned_pass_is_shared_by_overlapping_rois_and_resumes_per_roi(root, tm
 
     # A run killed before early's result was written: the rerun fits early only.
     kept = {roi: written[roi].stat().st_mtime_ns for roi in ("V1v", "EBA")}
-    before = ru.load_result(written["early"])
+    before = encoding_results.load_result(written["early"])
     written["early"].unlink()
     written["early"].with_suffix(".json").unlink()
     calls.clear()
@@ -234,7 +241,7 @@ def test_untuned_pass_is_shared_by_overlapping_rois_and_resumes_per_roi(root, tm
     assert again["V1v"] is None and again["EBA"] is None and again["early"] == written["early"]
     assert "skip V1v" in out and "skip EBA" in out and "early: best layer" in out
     assert {roi: written[roi].stat().st_mtime_ns for roi in ("V1v", "EBA")} == kept
-    np.testing.assert_allclose(ru.load_result(written["early"])["test_r"], before["test_r"], rtol=0, atol=1e-10)
+    np.testing.assert_allclose(encoding_results.load_result(written["early"])["test_r"], before["test_r"], rtol=0, atol=1e-10)
     assert len(calls) == len(utils.LAYERS) * (5 + 1)
     assert not list((root / "cache").glob(f"{encoding.SPILL_PREFIX}-*"))
 
@@ -245,11 +252,11 @@ def fake_result(root, subj, tag, hemi, roi, test_r, cv_r=None):
     test_r = np.broadcast_to(np.asarray(test_r, dtype=float), voxels.shape).copy()
     cv_r = test_r if cv_r is None else np.broadcast_to(np.asarray(cv_r, dtype=float), voxels.shape).copy()
     method = tag.split("_")[0]
-    ru.save_result({"voxels": voxels, "alphas": np.ones(len(voxels)), "alpha_index": np.zeros(len(voxels), int),
+    encoding_results.save_result({"voxels": voxels, "alphas": np.ones(len(voxels)), "alpha_index": np.zeros(len(voxels), int),
                     "cv_r": cv_r, "test_r": test_r, "method": method, "subject": subj, "hemisphere": hemi,
                     "roi": roi, "model_subj": None, "protocol": "per-method", "best_layer": "features.2",
                     "layer_scores": {layer: 0.0 for layer in utils.LAYERS}},
-                   ru.result_path(root, subj, tag, hemi, roi))
+                   encoding_results.result_path(root, subj, tag, hemi, roi))
 
 
 def test_transfer_average_is_the_authors_unweighted_mean_with_absent_rois_as_zero(root):
@@ -264,11 +271,11 @@ def test_transfer_average_is_the_authors_unweighted_mean_with_absent_rois_as_zer
     fake_result(root, 1, "cl-tuned_from-Subj2", "lh", "EBA", half)  # mean 0 (nE is even)
     fake_result(root, 2, "cl-tuned_from-Subj1", "lh", "EBA", 0.3)
     fake_result(root, 2, "cl-tuned", "lh", "EBA", 0.1)
-    base = ["--root", str(root), "--method", "cl-tuned", "--rois", "EBA", "FBA-2", "--transfer-matrix"]
-    table, matrices = fem.main(base)
+    base = ["--rois", "EBA", "FBA-2"]
+    table, matrices = run_transfer_matrix(root, *base)
     status = table.set_index(["roi", "model_subj", "target_subj"])["status"]
     assert status["FBA-2", 2, 1] == status["FBA-2", 1, 2] == status["FBA-2", 2, 2] == "absent"
-    mean_r, frac = matrices["higher"]
+    mean_r, frac, _ = matrices["higher"]
     # Rows: model subject, columns: target subject; each entry (EBA + FBA-2) / 2 with absent = 0.
     np.testing.assert_allclose(mean_r.loc[[1, 2], [1, 2]].to_numpy(),
                                [[(0.2 + 0.4) / 2, 0.3 / 2], [0.0 / 2, 0.1 / 2]], atol=1e-12)
@@ -279,15 +286,14 @@ def test_transfer_average_is_the_authors_unweighted_mean_with_absent_rois_as_zer
     np.testing.assert_allclose(saved.to_numpy(), mean_r.to_numpy())
 
     # The voxel-pooled option: absent ROIs add no voxels.
-    _, pooled = fem.main(base + ["--transfer-aggregation", "voxels"])
+    _, pooled = run_transfer_matrix(root, *base, "--transfer-aggregation", "voxels")
     np.testing.assert_allclose(pooled["higher"][0].loc[[1, 2], [1, 2]].to_numpy(),
                                [[(0.2 * nE + 0.4 * nF) / (nE + nF), 0.3], [0.0, 0.1]], atol=1e-12)
     assert (root / "encoding_results" / "transfer_cl-tuned_lh_higher_voxels_mean_r.csv").is_file()
 
     # A present ROI that was never fitted makes its entries unknown instead of silently 0.
     fake_result(root, 1, "cl-tuned", "lh", "aTL-faces", 0.6)
-    _, matrices = fem.main(["--root", str(root), "--method", "cl-tuned", "--rois", "EBA", "aTL-faces",
-                            "--transfer-matrix"])
+    _, matrices = run_transfer_matrix(root, "--rois", "EBA", "aTL-faces")
     m = matrices["higher"][0]
     assert m.loc[1, 1] == pytest.approx((0.2 + 0.6) / 2) and np.isnan(m.loc[2, 1]) and np.isnan(m.loc[1, 2])
     fig = figures.plot_transfer(m, matrices["higher"][1], "t", root / "t.png")
@@ -305,7 +311,8 @@ def test_group_summary_averages_rois_without_weights(root):
     fake_result(root, 1, "cl-tuned", "lh", "FBA-2", 0.6, cv_r=0.4)
     fake_result(root, 1, "reg-tuned", "lh", "FBA-2", 0.7, cv_r=0.3)
     fake_result(root, 1, "untuned", "lh", "V1v", 0.9)
-    fem.write_summaries(root, 1)
+    generate_results.main(["--root", str(root), "--type", "summaries", "--subjects", "1"])
+    assert (utils.encoding_dir(root, 1) / "methods_lh.png").is_file()
     table = pd.read_csv(utils.encoding_dir(root, 1) / "group_summary.csv").set_index(["group", "score"])
     test = table.loc["higher", "test_r"]
     assert test["n_rois"] == 2
@@ -323,11 +330,11 @@ def test_group_summary_averages_rois_without_weights(root):
 
 
 def test_feature_precision_is_recorded_and_checked(root, capsys):
-    r = ru.load_result(fem.main(["--root", str(root), "--rois", "EBA"] + FAST)["EBA"])
+    r = encoding_results.load_result(fem.main(["--root", str(root), "--rois", "EBA"] + FAST)["EBA"])
     assert r["feature_precision"] == "fp32"
     err = run_error(["--root", str(root), "--rois", "V1v", "--feature-precision", "fp16"] + FAST, capsys)
     assert "--feature-precision fp16: allowed one of fp32, bf16" in err
-    assert not ru.result_path(root, 1, "untuned", "lh", "V1v").exists()
+    assert not encoding_results.result_path(root, 1, "untuned", "lh", "V1v").exists()
 
 
 def test_features_spill_to_the_scratch_folder_with_its_variables_expanded(root, tmp_path, monkeypatch, capsys):
@@ -346,10 +353,10 @@ def test_features_spill_to_the_scratch_folder_with_its_variables_expanded(root, 
     fem.main(argv + ["--scratch", "$FEM_TEST_SCRATCH/spill"])
     assert len(spills) == 1 and spills[0].parent == scratch / "spill" and not spills[0].exists()
     assert not list(utils.cache_dir(root).glob("features-spill*"))
-    path = ru.result_path(root, 1, "untuned", "lh", "V1v")
-    spilled = ru.load_result(path)
+    path = encoding_results.result_path(root, 1, "untuned", "lh", "V1v")
+    spilled = encoding_results.load_result(path)
     fem.main(argv + ["--overwrite"])
     assert spills[1].parent == utils.cache_dir(root)
-    np.testing.assert_array_equal(ru.load_result(path)["test_r"], spilled["test_r"])
+    np.testing.assert_array_equal(encoding_results.load_result(path)["test_r"], spilled["test_r"])
     err = run_error(argv + ["--overwrite", "--scratch", "$FEM_TEST_UNSET/spill"], capsys)
     assert "--scratch $FEM_TEST_UNSET/spill: an environment variable in it is not set here" in err

@@ -9,8 +9,8 @@ import pytest
 import scipy.io
 import scipy.stats
 
+import encoding_results
 import nod_utils as nu
-import results_utils as ru
 import safe_io
 import utils
 from conftest import run_error
@@ -354,7 +354,7 @@ def nod_run(tmp_path_factory):
                              "--weights", "none", "--image-size", "64", "--batch-size", "200"])
     finally:
         mp.undo()
-    results = {p.name: ru.load_result(p) for p in (root / "encoding_results" / "nod").glob("sub-*/*.npz")}
+    results = {p.name: encoding_results.load_result(p) for p in (root / "encoding_results" / "nod").glob("sub-*/*.npz")}
     return root, table, calls, results
 
 
@@ -427,8 +427,8 @@ def test_tuned_model_of_an_nsd_subject_extracts_nod_features(nod_run, tmp_path, 
     assert (cl["nsd_roi"], cl["model_subj"], cl["n_voxels"]) == ("V1v", 2, 50)
     untuned = table[(table["method"] == "untuned") & (table["roi"] == "V1")].iloc[0]
     assert cl["mean_test_r"] != untuned["mean_test_r"]
-    r_cl = ru.load_result(ru.nod_result_path(root, 1, "lh", "V1", "cl-tuned"))["test_r"]
-    r_un = ru.load_result(ru.nod_result_path(root, 1, "lh", "V1", "untuned"))["test_r"]
+    r_cl = encoding_results.load_result(encoding_results.nod_result_path(root, 1, "lh", "V1", "cl-tuned"))["test_r"]
+    r_un = encoding_results.load_result(encoding_results.nod_result_path(root, 1, "lh", "V1", "untuned"))["test_r"]
     assert cl["pct_improved_over_untuned"] == pytest.approx(100 * np.mean(r_cl > r_un))
 
 
@@ -441,7 +441,7 @@ def test_results_record_their_settings_and_other_settings_are_refused(nod_run, c
     args = ["--root", str(root), "--subjects", "1", "--sessions", "1", "--runs", "1", "2", "3", "4",
             "--rois", "V1", "--hemispheres", "lh", "--methods", "untuned", "--weights", "none"]
     err = run_error(script.main, args + ["--zscore", "vertex"], capsys)
-    assert str(ru.nod_result_path(root, 1, "lh", "V1", "untuned")) in err and "--overwrite" in err
+    assert str(encoding_results.nod_result_path(root, 1, "lh", "V1", "untuned")) in err and "--overwrite" in err
     assert "was made with zscore='run', but this run asks for zscore='vertex'" in err
     err = run_error(script.main, args + ["--hemisphere-convention", "nsd"], capsys)
     assert "--hemisphere-convention nsd: allowed one of anatomical, authors" in err
@@ -454,7 +454,7 @@ def test_a_truncated_result_is_one_line_and_overwrite_repairs_it(nod_run, tmp_pa
     root = tmp_path / "root"
     shutil.copytree(src / "nod", root / "nod")
     shutil.copytree(src / "encoding_results", root / "encoding_results")
-    path = ru.nod_result_path(root, 1, "lh", "V1", "untuned")
+    path = encoding_results.nod_result_path(root, 1, "lh", "V1", "untuned")
     # The NSD format: plain arrays in the .npz (readable without pickle), the other fields in the .json.
     with np.load(path, allow_pickle=False) as f:
         assert sorted(f.files) == ["alpha_index", "alphas", "cv_r", "test_r", "vertices"]
@@ -467,4 +467,4 @@ def test_a_truncated_result_is_one_line_and_overwrite_repairs_it(nod_run, tmp_pa
     err = run_error(script.main, args, capsys)
     assert f"cannot read the result {path}" in err and "--overwrite" in err
     script.main(args + ["--overwrite"])
-    assert np.array_equal(ru.load_result(path)["test_r"], results["sub-01_lh_V1_untuned.npz"]["test_r"])
+    assert np.array_equal(encoding_results.load_result(path)["test_r"], results["sub-01_lh_V1_untuned.npz"]["test_r"])

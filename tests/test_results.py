@@ -456,7 +456,7 @@ def test_analyses_skip_rois_under_min_voxels(root):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--type", "histogram"], "--type histogram: allowed one of classification-task, "),
+    (["--type", "histogram"], "--type histogram: allowed one of summaries, transfer-matrix, classification-task, "),
     (["--type", "classification-task", "--dataset", "places365", *BASE], "datasets/places365"),
     (["--type", "classification-task", "--dataset", "caltech256", "--rois", "hV4", *BASE], "cl_model_training.py"),
     (["--type", "lower-bound-mi", "--method", "reg-tuned", *BASE], "fMRI embedding"),

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 import cl_model_training
+import encoding_results
 import fit_encoding_models as fem
 import generate_results
 import models
 import pooled_model_training
 import reg_model_training
-import results_utils as ru
 import options
 import utils
 from conftest import run_error, save_untrained_checkpoint, snapshot
@@ -99,13 +99,13 @@ def fitted(synthetic_root, shared_cache, tmp_path_factory):
 def test_result_with_other_settings_is_not_reused(fitted, capsys, extra, message):
     root, argv = fitted
     err = refused(fem.main, argv + extra, root, capsys)
-    path = ru.result_path(root, 1, "untuned", "lh", "V1v")
+    path = encoding_results.result_path(root, 1, "untuned", "lh", "V1v")
     assert err.startswith(f"error: {path} was made with ") and message in err and "--overwrite" in err
 
 
 def test_results_record_the_whole_config(fitted, capsys):
     root, argv = fitted
-    r = ru.load_result(ru.result_path(root, 1, "untuned", "lh", "V1v"))
+    r = encoding_results.load_result(encoding_results.result_path(root, 1, "untuned", "lh", "V1v"))
     assert r["config"] == options.run_config(options.parse_options(fem, argv))
     assert r["config"]["ROIS"] == ["V1v"] and r["config"]["IMAGE_SIZE"] == 64
     # Equal settings: skipped as before.

@@ -421,3 +421,10 @@ def test_missing_mapping_file(tmp_path, tiny, capsys):
     path = utils.roi_mapping_path(root, 1, "floc-places")
     path.unlink()
     assert str(path) in user_error(lambda: utils.roi_voxel_indices(root, 1, "lh", "PPA"), capsys)
+
+
+def test_method_epochs_reads_each_methods_option_and_refuses_unknown_methods():
+    opts = types.SimpleNamespace(CL_EPOCHS=3, REG_EPOCHS=7, POOLED_EPOCHS=11)
+    assert [utils.method_epochs(opts, m) for m in utils.METHODS] == [0, 3, 7, 11, 11]
+    with pytest.raises(ValueError, match="unknown method 'pooled'"):
+        utils.method_epochs(opts, "pooled")

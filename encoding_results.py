@@ -1,0 +1,352 @@
+"""Encoding results: the one place that knows their format (where they are, how they are
+written and read), and what is computed from them alone: the per-subject summary tables,
+the authors' group summaries and the transfer (cross-subject) matrices.
+
+A result is one ROI of one subject, hemisphere and method: its arrays (voxels, per-voxel
+alphas, CV r, test r, ...) in a ``.npz``, every other field (settings, best layer, layer
+scores, config) in a ``.json`` beside it, written last, so a result is complete exactly
+when its ``.json`` exists. Neither file is a pickle. NOD results use the same format.
+"""
+
+import json
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import nod_utils
+import safe_io
+import utils
+
+# The methods of the group summaries, each on its own subject with the per-method protocol.
+SUMMARY_METHODS = ("untuned", "cl-tuned", "reg-tuned", "pooled-avg", "pooled-const")
+SUMMARY_COMPARISONS = (("cl-tuned", "untuned"), ("cl-tuned", "reg-tuned"), ("pooled-avg", "cl-tuned"),
+                       ("pooled-const", "cl-tuned"))
+# The methods whose model, tuned on one subject, can be applied to another (transfer).
+TRANSFER_METHODS = ("cl-tuned", "reg-tuned")
+
+
+# --- The format: where results are, writing and reading ----------------------------------
+
+def method_tag(method, subj, model_subj, protocol):
+    """Folder name of a method's NSD results: method [+ _from-SubjY] [+ _untuned-layer]."""
+    tag = method
+    if model_subj is not None and int(model_subj) != int(subj):
+        tag += f"_from-{utils.subj_dir(model_subj)}"
+    if protocol == "untuned-layer" and method != "untuned":
+        tag += "_untuned-layer"
+    return tag
+
+
+def result_path(root, subj, tag, hemisphere, roi):
+    """The .npz of one NSD ROI result; its .json (written last) marks it complete (save_result)."""
+    return utils.encoding_dir(root, subj) / tag / f"{utils.hemi_code(hemisphere)}_{roi}.npz"
+
+
+def load_result(path):
+    """One ROI's result: the JSON fields plus the arrays of the .npz (voxels, alphas, cv_r, test_r, ...)."""
+    path = Path(path)
+    try:
+        out = json.loads(path.with_suffix(".json").read_text())
+        with np.load(path) as f:
+            out.update({k: f[k] for k in f.files})
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        raise safe_io.UserError(f"cannot read the result {path} ({type(e).__name__}): it is truncated or corrupt; "
+                              "delete it and its .json, or refit that ROI with --overwrite") from None
+    return out
+
+
+def save_result(result, path):
+    """Write an encoding result (NSD or NOD): its numpy arrays to the .npz ``path``, every
+    other field to the .json beside it, written last so that it marks the result complete.
+
+    Neither file is a pickle, so reading a result never runs code from the file.
+    """
+    arrays = {k: v for k, v in result.items() if isinstance(v, np.ndarray)}
+    with safe_io.atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    safe_io.atomic_json_dump({k: v for k, v in result.items() if k not in arrays}, Path(path).with_suffix(".json"))
+
+
+def result_complete(path):
+    """Whether the result whose .npz is ``path`` is complete: save_result writes its .json last."""
+    return Path(path).with_suffix(".json").is_file()
+
+
+def complete_results(folder, pattern, skip=()):
+    """Yield (.npz path, result) of every complete result in ``folder`` whose .npz matches the glob
+    ``pattern`` (but the paths in ``skip``), in sorted path order."""
+    for path in sorted(Path(folder).glob(pattern)):
+        if result_complete(path) and path not in skip:
+            yield path, load_result(path)
+
+
+def collect_results(root, subj, skip=()):
+    """Every complete NSD ROI result of a subject (but the .npz paths in ``skip``): dict (tag, hemisphere, roi) -> result."""
+    return {(path.parent.name, r["hemisphere"], r["roi"]): r
+            for path, r in complete_results(utils.encoding_dir(root, subj), "*/*.npz", skip)}
+
+
+def nod_results_dir(root):
+    """Where the NOD results go: ROOT/encoding_results/nod."""
+    return Path(root) / "encoding_results" / "nod"
+
+
+def nod_result_path(root, subj, hemisphere, roi, method):
+    """The .npz of one NOD subject, hemisphere, area and method; its .json (written last) marks it complete."""
+    sub = nod_utils.sub_name(subj)
+    return nod_results_dir(root) / sub / f"{sub}_{utils.hemi_code(hemisphere)}_{roi}_{method}.npz"
+
+
+def collect_nod_results(root):
+    """Every complete NOD result: dict (subject, hemisphere, area, method) -> result."""
+    return {(r["subject"], r["hemisphere"], r["roi"], r["method"]): r
+            for _, r in complete_results(nod_results_dir(root), "sub-*/sub-*_*.npz")}
+
+
+def record_absent(root, subj, hemisphere, roi, n_voxels):
+    """Add (or, with n_voxels None, remove) an ROI in the subject's absent_rois.json."""
+    path = utils.encoding_dir(root, subj) / "absent_rois.json"
+    absent = json.loads(path.read_text()) if path.is_file() else {}
+    if n_voxels is None and roi not in absent.get(utils.hemi_code(hemisphere), {}):
+        return
+    hemi = absent.setdefault(utils.hemi_code(hemisphere), {})
+    if n_voxels is None:
+        hemi.pop(roi, None)
+    else:
+        hemi[roi] = int(n_voxels)
+    safe_io.atomic_json_dump(absent, path)
+
+
+# --- Summaries --------------------------------------------------------------------------
+
+def pct_beats_untuned(test_r, untuned_r):
+    """% of voxels whose test r beats the untuned one: 100 mean(test_r > untuned_r); NaN without ``untuned_r``."""
+    if untuned_r is None:
+        return np.nan
+    return 100 * float(np.mean(np.asarray(test_r) > np.asarray(untuned_r)))
+
+
+def _roi_order(key):
+    return utils.ROIS.index(key)
+
+
+def comparable_untuned_r(result, untuned):
+    """The untuned test r to compare a tuned result with: None for an untuned result, or without an
+    untuned result on the same voxels."""
+    if untuned is None or result["method"] == "untuned" or not np.array_equal(result["voxels"], untuned["voxels"]):
+        return None
+    return untuned["test_r"]
+
+
+def group_summary(results, subj):
+    """Per ROI group (utils.ROI_GROUPS) and score (test r, CV r at the best layer): the authors' summaries.
+
+    For every method of SUMMARY_METHODS with results, averaged without weights over the
+    (hemisphere, ROI) pairs of the group that every such method has fitted on the same
+    voxels: the mean r, and for each pair of SUMMARY_COMPARISONS the % of voxels where the
+    first method's r beats the second's (NaN where a method has no results).
+
+    Parameters
+    ----------
+    results : dict (tag, hemisphere, roi) -> result, from ``collect_results``.
+
+    Returns
+    -------
+    DataFrame, one row per (group, score).
+    """
+    methods = [m for m in SUMMARY_METHODS if any(k[0] == m for k in results)]
+    rows = []
+    for group, members in utils.ROI_GROUPS.items():
+        pairs = []
+        for hemi in utils.HEMISPHERES:
+            for roi in members:
+                found = [results.get((m, hemi, roi)) for m in methods]
+                if methods and all(r is not None and np.array_equal(r["voxels"], found[0]["voxels"]) for r in found):
+                    pairs.append(dict(zip(methods, found)))
+        for score in ("test_r", "cv_r"):
+            row = {"subject": int(subj), "group": group, "score": score, "n_rois": len(pairs)}
+            for m in SUMMARY_METHODS:
+                row[f"mean_{m}"] = (float(np.mean([p[m][score].mean() for p in pairs]))
+                                    if pairs and m in methods else np.nan)
+            for a, b in SUMMARY_COMPARISONS:
+                row[f"pct_{a}_gt_{b}"] = (100 * float(np.mean([np.mean(p[a][score] > p[b][score]) for p in pairs]))
+                                          if pairs and a in methods and b in methods else np.nan)
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def write_group_summaries(root, subj, results):
+    """The subject's group_summary.csv, then encoding_results/group_summary.csv of every subject that has one."""
+    safe_io.atomic_write_text(group_summary(results, subj).to_csv(index=False),
+                            utils.encoding_dir(root, subj) / "group_summary.csv")
+    files = [utils.encoding_dir(root, s) / "group_summary.csv" for s in utils.find_subjects(root)]
+    every = pd.concat([pd.read_csv(f) for f in files if f.is_file()], ignore_index=True)
+    safe_io.atomic_write_text(every.to_csv(index=False), Path(root) / "encoding_results" / "group_summary.csv")
+
+
+def write_summaries(root, subj):
+    """Regenerate the subject's summary tables from every result: methods.csv, <tag>/layer_scores.csv
+    and group_summary.csv (and the all-subject encoding_results/group_summary.csv).
+
+    Returns
+    -------
+    table : DataFrame, one row per (tag, hemisphere, ROI): the columns of methods.csv and one
+        per layer (empty when the subject has no result).
+    results : dict (tag, hemisphere, roi) -> result, from ``collect_results``.
+    """
+    out_dir = utils.encoding_dir(root, subj)
+    results = collect_results(root, subj)
+    rows = []
+    for (tag, hemi, roi), r in sorted(results.items(), key=lambda kv: (kv[0][1], _roi_order(kv[0][2]), kv[0][0])):
+        untuned = results.get(("untuned", hemi, roi))
+        rows.append({"tag": tag, "method": r["method"], "model_subj": r["model_subj"], "protocol": r["protocol"],
+                     "hemisphere": hemi, "roi": roi, "n_voxels": len(r["voxels"]), "best_layer": r["best_layer"],
+                     "mean_cv_r": float(np.mean(r["cv_r"])), "mean_test_r": float(np.mean(r["test_r"])),
+                     "pct_beats_untuned": pct_beats_untuned(r["test_r"], comparable_untuned_r(r, untuned)),
+                     **{layer: r["layer_scores"][layer] for layer in utils.LAYERS}})
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table, results
+    write_group_summaries(root, subj, results)
+    safe_io.atomic_write_text(table.drop(columns=utils.LAYERS).to_csv(index=False), out_dir / "methods.csv")
+    for tag, sub in table.groupby("tag", sort=False):
+        cols = ["hemisphere", "roi"] + utils.LAYERS + ["best_layer"]
+        safe_io.atomic_write_text(sub[cols].to_csv(index=False), out_dir / tag / "layer_scores.csv")
+    return table, results
+
+
+def nod_summary_table(root):
+    """One row per saved result: subject, hemisphere, area, method, best layer, mean CV r,
+    mean test r and % of vertices whose test r beats untuned (NaN without an untuned result)."""
+    results = collect_nod_results(root)
+    rows = []
+    for (subj, hemi, roi, method), r in sorted(results.items(), key=lambda kv: (
+            kv[0][0], kv[0][1], nod_utils.NOD_ROIS.index(kv[0][2]), utils.METHODS.index(kv[0][3]))):
+        base = results.get((subj, hemi, roi, "untuned"))
+        improved = pct_beats_untuned(r["test_r"], None if base is None else base["test_r"])
+        rows.append({"subject": subj, "hemisphere": hemi, "roi": roi, "method": method,
+                     "nsd_roi": r["nsd_roi"], "model_subj": r["model_subj"], "n_voxels": len(r["vertices"]),
+                     "zscore": r.get("zscore"), "hemisphere_convention": r.get("hemisphere_convention"),
+                     "best_layer": r["best_layer"], "mean_cv_r": float(np.mean(r["cv_r"])),
+                     "mean_test_r": float(np.mean(r["test_r"])), "pct_improved_over_untuned": improved})
+    return pd.DataFrame(rows)
+
+
+# --- Transfer matrices ---------------------------------------------------------------------
+
+def transfer_table(root, method, hemisphere, rois, min_voxels=utils.MIN_VOXELS):
+    """One row per (ROI, model subject, target subject) of ``method``, over the model and target subjects
+    that have at least one result.
+
+    'status' is 'fitted' (a result exists), 'absent' (the ROI has fewer than ``min_voxels``
+    voxels in the target or the model subject, so the authors count it as 0) or 'missing'
+    (not fitted yet). 'mean_test_r' and 'frac_improved' (fraction of the target's voxels
+    whose test r beats its untuned result; NaN without one) are set for fitted rows;
+    'sum_r', 'n_improved' and 'n_compared' serve the voxel-pooled aggregation.
+    """
+    hemi = utils.hemi_code(hemisphere)
+    found = {}
+    for target in utils.find_subjects(root):
+        for model_subj in utils.find_subjects(root):
+            for roi in rois:
+                path = result_path(root, target, method_tag(method, target, model_subj, "per-method"), hemi, roi)
+                if result_complete(path):
+                    found[roi, model_subj, target] = path
+    model_subjects, targets = sorted({k[1] for k in found}), sorted({k[2] for k in found})
+    counts = {(s, roi): utils.roi_voxel_count(root, s, hemi, roi)
+              for s in set(model_subjects) | set(targets) for roi in rois}
+    rows = []
+    for roi in rois:
+        for model_subj in model_subjects:
+            for target in targets:
+                row = {"roi": roi, "model_subj": model_subj, "target_subj": target, "status": "missing",
+                       "n_voxels": 0, "sum_r": 0.0, "n_compared": 0, "n_improved": 0,
+                       "mean_test_r": np.nan, "frac_improved": np.nan}
+                if (roi, model_subj, target) in found:
+                    r = load_result(found[roi, model_subj, target])
+                    base = result_path(root, target, "untuned", hemi, roi)
+                    untuned = load_result(base) if result_complete(base) else None
+                    row.update(status="fitted", n_voxels=len(r["voxels"]), sum_r=float(r["test_r"].sum()),
+                               mean_test_r=float(r["test_r"].mean()))
+                    if untuned is not None and np.array_equal(untuned["voxels"], r["voxels"]):
+                        improved = r["test_r"] > untuned["test_r"]
+                        row.update(n_compared=len(improved), n_improved=int(improved.sum()),
+                                   frac_improved=float(improved.mean()))
+                elif min(counts[target, roi], counts[model_subj, roi]) < min_voxels:
+                    row["status"] = "absent"
+                rows.append(row)
+    return pd.DataFrame(rows, columns=["roi", "model_subj", "target_subj", "status", "n_voxels", "sum_r",
+                                       "n_compared", "n_improved", "mean_test_r", "frac_improved"])
+
+
+def transfer_matrices(table, rois, aggregation="authors"):
+    """Model-subject x target-subject matrices of mean test r and fraction improved over the ROIs ``rois``.
+
+    Parameters
+    ----------
+    table : DataFrame from ``transfer_table``.
+    rois : the ROIs to aggregate (e.g. one of utils.ROI_GROUPS).
+    aggregation : 'authors': the unweighted mean of the per-ROI values over the ROIs with
+        at least one result, an absent ROI counting as 0 and a missing one making the
+        entry NaN; 'voxels': the voxels of the fitted ROIs pooled (absent ROIs add nothing).
+
+    Returns
+    -------
+    mean_r, frac_improved : DataFrames indexed by model subject, columns target subject
+        (None, None when no ROI of ``rois`` has a result).
+    """
+    part = table[table["roi"].isin(rois)]
+    part = part[part.groupby("roi")["status"].transform(lambda st: (st == "fitted").any())]
+    if part.empty:
+        return None, None
+    keys = ["model_subj", "target_subj"]
+    if aggregation == "voxels":
+        fitted = part.assign(**{c: part[c].where(part["status"] == "fitted", 0)
+                                for c in ("n_voxels", "sum_r", "n_compared", "n_improved")})
+        pooled = fitted.groupby(keys)[["n_voxels", "sum_r", "n_compared", "n_improved"]].sum()
+        mean_r = pooled["sum_r"] / pooled["n_voxels"].where(pooled["n_voxels"] > 0)
+        frac = pooled["n_improved"] / pooled["n_compared"].where(pooled["n_compared"] > 0)
+    else:
+        absent = part["status"] == "absent"
+        values = part.assign(mean_test_r=part["mean_test_r"].mask(absent, 0.0),
+                             frac_improved=part["frac_improved"].mask(absent, 0.0))
+        # mean(skipna=False): one missing ROI makes the entry NaN rather than silently dropping it.
+        grouped = values.groupby(keys)
+        mean_r = grouped["mean_test_r"].apply(lambda v: v.mean(skipna=False))
+        frac = grouped["frac_improved"].apply(lambda v: v.mean(skipna=False))
+    return mean_r.unstack("target_subj"), frac.unstack("target_subj")
+
+
+def write_transfer_matrices(root, method, hemisphere, rois, min_voxels=utils.MIN_VOXELS, aggregation="authors"):
+    """Write ``method``'s per-ROI transfer table and, per ROI group, its two matrices as CSV files
+    under ROOT/encoding_results (transfer_<method>_<hemi>[_<group>[_<aggregation>]]...).
+
+    Returns
+    -------
+    table : DataFrame from ``transfer_table``.
+    matrices : dict group -> (mean_r, frac_improved, stem), stem the path the group's files start with.
+    """
+    if method not in TRANSFER_METHODS:
+        raise safe_io.UserError(f"transfer matrices need a subject-specific method, not {method!r}: "
+                                "use --method cl-tuned or reg-tuned")
+    hemi = utils.hemi_code(hemisphere)
+    table = transfer_table(root, method, hemi, rois, min_voxels)
+    if not (table["status"] == "fitted").any():
+        raise safe_io.UserError(f"no {method} {hemi} results under {Path(root) / 'encoding_results'}: "
+                                "fit some first (fit_encoding_models.py, with --model-subj for transfer)")
+    base = Path(root) / "encoding_results" / f"transfer_{method}_{hemi}"
+    safe_io.atomic_write_text(table.drop(columns=["sum_r"]).to_csv(index=False), f"{base}.csv")
+    suffix = "" if aggregation == "authors" else f"_{aggregation}"
+    matrices = {}
+    for group, members in utils.ROI_GROUPS.items():
+        mean_r, frac = transfer_matrices(table, members, aggregation)
+        if mean_r is None:
+            continue
+        stem = f"{base}_{group}{suffix}"
+        safe_io.atomic_write_text(mean_r.to_csv(), f"{stem}_mean_r.csv")
+        safe_io.atomic_write_text(frac.to_csv(), f"{stem}_frac_improved.csv")
+        matrices[group] = (mean_r, frac, stem)
+    return table, matrices
