@@ -1,5 +1,5 @@
 """A checkpoint or result made with other settings, or for another use, is refused: exit code 2, one line,
-nothing written (issue 12, items 4 and 6). Checkpoints here are untrained, with the meta training writes."""
+nothing written. Checkpoints here are untrained, with the meta training writes."""
 
 import os
 import shutil
@@ -34,7 +34,7 @@ def refused(main, argv, root, capsys):
     return err
 
 
-# --- Item 4: an existing checkpoint made with other settings -------------------------------
+# --- An existing checkpoint made with other settings -------------------------------
 
 @pytest.mark.parametrize("main, argv, message", [
     (cl_model_training.main, ["--image-size", "72"], "image_size=64, but this run asks for image_size=72"),
@@ -75,7 +75,7 @@ def test_checkpoints_record_the_whole_config(root):
     assert model.readout.out_features == meta["n_voxels"] == len(meta["voxels"])
 
 
-# --- Item 4: an existing encoding result made with other settings --------------------------
+# --- An existing encoding result made with other settings --------------------------
 
 @pytest.fixture(scope="module")
 def fitted(synthetic_root, shared_cache, tmp_path_factory):
@@ -112,7 +112,7 @@ def test_results_record_the_whole_config(fitted, capsys):
     assert fem.main(argv) == {"V1v": None} and "skip V1v" in capsys.readouterr().out
 
 
-# --- Item 6: a checkpoint is checked against what it is used for ---------------------------
+# --- A checkpoint is checked against what it is used for ---------------------------
 
 def copy_checkpoint(root, method, subj, hemi, roi, to_method, to_hemi, to_roi):
     """Save a checkpoint of (method, subj, hemi, roi) and copy it to the file name of (to_method, to_hemi, to_roi)."""
