@@ -351,7 +351,8 @@ def check_checkpoint(meta, path, root, method, subj, hemisphere, roi, image_size
     safe_io.check_same_settings(f"checkpoint {path}", meta, requested, fix)
     if voxels:
         if "voxels" not in meta:
-            safe_io.check_same_settings(f"checkpoint {path}", meta, {"voxels": "the ROI's voxel indices"}, fix)
+            raise safe_io.UserError(f"checkpoint {path} records no voxel indices, so it cannot be checked against "
+                                    "the masks under --root: re-train it with --overwrite")
         stored = checkpoint_voxels(meta)
         expected = {s: select_voxels(utils.roi_voxel_indices(root, s, hemisphere, roi), meta.get("max_voxels"),
                                      meta.get("seed", 0)) for s in stored}

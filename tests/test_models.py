@@ -12,6 +12,7 @@ import torch
 import models
 import safe_io
 import utils
+from conftest import save_untrained_checkpoint
 
 
 def test_info_nce_equals_direct_formula():
@@ -153,23 +154,27 @@ def test_load_checkpoint_errors(tmp_path):
         models.load_checkpoint(other)
 
 
-def test_load_feature_alexnet(tmp_path):
-    untuned, meta = models.load_feature_alexnet(tmp_path, "untuned", 1, "left", "V1v", 30, weights="none", seed=4)
+def test_load_feature_alexnet(root):
+    untuned, meta = models.load_feature_alexnet(root, "untuned", 1, "left", "V1v", 30, weights="none", seed=4)
     assert meta is None and torch.equal(untuned.features[0].weight, utils.load_alexnet("none", 4).features[0].weight)
     with pytest.raises(safe_io.UserError, match=r"subj1_lh_V1v_model_e30\.pt: make it with python cl_model_training"):
-        models.load_feature_alexnet(tmp_path, "cl-tuned", 1, "left", "V1v", 30)
+        models.load_feature_alexnet(root, "cl-tuned", 1, "left", "V1v", 30)
     with pytest.raises(safe_io.UserError, match="pooled_model_training.py --h-method avg"):
-        models.load_feature_alexnet(tmp_path, "pooled-avg", 1, "left", "V1v", 30)
-    config = models.RegConfig.for_voxels({2: 5}, "none", 9)
-    model, path = config.build(), utils.reg_model_path(tmp_path, 2, "rh", "EBA", 3)
-    meta = models.roi_meta(config, "EBA", "rh", {2: np.arange(5)}, 3, 1e-4, 64, image_size=64)
-    models.save_checkpoint(model, meta, path)
-    tuned, meta = models.load_feature_alexnet(tmp_path, "reg-tuned", 2, "right", "EBA", 3, image_size=64, voxels=False)
+        models.load_feature_alexnet(root, "pooled-avg", 1, "left", "V1v", 30)
+    model, _ = save_untrained_checkpoint(root, "reg-tuned", 2, "rh", "EBA", epochs=3, seed=9)
+    path = utils.reg_model_path(root, 2, "rh", "EBA", 3)
+    tuned, meta = models.load_feature_alexnet(root, "reg-tuned", 2, "right", "EBA", 3, image_size=64)
     assert meta["kind"] == "reg" and not tuned.training
     assert torch.equal(tuned.features[0].weight, model.alexnet.features[0].weight)
     with pytest.raises(safe_io.UserError, match=f"checkpoint {path} was made with image_size=64, but this run asks "
                                               "for image_size=40"):
-        models.load_feature_alexnet(tmp_path, "reg-tuned", 2, "right", "EBA", 3, image_size=40, voxels=False)
+        models.load_feature_alexnet(root, "reg-tuned", 2, "right", "EBA", 3, image_size=40)
+    # A meta without the voxels it was trained on cannot be checked against the masks.
+    no_voxels = {k: v for k, v in meta.items() if k != "voxels"}
+    with pytest.raises(safe_io.UserError, match=f"checkpoint {path} records no voxel indices, so it cannot be "
+                                              "checked against the masks under --root: re-train it with --overwrite"):
+        models.check_checkpoint(no_voxels, path, root, "reg-tuned", 2, "rh", "EBA")
+    models.check_checkpoint(no_voxels, path, root, "reg-tuned", 2, "rh", "EBA", voxels=False)
 
 
 def test_shard_covers_every_roi_exactly_once():
