@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+import options
 import safe_io
 import utils
 
@@ -681,58 +682,39 @@ def training_settings(meta):
     return {k: v for k, v in meta.items() if k not in NOT_SETTINGS}
 
 
-def roi_meta(model_config, roi, hemisphere, voxels, epochs, lr, batch_size, temperature=0.3, image_size=224,
-             max_voxels=None, h_method=None, config=None):
-    """The meta of a checkpoint of one ROI, as train_roi saves it.
-
-    Parameters
-    ----------
-    model_config : CLConfig, PooledConfig or RegConfig; its fields are the model arguments.
-    voxels : {subject: voxel indices} the model is trained on (one subject unless pooled).
-    epochs, lr, batch_size, temperature, image_size, max_voxels : the training settings
-        (temperature is not recorded for a regression model, h_method only for a pooled one).
-    config : the run's options whole (options.run_config), or None.
-
-    Returns
-    -------
-    meta : dict of plain Python values: kind, subject (or subjects), hemisphere, roi, the
-        training settings, the model arguments, voxels, code_version and config.
-    """
-    kind = model_config.kind
-    meta = {"kind": kind}
-    if kind == "pooled":
-        meta.update(subjects=[int(s) for s in voxels], h_method=h_method)
-    else:
-        (meta["subject"],) = (int(s) for s in voxels)
-    meta.update(hemisphere=utils.hemi_code(hemisphere), roi=roi, image_size=int(image_size), epochs=int(epochs),
-                lr=float(lr), batch_size=int(batch_size))
-    if kind != "reg":
-        meta["temperature"] = float(temperature)
-    meta.update(max_voxels=max_voxels, **asdict(model_config))
-    meta["voxels"] = ({str(s): np.asarray(v).tolist() for s, v in voxels.items()} if kind == "pooled"
-                      else np.asarray(next(iter(voxels.values()))).tolist())
-    meta.update(code_version=utils.CODE_VERSION, config=config)
-    return meta
-
-
 class RoiPlan(NamedTuple):
-    """What train_roi is about to train: the checkpoint path, the model config, the meta to save and
-    the voxels per subject."""
+    """What train_roi is about to train: the checkpoint's path, the model config and the meta to save with it."""
     path: Path
     config: object
     meta: dict
-    voxels: dict
 
 
-def plan_roi(kind, root, roi, hemisphere, subjects, epochs, lr, batch_size, temperature=0.3, weights="imagenet",
-             seed=0, image_size=224, max_voxels=None, h_method="const", h_const=utils.H_CONST, skip_small=False,
-             min_voxels=utils.MIN_VOXELS, config=None):
-    """The RoiPlan of one model of ``kind`` for one ROI (parameters as ``train_roi``), or None when
-    ``skip_small`` skips the ROI."""
-    roi, hemi = utils.check_roi(roi), utils.hemi_code(hemisphere)
-    subjects = sorted(int(s) for s in subjects)
-    indices = {s: utils.roi_voxel_indices(root, s, hemi, roi) for s in subjects}
-    voxels = {s: select_voxels(v, max_voxels, seed) for s, v in indices.items() if len(v) >= min_voxels}
+def plan_roi(opts, roi, kind, skip_small=False):
+    """The checkpoint path, model config and meta of the model of ``kind`` for one ROI, as train_roi saves it.
+
+    Parameters
+    ----------
+    opts : the options of the method's training script (the ones train_roi lists).
+    roi : ROI name.
+    kind : 'cl', 'reg' or 'pooled' (H_METHOD picks the pooled model's h).
+    skip_small : print a line and return None for an ROI with fewer than MIN_VOXELS voxels
+        (in every subject) instead of raising.
+
+    Returns
+    -------
+    RoiPlan of the three below, or None when ``skip_small`` skips the ROI.
+    path : model_path of the kind.
+    config : CLConfig, PooledConfig or RegConfig; its fields are the model arguments.
+    meta : dict of plain Python values: kind, subject (pooled: subjects and h_method),
+        hemisphere, roi, image_size, epochs, lr, batch_size, temperature (not for reg),
+        max_voxels, the model arguments, voxels (pooled: per subject, keyed by the subject
+        number as a string), code_version and config (the options whole, options.run_config).
+    """
+    pooled = kind == "pooled"
+    roi, hemi, min_voxels = utils.check_roi(roi), utils.hemi_code(opts.HEMISPHERE), opts.MIN_VOXELS
+    subjects = sorted(int(s) for s in opts.SUBJECTS or utils.find_subjects(opts.ROOT)) if pooled else [int(opts.SUBJ)]
+    indices = {s: utils.roi_voxel_indices(opts.ROOT, s, hemi, roi) for s in subjects}
+    voxels = {s: select_voxels(v, opts.MAX_VOXELS, opts.SEED) for s, v in indices.items() if len(v) >= min_voxels}
     if not voxels:
         where = ", ".join(utils.subj_dir(s) for s in subjects)
         counts = ", ".join(str(len(v)) for v in indices.values())
@@ -748,55 +730,63 @@ def plan_roi(kind, root, roi, hemisphere, subjects, epochs, lr, batch_size, temp
         raise safe_io.UserError(f"ROI {roi} has {counts} voxels in {hemi} of {where}, fewer than MIN_VOXELS={min_voxels}: "
                               "choose a larger ROI (the authors skip ROIs under 20 voxels) or lower --min-voxels")
     for s, v in indices.items():
-        if 0 < len(v) < min_voxels and kind == "pooled":
+        if pooled and 0 < len(v) < min_voxels:
             tqdm.write(f"{roi}: {utils.subj_dir(s)} left out "
                        f"({len(v)} voxels in {hemi}, fewer than MIN_VOXELS={min_voxels})")
+    meta = {"kind": kind}
+    if pooled:
+        meta.update(subjects=list(voxels), h_method=opts.H_METHOD)
+    else:
+        meta["subject"] = subjects[0]
+    meta.update(hemisphere=hemi, roi=roi, image_size=int(opts.IMAGE_SIZE), epochs=int(opts.EPOCHS), lr=float(opts.LR),
+                batch_size=int(opts.BATCH_SIZE))
+    if kind != "reg":
+        meta["temperature"] = float(opts.TEMPERATURE)
     counts = {s: len(v) for s, v in voxels.items()}
-    h = h_const if h_method == "const" else int(np.mean(list(counts.values())))
-    model_config = MODEL_CONFIGS[kind].for_voxels(counts, weights, seed, h)
-    meta = roi_meta(model_config, roi, hemi, voxels, epochs, lr, batch_size, temperature, image_size, max_voxels,
-                    h_method, config)
-    return RoiPlan(model_path(kind, root, subjects, hemi, roi, epochs, h_method), model_config, meta, voxels)
+    h = (opts.H_CONST if opts.H_METHOD == "const" else int(np.mean(list(counts.values())))) if pooled else None
+    model_config = MODEL_CONFIGS[kind].for_voxels(counts, opts.WEIGHTS, opts.SEED, h)
+    meta.update(max_voxels=opts.MAX_VOXELS, **asdict(model_config))
+    meta["voxels"] = ({str(s): v.tolist() for s, v in voxels.items()} if pooled else voxels[subjects[0]].tolist())
+    meta.update(code_version=utils.CODE_VERSION, config=options.run_config(opts))
+    path = model_path(kind, opts.ROOT, subjects, hemi, roi, opts.EPOCHS, opts.H_METHOD if pooled else None)
+    return RoiPlan(path, model_config, meta)
 
 
-def train_roi(kind, root, roi, hemisphere, subjects, epochs, lr, batch_size, temperature=0.3,
-              weights="imagenet", device="auto", seed=0, image_size=224, max_voxels=None,
-              h_method="const", h_const=utils.H_CONST, overwrite=False, skip_small=False, min_voxels=utils.MIN_VOXELS,
-              config=None):
-    """Train and save one model of ``kind`` ('cl', 'reg' or 'pooled') for one ROI.
+def train_roi(opts, roi, kind, skip_small=False):
+    """Train and save the model of ``kind`` ('cl', 'reg' or 'pooled') for one ROI with the options of its training script.
 
     Parameters
     ----------
-    subjects : list of int. CL and regression: one subject. Pooled: the candidate
-        subjects; those where the ROI has fewer than ``min_voxels`` voxels are left out,
-        the rest run in sorted order.
-    max_voxels : keep at most this many voxels per subject (select_voxels); None keeps all.
-    h_method, h_const : pooled only; h = h_const ('const') or the mean voxel count ('avg').
-    skip_small : print a line and return None for an ROI with fewer than ``min_voxels``
-        voxels (in every subject) instead of raising.
-    min_voxels : the authors' threshold (utils.MIN_VOXELS), applied before ``max_voxels``.
-    config : the script's options whole (options.run_config), saved in the meta.
-    Other parameters as for train_model.
+    opts : the script's parsed options. Every method reads ROOT, HEMISPHERE, EPOCHS, LR,
+        BATCH_SIZE, WEIGHTS, DEVICE, SEED (initialisation and batch order), IMAGE_SIZE,
+        MAX_VOXELS (keep at most this many voxels per subject, select_voxels; None keeps
+        all), MIN_VOXELS (the authors' threshold, applied before MAX_VOXELS) and OVERWRITE
+        (discard an existing checkpoint or unfinished run). CL and regression read SUBJ;
+        pooled reads SUBJECTS (the candidate subjects, empty for all under ROOT; those
+        where the ROI has fewer than MIN_VOXELS voxels are left out, the rest run in
+        sorted order), H_METHOD and H_CONST (h = H_CONST for const, the mean voxel count
+        for avg). CL and pooled read TEMPERATURE.
+    roi, kind, skip_small : as for plan_roi.
 
     Returns
     -------
     path : the checkpoint written, or None when skipped (ROI too small, or the checkpoint
-        exists with the same settings and ``overwrite`` is False; other settings are an error).
+        exists with the same settings and OVERWRITE is False; other settings are an error).
     """
-    device = utils.resolve_device(device)
-    plan = plan_roi(kind, root, roi, hemisphere, subjects, epochs, lr, batch_size, temperature, weights, seed,
-                    image_size, max_voxels, h_method, h_const, skip_small, min_voxels, config)
+    device = utils.resolve_device(opts.DEVICE)
+    plan = plan_roi(opts, roi, kind, skip_small)
     if plan is None:
         return None
-    roi = plan.meta["roi"]
-    if plan.path.exists() and not overwrite:
-        safe_io.check_same_settings(plan.path, read_meta(plan.path), training_settings(plan.meta),
+    path, model_config, meta = plan
+    if path.exists() and not opts.OVERWRITE:
+        safe_io.check_same_settings(path, read_meta(path), training_settings(meta),
                                   "use --overwrite to re-train it, or another --root")
-        tqdm.write(f"skip {roi}: {plan.path} exists (use --overwrite to re-train)")
+        tqdm.write(f"skip {meta['roi']}: {path} exists (use --overwrite to re-train)")
         return None
-    safe_io.check_writable(plan.path.parent, utils.cache_dir(root))
-    model = plan.config.build()
-    datasets = [utils.SubjectData(root, s, plan.meta["hemisphere"], v, image_size) for s, v in plan.voxels.items()]
-    train_model(model, datasets, plan.path, plan.meta, epochs, lr, batch_size, temperature, device, seed, overwrite)
-    tqdm.write(f"saved {plan.path}")
-    return plan.path
+    safe_io.check_writable(path.parent, utils.cache_dir(opts.ROOT))
+    datasets = [utils.SubjectData(opts.ROOT, s, meta["hemisphere"], v, meta["image_size"])
+                for s, v in checkpoint_voxels(meta).items()]
+    train_model(model_config.build(), datasets, path, meta, meta["epochs"], meta["lr"], meta["batch_size"],
+                meta.get("temperature"), device, meta["seed"], opts.OVERWRITE)
+    tqdm.write(f"saved {path}")
+    return path
