@@ -40,7 +40,7 @@ RANGES = {"SUBJ": utils.SUBJECT, "BATCH_SIZE": options.at_least(2), "EPOCHS": op
 
 def train(opts, roi, skip_small=False):
     """Train the CL model of ``roi`` with the options ``opts``; returns its path, or None if skipped."""
-    return models.train_roi(opts, roi, "cl", skip_small)
+    return models.train_roi(opts, roi, "cl-tuned", skip_small)
 
 
 @options.cli

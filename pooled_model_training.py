@@ -44,7 +44,7 @@ RANGES = {"SUBJECTS": utils.SUBJECT, "H_CONST": options.at_least(1), "BATCH_SIZE
 
 def train(opts, roi, skip_small=False):
     """Train the pooled model of ``roi`` with the options ``opts``; returns its path, or None if skipped."""
-    return models.train_roi(opts, roi, "pooled", skip_small)
+    return models.train_roi(opts, roi, f"pooled-{opts.H_METHOD}", skip_small)
 
 
 @options.cli

@@ -39,7 +39,7 @@ RANGES = {"SUBJ": utils.SUBJECT, "BATCH_SIZE": options.at_least(2), "EPOCHS": op
 
 def train(opts, roi, skip_small=False):
     """Train the regression model of ``roi`` with the options ``opts``; returns its path, or None if skipped."""
-    return models.train_roi(opts, roi, "reg", skip_small)
+    return models.train_roi(opts, roi, "reg-tuned", skip_small)
 
 
 @options.cli

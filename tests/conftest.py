@@ -96,8 +96,8 @@ def save_untrained_checkpoint(root, method, subj, hemisphere, roi, epochs=1, see
         argv += ["--h-method", method.split("-")[1], "--subjects", *map(str, subjects or [subj])]
     else:
         argv += ["--subj", str(subj)]
-    plan = models.plan_roi(options.parse_options(script, argv), roi, utils.METHOD_KIND[method])
-    model = plan.config.build()
+    plan = models.plan_roi(options.parse_options(script, argv), roi, method)
+    model = models.build_model(plan.meta)
     models.save_checkpoint(model, plan.meta, path or plan.path)
     return model, plan.meta
 

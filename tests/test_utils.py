@@ -292,8 +292,8 @@ def opts_reads(function):
 
 
 # The options that models.train_roi reads only for the other methods: those a single-ROI script leaves out.
-OTHER_METHODS_OPTIONS = {"cl_model_training": {"SUBJECTS", "H_METHOD", "H_CONST"},
-                         "reg_model_training": {"SUBJECTS", "H_METHOD", "H_CONST", "TEMPERATURE"},
+OTHER_METHODS_OPTIONS = {"cl_model_training": {"SUBJECTS", "H_CONST"},
+                         "reg_model_training": {"SUBJECTS", "H_CONST", "TEMPERATURE"},
                          "pooled_model_training": {"SUBJ"}}
 
 
