@@ -40,12 +40,7 @@ RANGES = {"SUBJ": utils.SUBJECT, "BATCH_SIZE": options.at_least(2), "EPOCHS": op
 
 def train(opts, roi, skip_small=False):
     """Train the CL model of ``roi`` with the options ``opts``; returns its path, or None if skipped."""
-    return models.train_roi(
-        "cl", opts.ROOT, roi, opts.HEMISPHERE, [opts.SUBJ], epochs=opts.EPOCHS, lr=opts.LR,
-        batch_size=opts.BATCH_SIZE, temperature=opts.TEMPERATURE, weights=opts.WEIGHTS, device=opts.DEVICE,
-        seed=opts.SEED, image_size=opts.IMAGE_SIZE, max_voxels=opts.MAX_VOXELS, min_voxels=opts.MIN_VOXELS,
-        overwrite=opts.OVERWRITE, skip_small=skip_small,
-        config=options.run_config(opts))
+    return models.train_roi(opts, roi, "cl-tuned", skip_small)
 
 
 @options.cli

@@ -1,7 +1,7 @@
 """Contrastive loss, the CL, pooled CL and regression models, the training loop, checkpoints.
 
-The three kinds of tuned model share one AlexNet trunk (all weights trainable, 1000-d
-output) and one training loop, ``train_model``: Adam, bf16 autocast and channels_last on
+The three tuned models share one AlexNet trunk (all weights trainable, 1000-d output)
+and one training loop, ``train_model``: Adam, bf16 autocast and channels_last on
 CUDA, images read from the uint8 cache, per-epoch train and held-out losses written to a
 log next to the checkpoint, and a resumable state saved after every epoch so that a
 crashed run continues from its last finished epoch and ends with the same weights.
@@ -13,9 +13,8 @@ import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import ClassVar, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+import options
 import safe_io
 import utils
 
@@ -167,90 +167,35 @@ class RegressionModel(nn.Module):
         return F.mse_loss(self(x).float(), y.float())
 
 
-# --- Model configs: what builds each kind (the checkpoint's model arguments) ---------------
+# --- The model a checkpoint's meta describes --------------------------------------------
 
-@dataclass(frozen=True)
-class _InitConfig:
-    """The initialisation shared by every kind: AlexNet ``weights`` and the ``seed`` of every random layer."""
-    weights: str = field(default="none", kw_only=True)
-    seed: int = field(default=0, kw_only=True)
+def build_model(meta):
+    """The untrained model that a checkpoint's meta describes, with its initial weights.
 
-    def _weights(self, weights):
-        return self.weights if weights is None else weights
-
-
-@dataclass(frozen=True)
-class CLConfig(_InitConfig):
-    """A CLModel's sizes and initialisation; ``build(weights=None)`` makes the model (default: the
-    recorded weights) with the recorded seed."""
-    kind: ClassVar[str] = "cl"
-    n_voxels: int
-    h: int
-    z: int
-
-    @classmethod
-    def for_voxels(cls, voxel_counts, weights="none", seed=0, h=None):
-        """The config of a model of one subject's ``voxel_counts`` ({subject: n}); h = int(0.8 n), z = int(0.2 n)."""
-        (n,) = voxel_counts.values()
-        return cls(int(n), *default_dims(n), weights=str(weights), seed=int(seed))
-
-    def build(self, weights=None):
-        return CLModel(self.n_voxels, self.h, self.z, weights=self._weights(weights), seed=self.seed)
-
-
-@dataclass(frozen=True)
-class PooledConfig(_InitConfig):
-    """A PooledCLModel's sizes (voxel_counts: {'subject': n}) and initialisation."""
-    kind: ClassVar[str] = "pooled"
-    voxel_counts: dict
-    h: int
-    z: int
-
-    @classmethod
-    def for_voxels(cls, voxel_counts, weights="none", seed=0, h=None):
-        """The config of a model over ``voxel_counts`` ({subject: n}) with hidden size ``h``; z = int(0.25 h)."""
-        return cls({str(s): int(n) for s, n in voxel_counts.items()}, int(h), max(1, int(0.25 * h)),
-                   weights=str(weights), seed=int(seed))
-
-    def build(self, weights=None):
-        return PooledCLModel({int(s): n for s, n in self.voxel_counts.items()}, self.h, self.z,
-                             weights=self._weights(weights), seed=self.seed)
-
-
-@dataclass(frozen=True)
-class RegConfig(_InitConfig):
-    """A RegressionModel's size and initialisation."""
-    kind: ClassVar[str] = "reg"
-    n_voxels: int
-
-    @classmethod
-    def for_voxels(cls, voxel_counts, weights="none", seed=0, h=None):
-        (n,) = voxel_counts.values()
-        return cls(int(n), weights=str(weights), seed=int(seed))
-
-    def build(self, weights=None):
-        return RegressionModel(self.n_voxels, weights=self._weights(weights), seed=self.seed)
-
-
-MODEL_CONFIGS = {c.kind: c for c in (CLConfig, PooledConfig, RegConfig)}
-KINDS = tuple(MODEL_CONFIGS)
-
-
-def from_meta(meta):
-    """The model config recorded in a checkpoint's meta.
+    meta['method'] picks the model: 'cl-tuned' a CLModel (sizes n_voxels, h, z),
+    'reg-tuned' a RegressionModel (n_voxels), 'pooled-avg' and 'pooled-const' a
+    PooledCLModel (voxel_counts {'subject': n}, h, z). Its AlexNet starts from
+    meta['weights'] (default 'none') and every random layer from meta['seed'] (default 0),
+    so the same meta always gives the same initial weights.
 
     Raises
     ------
-    ValueError : unknown kind, or a size missing.
+    ValueError : unknown method, or a size missing.
     """
-    config = MODEL_CONFIGS.get(meta.get("kind"))
-    if config is None:
-        raise ValueError(f"unknown model kind {meta.get('kind')!r}: expected one of {KINDS}")
-    names = [f.name for f in fields(config)]
-    missing = [n for n in names if n not in meta and n not in ("weights", "seed")]
+    method = meta.get("method")
+    sizes = {"cl-tuned": ("n_voxels", "h", "z"), "reg-tuned": ("n_voxels",),
+             "pooled-avg": ("voxel_counts", "h", "z"), "pooled-const": ("voxel_counts", "h", "z")}.get(method)
+    if sizes is None:
+        raise ValueError(f"unknown method {method!r}: expected one of cl-tuned, reg-tuned, pooled-avg, pooled-const")
+    missing = [k for k in sizes if k not in meta]
     if missing:
-        raise ValueError(f"a {config.kind} checkpoint's meta needs {', '.join(missing)}")
-    return config(**{n: meta[n] for n in names if n in meta})
+        raise ValueError(f"a {method} checkpoint's meta needs {', '.join(missing)}")
+    weights, seed = meta.get("weights", "none"), meta.get("seed", 0)
+    if method == "cl-tuned":
+        return CLModel(meta["n_voxels"], meta["h"], meta["z"], weights, seed)
+    if method == "reg-tuned":
+        return RegressionModel(meta["n_voxels"], weights, seed)
+    return PooledCLModel({int(s): n for s, n in meta["voxel_counts"].items()}, meta["h"], meta["z"], weights, seed)
 
 
 # --- Checkpoints -----------------------------------------------------------------------
@@ -285,7 +230,7 @@ def load_checkpoint(path, device="cpu"):
     Returns
     -------
     Checkpoint of
-    model : CLModel, PooledCLModel or RegressionModel (from meta['kind']) on ``device``, eval mode.
+    model : CLModel, PooledCLModel or RegressionModel (from meta['method']) on ``device``, eval mode.
     meta : dict.
     """
     path = Path(path)
@@ -298,7 +243,7 @@ def load_checkpoint(path, device="cpu"):
     meta = ckpt["meta"]
     try:
         # The state dict replaces every weight, so no initial weights are loaded.
-        model = from_meta(meta).build(weights="none")
+        model = build_model(dict(meta, weights="none"))
     except ValueError as e:
         raise safe_io.UserError(f"{path} is not a checkpoint of this project ({e}): delete it and re-train") from None
     try:
@@ -333,25 +278,23 @@ def checkpoint_voxels(meta):
 def check_checkpoint(meta, path, root, method, subj, hemisphere, roi, image_size=None, voxels=True):
     """Raise a UserError unless a checkpoint's meta is that of the model the run asks for.
 
-    Checked in order: kind (from ``method``), subject (not for pooled models; ``subj`` is
-    the subject the model was tuned on), hemisphere, ROI, pooled h method, image size
-    (when given) and, with ``voxels``, the voxel indices that the masks under ``root``
+    Checked in order: method (a pooled method's h method included), subject (not for
+    pooled models; ``subj`` is the subject the model was tuned on), hemisphere, ROI, image
+    size (when given) and, with ``voxels``, the voxel indices that the masks under ``root``
     give for the recorded subjects, MAX_VOXELS and seed.
     """
-    kind = utils.METHOD_KIND[method]
-    requested = {"kind": kind}
-    if kind != "pooled":
+    requested = {"method": method}
+    if not method.startswith("pooled"):
         requested["subject"] = int(subj)
     requested.update(hemisphere=utils.hemi_code(hemisphere), roi=roi)
-    if kind == "pooled":
-        requested["h_method"] = method.split("-")[1]
     if image_size is not None:
         requested["image_size"] = int(image_size)
     fix = "train the model for this request (see README), or change the options to match it"
     safe_io.check_same_settings(f"checkpoint {path}", meta, requested, fix)
     if voxels:
         if "voxels" not in meta:
-            safe_io.check_same_settings(f"checkpoint {path}", meta, {"voxels": "the ROI's voxel indices"}, fix)
+            raise safe_io.UserError(f"checkpoint {path} records no voxel indices, so it cannot be checked against "
+                                    "the masks under --root: re-train it with --overwrite")
         stored = checkpoint_voxels(meta)
         expected = {s: select_voxels(utils.roi_voxel_indices(root, s, hemisphere, roi), meta.get("max_voxels"),
                                      meta.get("seed", 0)) for s in stored}
@@ -597,7 +540,7 @@ def train_model(model, datasets, checkpoint, meta, epochs, lr, batch_size, tempe
     meta : dict of plain Python values describing the run (saved in the checkpoint, and
         compared with the partial state before resuming).
     epochs, lr, batch_size : Adam's schedule.
-    temperature : InfoNCE temperature (CL and pooled).
+    temperature : InfoNCE temperature (CL and pooled; a regression model ignores it).
     device : torch.device or str.
     seed : seeds the batch order and dropout.
     overwrite : discard an existing partial state instead of resuming it.
@@ -661,14 +604,6 @@ def select_voxels(indices, max_voxels=None, seed=0):
     return np.sort(np.random.default_rng(seed).choice(indices, int(max_voxels), replace=False))
 
 
-def model_path(kind, root, subjects, hemisphere, roi, epochs, h_method=None):
-    """Where train_roi writes a model of ``kind`` (pooled models are not per subject)."""
-    if kind == "pooled":
-        return utils.pooled_model_path(root, hemisphere, roi, epochs, h_method)
-    method = {"cl": "cl-tuned", "reg": "reg-tuned"}[kind]
-    return utils.method_checkpoint_path(root, method, subjects[0], hemisphere, roi, epochs)
-
-
 # Meta entries that describe the run but not the model: two runs that differ only there
 # make the same checkpoint (the options whole, the loss log, and MAX_VOXELS, whose effect
 # is the recorded voxels).
@@ -680,58 +615,38 @@ def training_settings(meta):
     return {k: v for k, v in meta.items() if k not in NOT_SETTINGS}
 
 
-def roi_meta(model_config, roi, hemisphere, voxels, epochs, lr, batch_size, temperature=0.3, image_size=224,
-             max_voxels=None, h_method=None, config=None):
-    """The meta of a checkpoint of one ROI, as train_roi saves it.
+class RoiPlan(NamedTuple):
+    """What train_roi is about to train: the checkpoint's path and the meta to save with it."""
+    path: Path
+    meta: dict
+
+
+def plan_roi(opts, roi, method, skip_small=False):
+    """The checkpoint path and meta of the model of ``method`` for one ROI, as train_roi saves it.
 
     Parameters
     ----------
-    model_config : CLConfig, PooledConfig or RegConfig; its fields are the model arguments.
-    voxels : {subject: voxel indices} the model is trained on (one subject unless pooled).
-    epochs, lr, batch_size, temperature, image_size, max_voxels : the training settings
-        (temperature is not recorded for a regression model, h_method only for a pooled one).
-    config : the run's options whole (options.run_config), or None.
+    opts : the options of the method's training script (the ones train_roi lists).
+    roi : ROI name.
+    method : 'cl-tuned', 'reg-tuned', 'pooled-avg' or 'pooled-const'.
+    skip_small : print a line and return None for an ROI with fewer than MIN_VOXELS voxels
+        (in every subject) instead of raising.
 
     Returns
     -------
-    meta : dict of plain Python values: kind, subject (or subjects), hemisphere, roi, the
-        training settings, the model arguments, voxels, code_version and config.
+    RoiPlan of the two below, or None when ``skip_small`` skips the ROI.
+    path : utils.method_checkpoint_path of the method.
+    meta : dict of plain Python values: method, subject (pooled: subjects), hemisphere, roi,
+        image_size, epochs, lr, batch_size, temperature (not for reg-tuned), max_voxels,
+        weights, seed, the model's sizes (see build_model), voxels (pooled: per subject,
+        keyed by the subject number as a string), code_version and config (the options
+        whole, options.run_config).
     """
-    kind = model_config.kind
-    meta = {"kind": kind}
-    if kind == "pooled":
-        meta.update(subjects=[int(s) for s in voxels], h_method=h_method)
-    else:
-        (meta["subject"],) = (int(s) for s in voxels)
-    meta.update(hemisphere=utils.hemi_code(hemisphere), roi=roi, image_size=int(image_size), epochs=int(epochs),
-                lr=float(lr), batch_size=int(batch_size))
-    if kind != "reg":
-        meta["temperature"] = float(temperature)
-    meta.update(max_voxels=max_voxels, **asdict(model_config))
-    meta["voxels"] = ({str(s): np.asarray(v).tolist() for s, v in voxels.items()} if kind == "pooled"
-                      else np.asarray(next(iter(voxels.values()))).tolist())
-    meta.update(code_version=utils.CODE_VERSION, config=config)
-    return meta
-
-
-class RoiPlan(NamedTuple):
-    """What train_roi is about to train: the checkpoint path, the model config, the meta to save and
-    the voxels per subject."""
-    path: Path
-    config: object
-    meta: dict
-    voxels: dict
-
-
-def plan_roi(kind, root, roi, hemisphere, subjects, epochs, lr, batch_size, temperature=0.3, weights="imagenet",
-             seed=0, image_size=224, max_voxels=None, h_method="const", h_const=utils.H_CONST, skip_small=False,
-             min_voxels=utils.MIN_VOXELS, config=None):
-    """The RoiPlan of one model of ``kind`` for one ROI (parameters as ``train_roi``), or None when
-    ``skip_small`` skips the ROI."""
-    roi, hemi = utils.check_roi(roi), utils.hemi_code(hemisphere)
-    subjects = sorted(int(s) for s in subjects)
-    indices = {s: utils.roi_voxel_indices(root, s, hemi, roi) for s in subjects}
-    voxels = {s: select_voxels(v, max_voxels, seed) for s, v in indices.items() if len(v) >= min_voxels}
+    pooled = method.startswith("pooled")
+    roi, hemi, min_voxels = utils.check_roi(roi), utils.hemi_code(opts.HEMISPHERE), opts.MIN_VOXELS
+    subjects = sorted(int(s) for s in opts.SUBJECTS or utils.find_subjects(opts.ROOT)) if pooled else [int(opts.SUBJ)]
+    indices = {s: utils.roi_voxel_indices(opts.ROOT, s, hemi, roi) for s in subjects}
+    voxels = {s: select_voxels(v, opts.MAX_VOXELS, opts.SEED) for s, v in indices.items() if len(v) >= min_voxels}
     if not voxels:
         where = ", ".join(utils.subj_dir(s) for s in subjects)
         counts = ", ".join(str(len(v)) for v in indices.values())
@@ -747,55 +662,69 @@ def plan_roi(kind, root, roi, hemisphere, subjects, epochs, lr, batch_size, temp
         raise safe_io.UserError(f"ROI {roi} has {counts} voxels in {hemi} of {where}, fewer than MIN_VOXELS={min_voxels}: "
                               "choose a larger ROI (the authors skip ROIs under 20 voxels) or lower --min-voxels")
     for s, v in indices.items():
-        if 0 < len(v) < min_voxels and kind == "pooled":
+        if pooled and 0 < len(v) < min_voxels:
             tqdm.write(f"{roi}: {utils.subj_dir(s)} left out "
                        f"({len(v)} voxels in {hemi}, fewer than MIN_VOXELS={min_voxels})")
+    meta = {"method": method}
+    if pooled:
+        meta["subjects"] = list(voxels)
+    else:
+        meta["subject"] = subjects[0]
+    meta.update(hemisphere=hemi, roi=roi, image_size=int(opts.IMAGE_SIZE), epochs=int(opts.EPOCHS), lr=float(opts.LR),
+                batch_size=int(opts.BATCH_SIZE))
+    if method != "reg-tuned":
+        meta["temperature"] = float(opts.TEMPERATURE)
+    meta.update(max_voxels=opts.MAX_VOXELS, weights=str(opts.WEIGHTS), seed=int(opts.SEED))
     counts = {s: len(v) for s, v in voxels.items()}
-    h = h_const if h_method == "const" else int(np.mean(list(counts.values())))
-    model_config = MODEL_CONFIGS[kind].for_voxels(counts, weights, seed, h)
-    meta = roi_meta(model_config, roi, hemi, voxels, epochs, lr, batch_size, temperature, image_size, max_voxels,
-                    h_method, config)
-    return RoiPlan(model_path(kind, root, subjects, hemi, roi, epochs, h_method), model_config, meta, voxels)
+    if pooled:
+        h = opts.H_CONST if method == "pooled-const" else int(np.mean(list(counts.values())))
+        meta.update(voxel_counts={str(s): n for s, n in counts.items()}, h=int(h), z=max(1, int(0.25 * h)),
+                    voxels={str(s): v.tolist() for s, v in voxels.items()})
+    else:
+        (n,) = counts.values()
+        meta["n_voxels"] = n
+        if method == "cl-tuned":
+            meta["h"], meta["z"] = default_dims(n)
+        meta["voxels"] = voxels[subjects[0]].tolist()
+    meta.update(code_version=utils.CODE_VERSION, config=options.run_config(opts))
+    return RoiPlan(utils.method_checkpoint_path(opts.ROOT, method, subjects[0], hemi, roi, opts.EPOCHS), meta)
 
 
-def train_roi(kind, root, roi, hemisphere, subjects, epochs, lr, batch_size, temperature=0.3,
-              weights="imagenet", device="auto", seed=0, image_size=224, max_voxels=None,
-              h_method="const", h_const=utils.H_CONST, overwrite=False, skip_small=False, min_voxels=utils.MIN_VOXELS,
-              config=None):
-    """Train and save one model of ``kind`` ('cl', 'reg' or 'pooled') for one ROI.
+def train_roi(opts, roi, method, skip_small=False):
+    """Train and save the model of ``method`` for one ROI with the options of its training script.
 
     Parameters
     ----------
-    subjects : list of int. CL and regression: one subject. Pooled: the candidate
-        subjects; those where the ROI has fewer than ``min_voxels`` voxels are left out,
-        the rest run in sorted order.
-    max_voxels : keep at most this many voxels per subject (select_voxels); None keeps all.
-    h_method, h_const : pooled only; h = h_const ('const') or the mean voxel count ('avg').
-    skip_small : print a line and return None for an ROI with fewer than ``min_voxels``
-        voxels (in every subject) instead of raising.
-    min_voxels : the authors' threshold (utils.MIN_VOXELS), applied before ``max_voxels``.
-    config : the script's options whole (options.run_config), saved in the meta.
-    Other parameters as for train_model.
+    opts : the script's parsed options. Every method reads ROOT, HEMISPHERE, EPOCHS, LR,
+        BATCH_SIZE, WEIGHTS, DEVICE, SEED (initialisation and batch order), IMAGE_SIZE,
+        MAX_VOXELS (keep at most this many voxels per subject, select_voxels; None keeps
+        all), MIN_VOXELS (the authors' threshold, applied before MAX_VOXELS) and OVERWRITE
+        (discard an existing checkpoint or unfinished run). CL and regression read SUBJ;
+        the pooled methods read SUBJECTS (the candidate subjects, empty for all under
+        ROOT; those where the ROI has fewer than MIN_VOXELS voxels are left out, the rest
+        run in sorted order) and, for pooled-const, H_CONST (h; pooled-avg: the mean voxel
+        count). CL and pooled read TEMPERATURE.
+    roi, method, skip_small : as for plan_roi.
 
     Returns
     -------
     path : the checkpoint written, or None when skipped (ROI too small, or the checkpoint
-        exists with the same settings and ``overwrite`` is False; other settings are an error).
+        exists with the same settings and OVERWRITE is False; other settings are an error).
     """
-    device = utils.resolve_device(device)
-    plan = plan_roi(kind, root, roi, hemisphere, subjects, epochs, lr, batch_size, temperature, weights, seed,
-                    image_size, max_voxels, h_method, h_const, skip_small, min_voxels, config)
+    device = utils.resolve_device(opts.DEVICE)
+    plan = plan_roi(opts, roi, method, skip_small)
     if plan is None:
         return None
-    roi = plan.meta["roi"]
-    if plan.path.exists() and not overwrite:
-        safe_io.check_same_settings(plan.path, read_meta(plan.path), training_settings(plan.meta),
+    path, meta = plan
+    if path.exists() and not opts.OVERWRITE:
+        safe_io.check_same_settings(path, read_meta(path), training_settings(meta),
                                   "use --overwrite to re-train it, or another --root")
-        tqdm.write(f"skip {roi}: {plan.path} exists (use --overwrite to re-train)")
+        tqdm.write(f"skip {meta['roi']}: {path} exists (use --overwrite to re-train)")
         return None
-    safe_io.check_writable(plan.path.parent, utils.cache_dir(root))
-    model = plan.config.build()
-    datasets = [utils.SubjectData(root, s, plan.meta["hemisphere"], v, image_size) for s, v in plan.voxels.items()]
-    train_model(model, datasets, plan.path, plan.meta, epochs, lr, batch_size, temperature, device, seed, overwrite)
-    tqdm.write(f"saved {plan.path}")
-    return plan.path
+    safe_io.check_writable(path.parent, utils.cache_dir(opts.ROOT))
+    datasets = [utils.SubjectData(opts.ROOT, s, meta["hemisphere"], v, meta["image_size"])
+                for s, v in checkpoint_voxels(meta).items()]
+    train_model(build_model(meta), datasets, path, meta, meta["epochs"], meta["lr"], meta["batch_size"],
+                meta.get("temperature"), device, meta["seed"], opts.OVERWRITE)
+    tqdm.write(f"saved {path}")
+    return path

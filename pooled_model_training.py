@@ -44,12 +44,7 @@ RANGES = {"SUBJECTS": utils.SUBJECT, "H_CONST": options.at_least(1), "BATCH_SIZE
 
 def train(opts, roi, skip_small=False):
     """Train the pooled model of ``roi`` with the options ``opts``; returns its path, or None if skipped."""
-    return models.train_roi(
-        "pooled", opts.ROOT, roi, opts.HEMISPHERE, opts.SUBJECTS or utils.find_subjects(opts.ROOT), epochs=opts.EPOCHS, lr=opts.LR,
-        batch_size=opts.BATCH_SIZE, temperature=opts.TEMPERATURE, weights=opts.WEIGHTS, device=opts.DEVICE,
-        seed=opts.SEED, image_size=opts.IMAGE_SIZE, max_voxels=opts.MAX_VOXELS, min_voxels=opts.MIN_VOXELS,
-        h_method=opts.H_METHOD, h_const=opts.H_CONST, overwrite=opts.OVERWRITE, skip_small=skip_small,
-        config=options.run_config(opts))
+    return models.train_roi(opts, roi, f"pooled-{opts.H_METHOD}", skip_small)
 
 
 @options.cli

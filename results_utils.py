@@ -667,11 +667,11 @@ def mi_task(root, method, subj, hemisphere, rois, epochs, device="cpu", batch_si
         if roi in summary["rois"] and not overwrite:
             continue
         model, meta = models.load_tuned(root, method, subj, hemisphere, roi, epochs, device)
-        reference = models.from_meta(meta).build()
+        reference = models.build_model(meta)
         trained_on = models.checkpoint_voxels(meta)
         result = {}
         for s, voxels in trained_on.items():
-            if meta["kind"] == "pooled" and utils.roi_voxel_count(root, s, hemisphere, roi) < min_voxels:
+            if meta["method"].startswith("pooled") and utils.roi_voxel_count(root, s, hemisphere, roi) < min_voxels:
                 continue
             data = utils.SubjectData(root, s, hemisphere, voxels, meta["image_size"])
             try:

@@ -645,8 +645,6 @@ H_CONST = 5741
 # Epochs of each tuned method (the authors'): the training scripts' default and the number
 # in checkpoint names that the encoding and results scripts read by default.
 DEFAULT_EPOCHS = {"cl-tuned": 30, "reg-tuned": 75, "pooled-avg": 30, "pooled-const": 30}
-# The tuned-model kind behind each method's checkpoints.
-METHOD_KIND = {"cl-tuned": "cl", "reg-tuned": "reg", "pooled-avg": "pooled", "pooled-const": "pooled"}
 
 
 # The option that gives the epochs in each tuned method's checkpoint names.

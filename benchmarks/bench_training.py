@@ -147,7 +147,7 @@ def main(argv=None):
     steps_per_epoch = sum(1 for start in range(0, n_train, opts.BATCH_SIZE) if n_train - start >= 2)
     with tempfile.TemporaryDirectory() as tmp:
         model = models.CLModel(len(voxels), weights="none", seed=0)
-        _, meta = models.train_model(model, [data], Path(tmp) / "bench.pt", {"kind": "cl"}, opts.EPOCHS, 1e-4,
+        _, meta = models.train_model(model, [data], Path(tmp) / "bench.pt", {"method": "cl-tuned"}, opts.EPOCHS, 1e-4,
                                      opts.BATCH_SIZE, device=device)
     epoch_s = float(np.mean([row["seconds"] for row in meta["history"]]))
     results["epoch_s"] = epoch_s

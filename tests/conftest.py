@@ -75,19 +75,30 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def save_untrained_checkpoint(root, method, subj, hemisphere, roi, epochs=1, seed=0, image_size=64, subjects=None):
-    """A seeded untrained checkpoint of a tuned method, with the meta the training scripts write (models.plan_roi).
+def save_untrained_checkpoint(root, method, subj, hemisphere, roi, epochs=1, seed=0, image_size=64, subjects=None,
+                              path=None):
+    """A seeded untrained checkpoint of a tuned method, with the meta its training script writes: models.plan_roi
+    on the script's options (lr 1e-4, batch size 64, weights none, MIN_VOXELS 1).
 
-    ``subjects``: the candidate subjects of a pooled method. Returns (model, meta).
+    ``subjects``: the candidate subjects of a pooled method. ``path``: save it there instead
+    of the training script's path. Returns (model, meta).
     """
+    import importlib
+
     import models
+    import options
     import utils
-    kind = utils.METHOD_KIND[method]
-    h_method = method.split("-")[1] if kind == "pooled" else "const"
-    plan = models.plan_roi(kind, root, roi, hemisphere, subjects or [subj], epochs, lr=1e-4, batch_size=64,
-                           weights="none", seed=seed, image_size=image_size, h_method=h_method, min_voxels=1)
-    model = plan.config.build()
-    models.save_checkpoint(model, plan.meta, plan.path)
+    script = importlib.import_module(utils.METHOD_SCRIPTS[method].split(".py")[0])
+    argv = ["--root", str(root), "--hemisphere", hemisphere, "--roi", roi, "--epochs", str(epochs), "--lr", "1e-4",
+            "--batch-size", "64", "--weights", "none", "--seed", str(seed), "--image-size", str(image_size),
+            "--min-voxels", "1"]
+    if method.startswith("pooled"):
+        argv += ["--h-method", method.split("-")[1], "--subjects", *map(str, subjects or [subj])]
+    else:
+        argv += ["--subj", str(subj)]
+    plan = models.plan_roi(options.parse_options(script, argv), roi, method)
+    model = models.build_model(plan.meta)
+    models.save_checkpoint(model, plan.meta, path or plan.path)
     return model, plan.meta
 
 

@@ -121,12 +121,12 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_epoch(tmp_path, monke
     assert [row["epoch"] for row in json.loads(models.log_path(path).read_text())] == [1]
 
 
-@pytest.mark.parametrize("kind, lr, temperature, cause", [
-    ("cl", 1e-4, 0.0, "temperature 0 too low"),
-    ("reg", 1e12, 0.3, "learning rate 1e+12 is too high; no checkpoint"),
+@pytest.mark.parametrize("method, lr, temperature, cause", [
+    ("cl-tuned", 1e-4, 0.0, "temperature 0 too low"),
+    ("reg-tuned", 1e12, 0.3, "learning rate 1e+12 is too high; no checkpoint"),
 ])
-def test_a_really_diverging_run_saves_nothing(tmp_path, kind, lr, temperature, cause):
-    model = models.CLModel(30) if kind == "cl" else models.RegressionModel(30)
+def test_a_really_diverging_run_saves_nothing(tmp_path, method, lr, temperature, cause):
+    model = models.CLModel(30) if method == "cl-tuned" else models.RegressionModel(30)
     path = tmp_path / "m.pt"
     with pytest.raises(safe_io.UserError, match="diverged") as exc:
         models.train_model(model, [toy_data()], path, {"name": "toy"}, epochs=3, lr=lr, batch_size=10,
@@ -134,7 +134,7 @@ def test_a_really_diverging_run_saves_nothing(tmp_path, kind, lr, temperature, c
     assert cause in str(exc.value) and "\n" not in str(exc.value)
     assert not path.exists()
     # A loss that is NaN from the first step leaves no state at all.
-    if kind == "cl":
+    if method == "cl-tuned":
         assert "at epoch 1, step 1" in str(exc.value) and "no training state was kept" in str(exc.value)
         assert list(tmp_path.iterdir()) == []
 
@@ -144,7 +144,7 @@ def test_a_diverged_checkpoint_is_refused(tmp_path):
     with torch.no_grad():
         model.head[0].weight[2, 5] = float("nan")
     path = tmp_path / "m.pt"
-    models.save_checkpoint(model, {"kind": "cl", "n_voxels": 30, "h": model.h, "z": model.z}, path)
+    models.save_checkpoint(model, {"method": "cl-tuned", "n_voxels": 30, "h": model.h, "z": model.z}, path)
     with pytest.raises(safe_io.UserError, match=f"{path} holds non-finite weights \\(head.0.weight\\)"):
         models.load_checkpoint(path)
 

@@ -19,7 +19,7 @@ def check_cl_checkpoint(root, subj, roi):
     model, meta = models.load_checkpoint(path)
     voxels = utils.roi_voxel_indices(root, subj, "lh", roi)
     assert isinstance(model, models.CLModel) and model.n_voxels == len(voxels)
-    assert (meta["kind"], meta["subject"], meta["hemisphere"], meta["roi"]) == ("cl", subj, "lh", roi)
+    assert (meta["method"], meta["subject"], meta["hemisphere"], meta["roi"]) == ("cl-tuned", subj, "lh", roi)
     assert (meta["n_voxels"], meta["voxels"], meta["epochs"], meta["image_size"]) == (len(voxels), voxels.tolist(), 1, 64)
     return path
 

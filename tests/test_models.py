@@ -1,7 +1,6 @@
 """models.py on random tensors: the loss, the three models, checkpoints, the training loop."""
 
 import copy
-import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -12,6 +11,7 @@ import torch
 import models
 import safe_io
 import utils
+from conftest import save_untrained_checkpoint
 
 
 def test_info_nce_equals_direct_formula():
@@ -90,12 +90,14 @@ def test_regression_model_shape():
     assert model.readout.in_features == 1000
 
 
-@pytest.mark.parametrize("kind", ["cl", "pooled", "reg"])
-def test_checkpoint_round_trip_restores_identical_outputs(tmp_path, kind):
-    counts = {1: 24, 3: 11} if kind == "pooled" else {1: 24}
-    config = models.MODEL_CONFIGS[kind].for_voxels(counts, "none", 3, h=16)
-    model = config.build()
-    meta = {"kind": kind, **dataclasses.asdict(config)}
+@pytest.mark.parametrize("meta", [
+    {"method": "cl-tuned", "n_voxels": 24, "h": 19, "z": 4},
+    {"method": "pooled-avg", "voxel_counts": {"1": 24, "3": 11}, "h": 16, "z": 4},
+    {"method": "reg-tuned", "n_voxels": 24},
+], ids=lambda meta: meta["method"])
+def test_checkpoint_round_trip_restores_identical_outputs(tmp_path, meta):
+    meta = dict(meta, weights="none", seed=3)
+    model = models.build_model(meta)
     # Move BatchNorm running stats away from their initial values.
     model.train()
     with torch.no_grad():
@@ -105,39 +107,41 @@ def test_checkpoint_round_trip_restores_identical_outputs(tmp_path, kind):
     models.save_checkpoint(model, meta, path)
     loaded, loaded_meta = models.load_checkpoint(path)
     assert type(loaded) is type(model) and loaded_meta == meta and not loaded.training
-    assert models.from_meta(loaded_meta) == config
     x, y = torch.randn(3, 3, 64, 64), torch.randn(3, 24)
     with torch.no_grad():
-        if kind == "reg":
+        if meta["method"] == "reg-tuned":
             assert torch.equal(loaded(x), model(x))
         else:
-            args = (x, y, 1) if kind == "pooled" else (x, y)
+            args = (x, y, 1) if meta["method"] == "pooled-avg" else (x, y)
             for a, b in zip(loaded(*args), model(*args)):
                 assert torch.equal(a, b)
     raw = torch.load(path, weights_only=True)
     assert set(raw) == {"state_dict", "meta"}
 
 
-@pytest.mark.parametrize("kind, counts, sizes", [
-    ("cl", {2: 50}, {"n_voxels": 50, "h": 40, "z": 10}),
-    ("pooled", {1: 30, 2: 10}, {"voxel_counts": {"1": 30, "2": 10}, "h": 20, "z": 5}),
-    ("reg", {2: 50}, {"n_voxels": 50}),
+@pytest.mark.parametrize("method, sizes, direct", [
+    ("cl-tuned", {"n_voxels": 50, "h": 40, "z": 10}, lambda: models.CLModel(50, 40, 10, "none", 7)),
+    ("pooled-avg", {"voxel_counts": {"1": 30, "2": 10}, "h": 20, "z": 5},
+     lambda: models.PooledCLModel({1: 30, 2: 10}, 20, 5, "none", 7)),
+    ("pooled-const", {"voxel_counts": {"2": 10}, "h": 24, "z": 6}, lambda: models.PooledCLModel({2: 10}, 24, 6, "none", 7)),
+    ("reg-tuned", {"n_voxels": 50}, lambda: models.RegressionModel(50, "none", 7)),
 ])
-def test_from_meta_rebuilds_each_kind_with_its_initial_weights(kind, counts, sizes):
-    config = models.MODEL_CONFIGS[kind].for_voxels(counts, "none", 7, h=20)
-    assert {k: v for k, v in dataclasses.asdict(config).items() if k not in ("weights", "seed")} == sizes
-    meta = {"kind": kind, "roi": "V1v", **dataclasses.asdict(config)}
-    a, b = models.from_meta(meta).build(), config.build()
-    assert type(a) is {"cl": models.CLModel, "pooled": models.PooledCLModel, "reg": models.RegressionModel}[kind]
+def test_build_model_rebuilds_each_method_with_its_initial_weights(method, sizes, direct):
+    meta = {"method": method, "roi": "V1v", "weights": "none", "seed": 7, **sizes}
+    a, b = models.build_model(meta), direct()
+    assert type(a) is type(b)
     # The recorded weights and seed: the same initial model, different from another seed's.
+    assert a.state_dict().keys() == b.state_dict().keys()
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), name
-    other = models.from_meta({**meta, "seed": 8}).build()
+    other = models.build_model({**meta, "seed": 8})
     assert not torch.equal(other.alexnet.features[0].weight, a.alexnet.features[0].weight)
-    with pytest.raises(ValueError, match="unknown model kind 'gan'"):
-        models.from_meta({**meta, "kind": "gan"})
-    with pytest.raises(ValueError, match="needs"):
-        models.from_meta({"kind": kind})
+    with pytest.raises(ValueError, match="unknown method 'gan': expected one of cl-tuned, reg-tuned"):
+        models.build_model({**meta, "method": "gan"})
+    with pytest.raises(ValueError, match="unknown method None"):
+        models.build_model(sizes)
+    with pytest.raises(ValueError, match=f"a {method} checkpoint's meta needs {', '.join(sizes)}"):
+        models.build_model({"method": method})
 
 
 def test_load_checkpoint_errors(tmp_path):
@@ -153,23 +157,27 @@ def test_load_checkpoint_errors(tmp_path):
         models.load_checkpoint(other)
 
 
-def test_load_feature_alexnet(tmp_path):
-    untuned, meta = models.load_feature_alexnet(tmp_path, "untuned", 1, "left", "V1v", 30, weights="none", seed=4)
+def test_load_feature_alexnet(root):
+    untuned, meta = models.load_feature_alexnet(root, "untuned", 1, "left", "V1v", 30, weights="none", seed=4)
     assert meta is None and torch.equal(untuned.features[0].weight, utils.load_alexnet("none", 4).features[0].weight)
     with pytest.raises(safe_io.UserError, match=r"subj1_lh_V1v_model_e30\.pt: make it with python cl_model_training"):
-        models.load_feature_alexnet(tmp_path, "cl-tuned", 1, "left", "V1v", 30)
+        models.load_feature_alexnet(root, "cl-tuned", 1, "left", "V1v", 30)
     with pytest.raises(safe_io.UserError, match="pooled_model_training.py --h-method avg"):
-        models.load_feature_alexnet(tmp_path, "pooled-avg", 1, "left", "V1v", 30)
-    config = models.RegConfig.for_voxels({2: 5}, "none", 9)
-    model, path = config.build(), utils.reg_model_path(tmp_path, 2, "rh", "EBA", 3)
-    meta = models.roi_meta(config, "EBA", "rh", {2: np.arange(5)}, 3, 1e-4, 64, image_size=64)
-    models.save_checkpoint(model, meta, path)
-    tuned, meta = models.load_feature_alexnet(tmp_path, "reg-tuned", 2, "right", "EBA", 3, image_size=64, voxels=False)
-    assert meta["kind"] == "reg" and not tuned.training
+        models.load_feature_alexnet(root, "pooled-avg", 1, "left", "V1v", 30)
+    model, _ = save_untrained_checkpoint(root, "reg-tuned", 2, "rh", "EBA", epochs=3, seed=9)
+    path = utils.reg_model_path(root, 2, "rh", "EBA", 3)
+    tuned, meta = models.load_feature_alexnet(root, "reg-tuned", 2, "right", "EBA", 3, image_size=64)
+    assert meta["method"] == "reg-tuned" and not tuned.training
     assert torch.equal(tuned.features[0].weight, model.alexnet.features[0].weight)
     with pytest.raises(safe_io.UserError, match=f"checkpoint {path} was made with image_size=64, but this run asks "
                                               "for image_size=40"):
-        models.load_feature_alexnet(tmp_path, "reg-tuned", 2, "right", "EBA", 3, image_size=40, voxels=False)
+        models.load_feature_alexnet(root, "reg-tuned", 2, "right", "EBA", 3, image_size=40)
+    # A meta without the voxels it was trained on cannot be checked against the masks.
+    no_voxels = {k: v for k, v in meta.items() if k != "voxels"}
+    with pytest.raises(safe_io.UserError, match=f"checkpoint {path} records no voxel indices, so it cannot be "
+                                              "checked against the masks under --root: re-train it with --overwrite"):
+        models.check_checkpoint(no_voxels, path, root, "reg-tuned", 2, "rh", "EBA")
+    models.check_checkpoint(no_voxels, path, root, "reg-tuned", 2, "rh", "EBA", voxels=False)
 
 
 def test_shard_covers_every_roi_exactly_once():
@@ -197,7 +205,7 @@ def _planted_data(n=48, n_voxels=12, size=64, seed=0, subj=1):
 
 
 def _train(tmp_path, model, data, name, **kw):
-    meta = {"kind": "test", "name": name}
+    meta = {"method": "test", "name": name}
     args = dict(epochs=3, lr=1e-3, batch_size=16, seed=0)
     args.update(kw)
     return models.train_model(model, data, tmp_path / f"{name}.pt", meta, **args)
@@ -288,5 +296,5 @@ def test_partial_state_from_other_settings_is_refused(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         _train(tmp_path, models.RegressionModel(12, seed=0), data, "p")
     with pytest.raises(safe_io.UserError, match=r"p.pt.partial was made with name='p', but this run asks for name='q'"):
-        models.train_model(models.RegressionModel(12, seed=0), data, tmp_path / "p.pt", {"kind": "test", "name": "q"},
+        models.train_model(models.RegressionModel(12, seed=0), data, tmp_path / "p.pt", {"method": "test", "name": "q"},
                            epochs=3, lr=1e-3, batch_size=16)

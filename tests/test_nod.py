@@ -13,7 +13,7 @@ import encoding_results
 import nod_utils as nu
 import safe_io
 import utils
-from conftest import run_error
+from conftest import run_error, save_untrained_checkpoint
 
 
 def _write_run(nod, subj, session, run, data, n_left, names=None):
@@ -394,9 +394,8 @@ def test_planted_prf_responses_are_recovered(nod_run):
     assert len(saved) == 2 and (root / "encoding_results" / "nod" / "nod_transfer.pdf").stat().st_size > 0
 
 
-def test_tuned_model_of_an_nsd_subject_extracts_nod_features(nod_run, tmp_path, capsys):
+def test_tuned_model_of_an_nsd_subject_extracts_nod_features(nod_run, synthetic_root, tmp_path, capsys):
     import shutil
-    import models
     import fit_encoding_models_nod as script
     src, _, _, _ = nod_run
     root = tmp_path / "root"
@@ -410,18 +409,15 @@ def test_tuned_model_of_an_nsd_subject_extracts_nod_features(nod_run, tmp_path, 
     assert e.value.code == 2
     expected = utils.cl_model_path(root, 2, "lh", "V1v", 3)
     assert f"no cl-tuned checkpoint at {expected}" in capsys.readouterr().err
-    # The checkpoint's meta as training writes it; ROOT holds no NSD masks, so only the trunk is checked.
-    config = models.CLConfig.for_voxels({2: 20}, "none", 1)
-    model = config.build()
+    # The checkpoint's meta as training writes it (on the NSD masks of the synthetic dataset); ROOT holds no NSD
+    # masks, so only the trunk is checked.
     # A V2v model under the V1v name is refused before the betas are read, and nothing is written.
-    models.save_checkpoint(model, models.roi_meta(config, "V2v", "lh", {2: np.arange(20)}, 3, 1e-4, 64, image_size=64),
-                           expected)
+    save_untrained_checkpoint(synthetic_root, "cl-tuned", 2, "lh", "V2v", epochs=3, seed=1, path=expected)
     before = sorted((p, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file())
     err = run_error(script.main, args, capsys)
     assert f"checkpoint {expected} was made with roi='V2v', but this run asks for roi='V1v'" in err
     assert sorted((p, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()) == before
-    models.save_checkpoint(model, models.roi_meta(config, "V1v", "lh", {2: np.arange(20)}, 3, 1e-4, 64, image_size=64),
-                           expected)
+    save_untrained_checkpoint(synthetic_root, "cl-tuned", 2, "lh", "V1v", epochs=3, seed=1, path=expected)
     table = script.main(args)
     cl = table[table["method"] == "cl-tuned"].iloc[0]
     assert (cl["nsd_roi"], cl["model_subj"], cl["n_voxels"]) == ("V1v", 2, 50)

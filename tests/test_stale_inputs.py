@@ -51,7 +51,7 @@ def test_checkpoint_with_other_settings_is_not_reused(root, capsys, main, argv, 
               pooled_model_training.main: "pooled-avg"}[main]
     save_untrained_checkpoint(root, method, 1, "lh", "V1v", subjects=[1, 2] if method == "pooled-avg" else None)
     err = refused(main, ["--root", str(root), "--roi", "V1v"] + TRAIN + argv, root, capsys)
-    path = models.model_path(utils.METHOD_KIND[method], root, [1], "lh", "V1v", 1, "avg")
+    path = utils.method_checkpoint_path(root, method, 1, "lh", "V1v", 1)
     assert err.startswith(f"error: {path} was made with ") and message in err and "--overwrite" in err
 
 
@@ -68,10 +68,11 @@ def test_checkpoints_record_the_whole_config(root):
     meta = models.read_meta(path)
     assert meta["config"] == options.run_config(options.parse_options(reg_model_training, argv))
     assert meta["config"]["LR"] == 0.001 and meta["config"]["ROOT"] == str(root) and meta["config"]["SUBJ"] == 2
-    # The recorded model config rebuilds the trained architecture.
+    # The recorded method, sizes, weights and seed rebuild the trained architecture.
     model, _ = models.load_checkpoint(path)
     n_voxels = utils.roi_voxel_count(root, 2, "rh", "EBA")
-    assert models.from_meta(meta) == models.RegConfig(n_voxels, weights="none", seed=0)
+    assert (meta["method"], meta["n_voxels"], meta["weights"], meta["seed"]) == ("reg-tuned", n_voxels, "none", 0)
+    assert type(models.build_model(meta)) is models.RegressionModel
     assert model.readout.out_features == meta["n_voxels"] == len(meta["voxels"])
 
 
@@ -127,7 +128,7 @@ def copy_checkpoint(root, method, subj, hemi, roi, to_method, to_hemi, to_roi):
 MISUSED = [
     (("cl-tuned", "lh", "EBA"), "roi='EBA', but this run asks for roi='V1v'"),
     (("cl-tuned", "rh", "V1v"), "hemisphere='rh', but this run asks for hemisphere='lh'"),
-    (("reg-tuned", "lh", "V1v"), "kind='reg', but this run asks for kind='cl'"),
+    (("reg-tuned", "lh", "V1v"), "method='reg-tuned', but this run asks for method='cl-tuned'"),
 ]
 
 

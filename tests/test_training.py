@@ -27,7 +27,7 @@ def test_reg_script_writes_checkpoint_meta_and_log(root):
     voxels = utils.roi_voxel_indices(root, 2, "rh", "EBA")
     assert isinstance(model, models.RegressionModel) and model.n_voxels == len(voxels)
     assert meta["voxels"] == voxels.tolist() and meta["n_voxels"] == len(voxels)
-    assert (meta["kind"], meta["subject"], meta["hemisphere"], meta["roi"], meta["epochs"]) == ("reg", 2, "rh", "EBA", 1)
+    assert (meta["method"], meta["subject"], meta["hemisphere"], meta["roi"], meta["epochs"]) == ("reg-tuned", 2, "rh", "EBA", 1)
     assert (meta["lr"], meta["batch_size"], meta["weights"], meta["image_size"]) == (2.5e-5, 64, "none", 64)
     assert meta["code_version"] == utils.CODE_VERSION
     log = json.loads(models.log_path(path).read_text())
@@ -83,7 +83,7 @@ def test_pooled_script_uses_subjects_with_the_roi_in_order(root):
     assert path == utils.pooled_model_path(root, "lh", "FBA-2", 1, "const")
     model, meta = models.load_checkpoint(path)
     assert meta["subjects"] == [1] and meta["voxel_counts"] == {"1": counts[1]}
-    assert (meta["h"], meta["z"], meta["h_method"]) == (24, 6, "const") and list(model.fmri_maps) == ["Subj1"]
+    assert (meta["h"], meta["z"], meta["method"]) == (24, 6, "pooled-const") and list(model.fmri_maps) == ["Subj1"]
 
 
 def test_pooled_avg_over_two_subjects(root):
