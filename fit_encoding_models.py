@@ -61,6 +61,7 @@ POOLED_EPOCHS = utils.DEFAULT_EPOCHS["pooled-avg"]  # epochs in the pooled check
 BATCH_SIZE = 128  # images per forward pass
 SCRATCH: str | None = None  # folder of the temporary feature spill, ~8 GB per run at full size (None: ROOT/cache); $VARS expand when the run starts, e.g. '$TMPDIR' for a cluster node's local disk
 FEATURE_PRECISION = "fp32"  # feature extraction: fp32 (the authors') or bf16 (autocast on CUDA, faster)
+ENGINE_PRECISION = "fp64"  # PCA eigensolver: fp64 (exact) or mixed (float32 eigh refined in float64; for GPUs with slow float64)
 MIN_VOXELS = utils.MIN_VOXELS  # ROIs with fewer voxels are skipped and recorded as absent (the authors' 20)
 OVERWRITE = False  # recompute ROIs whose results exist
 TRANSFER_MATRIX = False  # only build the model-subject x target-subject matrices from existing results
@@ -68,6 +69,7 @@ TRANSFER_AGGREGATION = "authors"  # transfer matrices: authors (unweighted mean 
 # ---
 CHOICES = {"METHOD": utils.METHODS, "HEMISPHERE": utils.HEMISPHERE_NAMES, "ROIS": utils.ROIS,
            "PROTOCOL": ["per-method", "untuned-layer"], "FEATURE_PRECISION": utils.PRECISIONS,
+           "ENGINE_PRECISION": encoding.ENGINE_PRECISIONS,
            "TRANSFER_AGGREGATION": ["authors", "voxels"]}
 RANGES = {"SUBJ": utils.SUBJECT, "MODEL_SUBJ": utils.SUBJECT, "ALPHAS": utils.ALPHA_GRID,
           "N_COMPONENTS": utils.at_least(1), "N_FOLDS": utils.at_least(2), "IMAGE_SIZE": utils.ALEXNET_INPUT,
@@ -345,7 +347,8 @@ def result_settings(opts, method, epochs):
     """The settings of this run that a result records and that must agree for it to be reused."""
     settings = {"alpha_grid": list(map(float, opts.ALPHAS)), "n_components": opts.N_COMPONENTS,
                 "n_folds": opts.N_FOLDS, "image_size": opts.IMAGE_SIZE, "epochs": epochs,
-                "feature_precision": opts.FEATURE_PRECISION, "code_version": utils.CODE_VERSION}
+                "feature_precision": opts.FEATURE_PRECISION, "engine_precision": opts.ENGINE_PRECISION,
+                "code_version": utils.CODE_VERSION}
     if method == "untuned":
         settings["weights"] = opts.WEIGHTS
         if str(opts.WEIGHTS).lower() == "none":
@@ -429,7 +432,8 @@ def main(argv=None):
                                    timer=timer, precision=opts.FEATURE_PRECISION) as spill:
             del images, alexnet  # the cache's pages and the network are not needed past the forward pass
             results = encoding.encode_rois(spill.layers(device), fmri, columns, train, test, folds, opts.ALPHAS,
-                                           opts.N_COMPONENTS, fixed, device, timer=timer)
+                                           opts.N_COMPONENTS, fixed, device, timer=timer,
+                                           precision=opts.ENGINE_PRECISION)
         for roi, roi_voxels, path in group:
             result = results[roi]
             if result["n_constant"]:
