@@ -45,7 +45,7 @@ SCALE_VOXELS = [100, 1000, 5741]  # voxel counts of the project's scaling runs (
 BATCH_SIZE = 100  # images per forward pass
 THREADS = 1  # torch and BLAS threads of both pipelines (oversubscribed BLAS threads distort timings on a shared CPU)
 PRECISION_IMAGES = 2000  # images of the precision comparison (the first rows of the subject)
-PRECISION_COMPONENTS = [1000, 200]  # PCA components of the precision comparison: the protocol's, and 200, which is to the 1360-row folds of 2000 images what 1000 is to the 6690 of the full size (mixed refines only where 2 x components <= half the fold)
+PRECISION_COMPONENTS = [1000, 200]  # PCA components of the precision comparison: the protocol's, and 200, which is to the 1360-row folds of 2000 images what 1000 is to the 6692 of the full size (mixed refines only where 2 x components <= half the fold)
 PRECISION_LAYERS = list(utils.LAYERS)  # layers of the precision comparison
 PARTS = ["project", "reference", "scale-images", "scale-voxels", "precision"]  # parts that --part all measures
 PART = "all"  # all, or one child run: project, reference, scale-images, scale-voxels, precision
