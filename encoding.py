@@ -18,6 +18,9 @@ Why it is fast and exact:
   then the eigendecomposition of the fold's centred Gram block (kernel PCA with a linear
   kernel), which gives exactly the scores of ordinary PCA. Narrow layers keep their features.
 - Features of all layers come from one forward pass (utils.iter_features).
+- The eigendecompositions dominate at full size. precision='mixed' does them in float32 and
+  refines the top eigenvectors in float64 (top_eigenpairs), for GPUs whose float64 is slow;
+  the Gram matrices, ridge and correlations stay float64. 'fp64', the default, is exact.
 """
 
 import shutil
@@ -36,6 +39,14 @@ ALPHAS = np.logspace(-1, 7, 9)
 N_COMPONENTS = 1000
 # Eigenvalues below this fraction of the largest are numerically zero (rank n_train - 1).
 EIG_TOL = 1e-10
+# The PCA eigensolvers: fp64 (exact) or mixed (float32 eigh refined in float64, for GPUs with slow float64).
+# A float32 eigh leaves eigenvector i with errors of about eps32 * lam_1 / |lam_i - lam_j| along each
+# eigenvector j. Mixed precision keeps the span of the top MIXED_SUBSPACE * k float32 eigenvectors,
+# shrinks the errors from outside it (j > m) by lam_j / lam_i with each of MIXED_ITERATIONS float64
+# subspace iterations, and removes those inside it by a float64 Rayleigh-Ritz step. One Rayleigh-Ritz
+# step on 1.2 k vectors alone moved r by up to 6e-4 on power-law spectra as steep as lam_i ~ i^-1.8.
+MIXED_SUBSPACE = 2
+MIXED_ITERATIONS = 2
 # Feature columns per block when building a Gram matrix or spilling features to disk.
 GRAM_CHUNK = 4096
 SPILL_PREFIX = "features-spill"
@@ -91,14 +102,52 @@ class LayerFeatures:
         return self.x[rows_a] @ self.x[rows_b].T
 
 
-def fit_pca(layer, fit_rows, eval_rows, n_components=N_COMPONENTS):
-    """Exact PCA fitted on ``fit_rows``; scores of the fit rows and of ``eval_rows``.
+def top_eigenpairs(a, k, precision="fp64"):
+    """The ``k`` largest eigenpairs of a symmetric positive semi-definite matrix, numerically zero ones dropped.
+
+    Parameters
+    ----------
+    a : tensor (size, size) float64, symmetric.
+    k : int, at most size.
+    precision : 'fp64': torch.linalg.eigh in float64. 'mixed': eigh of ``a`` in float32, its
+        top m = MIXED_SUBSPACE * k eigenvectors refined in float64 (MIXED_ITERATIONS subspace
+        iterations, then Rayleigh-Ritz). Where m > size / 2 the float64 work on m vectors would
+        cost about as much as the float64 eigh, so the float64 eigh is used.
+
+    Returns
+    -------
+    lam : tensor (k',) float64, eigenvalues in descending order; those below EIG_TOL times
+        the largest are dropped, so k' <= k.
+    vecs : tensor (size, k') float64, orthonormal eigenvectors.
+    """
+    if precision not in utils.ENGINE_PRECISIONS:
+        raise ValueError(f"unknown engine precision {precision!r}: use one of {', '.join(utils.ENGINE_PRECISIONS)}")
+    size = a.shape[0]
+    m = MIXED_SUBSPACE * k
+    if precision == "fp64" or 2 * m > size:
+        lam, vecs = torch.linalg.eigh(a)
+    else:
+        _, approx = torch.linalg.eigh(a.float())
+        # float32 eigenvectors are orthonormal to ~1e-7 only; each step re-orthonormalises in float64.
+        q, _ = torch.linalg.qr(approx[:, size - m:].double())
+        for _ in range(MIXED_ITERATIONS):
+            q, _ = torch.linalg.qr(a @ q)
+        lam, w = torch.linalg.eigh(q.T @ (a @ q))
+        vecs = q @ w
+    lam, vecs = lam.flip(0)[:k], vecs.flip(1)[:, :k]
+    keep = lam > EIG_TOL * lam[0].clamp_min(1e-300)
+    return lam[keep], vecs[:, keep]
+
+
+def fit_pca(layer, fit_rows, eval_rows, n_components=N_COMPONENTS, precision="fp64"):
+    """PCA fitted on ``fit_rows`` (exact with fp64); scores of the fit rows and of ``eval_rows``.
 
     Parameters
     ----------
     layer : LayerFeatures.
     fit_rows, eval_rows : 1-D long tensors of row indices.
     n_components : int, at most this many components (k = min(n_components, n_fit, dims)).
+    precision : 'fp64' or 'mixed', the eigensolver (top_eigenpairs); everything else is float64.
 
     Returns
     -------
@@ -113,10 +162,7 @@ def fit_pca(layer, fit_rows, eval_rows, n_components=N_COMPONENTS):
         x_fit = layer.x[fit_rows]
         mean = x_fit.mean(0, keepdim=True)
         xc = x_fit - mean
-        lam, vecs = torch.linalg.eigh(xc.T @ xc)
-        lam, vecs = lam.flip(0)[:k], vecs.flip(1)[:, :k]
-        keep = lam > EIG_TOL * lam[0].clamp_min(1e-300)
-        lam, vecs = lam[keep], vecs[:, keep]
+        lam, vecs = top_eigenpairs(xc.T @ xc, k, precision)
         return xc @ vecs, (layer.x[eval_rows] - mean) @ vecs, lam
     k_ff = layer.gram(fit_rows, fit_rows)
     k_ef = layer.gram(eval_rows, fit_rows)
@@ -124,10 +170,7 @@ def fit_pca(layer, fit_rows, eval_rows, n_components=N_COMPONENTS):
     total = row_mean.mean()
     kc_ff = k_ff - row_mean[None, :] - row_mean[:, None] + total
     kc_ef = k_ef - row_mean[None, :] - k_ef.mean(1, keepdim=True) + total
-    lam, vecs = torch.linalg.eigh(kc_ff)
-    lam, vecs = lam.flip(0)[:k], vecs.flip(1)[:, :k]
-    keep = lam > EIG_TOL * lam[0].clamp_min(1e-300)
-    lam, vecs = lam[keep], vecs[:, keep]
+    lam, vecs = top_eigenpairs(kc_ff, k, precision)
     root = lam.sqrt()
     return vecs * root, (kc_ef @ vecs) / root, lam
 
@@ -190,7 +233,7 @@ def choose_alphas(fold_mean_r, alphas):
 
 
 def validation_scores(layer, y, fit_rows, eval_rows, alphas=ALPHAS, n_components=N_COMPONENTS,
-                      voxel_batch=4096, timer=None):
+                      voxel_batch=4096, timer=None, precision="fp64"):
     """PCA + ridge fitted on ``fit_rows``; r of every voxel on ``eval_rows``, for every alpha.
 
     Parameters
@@ -199,6 +242,7 @@ def validation_scores(layer, y, fit_rows, eval_rows, alphas=ALPHAS, n_components
     y : tensor (n, V) float64, fMRI of every image (only the given rows are read).
     fit_rows, eval_rows : index arrays.
     timer : StageTimer or None; times the 'pca' and 'ridge' stages.
+    precision : 'fp64' or 'mixed', the PCA eigensolver (top_eigenpairs).
 
     Returns
     -------
@@ -208,7 +252,7 @@ def validation_scores(layer, y, fit_rows, eval_rows, alphas=ALPHAS, n_components
     fit_rows = torch.as_tensor(fit_rows, device=dev)
     eval_rows = torch.as_tensor(eval_rows, device=dev)
     with _stage(timer, "pca"):
-        z_fit, z_eval, lam = fit_pca(layer, fit_rows, eval_rows, n_components)
+        z_fit, z_eval, lam = fit_pca(layer, fit_rows, eval_rows, n_components, precision)
     out = torch.empty(len(alphas), y.shape[1], dtype=y.dtype, device=dev)
     with _stage(timer, "ridge"):
         for v0 in range(0, y.shape[1], voxel_batch):
@@ -218,7 +262,8 @@ def validation_scores(layer, y, fit_rows, eval_rows, alphas=ALPHAS, n_components
     return out
 
 
-def cv_scores(layer, y, folds, alphas=ALPHAS, n_components=N_COMPONENTS, voxel_batch=4096, timer=None):
+def cv_scores(layer, y, folds, alphas=ALPHAS, n_components=N_COMPONENTS, voxel_batch=4096, timer=None,
+              precision="fp64"):
     """Fold-mean validation r for every alpha and voxel of one layer.
 
     Parameters
@@ -226,12 +271,13 @@ def cv_scores(layer, y, folds, alphas=ALPHAS, n_components=N_COMPONENTS, voxel_b
     layer : LayerFeatures.
     y : tensor (n, V) float64, fMRI of every image (only fold rows are read).
     folds : list of (fit_rows, val_rows) index arrays (utils.cv_folds).
+    precision : 'fp64' or 'mixed', the PCA eigensolver (top_eigenpairs).
 
     Returns
     -------
     r : tensor (n_alphas, V), the mean over folds of the validation r.
     """
-    total = sum(validation_scores(layer, y, fit, val, alphas, n_components, voxel_batch, timer)
+    total = sum(validation_scores(layer, y, fit, val, alphas, n_components, voxel_batch, timer, precision)
                 for fit, val in folds)
     return total / len(folds)
 
@@ -243,7 +289,7 @@ def constant_voxels(y, rows, voxel_batch=4096):
 
 
 def encode_rois(layers, fmri, roi_columns, train, test, folds, alphas=ALPHAS, n_components=N_COMPONENTS,
-                fixed=None, device="cpu", voxel_batch=4096, timer=None):
+                fixed=None, device="cpu", voxel_batch=4096, timer=None, precision="fp64"):
     """The whole encoding protocol for several ROIs whose features are the same, in one pass.
 
     Each layer is scored once for all the voxels (columns of ``fmri``): the fold-mean
@@ -265,6 +311,8 @@ def encode_rois(layers, fmri, roi_columns, train, test, folds, alphas=ALPHAS, n_
     fixed : None, or dict ROI -> (layer, alpha_index (V_roi,)): reuse a layer and per-voxel
         alphas chosen elsewhere (the 'untuned-layer' protocol); CV scores are still reported.
     timer : StageTimer or None; times the 'pca' and 'ridge' stages.
+    precision : 'fp64' (exact) or 'mixed' (float32 eigendecompositions refined in float64;
+        see top_eigenpairs), the PCA eigensolver.
 
     Returns
     -------
@@ -280,8 +328,8 @@ def encode_rois(layers, fmri, roi_columns, train, test, folds, alphas=ALPHAS, n_
     cv, tested = {}, {}
     for name, layer in (layers.items() if isinstance(layers, dict) else layers):
         layer = as_layer_features(layer, device)
-        cv[name] = cv_scores(layer, y, folds, alphas, n_components, voxel_batch, timer)
-        tested[name] = validation_scores(layer, y, train, test, alphas, n_components, voxel_batch, timer)
+        cv[name] = cv_scores(layer, y, folds, alphas, n_components, voxel_batch, timer, precision)
+        tested[name] = validation_scores(layer, y, train, test, alphas, n_components, voxel_batch, timer, precision)
         del layer  # a generator builds the next layer only after this one is freed
     constant = constant_voxels(y, train, voxel_batch)
     out = {}
@@ -306,7 +354,7 @@ def encode_rois(layers, fmri, roi_columns, train, test, folds, alphas=ALPHAS, n_
 
 
 def encode_roi(layers, fmri, train, test, folds, alphas=ALPHAS, n_components=N_COMPONENTS,
-               fixed_layer=None, fixed_alpha_index=None, device="cpu", voxel_batch=4096):
+               fixed_layer=None, fixed_alpha_index=None, device="cpu", voxel_batch=4096, precision="fp64"):
     """The whole encoding protocol for one ROI: encode_rois with all of ``fmri``'s columns.
 
     Independent of the dataset: NSD (fit_encoding_models.py) and NOD (fit_encoding_models_nod.py)
@@ -314,7 +362,7 @@ def encode_roi(layers, fmri, train, test, folds, alphas=ALPHAS, n_components=N_C
 
     Parameters
     ----------
-    layers, train, test, folds, alphas, n_components : as encode_rois.
+    layers, train, test, folds, alphas, n_components, precision : as encode_rois.
     fmri : array (n, V), responses of every image.
     fixed_layer, fixed_alpha_index : reuse a layer and per-voxel alphas chosen elsewhere (the
         'untuned-layer' protocol); the CV scores are still computed and reported.
@@ -326,7 +374,7 @@ def encode_roi(layers, fmri, train, test, folds, alphas=ALPHAS, n_components=N_C
     columns = np.arange(np.shape(fmri)[1])
     fixed = None if fixed_layer is None else {"roi": (fixed_layer, fixed_alpha_index)}
     return encode_rois(layers, fmri, {"roi": columns}, train, test, folds, alphas, n_components,
-                       fixed, device, voxel_batch)["roi"]
+                       fixed, device, voxel_batch, precision=precision)["roi"]
 
 
 def as_layer_features(layer, device="cpu"):

@@ -58,11 +58,13 @@ POOLED_EPOCHS = utils.DEFAULT_EPOCHS["pooled-avg"]  # epochs in the pooled check
 BATCH_SIZE = 128  # images per forward pass
 SCRATCH: str | None = None  # folder of the temporary feature spill, ~8 GB per run at full size (None: ROOT/cache); $VARS expand when the run starts, e.g. '$TMPDIR' for a cluster node's local disk
 FEATURE_PRECISION = "fp32"  # feature extraction: fp32 (the authors') or bf16 (autocast on CUDA, faster)
+ENGINE_PRECISION = "fp64"  # PCA eigensolver: fp64 (exact) or mixed (float32 eigh refined in float64; for GPUs with slow float64)
 MIN_VOXELS = utils.MIN_VOXELS  # ROIs with fewer voxels are skipped and recorded as absent (the authors' 20)
 OVERWRITE = False  # recompute ROIs whose results exist
 # ---
 CHOICES = {"METHOD": utils.METHODS, "HEMISPHERE": utils.HEMISPHERE_NAMES, "ROIS": utils.ROIS,
-           "PROTOCOL": ["per-method", "untuned-layer"], "FEATURE_PRECISION": utils.PRECISIONS}
+           "PROTOCOL": ["per-method", "untuned-layer"], "FEATURE_PRECISION": utils.PRECISIONS,
+           "ENGINE_PRECISION": utils.ENGINE_PRECISIONS}
 RANGES = {"SUBJ": utils.SUBJECT, "MODEL_SUBJ": utils.SUBJECT, "ALPHAS": utils.ALPHA_GRID,
           "N_COMPONENTS": options.at_least(1), "N_FOLDS": options.at_least(2), "IMAGE_SIZE": utils.ALEXNET_INPUT,
           "SEED": options.at_least(0), "CL_EPOCHS": options.at_least(1), "REG_EPOCHS": options.at_least(1),
@@ -95,7 +97,8 @@ def main(argv=None):
                                    timer=timer, precision=opts.FEATURE_PRECISION) as spill:
             del images, alexnet  # the cache's pages and the network are not needed past the forward pass
             results = encoding.encode_rois(spill.layers(run.device), fmri, columns, run.train, run.test, run.folds,
-                                           opts.ALPHAS, opts.N_COMPONENTS, run.fixed, run.device, timer=timer)
+                                           opts.ALPHAS, opts.N_COMPONENTS, run.fixed, run.device, timer=timer,
+                                           precision=opts.ENGINE_PRECISION)
         for roi, roi_voxels, path in group:
             result = results[roi]
             if result["n_constant"]:
@@ -130,7 +133,8 @@ def result_settings(opts, method, epochs):
     """The settings of this run that a result records and that must agree for it to be reused."""
     settings = {"alpha_grid": list(map(float, opts.ALPHAS)), "n_components": opts.N_COMPONENTS,
                 "n_folds": opts.N_FOLDS, "image_size": opts.IMAGE_SIZE, "epochs": epochs,
-                "feature_precision": opts.FEATURE_PRECISION, "code_version": utils.CODE_VERSION}
+                "feature_precision": opts.FEATURE_PRECISION, "engine_precision": opts.ENGINE_PRECISION,
+                "code_version": utils.CODE_VERSION}
     if method == "untuned":
         settings["weights"] = opts.WEIGHTS
         if str(opts.WEIGHTS).lower() == "none":

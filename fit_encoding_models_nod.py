@@ -55,6 +55,7 @@ SEED = 0  # seed of the random AlexNet when WEIGHTS is none
 ALPHAS = [0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7]  # ridge penalties
 N_COMPONENTS = 1000  # PCA components (at most the fold's train size and the layer size)
 N_FOLDS = 5  # cross-validation folds inside the train split
+ENGINE_PRECISION = "fp64"  # PCA eigensolver: fp64 (exact) or mixed (float32 eigh refined in float64; for GPUs with slow float64)
 IMAGE_SIZE = 224  # images are squash-resized to IMAGE_SIZE x IMAGE_SIZE
 BATCH_SIZE = 256  # images per forward pass
 DEVICE = "auto"  # auto, cpu or cuda
@@ -62,7 +63,8 @@ OVERWRITE = False  # recompute results that exist
 # ---
 CHOICES = {"ROIS": nod_utils.NOD_ROIS, "HEMISPHERES": utils.HEMISPHERE_NAMES,
            "HEMISPHERE_CONVENTION": nod_utils.HEMISPHERE_CONVENTIONS, "ZSCORE": nod_utils.ZSCORES,
-           "METHODS": utils.METHODS, "NSD_STREAM": list(nod_utils.NSD_ROI)}
+           "METHODS": utils.METHODS, "NSD_STREAM": list(nod_utils.NSD_ROI),
+           "ENGINE_PRECISION": utils.ENGINE_PRECISIONS}
 # The NSD models are read from --root, which need not hold the NSD data (roi_masks).
 RANGES = {"SUBJECTS": options.at_least(1), "SESSIONS": options.at_least(1), "RUNS": options.at_least(1),
           "N_VOXELS": options.at_least(1), "MODEL_SUBJ": options.between(1, utils.N_SUBJECTS),
@@ -77,7 +79,8 @@ def settings(opts, method):
            "sessions": list(opts.SESSIONS), "runs": list(opts.RUNS), "n_voxels": opts.N_VOXELS,
            "nsd_stream": opts.NSD_STREAM, "alpha_grid": list(map(float, opts.ALPHAS)),
            "n_components": opts.N_COMPONENTS, "n_folds": opts.N_FOLDS, "image_size": opts.IMAGE_SIZE,
-           "epochs": utils.method_epochs(opts, method), "code_version": utils.CODE_VERSION}
+           "epochs": utils.method_epochs(opts, method), "engine_precision": opts.ENGINE_PRECISION,
+           "code_version": utils.CODE_VERSION}
     if method in ("cl-tuned", "reg-tuned"):
         out["model_subj"] = opts.MODEL_SUBJ
     if method == "untuned":
@@ -117,7 +120,7 @@ def fit_method(opts, data, folds, device, subj, hemi, method, todo, cache):
         layers, meta = cache[key]
         vertices, fmri = data.roi_fmri(roi, hemi, opts.N_VOXELS)
         result = encoding.encode_roi(layers, fmri, data.train, data.test, folds, opts.ALPHAS,
-                                     opts.N_COMPONENTS, device=device)
+                                     opts.N_COMPONENTS, device=device, precision=opts.ENGINE_PRECISION)
         if result["n_constant"]:
             tqdm.write(f"warning: {roi}: {result['n_constant']} constant vertex(es) on the training split; "
                        "their r is set to 0")

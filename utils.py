@@ -454,6 +454,9 @@ def autocast(device):
 
 
 PRECISIONS = ("fp32", "bf16")
+# The encoding engine's eigensolver: fp64 (exact), or mixed (float32 eigendecomposition refined in
+# float64; for GPUs whose float64 is slow). encoding.top_eigenpairs implements both.
+ENGINE_PRECISIONS = ("fp64", "mixed")
 
 
 def check_precision(precision):

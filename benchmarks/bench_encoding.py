@@ -10,10 +10,14 @@ On one ROI of a synthetic subject (written on first use) and a seeded random Ale
 Each runs in its own process, which reports its wall time and peak resident memory
 (ru_maxrss). Reported: the speed ratio, both peak memories, the largest |difference in
 mean r| per layer (and of the test r), and how the project's time grows with the number of
-images and of voxels. Writes benchmarks/output/bench_encoding.json.
+images and of voxels. The 'precision' part runs the engine on the same features in both
+precisions (utils.ENGINE_PRECISIONS), fp64 then mixed, for each of PRECISION_COMPONENTS,
+and reports side by side the PCA stage and whole-ROI times, their ratios and the largest
+per-voxel differences of CV r and test r. Writes benchmarks/output/bench_encoding.json.
 """
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -42,8 +46,14 @@ SCALE_IMAGES = [500, 1000, 2000]  # image counts of the project's scaling runs
 SCALE_VOXELS = [100, 1000, 5741]  # voxel counts of the project's scaling runs (at the first image count)
 BATCH_SIZE = 100  # images per forward pass
 THREADS = 1  # torch and BLAS threads of both pipelines (oversubscribed BLAS threads distort timings on a shared CPU)
-PART = "all"  # all, or one child run: project, reference, scale-images, scale-voxels
+PRECISION_IMAGES = 2000  # images of the precision comparison (the first rows of the subject)
+PRECISION_COMPONENTS = [1000, 200]  # PCA components of the precision comparison: the protocol's, and 200, which is to the 1360-row folds of 2000 images what 1000 is to the 6692 of the full size (mixed refines only where 2 x components <= half the fold)
+PRECISION_LAYERS = list(utils.LAYERS)  # layers of the precision comparison
+PARTS = ["project", "reference", "scale-images", "scale-voxels", "precision"]  # parts that --part all measures
+PART = "all"  # all, or one child run: project, reference, scale-images, scale-voxels, precision
 # ---
+PART_NAMES = ["project", "reference", "scale-images", "scale-voxels", "precision"]
+CHOICES = {"PRECISION_LAYERS": utils.LAYERS, "PARTS": PART_NAMES, "PART": ["all"] + PART_NAMES}
 
 
 def ensure_dataset(opts):
@@ -119,6 +129,48 @@ def reference_protocol(images, fmri, train, test, folds, alphas, batch_size):
     return {"layer_scores": scores, "best_layer": best, "test_r": test_r}
 
 
+def compare_precisions(opts):
+    """The engine in every precision on the same features, for each of PRECISION_COMPONENTS.
+
+    Returns
+    -------
+    dict n_components -> {precision: {'pca_s', 'roi_s'}, 'pca_ratio', 'roi_ratio' (fp64 time over
+    mixed time), 'max_abs_diff_cv_r', 'max_abs_diff_test_r' (over voxels, mixed against fp64),
+    'max_abs_diff_layer_score', 'same_best_layer', 'same_alphas', 'loadavg' (1-min load before and
+    after)}.
+    """
+    images, fmri, train, test, folds = subset(opts, opts.PRECISION_IMAGES)
+    layers = encoding.layer_features(utils.load_alexnet("none", seed=0), images, batch_size=opts.BATCH_SIZE,
+                                     layers=opts.PRECISION_LAYERS)
+    columns = {"roi": np.arange(fmri.shape[1])}
+    # LAPACK's first calls in a process are slower: warm both solvers up so that neither pays for it.
+    warm = torch.from_numpy(np.cov(np.random.default_rng(0).standard_normal((200, 400))))
+    for precision in utils.ENGINE_PRECISIONS:
+        encoding.top_eigenpairs(warm, 20, precision)
+    out = {}
+    for k in opts.PRECISION_COMPONENTS:
+        times, res = {}, {}
+        load = [os.getloadavg()[0]]
+        for precision in utils.ENGINE_PRECISIONS:
+            timer = encoding.StageTimer()
+            t0 = time.perf_counter()
+            res[precision] = encoding.encode_rois(layers, fmri, columns, train, test, folds, n_components=k,
+                                                  timer=timer, precision=precision)["roi"]
+            times[precision] = {"pca_s": timer.seconds["pca"], "roi_s": time.perf_counter() - t0}
+        load.append(os.getloadavg()[0])
+        exact, mixed = res["fp64"], res["mixed"]
+        out[k] = {**times, "pca_ratio": times["fp64"]["pca_s"] / times["mixed"]["pca_s"],
+                  "roi_ratio": times["fp64"]["roi_s"] / times["mixed"]["roi_s"],
+                  "max_abs_diff_cv_r": float(np.abs(exact["cv_r"] - mixed["cv_r"]).max()),
+                  "max_abs_diff_test_r": float(np.abs(exact["test_r"] - mixed["test_r"]).max()),
+                  "max_abs_diff_layer_score": max(abs(exact["layer_scores"][n] - mixed["layer_scores"][n])
+                                                  for n in exact["layer_scores"]),
+                  "same_best_layer": exact["best_layer"] == mixed["best_layer"],
+                  "same_alphas": bool(np.array_equal(exact["alpha_index"], mixed["alpha_index"])), "loadavg": load}
+    return {"n_images": opts.PRECISION_IMAGES, "n_fold_rows": len(folds[0][0]), "n_voxels": fmri.shape[1],
+            "by_components": out}
+
+
 def peak_rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -158,6 +210,8 @@ def child(opts):
             t0 = time.perf_counter()
             encoding.encode_roi(layers, fmri, train, test, folds)
             out[v] = {"fit_s": time.perf_counter() - t0}
+    elif opts.PART == "precision":
+        out = compare_precisions(opts)
     out["peak_rss_mib"] = peak_rss_mib()
     print(json.dumps(out))
 
@@ -168,6 +222,19 @@ def run_child(part, argv):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def report_precisions(p):
+    """Print the precision comparison side by side."""
+    print(f"engine precisions on the same features: {p['n_images']} images ({p['n_fold_rows']}-row folds), "
+          f"{p['n_voxels']} voxels")
+    print(f"  {'components':>10}  {'PCA fp64':>9} {'PCA mixed':>9} {'ratio':>5}  {'ROI fp64':>9} {'ROI mixed':>9} "
+          f"{'ratio':>5}  {'max|dCV r|':>10} {'max|dtest r|':>12}  same layer, alphas  load")
+    for k, c in p["by_components"].items():
+        print(f"  {k:>10}  {c['fp64']['pca_s']:8.1f}s {c['mixed']['pca_s']:8.1f}s {c['pca_ratio']:5.2f}  "
+              f"{c['fp64']['roi_s']:8.1f}s {c['mixed']['roi_s']:8.1f}s {c['roi_ratio']:5.2f}  "
+              f"{c['max_abs_diff_cv_r']:10.1e} {c['max_abs_diff_test_r']:12.1e}  {str(c['same_best_layer']):5s} "
+              f"{str(c['same_alphas']):5s}        {c['loadavg'][0]:.1f}-{c['loadavg'][1]:.1f}")
+
+
 def main(argv=None):
     import bench_encoding
     opts = options.parse_options(bench_encoding, argv)
@@ -176,35 +243,38 @@ def main(argv=None):
     ensure_dataset(opts)
     utils.subject_images(opts.ROOT, 1, opts.IMAGE_SIZE)
     passed = [a for a in (argv if argv is not None else sys.argv[1:])]
-    results = {part: run_child(part, passed) for part in ("project", "reference", "scale-images", "scale-voxels")}
-    proj, ref = results["project"], results["reference"]
-    diffs = {k: abs(proj["layer_scores"][k] - ref["layer_scores"][k]) for k in utils.LAYERS}
-    summary = {
-        "n_images": opts.N_IMAGES, "image_size": opts.IMAGE_SIZE, "roi": opts.ROI, "n_voxels": proj["n_voxels"],
-        "threads": opts.THREADS, "speed_ratio": ref["seconds"] / proj["seconds"],
-        "max_abs_diff_mean_cv_r": max(diffs.values()), "abs_diff_mean_cv_r_per_layer": diffs,
-        "abs_diff_mean_test_r": abs(proj["mean_test_r"] - ref["mean_test_r"]),
-        "same_best_layer": proj["best_layer"] == ref["best_layer"], **results}
-    safe_io.atomic_json_dump(summary, Path(opts.ROOT).parent / "bench_encoding.json")
-    print(f"{opts.N_IMAGES} images at {opts.IMAGE_SIZE} px, {opts.ROI} ({proj['n_voxels']} voxels), "
-          f"{opts.THREADS} threads")
-    print(f"project   {proj['seconds']:8.1f} s (features {proj['features_s']:.1f} s, fit {proj['fit_s']:.1f} s), "
-          f"peak RSS {proj['peak_rss_mib']:.0f} MiB")
-    print(f"reference {ref['seconds']:8.1f} s, peak RSS {ref['peak_rss_mib']:.0f} MiB")
-    print(f"speed ratio {summary['speed_ratio']:.1f}x; max |diff mean CV r| over layers "
-          f"{summary['max_abs_diff_mean_cv_r']:.2e}; |diff mean test r| {summary['abs_diff_mean_test_r']:.2e}; "
-          f"same best layer: {summary['same_best_layer']}")
-    for layer, d in diffs.items():
-        print(f"  {layer:13s} project {proj['layer_scores'][layer]:.4f} reference {ref['layer_scores'][layer]:.4f} "
-              f"|diff| {d:.1e}")
-    for n, t in results["scale-images"].items():
+    results = {part: run_child(part, passed) for part in opts.PARTS}
+    summary = {"n_images": opts.N_IMAGES, "image_size": opts.IMAGE_SIZE, "roi": opts.ROI, "threads": opts.THREADS,
+               **results}
+    print(f"images at {opts.IMAGE_SIZE} px, {opts.ROI}, {opts.THREADS} torch/BLAS thread(s)")
+    if "project" in results and "reference" in results:
+        proj, ref = results["project"], results["reference"]
+        diffs = {k: abs(proj["layer_scores"][k] - ref["layer_scores"][k]) for k in utils.LAYERS}
+        summary.update({
+            "n_voxels": proj["n_voxels"], "speed_ratio": ref["seconds"] / proj["seconds"],
+            "max_abs_diff_mean_cv_r": max(diffs.values()), "abs_diff_mean_cv_r_per_layer": diffs,
+            "abs_diff_mean_test_r": abs(proj["mean_test_r"] - ref["mean_test_r"]),
+            "same_best_layer": proj["best_layer"] == ref["best_layer"]})
+        print(f"{opts.N_IMAGES} images: project {proj['seconds']:8.1f} s (features {proj['features_s']:.1f} s, fit {proj['fit_s']:.1f} s), "
+              f"peak RSS {proj['peak_rss_mib']:.0f} MiB, {proj['n_voxels']} voxels")
+        print(f"{opts.N_IMAGES} images: reference {ref['seconds']:8.1f} s, peak RSS {ref['peak_rss_mib']:.0f} MiB")
+        print(f"speed ratio {summary['speed_ratio']:.1f}x; max |diff mean CV r| over layers "
+              f"{summary['max_abs_diff_mean_cv_r']:.2e}; |diff mean test r| {summary['abs_diff_mean_test_r']:.2e}; "
+              f"same best layer: {summary['same_best_layer']}")
+        for layer, d in diffs.items():
+            print(f"  {layer:13s} project {proj['layer_scores'][layer]:.4f} reference {ref['layer_scores'][layer]:.4f} "
+                  f"|diff| {d:.1e}")
+    for n, t in results.get("scale-images", {}).items():
         if n == "peak_rss_mib":
             continue
         print(f"  {n:>5} images: features {t['features_s']:.1f} s, fit {t['fit_s']:.1f} s")
-    for v, t in results["scale-voxels"].items():
+    for v, t in results.get("scale-voxels", {}).items():
         if v == "peak_rss_mib":
             continue
         print(f"  {v:>5} voxels: fit {t['fit_s']:.1f} s")
+    if "precision" in results:
+        report_precisions(results["precision"])
+    safe_io.atomic_json_dump(summary, Path(opts.ROOT).parent / "bench_encoding.json")
     return summary
 
 

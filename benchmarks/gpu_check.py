@@ -7,7 +7,14 @@ On a synthetic subject (written on first use under ROOT), with a seeded random A
 3. runs the encoding engine on those same features for every non-empty lh ROI, once on CUDA
    and once on the CPU, and asserts that every voxel's CV r and test r agree within
    TOLERANCE (the same features on both sides, so only the engine's arithmetic differs);
-   reports the encoding time per ROI on each device.
+   reports the encoding time per ROI on each device;
+4. runs the engine on CUDA in both precisions (fp64 and mixed, encoding.ENGINE_PRECISIONS) for
+   all those ROIs in one shared pass with PRECISION_COMPONENTS components, reports the PCA stage
+   and whole-pass times side by side, and asserts that every voxel's CV r and test r agree
+   within MIXED_TOLERANCE, with the same best layers and alphas;
+5. times one full-size fold's PCA (top 1000 eigenpairs of a FULL_SIZE_ROWS-row Gram matrix of
+   power-law features) in both precisions: the ratio a full-size run gets on this GPU (fewer
+   rows, for a dry run, keep the full size's ratio of components to rows).
 Without CUDA it prints one line saying it was skipped and exits 0.
 
     python benchmarks/gpu_check.py            # make gpu-check
@@ -29,6 +36,9 @@ import synthetic_data  # noqa: E402
 import options  # noqa: E402
 import utils  # noqa: E402
 
+# Rows of a fold at full size (Subj1: 9841 images, 85% train, 5 folds), where k = encoding.N_COMPONENTS.
+FOLD_ROWS = 6692
+
 # --- Options ---
 ROOT = "benchmarks/output/gpu_check"  # synthetic dataset and outputs (written on first use)
 N_IMAGES = 2000  # images of the synthetic subject
@@ -36,6 +46,9 @@ IMAGE_SIZE = 224  # side of the images (the protocol's)
 TRAIN_ROI = "EBA"  # ROI of the CL training epoch
 BATCH_SIZE = 1024  # training batch size (the paper's)
 TOLERANCE = 1e-6  # largest allowed |CUDA - CPU| difference of a voxel's CV r or test r
+PRECISION_COMPONENTS = 200  # PCA components of step 4: to the 1360-row folds of 2000 images what 1000 is to the full size's 6692 (mixed refines only where 2 x components <= half the fold)
+MIXED_TOLERANCE = 1e-5  # largest allowed |mixed - fp64| difference of a voxel's CV r or test r
+FULL_SIZE_ROWS = FOLD_ROWS  # rows of the Gram matrix of step 5 (FOLD_ROWS: a real full-size fold)
 DEVICE = "cuda"  # the device checked against the CPU (cpu: a dry run of this script on a machine without a GPU)
 # ---
 
@@ -96,8 +109,64 @@ def main(argv=None):
     for device in devices:
         t = np.array(list(times[device].values()))
         print(f"encoding on {device:4s}: {t.mean():.2f} s per ROI (mean over {len(t)} ROIs, {t.sum():.1f} s in all)")
-    print(f"gpu_check passed: CV r and test r of every voxel agree within {worst:.1e} (tolerance {opts.TOLERANCE:g})")
+    mixed_worst = check_precisions(opts, root, feats, rois, train, test, folds)
+    time_full_size_pca(opts)
+    print(f"gpu_check passed: CV r and test r of every voxel agree within {worst:.1e} between {dev} and the CPU "
+          f"(tolerance {opts.TOLERANCE:g}), within {mixed_worst:.1e} between the precisions "
+          f"(tolerance {opts.MIXED_TOLERANCE:g})")
     return worst
+
+
+def check_precisions(opts, root, feats, rois, train, test, folds):
+    """Step 4: every ROI in one pass on the device in each engine precision; the largest |mixed - fp64| r."""
+    dev = opts.DEVICE
+    voxels = np.unique(np.concatenate([utils.roi_voxel_indices(root, 1, "lh", r) for r in rois]))
+    fmri = utils.load_fmri(root, 1, "lh", voxels)
+    columns = {r: np.searchsorted(voxels, utils.roi_voxel_indices(root, 1, "lh", r)) for r in rois}
+    res, seconds = {}, {}
+    for precision in encoding.ENGINE_PRECISIONS:
+        timer = encoding.StageTimer(dev)
+        with timer("pass"):
+            res[precision] = encoding.encode_rois(feats, fmri, columns, train, test, folds,
+                                                  n_components=opts.PRECISION_COMPONENTS, device=dev, timer=timer,
+                                                  precision=precision)
+        seconds[precision] = timer.seconds
+    exact, mixed = res["fp64"], res["mixed"]
+    worst = max(float(np.abs(exact[r][key] - mixed[r][key]).max()) for r in rois for key in ("cv_r", "test_r"))
+    changed = [r for r in rois if exact[r]["best_layer"] != mixed[r]["best_layer"]
+               or not np.array_equal(exact[r]["alpha_index"], mixed[r]["alpha_index"])]
+    a, b = seconds["fp64"], seconds["mixed"]
+    print(f"engine precisions on {dev} ({len(rois)} ROIs, {len(voxels)} voxels in one pass, "
+          f"{opts.PRECISION_COMPONENTS} components of {len(folds[0][0])}-row folds): PCA fp64 {a['pca']:.2f} s, "
+          f"mixed {b['pca']:.2f} s ({a['pca'] / b['pca']:.2f}x); whole pass fp64 {a['pass']:.2f} s, mixed "
+          f"{b['pass']:.2f} s ({a['pass'] / b['pass']:.2f}x); max |mixed - fp64| of CV r and test r {worst:.1e}")
+    if worst > opts.MIXED_TOLERANCE or changed:
+        raise SystemExit(f"gpu_check FAILED: mixed precision moved r by {worst:.2e} (tolerance {opts.MIXED_TOLERANCE:g})"
+                         f" or changed the best layer or alphas of {changed or 'no ROI'}")
+    return worst
+
+
+def time_full_size_pca(opts):
+    """Step 5: one full-size fold's top 1000 eigenpairs in each engine precision, timed on the device."""
+    dev, n = opts.DEVICE, opts.FULL_SIZE_ROWS
+    k = max(1, encoding.N_COMPONENTS * n // FOLD_ROWS)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    # Columns scaled by i^-0.6 give eigenvalues ~ i^-1.2, the decay of the seeded AlexNet's layers here.
+    scale = torch.arange(1, 2 * n + 1, device=dev, dtype=torch.float64).pow(-0.6)
+    x = torch.randn(n, 2 * n, generator=gen, device=dev, dtype=torch.float64) * scale
+    gram = x @ x.T
+    del x
+    lam, seconds = {}, {}
+    for precision in encoding.ENGINE_PRECISIONS:
+        encoding.top_eigenpairs(gram[:400, :400], 50, precision)  # warm-up: solver handles and workspaces
+        timer = encoding.StageTimer(dev)
+        with timer("pca"):
+            lam[precision], _ = encoding.top_eigenpairs(gram, k, precision)
+        seconds[precision] = timer.seconds["pca"]
+    rel = float(((lam["mixed"] - lam["fp64"]).abs() / lam["fp64"]).max())
+    print(f"one full-size fold's PCA on {dev} (top {k} eigenpairs of a {n} x {n} Gram matrix): "
+          f"fp64 {seconds['fp64']:.2f} s, mixed {seconds['mixed']:.2f} s "
+          f"({seconds['fp64'] / seconds['mixed']:.2f}x); eigenvalues agree within {rel:.0e} (relative)")
 
 
 if __name__ == "__main__":

@@ -51,28 +51,70 @@ def make_data(n, d, n_voxels, seed=0):
     return x, y
 
 
-@pytest.mark.parametrize("n, d, n_voxels, n_components, keep_gram", [
-    (60, 200, 7, 1000, None),   # n < d: Gram path, k = n_fit
-    (60, 200, 1, 10, None),     # Gram path, truncated PCA, one voxel
-    (150, 30, 80, 1000, None),  # n > d: covariance path, many voxels (20 batches of 4)
-    (150, 30, 5, 12, True),     # n > d with the Gram matrix forced
-    (150, 30, 5, 12, False),    # covariance path, truncated
+@pytest.fixture
+def eigh_dtypes(monkeypatch):
+    """The dtypes of the matrices given to torch.linalg.eigh during the test, in call order."""
+    dtypes, eigh = [], torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda a, *args, **kwargs: dtypes.append(a.dtype) or eigh(a, *args, **kwargs))
+    return dtypes
+
+
+# mixed_acts: whether the mixed solver really refines (the refined 2k vectors are at most half the
+# fold's matrix); elsewhere it is the float64 eigh, and the case checks that fallback.
+@pytest.mark.parametrize("precision", utils.ENGINE_PRECISIONS)
+@pytest.mark.parametrize("n, d, n_voxels, n_components, keep_gram, mixed_acts", [
+    (60, 200, 7, 1000, None, False),   # n < d: Gram path, k = n_fit
+    (60, 200, 1, 10, None, True),      # Gram path, truncated PCA, one voxel
+    (150, 300, 40, 12, None, True),    # Gram path, truncated, many voxels (10 batches of 4)
+    (150, 30, 80, 1000, None, False),  # n > d: covariance path, many voxels (20 batches of 4)
+    (150, 30, 5, 12, True, True),      # n > d with the Gram matrix forced
+    (150, 30, 5, 12, False, False),    # covariance path, truncated
+    (150, 60, 80, 12, False, True),    # covariance path, truncated, many voxels
 ])
-def test_cv_and_test_r_match_sklearn_pca_ridge_and_scipy(n, d, n_voxels, n_components, keep_gram):
+def test_cv_and_test_r_match_sklearn_pca_ridge_and_scipy(n, d, n_voxels, n_components, keep_gram, mixed_acts,
+                                                         precision, eigh_dtypes):
     x, y = make_data(n, d, n_voxels)
     train, test = utils.train_test_split(n)
     folds = utils.cv_folds(train)
     layer = encoding.LayerFeatures(torch.from_numpy(x), keep_gram)
     assert (layer.k is not None) == (d > n if keep_gram is None else keep_gram)
     yt = torch.from_numpy(y)
-    r = encoding.cv_scores(layer, yt, folds, ALPHAS, n_components, voxel_batch=4).numpy()
+    r = encoding.cv_scores(layer, yt, folds, ALPHAS, n_components, voxel_batch=4, precision=precision).numpy()
     np.testing.assert_allclose(r, reference_cv(x, y, folds, ALPHAS, n_components), atol=1e-4)
 
     index, best = encoding.choose_alphas(torch.from_numpy(r), ALPHAS)
-    all_test_r = encoding.validation_scores(layer, yt, train, test, ALPHAS, n_components, voxel_batch=4)
+    all_test_r = encoding.validation_scores(layer, yt, train, test, ALPHAS, n_components, voxel_batch=4,
+                                            precision=precision)
     test_r = all_test_r.gather(0, index[None]).squeeze(0).numpy()
     expected = reference_test_r(x, y, train, test, ALPHAS[index.numpy()], n_components)
     np.testing.assert_allclose(test_r, expected, atol=1e-4)
+    assert (torch.float32 in eigh_dtypes) == (precision == "mixed" and mixed_acts)
+
+
+def test_top_eigenpairs_fp64_is_plain_eigh_and_mixed_matches_it(eigh_dtypes):
+    x, _ = make_data(300, 600, 1)
+    xc = torch.from_numpy(x - x.mean(0))
+    a = xc @ xc.T
+    full_lam, full_vecs = torch.linalg.eigh(a)
+    # fp64: the float64 eigh, largest first, bit for bit (the engine's results before mixed existed).
+    lam, vecs = encoding.top_eigenpairs(a, 40)
+    assert torch.equal(lam, full_lam.flip(0)[:40]) and torch.equal(vecs, full_vecs.flip(1)[:, :40])
+    # mixed: float32 eigh refined in float64 gives the same eigenpairs to float64 accuracy.
+    eigh_dtypes.clear()
+    lam_m, vecs_m = encoding.top_eigenpairs(a, 40, "mixed")
+    assert eigh_dtypes == [torch.float32, torch.float64]
+    assert lam_m.dtype == vecs_m.dtype == torch.float64
+    torch.testing.assert_close(lam_m, lam, rtol=1e-12, atol=0)
+    torch.testing.assert_close(vecs_m.T @ vecs_m, torch.eye(40, dtype=torch.float64), rtol=0, atol=1e-13)
+    # Eigenvalue errors are second order in the eigenvector errors, residuals first order.
+    assert ((a @ vecs_m - vecs_m * lam_m).norm(dim=0) / lam_m).max() < 1e-6
+    # 2k = 200 refined vectors would be over half the matrix: the float64 eigh, bit for bit.
+    eigh_dtypes.clear()
+    lam_f, vecs_f = encoding.top_eigenpairs(a, 100, "mixed")
+    assert eigh_dtypes == [torch.float64]
+    assert torch.equal(lam_f, full_lam.flip(0)[:100]) and torch.equal(vecs_f, full_vecs.flip(1)[:, :100])
+    with pytest.raises(ValueError, match="unknown engine precision 'fp32': use one of fp64, mixed"):
+        encoding.top_eigenpairs(a, 40, "fp32")
 
 
 def test_cv_best_scores_match_himalaya_ridgecv():
@@ -160,6 +202,25 @@ def test_planted_layer_is_selected_and_test_r_nears_the_ceiling(seeded_layers):
     ceiling = np.mean([pearsonr(signal[test, v], fmri[test, v])[0] for v in range(fmri.shape[1])])
     assert 0.6 < ceiling < 0.8
     assert 0.9 * ceiling < res["test_r"].mean() <= ceiling + 0.02
+
+
+def test_mixed_precision_keeps_the_planted_layer_and_every_alpha(seeded_layers, eigh_dtypes):
+    feats, layers = seeded_layers
+    n = len(feats["features.2"])
+    train, test = utils.train_test_split(n)
+    folds = utils.cv_folds(train)
+    fmri, _ = planted_fmri(feats, "features.2", train)
+    # 30 components of 164-row folds: the mixed solver refines (with 1000 it would be the fp64 eigh).
+    exact = encoding.encode_roi(layers, fmri, train, test, folds, n_components=30)
+    eigh_dtypes.clear()
+    mixed = encoding.encode_roi(layers, fmri, train, test, folds, n_components=30, precision="mixed")
+    assert eigh_dtypes.count(torch.float32) == len(layers) * (len(folds) + 1)
+    assert mixed["best_layer"] == exact["best_layer"] == "features.2"
+    np.testing.assert_array_equal(mixed["alpha_index"], exact["alpha_index"])
+    # Here the refined eigenvectors move r by about 3e-9; unrefined float32 ones would move it by 3e-7.
+    assert mixed["layer_scores"] == pytest.approx(exact["layer_scores"], rel=0, abs=1e-7)
+    for key in ("cv_r", "test_r"):
+        np.testing.assert_allclose(mixed[key], exact[key], rtol=0, atol=1e-7)
 
 
 def test_changing_test_fmri_leaves_every_cv_output_unchanged(seeded_layers):

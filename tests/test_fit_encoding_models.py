@@ -33,13 +33,14 @@ def run_transfer_matrix(root, *argv):
                                   "--hemispheres", "left", *argv])["lh"]
 
 
-def untuned_reference(root, subj, hemi, roi, alexnet=None):
+def untuned_reference(root, subj, hemi, roi, alexnet=None, n_components=encoding.N_COMPONENTS):
     """encode_roi run directly on the subject's data (the independent path the script must match)."""
     images = utils.subject_images(root, subj, 64)
     train, test = utils.train_test_split(len(images))
     voxels = utils.roi_voxel_indices(root, subj, hemi, roi)
     layers = encoding.layer_features(alexnet or utils.load_alexnet("none", 0), images, batch_size=128)
-    return encoding.encode_roi(layers, utils.load_fmri(root, subj, hemi, voxels), train, test, utils.cv_folds(train))
+    return encoding.encode_roi(layers, utils.load_fmri(root, subj, hemi, voxels), train, test, utils.cv_folds(train),
+                               n_components=n_components)
 
 
 def save_cl_checkpoint(root, subj, hemi, roi, seed):
@@ -334,6 +335,24 @@ def test_feature_precision_is_recorded_and_checked(root, capsys):
     assert r["feature_precision"] == "fp32"
     err = run_error(["--root", str(root), "--rois", "V1v", "--feature-precision", "fp16"] + FAST, capsys)
     assert "--feature-precision fp16: allowed one of fp32, bf16" in err
+    assert not encoding_results.result_path(root, 1, "untuned", "lh", "V1v").exists()
+
+
+def test_engine_precision_reaches_the_engine_and_is_recorded(root, capsys, monkeypatch):
+    used, top = [], encoding.top_eigenpairs
+    monkeypatch.setattr(encoding, "top_eigenpairs", lambda a, k, precision="fp64": used.append(precision) or top(a, k, precision))
+    # 30 components of 164-row folds: the mixed solver refines instead of falling back to fp64.
+    argv = ["--root", str(root), "--rois", "EBA", "--n-components", "30"] + FAST
+    r = encoding_results.load_result(fem.main(argv + ["--engine-precision", "mixed"])["EBA"])
+    assert used == ["mixed"] * len(utils.LAYERS) * (5 + 1)
+    assert r["engine_precision"] == "mixed" and r["config"]["ENGINE_PRECISION"] == "mixed"
+    exact = untuned_reference(root, 1, "lh", "EBA", n_components=30)
+    assert r["best_layer"] == exact["best_layer"]
+    np.testing.assert_array_equal(r["alpha_index"], exact["alpha_index"])
+    for key in ("cv_r", "test_r"):
+        np.testing.assert_allclose(r[key], exact[key], rtol=0, atol=1e-7)
+    err = run_error(["--root", str(root), "--rois", "V1v", "--engine-precision", "fp32"] + FAST, capsys)
+    assert "--engine-precision fp32: allowed one of fp64, mixed" in err
     assert not encoding_results.result_path(root, 1, "untuned", "lh", "V1v").exists()
 
 

@@ -434,11 +434,14 @@ def test_results_record_their_settings_and_other_settings_are_refused(nod_run, c
     assert nib.load(str(nu.beta_path(root / "nod", 1, 1, 4))).shape == (100, 1220)  # 100 maps per run
     assert {(r["zscore"], r["hemisphere_convention"]) for r in results.values()} == {("run", "anatomical")}
     assert set(zip(table["zscore"], table["hemisphere_convention"])) == {("run", "anatomical")}
+    assert {r["engine_precision"] for r in results.values()} == {"fp64"}
     args = ["--root", str(root), "--subjects", "1", "--sessions", "1", "--runs", "1", "2", "3", "4",
             "--rois", "V1", "--hemispheres", "lh", "--methods", "untuned", "--weights", "none"]
     err = run_error(script.main, args + ["--zscore", "vertex"], capsys)
     assert str(encoding_results.nod_result_path(root, 1, "lh", "V1", "untuned")) in err and "--overwrite" in err
     assert "was made with zscore='run', but this run asks for zscore='vertex'" in err
+    err = run_error(script.main, args + ["--image-size", "64", "--engine-precision", "mixed"], capsys)
+    assert "was made with engine_precision='fp64', but this run asks for engine_precision='mixed'" in err
     err = run_error(script.main, args + ["--hemisphere-convention", "nsd"], capsys)
     assert "--hemisphere-convention nsd: allowed one of anatomical, authors" in err
 

@@ -96,6 +96,7 @@ def fitted(synthetic_root, shared_cache, tmp_path_factory):
     (["--image-size", "72"], "image_size=64, but this run asks for image_size=72"),
     (["--seed", "1"], "seed=0, but this run asks for seed=1"),
     (["--feature-precision", "bf16"], "feature_precision='fp32', but this run asks for feature_precision='bf16'"),
+    (["--engine-precision", "mixed"], "engine_precision='fp64', but this run asks for engine_precision='mixed'"),
 ])
 def test_result_with_other_settings_is_not_reused(fitted, capsys, extra, message):
     root, argv = fitted
