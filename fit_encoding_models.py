@@ -134,7 +134,7 @@ def result_settings(opts, method, epochs):
     settings = {"alpha_grid": list(map(float, opts.ALPHAS)), "n_components": opts.N_COMPONENTS,
                 "n_folds": opts.N_FOLDS, "image_size": opts.IMAGE_SIZE, "epochs": epochs,
                 "feature_precision": opts.FEATURE_PRECISION, "engine_precision": opts.ENGINE_PRECISION,
-                "code_version": utils.CODE_VERSION}
+                "format_version": utils.FORMAT_VERSION}
     if method == "untuned":
         settings["weights"] = opts.WEIGHTS
         if str(opts.WEIGHTS).lower() == "none":

@@ -80,7 +80,7 @@ def settings(opts, method):
            "nsd_stream": opts.NSD_STREAM, "alpha_grid": list(map(float, opts.ALPHAS)),
            "n_components": opts.N_COMPONENTS, "n_folds": opts.N_FOLDS, "image_size": opts.IMAGE_SIZE,
            "epochs": utils.method_epochs(opts, method), "engine_precision": opts.ENGINE_PRECISION,
-           "code_version": utils.CODE_VERSION}
+           "format_version": utils.FORMAT_VERSION}
     if method in ("cl-tuned", "reg-tuned"):
         out["model_subj"] = opts.MODEL_SUBJ
     if method == "untuned":

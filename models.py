@@ -639,7 +639,7 @@ def plan_roi(opts, roi, method, skip_small=False):
     meta : dict of plain Python values: method, subject (pooled: subjects), hemisphere, roi,
         image_size, epochs, lr, batch_size, temperature (not for reg-tuned), max_voxels,
         weights, seed, the model's sizes (see build_model), voxels (pooled: per subject,
-        keyed by the subject number as a string), code_version and config (the options
+        keyed by the subject number as a string), format_version and config (the options
         whole, options.run_config).
     """
     pooled = method.startswith("pooled")
@@ -686,7 +686,7 @@ def plan_roi(opts, roi, method, skip_small=False):
         if method == "cl-tuned":
             meta["h"], meta["z"] = default_dims(n)
         meta["voxels"] = voxels[subjects[0]].tolist()
-    meta.update(code_version=utils.CODE_VERSION, config=options.run_config(opts))
+    meta.update(format_version=utils.FORMAT_VERSION, config=options.run_config(opts))
     return RoiPlan(utils.method_checkpoint_path(opts.ROOT, method, subjects[0], hemi, roi, opts.EPOCHS), meta)
 
 

@@ -23,7 +23,12 @@ import safe_io
 # Imported on first use, so that a script's --help answers before torch loads.
 torch = options.lazy_import("torch")
 
-CODE_VERSION = "1.0"
+# The version of what checkpoints and results mean: their format and the protocol that made
+# them. Every checkpoint and result records it, and one of another version is refused
+# (safe_io.check_same_settings) rather than mixed with new ones. Raise it whenever a change
+# makes an earlier checkpoint or result read differently or hold other numbers.
+# 2: checkpoints record the method (not the kind); results record the engine precision.
+FORMAT_VERSION = 2
 
 # --- ROIs ------------------------------------------------------------------------------
 

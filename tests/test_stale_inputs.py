@@ -55,11 +55,11 @@ def test_checkpoint_with_other_settings_is_not_reused(root, capsys, main, argv, 
     assert err.startswith(f"error: {path} was made with ") and message in err and "--overwrite" in err
 
 
-def test_checkpoint_of_other_code_version_is_not_reused(root, capsys, monkeypatch):
+def test_checkpoint_of_another_format_version_is_not_reused(root, capsys, monkeypatch):
     save_untrained_checkpoint(root, "cl-tuned", 1, "lh", "V1v")
-    monkeypatch.setattr(utils, "CODE_VERSION", "2.0")
+    monkeypatch.setattr(utils, "FORMAT_VERSION", utils.FORMAT_VERSION + 1)
     err = refused(cl_model_training.main, ["--root", str(root), "--roi", "V1v"] + TRAIN, root, capsys)
-    assert "code_version='1.0', but this run asks for code_version='2.0'" in err
+    assert f"format_version={utils.FORMAT_VERSION - 1}, but this run asks for format_version={utils.FORMAT_VERSION}" in err
 
 
 def test_checkpoints_record_the_whole_config(root):

@@ -29,7 +29,7 @@ def test_reg_script_writes_checkpoint_meta_and_log(root):
     assert meta["voxels"] == voxels.tolist() and meta["n_voxels"] == len(voxels)
     assert (meta["method"], meta["subject"], meta["hemisphere"], meta["roi"], meta["epochs"]) == ("reg-tuned", 2, "rh", "EBA", 1)
     assert (meta["lr"], meta["batch_size"], meta["weights"], meta["image_size"]) == (2.5e-5, 64, "none", 64)
-    assert meta["code_version"] == utils.CODE_VERSION
+    assert meta["format_version"] == utils.FORMAT_VERSION
     log = json.loads(models.log_path(path).read_text())
     assert [row["epoch"] for row in log] == [1] and log == meta["history"]
     # The logged held-out loss is the MSE of the saved model on the 15% test split.
