@@ -89,6 +89,17 @@ def collect_results(root, subj, skip=()):
             for path, r in complete_results(utils.encoding_dir(root, subj), "*/*.npz", skip)}
 
 
+def load_encoding(root, subjects=None):
+    """{subject: collect_results dict} of each subject's own-model, per-method results (no transfer,
+    no untuned-layer protocol), for the subjects (default: every one under roi_masks) that have some."""
+    out = {}
+    for subj in subjects or utils.find_subjects(root):
+        results = {k: r for k, r in collect_results(root, subj).items() if k[0] in utils.METHODS}
+        if results:
+            out[int(subj)] = results
+    return out
+
+
 def nod_results_dir(root):
     """Where the NOD results go: ROOT/encoding_results/nod."""
     return Path(root) / "encoding_results" / "nod"
@@ -176,6 +187,35 @@ def group_summary(results, subj):
                                           if pairs and a in methods and b in methods else np.nan)
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def group_means(table, value, groups=utils.ROI_GROUPS):
+    """The authors' group means of a per-ROI score, as in their summary tables.
+
+    Per ROI group, only the (subject, hemisphere, ROI) that have a ``value`` for every method
+    in ``table`` count; each subject's mean over those, unweighted, then the mean over subjects.
+
+    Parameters
+    ----------
+    table : DataFrame with subject, hemisphere, roi, method and the column ``value``.
+
+    Returns
+    -------
+    per_subject : DataFrame, one row per (subject, group): n_rois and one column per method.
+    means : DataFrame indexed by group: n_subjects, n_rois (summed over subjects) and the mean over
+        subjects of each method's column.
+    """
+    methods = [m for m in utils.METHODS if m in set(table["method"])]
+    wide = table.pivot_table(index=["subject", "hemisphere", "roi"], columns="method", values=value)
+    wide = wide.reindex(columns=methods).dropna().reset_index()
+    parts = []
+    for group, members in groups.items():
+        part = wide[wide["roi"].isin(members)].groupby("subject")[methods]
+        parts.append(part.mean().assign(group=group, n_rois=part.size()).reset_index())
+    per_subject = pd.concat(parts, ignore_index=True)[["subject", "group", "n_rois"] + methods]
+    means = per_subject.groupby("group", sort=False).agg(n_subjects=("subject", "size"), n_rois=("n_rois", "sum"),
+                                                         **{m: (m, "mean") for m in methods})
+    return per_subject, means
 
 
 def write_group_summaries(root, subj, results):

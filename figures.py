@@ -1,12 +1,15 @@
 """Every figure, drawn from saved results: the scripts' figures, the paper's group figures, landscapes and cortical maps.
 
 ``save_figure`` writes each one (PNG and PDF, atomically). Everything here reads what the scripts saved (encoding results, voxel counts, MI bounds,
-classification probes and predictions) and draws; nothing is fitted. ``paper_figures``
-builds every figure that has its inputs and names, for each one that has not, the command
-that makes them. ``generate_results.py --type paper-figures`` calls it.
+classification probes and predictions), or the authors' published encoding results
+(``published_results``), and draws; nothing is fitted. ``paper_figures`` builds every
+figure that has its inputs and names, for each one that has not, the command that makes
+them. ``generate_results.py --type paper-figures`` calls it. A figure with the name of one
+of the paper's (the authors' ``paper_figs/``) shows the same quantity, rows and columns.
 
 ROI groups: 'early visual' is the prf-visualrois class (V1v..hV4) plus the 'early' stream;
 'higher' is every other ROI (floc-bodies, -faces, -places, -words and the other streams).
+The paper's ROI-hemisphere tables have the pRF and category ROIs (utils.ROI_GROUPS['all']).
 
 Cortical maps use nilearn's packaged fsaverage5 mesh (no download). fsaverage nests
 fsaverage5: the first 10242 of fsaverage's 163842 vertices per hemisphere are fsaverage5's.
@@ -14,6 +17,7 @@ Challenge-space vertex i is fsaverage vertex ``np.flatnonzero(all-vertices mask)
 the vertices below 10242 are drawn on fsaverage5, and all of them on a full fsaverage mesh.
 """
 
+import functools
 import warnings
 from pathlib import Path
 
@@ -22,6 +26,7 @@ import pandas as pd
 
 import encoding_results
 import nod_utils
+import published_results
 import results_utils as ru
 import safe_io
 import utils
@@ -29,6 +34,10 @@ import utils
 EARLY_ROIS = utils.ROI_CLASSES["prf-visualrois"] + ["early"]
 ROI_GROUPS = ("early", "higher")
 GROUP_NAMES = {"early": "early visual (V1v..hV4, early stream)", "higher": "higher (floc ROIs, other streams)"}
+PAPER_ROIS = utils.ROI_GROUPS["all"]
+# Where paper_figures reads from: ROOT's saved results, or the authors' published ones (published/).
+SOURCES = ("results", "published")
+SCORE_NAMES = {"test_r": "test r", "cv_r": "CV r"}
 FSAVERAGE5_VERTICES = 10242
 SURFACES = ("inflated", "pial")
 VIEWS = ("lateral", "medial", "ventral")
@@ -36,7 +45,7 @@ POOLED = ("pooled-avg", "pooled-const")
 HEMI_NAMES = {"lh": "left hemisphere", "rh": "right hemisphere"}
 # Categorical colours of methods, subjects and ROI groups (tab10 order).
 METHOD_COLOURS = dict(zip(utils.METHODS + ["oracle"], ("#7f7f7f", "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "k")))
-GROUP_COLOURS = {"early": "#ff7f0e", "higher": "#1f77b4"}
+GROUP_COLOURS = {"early": "#1f77b4", "higher": "#ff7f0e"}  # the paper's: early blue, higher orange
 OVERLAP_NOTE = ("where a vertex lies in several ROIs, the value of the first ROI in canonical order "
                 "(prf-visualrois, floc-bodies, -faces, -places, -words, then streams) is drawn")
 
@@ -50,8 +59,9 @@ def roi_group(roi):
     return "early" if roi in EARLY_ROIS else "higher"
 
 
-def paper_dir(root):
-    return utils.results_dir(root) / "figures" / "paper"
+def paper_dir(root, source="results"):
+    """Where paper_figures writes: results/figures/paper (ROOT's results) or results/figures/published."""
+    return utils.results_dir(root) / "figures" / ("paper" if source == "results" else "published")
 
 
 # --- Saving, and the figures of the scripts -------------------------------------------
@@ -340,39 +350,41 @@ def salience_figure(root, dataset, method, subj, roi, image_index, epochs, maps)
                          f"Grad-CAM at features.12 for the true class: {maps.class_name}")
 
 
-# --- Tables from the saved results -----------------------------------------------------
+# --- Tables from the saved (or the published) results -------------------------------------
 
-def load_encoding(root, subjects=None):
-    """{subject: collect_results dict} of the subjects with encoding results (own model, per-method protocol)."""
-    out = {}
-    for subj in subjects or utils.find_subjects(root):
-        results = {k: r for k, r in encoding_results.collect_results(root, subj).items() if k[0] in utils.METHODS}
-        if results:
-            out[int(subj)] = results
-    return out
+def encoding_table(encoding, score="test_r"):
+    """One row per (subject, hemisphere, ROI, method) of ``encoding_results.load_encoding``'s (or
+    ``published_results.load_results``') results.
 
-
-def encoding_table(encoding):
-    """One row per (subject, hemisphere, ROI, method) of ``load_encoding``'s results.
-
-    gain is the mean over the ROI's voxels of (test r of the method - test r of untuned),
-    NaN without an untuned result on the same voxels.
+    mean_r is the mean of ``score`` ('test_r', or 'cv_r', the CV r at the best layer) over the
+    ROI's voxels; gain the mean over them of the method's minus untuned's, pct_improved the % of
+    them where the method's beats untuned's, both NaN for untuned and without an untuned result
+    on the same voxels.
 
     Returns
     -------
-    DataFrame with subject, hemisphere, roi, group, method, n_voxels, best_layer, mean_test_r, gain.
+    DataFrame with subject, hemisphere, roi, group, method, n_voxels, best_layer, mean_r, gain, pct_improved.
     """
     rows = []
     for subj, results in encoding.items():
         for (method, hemi, roi), r in results.items():
             u = results.get(("untuned", hemi, roi))
-            same = u is not None and np.array_equal(u["voxels"], r["voxels"])
+            same = method != "untuned" and u is not None and np.array_equal(u["voxels"], r["voxels"])
             rows.append({"subject": subj, "hemisphere": hemi, "roi": roi, "group": roi_group(roi),
                          "method": method, "n_voxels": len(r["voxels"]), "best_layer": r["best_layer"],
-                         "mean_test_r": float(np.mean(r["test_r"])),
-                         "gain": float(np.mean(r["test_r"] - u["test_r"])) if same else np.nan})
-    return pd.DataFrame(rows, columns=["subject", "hemisphere", "roi", "group", "method", "n_voxels",
-                                       "best_layer", "mean_test_r", "gain"]).astype({"mean_test_r": float, "gain": float})
+                         "mean_r": float(np.mean(r[score])),
+                         "gain": float(np.mean(r[score] - u[score])) if same else np.nan,
+                         "pct_improved": encoding_results.pct_beats_untuned(r[score], u[score]) if same else np.nan})
+    columns = ["subject", "hemisphere", "roi", "group", "method", "n_voxels", "best_layer", "mean_r", "gain", "pct_improved"]
+    return pd.DataFrame(rows, columns=columns).astype({c: float for c in columns[-3:]})
+
+
+def layer_table(encoding):
+    """The CV layer scores of ``encoding_results.load_encoding``'s results, one row per layer:
+    subject, hemisphere, roi, method, layer, score (as ``published_results.load_layer_scores``)."""
+    rows = [{"subject": s, "hemisphere": h, "roi": roi, "method": m, "layer": layer, "score": float(r["layer_scores"][layer])}
+            for s, results in encoding.items() for (m, h, roi), r in results.items() for layer in utils.LAYERS]
+    return pd.DataFrame(rows, columns=["subject", "hemisphere", "roi", "method", "layer", "score"])
 
 
 def group_gains(table, method, rois=utils.ROIS):
@@ -388,11 +400,11 @@ def group_gains(table, method, rois=utils.ROIS):
     return stats.sort_values(["hemisphere", "order"]).drop(columns="order").reset_index(drop=True)
 
 
-def paired_gains(table, method_x, method_y):
-    """Per (subject, hemisphere, ROI) with both methods' gains: columns x, y, group, roi, subject, hemisphere."""
+def paired_values(table, method_x, method_y, column="gain"):
+    """Per (subject, hemisphere, ROI) with both methods' ``column``: columns x, y, group, roi, subject, hemisphere."""
     keys = ["subject", "hemisphere", "roi"]
-    x = table[table["method"] == method_x].set_index(keys)["gain"]
-    y = table[table["method"] == method_y].set_index(keys)["gain"]
+    x = table[table["method"] == method_x].set_index(keys)[column]
+    y = table[table["method"] == method_y].set_index(keys)[column]
     both = pd.concat({"x": x, "y": y}, axis=1, join="inner").dropna().reset_index()
     return both.assign(group=both["roi"].map(roi_group))
 
@@ -402,6 +414,60 @@ def load_voxel_counts(root):
     if not path.is_file():
         raise Missing(f"no {path}: make it with python generate_results.py --type voxel-counts")
     return pd.read_csv(path)
+
+
+def row_label(hemisphere, roi):
+    """The paper's row name of a (hemisphere, ROI): 'LH V1v'."""
+    return f"{hemisphere.upper()} {roi}"
+
+
+def hemisphere_rows(tables):
+    """{hemisphere: DataFrame ROI x column} as one DataFrame with the paper's rows: each of the paper's
+    ROIs present in either hemisphere, in canonical order, left then right ('LH V1v', 'RH V1v', ...);
+    NaN where absent."""
+    rois = [r for r in PAPER_ROIS if any(r in t.index for t in tables.values())]
+    rows = {row_label(h, roi): (tables[h].loc[roi] if h in tables and roi in tables[h].index else pd.Series(dtype=float))
+            for roi in rois for h in utils.HEMISPHERES}
+    return pd.DataFrame(rows).T.reindex(list(rows)).astype(float)
+
+
+def _subject_number_columns(matrix):
+    """Columns 'subjX' renamed 'X', in subject order."""
+    subjects = sorted(matrix.columns, key=lambda c: int(c[4:]))
+    return matrix[subjects].rename(columns=lambda c: c[4:])
+
+
+def transfer_both(root, min_voxels=utils.MIN_VOXELS):
+    """``encoding_results.transfer_table`` of cl-tuned in both hemispheres (the paper's ROIs), with a hemisphere column."""
+    table = pd.concat([encoding_results.transfer_table(root, "cl-tuned", h, PAPER_ROIS, min_voxels).assign(hemisphere=h)
+                       for h in utils.HEMISPHERES], ignore_index=True)
+    if not (table["status"] == "fitted").any():
+        raise Missing("no cl-tuned results of any subject: make them with python fit_encoding_models.py --method cl-tuned "
+                      "--subj X, and --model-subj Y for the cross-subject ones, then untuned for the same subjects")
+    return table
+
+
+def cs_matrix(transfer, rois):
+    """Model subject x evaluation subject: over the (hemisphere, ROI) of ``rois``, the authors' mean
+    (``encoding_results.transfer_matrices``, an absent ROI counting 0) of the fraction of the evaluation
+    subject's voxels whose test r with the model subject's CL model beats its untuned test r.
+
+    Returns None when no ROI of ``rois`` has a result."""
+    keyed = transfer.assign(roi=transfer["hemisphere"] + " " + transfer["roi"])
+    return encoding_results.transfer_matrices(keyed, [f"{h} {roi}" for h in utils.HEMISPHERES for roi in rois])[1]
+
+
+def cs_vs_pooled(transfer, table, pooled):
+    """Per (evaluation subject, hemisphere, ROI): x = % of its voxels above untuned (test r) with the other
+    subjects' CL models, averaged over those models; y = the same % with the pooled model.
+
+    Returns a DataFrame with subject, hemisphere, roi, x, y, group (both present only)."""
+    cross = transfer[(transfer["status"] == "fitted") & (transfer["model_subj"] != transfer["target_subj"])]
+    x = 100 * cross.groupby(["target_subj", "hemisphere", "roi"])["frac_improved"].mean()
+    x.index.names = ["subject", "hemisphere", "roi"]
+    y = table[table["method"] == pooled].set_index(["subject", "hemisphere", "roi"])["pct_improved"]
+    both = pd.concat({"x": x, "y": y}, axis=1, join="inner").dropna().reset_index()
+    return both.assign(group=both["roi"].map(roi_group))
 
 
 def _mi(root, method, epochs):
@@ -430,10 +496,116 @@ def mi_pairs(root, pooled, epochs):
     return pd.DataFrame(rows)
 
 
+def mi_by_size(root, pairs):
+    """Per (hemisphere, ROI) of ``mi_pairs``: the mean over its subjects of the voxel count, of the
+    subject-specific bound and of the pooled bound (columns hemisphere, roi, group, n_voxels, specific, pooled)."""
+    sizes = [utils.roi_voxel_count(root, s, h, roi) for s, h, roi in zip(pairs["subject"], pairs["hemisphere"], pairs["roi"])]
+    return (pairs.assign(n_voxels=sizes).groupby(["hemisphere", "roi", "group"])
+            .agg(n_voxels=("n_voxels", "mean"), specific=("x", "mean"), pooled=("y", "mean")).reset_index())
+
+
+def mi_matrix(root, epochs):
+    """ROI-hemisphere x subject ('1'..'8', then 'Avg', the mean over the subjects with a value) of the
+    CL models' MI bound (bits, post-hoc temperature)."""
+    matrix = _subject_number_columns(hemisphere_rows({h: t.tuned for h, t in _mi(root, "cl-tuned", epochs).items()}))
+    return matrix.assign(Avg=matrix.mean(axis=1))
+
+
+def classification_matrix(root, dataset, epochs):
+    """The paper's probe table: rows 'Untuned' then ROI-hemispheres; columns the subject-specific CL
+    models '1'..'8', 'Avg' (their mean), 'Pooled Avg', 'Pooled Const' (empty where not probed) and
+    'Untuned' (the untuned network's accuracy, in the 'Untuned' row only)."""
+    try:
+        specific = ru.classification_tables(root, dataset, "cl-tuned", epochs)
+    except safe_io.UserError:
+        raise Missing(f"no cl-tuned {dataset} probes (e{int(epochs)}): make them with python generate_results.py "
+                      f"--type classification-task --dataset {dataset} --subjects 1 2 3 4 5 6 7 8") from None
+    matrix = _subject_number_columns(hemisphere_rows(specific.tables))
+    matrix = matrix.assign(Avg=matrix.mean(axis=1))
+    for pooled in POOLED:
+        try:
+            column = hemisphere_rows(ru.classification_tables(root, dataset, pooled, epochs).tables)["pooled"]
+        except safe_io.UserError:
+            column = pd.Series(dtype=float)
+        matrix[pooled.replace("-", " ").title()] = column.reindex(matrix.index)
+    matrix["Untuned"] = np.nan
+    untuned = pd.DataFrame({"Untuned": [specific.untuned]}, index=["Untuned"]).reindex(columns=matrix.columns)
+    return pd.concat([untuned, matrix])
+
+
 # --- Group figures ---------------------------------------------------------------------
 
 def _subject_columns(subjects):
     return [utils.subj_dir(s) for s in subjects]
+
+
+def _cell_text_colour(rgba):
+    """Black text on light cells, white on dark ones (by the cell colour's luminance)."""
+    r, g, b = rgba[:3]
+    return "k" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "w"
+
+
+def plot_value_matrix(matrix, title, label, stem, cmap="viridis", xlabel="", ylabel="ROI", fmt="{:.3f}"):
+    """An annotated heatmap of a table (rows x columns), empty cells white; one colour scale for all cells.
+    Returns the written paths."""
+    plt = pyplot()
+    values = matrix.to_numpy(dtype=float)
+    colours = plt.get_cmap(cmap).with_extremes(bad="white")
+    fig, ax = plt.subplots(figsize=(2.2 + 0.62 * matrix.shape[1], max(3.5, 1.4 + 0.2 * matrix.shape[0])), layout="constrained")
+    im = ax.imshow(np.ma.masked_invalid(values), cmap=colours, aspect="auto")
+    for (i, j), v in np.ndenumerate(values):
+        if np.isfinite(v):
+            ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=6, color=_cell_text_colour(colours(im.norm(v))))
+    ax.set_xticks(range(matrix.shape[1]), matrix.columns, rotation=90)
+    ax.set_yticks(range(matrix.shape[0]), matrix.index, fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    fig.colorbar(im, ax=ax, label=label, shrink=0.5, aspect=30)
+    ax.set_title(title, fontsize=10)
+    return save_figure(fig, stem)
+
+
+def layer_matrix(layers, subj):
+    """One subject's untuned encoding scores: the paper's ROI-hemisphere rows ('lh_V1v', 'rh_V1v', ...)
+    x the 8 layers.
+
+    Parameters
+    ----------
+    layers : DataFrame subject, hemisphere, roi, method, layer, score (``layer_table``).
+
+    Returns
+    -------
+    DataFrame of scores; Missing when the subject has no untuned layer scores.
+    """
+    part = layers[(layers["method"] == "untuned") & (layers["subject"] == subj) & layers["roi"].isin(PAPER_ROIS)]
+    if part.empty:
+        raise Missing(f"no untuned layer scores of {utils.subj_dir(subj)}: make them with python fit_encoding_models.py "
+                      f"--method untuned --subj {subj} --hemisphere H")
+    wide = part.pivot_table(index=["roi", "hemisphere"], columns="layer", values="score").reindex(columns=utils.LAYERS)
+    order = [(roi, h) for roi in utils.ROIS for h in utils.HEMISPHERES if (roi, h) in wide.index]
+    return wide.reindex(order).set_axis([f"{h}_{roi}" for roi, h in order])
+
+
+def plot_layer_matrix(matrix, title, stem):
+    """The paper's layer table (``layer_matrix``), the colour scaled within each row, the best layer of
+    each row boxed in red. Returns the written paths."""
+    plt = pyplot()
+    from matplotlib.patches import Rectangle
+    values = matrix.to_numpy(dtype=float)
+    low, high = np.nanmin(values, axis=1, keepdims=True), np.nanmax(values, axis=1, keepdims=True)
+    scaled = (values - low) / np.where(high > low, high - low, 1.0)
+    fig, ax = plt.subplots(figsize=(7, 1.4 + 0.2 * len(matrix)), layout="constrained")
+    ax.imshow(scaled, cmap="Blues", vmin=-0.1, vmax=1, aspect="auto")
+    for (i, j), v in np.ndenumerate(values):
+        ax.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=6, color="w" if scaled[i, j] > 0.55 else "k")
+    for i, j in enumerate(np.nanargmax(values, axis=1)):
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=1.5))
+    ax.set_xticks(range(len(utils.LAYERS)), utils.LAYERS, rotation=90)
+    ax.set_yticks(range(len(matrix)), matrix.index, fontsize=7)
+    ax.set_xlabel("AlexNet layer")
+    ax.set_ylabel("ROI")
+    ax.set_title(title, fontsize=10)
+    return save_figure(fig, stem)
 
 
 def plot_best_layers(table, stem):
@@ -468,35 +640,98 @@ def plot_best_layers(table, stem):
     return save_figure(fig, stem), mats
 
 
-def plot_presence(counts, stem):
-    """ROI x subject voxel counts, one panel per hemisphere; absent ROIs (0 voxels) grey.
+def presence_matrix(counts):
+    """The paper's presence table: voxel counts, rows the paper's ROIs that have a voxel in some subject, in
+    both hemispheres ('LH V1v', 'RH V1v', ...), columns the subjects (0 where absent).
 
-    Returns (paths, {hemisphere: DataFrame ROI x subject of counts}).
+    Parameters
+    ----------
+    counts : DataFrame subject, hemisphere, roi, n_voxels (``results_utils.voxel_counts``).
     """
+    part = counts[counts["roi"].isin(PAPER_ROIS)]
+    present = [r for r in PAPER_ROIS if (part.loc[part["roi"] == r, "n_voxels"] > 0).any()]
+    wide = part.pivot_table(index=["roi", "hemisphere"], columns="subject", values="n_voxels")
+    order = [(roi, h) for roi in present for h in utils.HEMISPHERES]
+    return (wide.reindex(index=order, columns=sorted(part["subject"].unique())).fillna(0).astype(int)
+            .set_axis([row_label(h, r) for r, h in order]))
+
+
+def plot_presence(matrix, stem, min_voxels=utils.MIN_VOXELS):
+    """The paper's presence table (``presence_matrix``): black where the ROI has at least ``min_voxels``
+    voxels, white where not; each cell prints its voxel count. Returns the written paths."""
     plt = pyplot()
-    from matplotlib.colors import LogNorm
-    subjects = sorted(counts["subject"].unique())
-    mats = {h: part.pivot(index="roi", columns="subject", values="n_voxels").reindex(index=utils.ROIS, columns=subjects)
-            for h, part in counts.groupby("hemisphere")}
-    top = max(float(m.to_numpy().max()) for m in mats.values())
-    cmap = plt.cm.viridis.with_extremes(bad="0.85")
-    fig, axes = plt.subplots(1, len(mats), figsize=(3 + 1.2 * len(subjects) * len(mats), 1.5 + 0.28 * len(utils.ROIS)),
-                             squeeze=False, layout="constrained")
-    for ax, (h, m) in zip(axes[0], mats.items()):
-        values = m.to_numpy(dtype=float)
-        im = ax.imshow(np.where(values > 0, values, np.nan), cmap=cmap, norm=LogNorm(1, max(top, 10)), aspect="auto")
-        for (i, j), v in np.ndenumerate(values):
-            ax.text(j, i, f"{int(v)}" if v > 0 else "absent", ha="center", va="center", fontsize=6,
-                    color="k" if v <= 0 or v > top ** 0.6 else "w")
-        ax.set_xticks(range(len(subjects)), _subject_columns(subjects), rotation=45)
-        ax.set_yticks(range(len(m)), m.index)
-        ax.set_title(HEMI_NAMES[h])
-    fig.colorbar(im, ax=list(axes[0]), label="voxels (vertices) in the ROI, log scale")
-    fig.suptitle("ROI presence and size per subject and hemisphere")
-    return save_figure(fig, stem), mats
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+    values = matrix.to_numpy()
+    fig, ax = plt.subplots(figsize=(2.6 + 0.55 * matrix.shape[1], 1.4 + 0.2 * len(matrix)), layout="constrained")
+    ax.imshow(values >= min_voxels, cmap=ListedColormap(["white", "black"]), vmin=0, vmax=1, aspect="auto")
+    for (i, j), v in np.ndenumerate(values):
+        if v > 0:
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=5, color="w" if v >= min_voxels else "0.4")
+    ax.set_xticks(range(matrix.shape[1]), [str(s) for s in matrix.columns])
+    ax.set_xticks(np.arange(matrix.shape[1] + 1) - 0.5, minor=True)
+    ax.set_yticks(np.arange(len(matrix) + 1) - 0.5, minor=True)
+    ax.grid(which="minor", color="0.6", lw=0.3)
+    ax.tick_params(which="minor", length=0)
+    ax.set_yticks(range(len(matrix)), matrix.index, fontsize=7)
+    ax.set_xlabel("Subject")
+    ax.set_ylabel("ROI")
+    ax.legend([Patch(fc="black"), Patch(fc="white", ec="0.6")], [f"Present (>= {min_voxels} voxels)", "Not present"],
+              loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7)
+    ax.set_title("Presence of ROIs in each subject (numbers: voxels)", fontsize=10)
+    return save_figure(fig, stem)
 
 
-def plot_group_gains(stats, title, stem):
+def plot_cs_matrix(frac, title, stem):
+    """The paper's cross-subject matrix: model subject (rows) x evaluation subject (columns) of the
+    average fraction of voxels improved over untuned (``cs_matrix``), each cell printed; the colour
+    diverges at 0.5. Returns the written paths."""
+    plt = pyplot()
+    from matplotlib.colors import TwoSlopeNorm
+    values = frac.to_numpy(dtype=float)
+    finite = values[np.isfinite(values)]
+    span = max(float(np.abs(finite - 0.5).max()) if len(finite) else 0.0, 0.05)
+    norm = TwoSlopeNorm(0.5, 0.5 - span, 0.5 + span)
+    cmap = plt.get_cmap("coolwarm").with_extremes(bad="white")
+    fig, ax = plt.subplots(figsize=(5.6, 5), layout="constrained")
+    im = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, norm=norm)
+    for (i, j), v in np.ndenumerate(values):
+        ax.text(j, i, "n/a" if np.isnan(v) else f"{v:.3f}", ha="center", va="center", fontsize=8,
+                color="k" if np.isnan(v) else _cell_text_colour(cmap(norm(v))))
+    ax.set_xticks(range(frac.shape[1]), [str(s) for s in frac.columns])
+    ax.set_yticks(range(frac.shape[0]), [str(s) for s in frac.index])
+    ax.set_xlabel("Evaluation Subject")
+    ax.set_ylabel("Model Subject")
+    fig.colorbar(im, ax=ax, label="fraction of voxels above untuned (test r)", shrink=0.8)
+    ax.set_title(title, fontsize=9)
+    return save_figure(fig, stem)
+
+
+def _scatter_by_group(ax, table, x, y, label="{name} (n={n})", **style):
+    """One scatter per ROI group of ``table`` (column group), in the group's colour, labelled with its name."""
+    for g in ROI_GROUPS:
+        part = table[table["group"] == g]
+        if len(part):
+            ax.scatter(part[x], part[y], color=GROUP_COLOURS[g], label=label.format(name=GROUP_NAMES[g], n=len(part)), **style)
+
+
+def plot_mi_by_size(stats, pooled, stem):
+    """The paper's MI-by-size scatter: per (hemisphere, ROI), the mean MI bound over subjects against the
+    mean voxel count (``mi_by_size``), subject-specific (dots) and pooled (stars), early and higher visual
+    ROIs coloured. Returns the written paths."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 4.6), layout="constrained")
+    _scatter_by_group(ax, stats, "n_voxels", "specific", "{name}: subject-specific", s=14)
+    _scatter_by_group(ax, stats, "n_voxels", "pooled", "{name}: " + pooled, s=30, marker="*", alpha=0.45)
+    ax.set_xlabel("Average number of voxels (over the subjects)")
+    ax.set_ylabel("MI lower bound estimate (bits)")
+    ax.legend(fontsize=6, loc="best")
+    ax.set_title(f"MI estimates, subject-specific vs pooled (h-{pooled.split('-')[1]})\n"
+                 "mean over subjects per ROI-hemisphere (post-hoc temperature)", fontsize=9)
+    return save_figure(fig, stem)
+
+
+def plot_group_gains(stats, title, stem, ylabel):
     """Bars of the mean gain over subjects per ROI with SEM error bars and n above, one row per hemisphere.
 
     Returns (paths, stats).
@@ -517,7 +752,7 @@ def plot_group_gains(stats, title, stem):
         ax.axhline(0, color="k", lw=0.6)
         ax.set_xticks(x, part["roi"], rotation=60, ha="right", fontsize=8)
         ax.set_xlim(-0.6, max(len(part), 3) - 0.4)
-        ax.set_ylabel("gain in mean test r")
+        ax.set_ylabel(ylabel)
         ax.set_title(HEMI_NAMES[h], fontsize=9)
         ax.margins(y=0.15)
     handles = [plt.Rectangle((0, 0), 1, 1, color=GROUP_COLOURS[g]) for g in ROI_GROUPS]
@@ -526,22 +761,24 @@ def plot_group_gains(stats, title, stem):
     return save_figure(fig, stem), stats
 
 
-def plot_pairs(pairs, xlabel, ylabel, title, stem, zero_lines=True):
-    """Scatter of one point per (subject, hemisphere, ROI), coloured by ROI group, with the identity line.
+def plot_pairs(pairs, xlabel, ylabel, title, stem, zero_lines=True, limits=None):
+    """Scatter of one point per (subject, hemisphere, ROI), coloured by ROI group, with the identity line;
+    ``limits`` (low, high) fixes both axes (the paper's 0-100 % scatters).
 
     Returns (paths, pairs).
     """
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 4.6), layout="constrained")
-    for g in ROI_GROUPS:
-        part = pairs[pairs["group"] == g]
-        if len(part):
-            ax.scatter(part["x"], part["y"], s=18, color=GROUP_COLOURS[g], edgecolors="k", linewidths=0.3,
-                       label=f"{GROUP_NAMES[g]} (n={len(part)})")
-    lo = float(min(pairs["x"].min(), pairs["y"].min()))
-    hi = float(max(pairs["x"].max(), pairs["y"].max()))
-    pad = 0.05 * (hi - lo or 1.0)
-    ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], "k--", lw=0.8, label="y = x")
+    _scatter_by_group(ax, pairs, "x", "y", s=18, edgecolors="k", linewidths=0.3)
+    if limits:
+        lo, hi = limits
+        pad = 0.04 * (hi - lo)
+        ax.set(xlim=(lo - pad, hi + pad), ylim=(lo - pad, hi + pad))
+    else:
+        lo = float(min(pairs["x"].min(), pairs["y"].min()))
+        hi = float(max(pairs["x"].max(), pairs["y"].max()))
+        lo, hi = lo - 0.05 * (hi - lo or 1.0), hi + 0.05 * (hi - lo or 1.0)
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="y = x")
     if zero_lines:
         ax.axhline(0, color="0.6", lw=0.5)
         ax.axvline(0, color="0.6", lw=0.5)
@@ -549,8 +786,66 @@ def plot_pairs(pairs, xlabel, ylabel, title, stem, zero_lines=True):
     ax.set_ylabel(ylabel)
     above = int((pairs["y"] > pairs["x"]).sum())
     ax.set_title(f"{title}\n{above} of {len(pairs)} (subject, hemisphere, ROI) above y = x", fontsize=9)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper left" if limits else "best")
     return save_figure(fig, stem), pairs
+
+
+def plot_group_means(table, title, stem, score_name):
+    """Per ROI group (utils.ROI_GROUPS), the authors' group means (``encoding_results.group_means``) of each
+    method's ROI mean r (left) and of each tuned method's % of voxels above untuned (right); bars: mean
+    over subjects, error bars: SEM over subjects (ddof 1), one colour per method.
+
+    Returns (paths, (means of r, means of %)).
+    """
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), layout="constrained")
+    panels = ((table, "mean_r", f"group mean of the ROI mean {score_name}"),
+              (table[table["method"] != "untuned"], "pct_improved", f"voxels above untuned (%, {score_name})"))
+    out = []
+    for ax, (part, column, ylabel) in zip(axes, panels):
+        per_subject, means = encoding_results.group_means(part, column)
+        methods = [m for m in utils.METHODS if m in means.columns]
+        width = 0.8 / len(methods)
+        for k, method in enumerate(methods):
+            sem = per_subject.groupby("group", sort=False)[method].sem().reindex(means.index)
+            x = np.arange(len(means)) + (k - (len(methods) - 1) / 2) * width
+            ax.bar(x, means[method], width, yerr=sem.fillna(0), capsize=2, color=METHOD_COLOURS[method], label=method)
+        ax.set_xticks(range(len(means)), [f"{g}\n{n} subj., {r} ROI-hemis." for g, n, r in
+                                          zip(means.index, means["n_subjects"], means["n_rois"])], fontsize=8)
+        ax.set_ylabel(ylabel)
+        if column == "mean_r":
+            low = float(np.nanmin(means[methods].to_numpy()))
+            ax.set_ylim(max(0.0, low - 0.05), None)
+        else:
+            ax.axhline(50, color="0.5", lw=0.6, ls="--")
+        out.append(means)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize=7, title="method", title_fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    return save_figure(fig, stem), tuple(out)
+
+
+def plot_scorecard(card, stem):
+    """The reproduction scorecard's scatter: your ROI mean CV r (y) against the published one (x), one
+    point per (subject, hemisphere, ROI, method), one colour per method, identity line.
+
+    Returns the written paths.
+    """
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.2, 5), layout="constrained")
+    for method in utils.METHODS:
+        part = card[card["method"] == method]
+        if len(part):
+            ax.scatter(part["mean_cv_r_published"], part["mean_cv_r_yours"], s=12, color=METHOD_COLOURS[method],
+                       alpha=0.7, label=f"{method} ({len(part)}, {int(part['differs'].sum())} differ)")
+    lo = float(min(card["mean_cv_r_published"].min(), card["mean_cv_r_yours"].min()))
+    hi = float(max(card["mean_cv_r_published"].max(), card["mean_cv_r_yours"].max()))
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="y = x")
+    ax.set_xlabel("published: ROI mean 5-fold CV r")
+    ax.set_ylabel("yours: ROI mean 5-fold CV r")
+    ax.legend(fontsize=7, loc="upper left", title="method (results, differing)", title_fontsize=7)
+    ax.set_title(f"Your encoding results vs the authors' published ones\n{len(card)} (subject, hemisphere, ROI, method); "
+                 f"{published_results.PROTOCOL}", fontsize=8)
+    return save_figure(fig, stem)
 
 
 # --- Landscapes ------------------------------------------------------------------------
@@ -617,9 +912,9 @@ def landscape_figures(root, dataset, folder):
 
 
 def category_colour(k):
-    """The k-th categorical colour (tab10, then tab20)."""
+    """The k-th categorical colour (tab10, then tab20's light ones, then tab20b's), 25 before they repeat."""
     plt = pyplot()
-    colours = list(plt.cm.tab10.colors) + list(plt.cm.tab20.colors[1::2])
+    colours = list(plt.cm.tab10.colors) + list(plt.cm.tab20.colors[1::2]) + list(plt.cm.tab20b.colors[::4])
     return colours[k % len(colours)]
 
 
@@ -654,32 +949,32 @@ def vertex_values(results, hemisphere, n_vertices, value):
     return out
 
 
-def test_r_of(method):
-    """``vertex_values`` value: (voxels, test r) of ``method``."""
+def score_of(method, score="test_r"):
+    """``vertex_values`` value: (voxels, ``score`` per voxel: 'test_r' or 'cv_r') of ``method``."""
     def value(results, hemi, roi):
         r = results.get((method, hemi, roi))
-        return None if r is None else (r["voxels"], r["test_r"])
+        return None if r is None else (r["voxels"], r[score])
     return value
 
 
-def gain_of(method):
-    """``vertex_values`` value: (voxels, test r of ``method`` - test r of untuned) where both fitted the same voxels."""
+def gain_of(method, score="test_r"):
+    """``vertex_values`` value: (voxels, ``score`` of ``method`` - ``score`` of untuned) where both fitted the same voxels."""
     def value(results, hemi, roi):
         r, u = results.get((method, hemi, roi)), results.get(("untuned", hemi, roi))
         if r is None or u is None or not np.array_equal(r["voxels"], u["voxels"]):
             return None
-        return r["voxels"], r["test_r"] - u["test_r"]
+        return r["voxels"], r[score] - u[score]
     return value
 
 
-def winner_of(methods):
-    """``vertex_values`` value: (voxels, index into ``methods`` of the highest test r) among the methods fitted on the ROI (two or more)."""
+def winner_of(methods, score="test_r"):
+    """``vertex_values`` value: (voxels, index into ``methods`` of the highest ``score``) among the methods fitted on the ROI (two or more)."""
     def value(results, hemi, roi):
         fitted = [(k, results[m, hemi, roi]) for k, m in enumerate(methods) if (m, hemi, roi) in results]
         fitted = [(k, r) for k, r in fitted if np.array_equal(r["voxels"], fitted[0][1]["voxels"])]
         if len(fitted) < 2:
             return None
-        scores = np.stack([r["test_r"] for _, r in fitted])
+        scores = np.stack([r[score] for _, r in fitted])
         return fitted[0][1]["voxels"], np.array([k for k, _ in fitted])[np.argmax(scores, axis=0)]
     return value
 
@@ -802,8 +1097,9 @@ def subject_surface_maps(root, subj, results, n_mesh, value):
     return out
 
 
-def cortical_figures(root, encoding, meshes=None, surfaces=SURFACES, views=VIEWS, folder=None, kind="all"):
-    """Per subject: test r of each method, gain of CL and pooled over untuned, the winning method; and the all-subjects CL-gain panel.
+def cortical_figures(root, encoding, meshes=None, surfaces=SURFACES, views=VIEWS, folder=None, kind="all", score="test_r"):
+    """Per subject: ``score`` ('test_r' or 'cv_r') of each method, gain of CL and pooled over untuned, the
+    winning method; and the all-subjects CL-gain panel.
 
     ``meshes`` is ``load_meshes``'s result (default: fsaverage5). ``kind`` 'summary' draws only
     the CL gain and winner of each subject and the panel. Returns (paths, {name: maps drawn}).
@@ -811,6 +1107,7 @@ def cortical_figures(root, encoding, meshes=None, surfaces=SURFACES, views=VIEWS
     meshes, n = meshes or load_meshes()
     folder = Path(folder or paper_dir(root)) / "cortical"
     surface = "fsaverage5" if n == FSAVERAGE5_VERTICES else "fsaverage"
+    name = SCORE_NAMES[score]
     paths, drawn = [], {}
     for subj, results in encoding.items():
         fitted = {h: np.unique(np.concatenate([r["voxels"] for k, r in results.items() if k[1] == h]))
@@ -819,43 +1116,73 @@ def cortical_figures(root, encoding, meshes=None, surfaces=SURFACES, views=VIEWS
         where = (f"{', '.join(f'{h}: {shown[h]} of {len(v)}' for h, v in fitted.items())} fitted vertices lie on "
                  f"{surface} and are drawn; {OVERLAP_NOTE}")
         methods = [m for m in utils.METHODS if any(k[0] == m for k in results)]
-        jobs = [(f"test_r_{m}", test_r_of(m), f"{utils.subj_dir(subj)}: test r of {m}", "test r (Pearson)", None)
+        jobs = [(f"{score}_{m}", score_of(m, score), f"{utils.subj_dir(subj)}: {name} of {m}", f"{name} (Pearson)", None)
                 for m in methods if kind == "all"]
-        jobs += [(f"gain_{m}", gain_of(m), f"{utils.subj_dir(subj)}: gain of {m} over untuned",
-                  f"test r ({m}) - test r (untuned)", None) for m in ("cl-tuned",) + POOLED
+        jobs += [(f"gain_{m}", gain_of(m, score), f"{utils.subj_dir(subj)}: gain of {m} over untuned",
+                  f"{name} ({m}) - {name} (untuned)", None) for m in ("cl-tuned",) + POOLED
                  if m in methods and (kind == "all" or m == "cl-tuned")]
         if len(methods) > 1:
-            jobs.append(("cortical_results_single_subj", winner_of(methods),
-                         f"{utils.subj_dir(subj)}: method with the highest test r", "best method",
+            jobs.append(("cortical_results_single_subj", winner_of(methods, score),
+                         f"{utils.subj_dir(subj)}: method with the highest {name}", "best method",
                          {m: METHOD_COLOURS[m] for m in methods}))
-        for name, value, title, label, categories in jobs:
+        for stem_name, value, title, label, categories in jobs:
             maps = subject_surface_maps(root, subj, results, n, value)
             if not any(np.isfinite(m).any() for m in maps.values()):
                 continue
-            stem = folder / f"subj{subj}_{name}"
+            stem = folder / f"subj{subj}_{stem_name}"
             paths += plot_cortical_map(maps, meshes, title, label, stem, categories=categories, surfaces=surfaces,
                                        views=views, caption=where)
             drawn[stem.name] = maps
-    panel = [(utils.subj_dir(s), subject_surface_maps(root, s, r, n, gain_of("cl-tuned"))) for s, r in encoding.items()]
+    panel = [(utils.subj_dir(s), subject_surface_maps(root, s, r, n, gain_of("cl-tuned", score))) for s, r in encoding.items()]
     panel = [(s, m) for s, m in panel if any(np.isfinite(v).any() for v in m.values())]
     if panel:
         hemis = set.intersection(*(set(m) for _, m in panel))
         panel = [(s, {h: m[h] for h in sorted(hemis)}) for s, m in panel]
         stem = folder / "all_subjects_panel"
         paths += plot_cortical_map(panel, meshes, "gain of cl-tuned over untuned, all subjects (inflated)",
-                                   "test r (cl-tuned) - test r (untuned)", stem, views=views,
+                                   f"{name} (cl-tuned) - {name} (untuned)", stem, views=views,
                                    caption=f"the fitted vertices that lie on {surface} are drawn; {OVERLAP_NOTE}")
         drawn[stem.name] = dict(panel)
     return paths, drawn
 
 
+KEY_VIEWS = ("lateral", "posterior", "medial")
+
+
+def cortical_key(root, subj, meshes, folder):
+    """The paper's ROI key (``cortical_results_key``): the pRF and category ROIs of ``subj``'s masks on the
+    inflated and pial surfaces, lateral, posterior and medial views, one colour per ROI.
+
+    Returns (paths, {hemisphere: (n_mesh,) ROI index into the colour key, NaN outside every ROI}).
+    """
+    meshes, n = meshes
+    rois = [r for r in PAPER_ROIS if any(utils.roi_voxel_count(root, subj, h, r) for h in utils.HEMISPHERES)]
+    code = lambda _, h, roi: (utils.roi_voxel_indices(root, subj, h, roi), float(rois.index(roi))) if roi in rois else None
+    maps = {}
+    for h in utils.HEMISPHERES:
+        rows = fsaverage_rows(root, subj, h)
+        maps[h] = to_mesh(vertex_values(None, h, len(rows), code), rows, n)
+    colours = {roi: category_colour(k) for k, roi in enumerate(rois)}
+    surface = "fsaverage5" if n == FSAVERAGE5_VERTICES else "fsaverage"
+    stem = Path(folder) / "cortical_results_key"
+    return plot_cortical_map(maps, meshes, f"ROI key: the ROIs of {utils.subj_dir(subj)}", "ROI", stem, categories=colours,
+                             views=KEY_VIEWS, caption=f"the ROI vertices that lie on {surface} are drawn; {OVERLAP_NOTE}"), maps
+
+
 # --- Everything ------------------------------------------------------------------------
 
-def paper_figures(root, epochs=utils.DEFAULT_EPOCHS["cl-tuned"], mesh="fsaverage5", subjects=None, surfaces=SURFACES, views=VIEWS, maps="all"):
-    """Every paper figure whose inputs exist, under results/figures/paper/.
+# What the published results lack; the figures made from it are drawn from ROOT's results only.
+RESULTS_ONLY = "cross-subject transfer, MI bounds and classification probes"
+
+
+def paper_figures(root, epochs=utils.DEFAULT_EPOCHS["cl-tuned"], mesh="fsaverage5", subjects=None, surfaces=SURFACES,
+                  views=VIEWS, maps="all", source="results", min_voxels=utils.MIN_VOXELS):
+    """Every paper figure whose inputs exist, under results/figures/paper/ (``source`` 'results': ROOT's
+    saved results) or results/figures/published/ ('published': the authors' published results).
 
     ``maps``: 'all' cortical maps, 'summary' (per subject the CL gain and the winning method,
-    and the all-subjects panel) or 'none'.
+    and the all-subjects panel) or 'none'. ``min_voxels``: an ROI with fewer voxels counts as absent
+    (presence table, cross-subject matrices).
 
     Returns
     -------
@@ -864,10 +1191,19 @@ def paper_figures(root, epochs=utils.DEFAULT_EPOCHS["cl-tuned"], mesh="fsaverage
     """
     if maps not in utils.CORTICAL_MAPS:
         raise safe_io.UserError(f"unknown maps {maps!r}: use all, summary or none")
-    folder = paper_dir(root)
+    if source not in SOURCES:
+        raise safe_io.UserError(f"unknown source {source!r}: use {' or '.join(SOURCES)}")
+    folder = paper_dir(root, source)
     meshes = load_meshes(mesh) if maps != "none" else None  # a bad mesh folder fails before any figure is drawn
-    encoding = load_encoding(root, subjects)
-    table = encoding_table(encoding)
+    if source == "published":
+        encoding = published_results.load_results(subjects=subjects)
+        layers, counts, score = published_results.load_layer_scores(), published_results.voxel_counts(), "cv_r"
+        where = f"the authors' published results ({published_results.PROTOCOL})"
+    else:
+        encoding = encoding_results.load_encoding(root, subjects)
+        layers, counts, score = layer_table(encoding), None, "test_r"
+        where = "your results (per-method protocol, test r; layer scores: 5-fold CV r)"
+    table = encoding_table(encoding, score)
     paths, skipped = [], []
 
     def attempt(name, make, *args):
@@ -876,25 +1212,45 @@ def paper_figures(root, epochs=utils.DEFAULT_EPOCHS["cl-tuned"], mesh="fsaverage
         except Missing as e:
             skipped.append(f"skip {name}: {e}")
 
-    attempt("best_untuned_layers_matrix", lambda: plot_best_layers(table, folder / "best_untuned_layers_matrix")[0])
-    attempt("roi_subj_presence_table", lambda: plot_presence(load_voxel_counts(root), folder / "roi_subj_presence_table")[0])
-    for group, rois in (("all", utils.ROIS), ("early", EARLY_ROIS),
-                        ("higher", [r for r in utils.ROIS if r not in EARLY_ROIS])):
-        attempt(f"{group}_group_cs_avgs_picture", _group_figure, table, group, rois, folder)
+    with_untuned = layers.loc[layers["method"] == "untuned", "subject"]
+    subject = int(with_untuned.min()) if len(with_untuned) else 1  # the paper shows Subj1's
+    attempt("best_untuned_layers_matrix", lambda: plot_layer_matrix(
+        layer_matrix(layers, subject), f"{utils.subj_dir(subject)}: encoding scores for each ROI and AlexNet layer\n"
+        f"untuned AlexNet, ROI mean of the 5-fold CV r; colour scaled per row, best layer boxed\n{where}",
+        folder / "best_untuned_layers_matrix"))
+    attempt("roi_subj_presence_table", lambda: plot_presence(
+        presence_matrix(load_voxel_counts(root) if counts is None else counts), folder / "roi_subj_presence_table",
+        min_voxels))
+    _encoding_extras(table, score, where, folder, attempt)
+    if source == "results":
+        _results_figures(root, table, epochs, min_voxels, folder, attempt)
+    else:
+        skipped.append(f"skip the figures of {RESULTS_ONLY}: the published results hold per-voxel encoding results only; "
+                       "draw them from your results (--source results) once made (see the README's table of steps)")
+    if maps != "none":
+        attempt("cortical maps", _cortical_maps, root, table, encoding, meshes, surfaces, views, folder, maps, score)
+        attempt("cortical_results_key", _cortical_key, root, table, encoding, meshes, folder)
+    return paths, skipped
+
+
+def _results_figures(root, table, epochs, min_voxels, folder, attempt):
+    """The paper's figures made from the transfer results, MI bounds and probes under ROOT."""
+    transfer = functools.cache(lambda: transfer_both(root, min_voxels))  # read once, for five figures
+    for group, rois in utils.ROI_GROUPS.items():
+        attempt(f"{group}_group_cs_avgs_picture", _cs_figure, transfer, group, rois, folder)
     for pooled in POOLED:
         h = pooled.split("-")[1]
-        attempt(f"cs_vs_pooled_{h}_scatterplot", _pooled_gain_figure, table, pooled, folder)
-        attempt(f"lower_bound_mi_estimates_specific_vs_pooled_h{h}", lambda pooled=pooled, h=h: plot_pairs(
-            mi_pairs(root, pooled, epochs), "subject-specific CL model: MI bound (bits)", f"{pooled}: MI bound (bits)",
-            f"InfoNCE MI lower bound on the test split, subject-specific vs pooled (h-{h})",
-            folder / f"lower_bound_mi_estimates_specific_vs_pooled_h{h}", zero_lines=False)[0])
-    attempt("mi_lower_bound_matrix", _mi_matrix, root, epochs, folder)
+        attempt(f"cs_vs_pooled_{h}_scatterplot", _cs_vs_pooled_figure, transfer, table, pooled, folder)
+        attempt(f"lower_bound_mi_estimates_specific_vs_pooled_h{h}", _mi_size_figure, root, pooled, epochs, folder)
+    attempt("mi_lower_bound_matrix", lambda: plot_value_matrix(
+        mi_matrix(root, epochs), "MI lower bound estimates, subject-specific CL models\n"
+        "InfoNCE bound on each subject's test split, post-hoc temperature", "MI lower bound (bits)",
+        folder / "mi_lower_bound_matrix", cmap="Blues", xlabel="Subject"))
     for dataset in utils.CLASSIFICATION_DATASETS:
-        attempt(f"{dataset}_results_matrix", _classification_matrix, root, dataset, epochs, folder)
+        attempt(f"{dataset}_results_matrix", lambda dataset=dataset: plot_value_matrix(
+            classification_matrix(root, dataset, epochs), f"{dataset} test accuracies (fc7 linear probe)",
+            "test accuracy", folder / f"{dataset}_results_matrix", xlabel="Model"))
         attempt(f"{dataset} landscapes", landscape_figures, root, dataset, folder)
-    if maps != "none":
-        attempt("cortical maps", _cortical_maps, root, table, encoding, meshes, surfaces, views, folder, maps)
-    return paths, skipped
 
 
 def _require(table, method):
@@ -909,46 +1265,89 @@ def _require(table, method):
     return table
 
 
-def _cortical_maps(root, table, encoding, meshes, surfaces, views, folder, kind):
-    _require(table, "untuned")
-    return cortical_figures(root, encoding, meshes, surfaces, views, folder, kind)[0]
+def _encoding_extras(table, score, where, folder, attempt):
+    """The figures of the encoding results that the paper does not have: best layers per subject, CL
+    gain per ROI, CL vs pooled gains, CL vs untuned, group means per method."""
+    name = SCORE_NAMES[score]
+    attempt("best_untuned_layer_per_subject", lambda: plot_best_layers(
+        _require(table, "untuned"), folder / "best_untuned_layer_per_subject")[0])
+    for group, rois in (("all", utils.ROIS), ("early", EARLY_ROIS), ("higher", [r for r in utils.ROIS if r not in EARLY_ROIS])):
+        attempt(f"{group}_group_cl_gain_per_roi", lambda group=group, rois=rois: plot_group_gains(
+            _nonempty(group_gains(_require(table, "cl-tuned"), "cl-tuned", rois), f"a {group} ROI with cl-tuned and untuned"),
+            f"Subject-specific CL gain over untuned, {GROUP_NAMES.get(group, 'all')} ROIs\n"
+            f"mean over the subjects with the ROI (n), SEM error bars; {where}",
+            folder / f"{group}_group_cl_gain_per_roi", f"gain in mean {name}")[0])
+    for pooled in POOLED:
+        attempt(f"cl_vs_{pooled}_gain_scatterplot", lambda pooled=pooled: plot_pairs(
+            _nonempty(paired_values(_require(table, pooled), "cl-tuned", pooled), f"a (subject, ROI) with cl-tuned and {pooled}"),
+            f"CL (subject-specific) gain in mean {name}", f"{pooled} gain in mean {name}",
+            f"Gain over untuned: subject-specific CL vs {pooled}", folder / f"cl_vs_{pooled}_gain_scatterplot")[0])
+    attempt("cl_vs_untuned_scatterplot", lambda: plot_pairs(
+        _nonempty(paired_values(_require(table, "cl-tuned"), "untuned", "cl-tuned", "mean_r"),
+                  "a (subject, ROI) with cl-tuned and untuned"),
+        f"untuned: ROI mean {name}", f"cl-tuned: ROI mean {name}", f"CL-tuned vs untuned AlexNet, {where}",
+        folder / "cl_vs_untuned_scatterplot", zero_lines=False)[0])
+    attempt("group_means_per_method", lambda: plot_group_means(
+        _require(table, "cl-tuned"), "Group means per method (the authors' rule: ROI-hemispheres with every method, "
+        f"mean per subject, then over subjects)\n{where}", folder / "group_means_per_method", name)[0])
 
 
-def _group_figure(table, group, rois, folder):
-    stats = group_gains(_require(table, "cl-tuned"), "cl-tuned", rois)
-    if stats.empty:
-        raise Missing(f"no cl-tuned result of a {group} ROI: make them with python fit_encoding_models.py "
-                      "--method cl-tuned --rois ...")
-    where = "all" if group == "all" else GROUP_NAMES[group]
-    return plot_group_gains(stats, f"Subject-specific CL gain over untuned, {where} ROIs\n"
-                                   "mean over the subjects with the ROI (n), SEM error bars",
-                            folder / f"{group}_group_cs_avgs_picture")[0]
-
-
-def _pooled_gain_figure(table, pooled, folder):
-    pairs = paired_gains(_require(_require(table, "cl-tuned"), pooled), "cl-tuned", pooled)
+def _nonempty(pairs, what):
+    """``pairs`` if it has rows, else Missing naming ``what`` is needed."""
     if pairs.empty:
-        raise Missing(f"no (subject, ROI) has both cl-tuned and {pooled} results: fit both with "
-                      f"python fit_encoding_models.py --method cl-tuned / --method {pooled} on the same ROIs")
+        raise Missing(f"no {what} result on the same voxels: fit both with python fit_encoding_models.py")
+    return pairs
+
+
+def _cortical_maps(root, table, encoding, meshes, surfaces, views, folder, kind, score):
+    _require(table, "untuned")
+    if score == "cv_r":  # the published results: their voxels are placed with ROOT's masks
+        encoding = published_results.place_on_masks(_with_masks(root, encoding), root)
+    return cortical_figures(root, encoding, meshes, surfaces, views, folder, kind, score)[0]
+
+
+def _with_masks(root, encoding):
+    """The subjects of ``encoding`` whose ROI masks are under ROOT (to place voxels on the cortex), else Missing."""
+    kept = {s: r for s, r in encoding.items() if utils.roi_masks_dir(root, s).is_dir()}
+    if not kept:
+        raise Missing(f"no ROI masks of these subjects under {Path(root) / 'roi_masks'}: the cortical maps place each "
+                      "voxel with the Algonauts 2023 roi_masks; put them there (README, Data)")
+    return kept
+
+
+def _cortical_key(root, table, encoding, meshes, folder):
+    """The ROI key that goes with the cortical maps (drawn when they are), of the first subject with masks."""
+    _require(table, "untuned")
+    return cortical_key(root, min(_with_masks(root, encoding)), meshes, folder)[0]
+
+
+def _cs_figure(transfer, group, rois, folder):
+    frac = cs_matrix(transfer(), rois)
+    if frac is None:
+        raise Missing(f"no cl-tuned result of a {group} ROI: make them with python fit_encoding_models.py "
+                      "--method cl-tuned --model-subj Y --rois ...")
+    name = "all ROIs" if group == "all" else f"{group} group"
+    return plot_cs_matrix(frac, f"Avg. cross-subject voxel improvement fraction vs. untuned, {name}\n"
+                                "CL model of the model subject on the evaluation subject; mean over ROI-hemispheres",
+                          folder / f"{group}_group_cs_avgs_picture")
+
+
+def _cs_vs_pooled_figure(transfer, table, pooled, folder):
+    pairs = cs_vs_pooled(transfer(), _require(table, pooled), pooled)
+    if pairs.empty:
+        raise Missing(f"no (subject, ROI) has both cross-subject cl-tuned and {pooled} results: fit both with "
+                      f"python fit_encoding_models.py --method cl-tuned --model-subj Y / --method {pooled}")
     h = pooled.split("-")[1]
-    return plot_pairs(pairs, "CL (subject-specific) gain in mean test r", f"{pooled} gain in mean test r",
-                      f"Gain over untuned: subject-specific CL vs pooled (h-{h})",
-                      folder / f"cs_vs_pooled_{h}_scatterplot")[0]
+    return plot_pairs(pairs, "Cross Subject: voxels improved (%)", f"Pooled ({'Avg' if h == 'avg' else 'Constant'}): "
+                      "voxels improved (%)", "Cross subject and pooled voxels improved over untuned (test r)\n"
+                      "x: mean over the other subjects' CL models", folder / f"cs_vs_pooled_{h}_scatterplot",
+                      zero_lines=False, limits=(0, 100))[0]
 
 
-def _mi_matrix(root, epochs, folder):
-    mi = _mi(root, "cl-tuned", epochs)
-    return plot_roi_heatmaps({h: t for h, (t, _) in mi.items()}, {h: u for h, (_, u) in mi.items()},
-                                "InfoNCE MI lower bound (bits, post-hoc temperature), subject-specific CL models",
-                                "bits", folder / "mi_lower_bound_matrix")
-
-
-def _classification_matrix(root, dataset, epochs, folder):
-    try:
-        tables, untuned = ru.classification_tables(root, dataset, "cl-tuned", epochs)
-    except safe_io.UserError:
-        raise Missing(f"no cl-tuned {dataset} probes (e{int(epochs)}): make them with python generate_results.py "
-                      f"--type classification-task --dataset {dataset} --subjects 1 2 3 4 5 6 7 8") from None
-    return plot_roi_heatmaps(tables, {h: untuned for h in tables},
-                                f"{dataset} classification accuracy (fc7 probe), CL models (untuned: {untuned:.3f})",
-                                "accuracy", folder / f"{dataset}_results_matrix")
+def _mi_size_figure(root, pooled, epochs, folder):
+    h = pooled.split("-")[1]
+    pairs = mi_pairs(root, pooled, epochs)
+    paths = plot_mi_by_size(mi_by_size(root, pairs), pooled, folder / f"lower_bound_mi_estimates_specific_vs_pooled_h{h}")
+    return paths + plot_pairs(pairs, "subject-specific CL model: MI bound (bits)", f"{pooled}: MI bound (bits)",
+                              f"InfoNCE MI lower bound on the test split, subject-specific vs pooled (h-{h})",
+                              folder / f"mi_specific_vs_pooled_h{h}_pairs", zero_lines=False)[0]

@@ -13,7 +13,10 @@ the pictures from figures.py):
   figures                                         ROI x subject heatmaps (accuracy, MI bound)
   salience-maps                                   Grad-CAM (true class) of the untuned, left and right models on an
                                                   image and its mirror
-  paper-figures                                   every figure of the paper, cortical maps included (figures.py)
+  paper-figures                                   every figure of the paper, cortical maps included (figures.py), from
+                                                  ROOT's results or (SOURCE published) the authors' published ones
+  compare-published                               ROOT's NSD encoding results held against the authors' published ones
+                                                  (published/): a scorecard CSV, group means, a scatter and a verdict
 Outputs go under ROOT/results, ROOT/classification_preds and (summaries, transfer matrices)
 ROOT/encoding_results; reruns skip finished ROIs.
 """
@@ -28,6 +31,7 @@ import utils
 # The heavy helpers load on first use, so that --help answers at once.
 encoding_results = options.lazy_import("encoding_results")
 figures = options.lazy_import("figures")
+published_results = options.lazy_import("published_results")
 ru = options.lazy_import("results_utils")
 
 # --- Options ---
@@ -53,15 +57,23 @@ IMAGE_INDEX = 0  # salience-maps: which test image of DATASET (position in the 1
 MESH = "fsaverage5"  # paper-figures: cortical maps on nilearn's fsaverage5, or a FreeSurfer fsaverage folder (surf/lh.inflated, ...) for full resolution
 MAPS = "all"  # paper-figures cortical maps: all, summary (per subject the CL gain and the winning method) or none
 TRANSFER_AGGREGATION = "authors"  # transfer-matrix: authors (unweighted mean over ROIs, absent ROI = 0) or voxels (pooled)
+SOURCE = "results"  # paper-figures and compare-published: results (ROOT's saved results) or published (the authors' published results in published/)
+TOLERANCE = 0.02  # compare-published: a result whose mean CV r differs from the published one by more is flagged
 OVERWRITE = False  # recompute results that exist
 # ---
 # CHOICES["TYPE"] is the list of TASKS, set below them.
 CHOICES = {"DATASET": utils.CLASSIFICATION_DATASETS, "METHOD": utils.METHODS, "HEMISPHERES": utils.HEMISPHERE_NAMES,
            "ROIS": utils.ROIS, "EMBEDDING_LAYER": utils.LAYERS + ["", "best"], "EMBEDDING_SPLIT": utils.EMBEDDING_SPLITS,
-           "FEATURE_PRECISION": utils.PRECISIONS, "MAPS": utils.CORTICAL_MAPS, "TRANSFER_AGGREGATION": ["authors", "voxels"]}
-RANGES = {"SUBJECTS": utils.SUBJECT, "EPOCHS": options.at_least(1), "SEED": options.at_least(0),
+           "FEATURE_PRECISION": utils.PRECISIONS, "MAPS": utils.CORTICAL_MAPS, "TRANSFER_AGGREGATION": ["authors", "voxels"],
+           "SOURCE": ["results", "published"]}
+# With SOURCE published, the figures and the scorecard read the published subjects, which need no roi_masks folder.
+SUBJECT = options.Allowed(
+    f"{utils.SUBJECT.text}, or with --source published any of 1-{utils.N_SUBJECTS}",
+    lambda subj, opts: 1 <= subj <= utils.N_SUBJECTS if opts.SOURCE == "published" else utils.SUBJECT.test(subj, opts),
+    found=lambda opts: "the published results hold subjects 1-8" if opts.SOURCE == "published" else utils.SUBJECT.found(opts))
+RANGES = {"SUBJECTS": SUBJECT, "EPOCHS": options.at_least(1), "SEED": options.at_least(0),
           "IMAGE_SIZE": utils.ALEXNET_INPUT, "BATCH_SIZE": options.at_least(1), "N_RANDOM_ROIS": options.at_least(1),
-          "MIN_VOXELS": options.at_least(1), "IMAGE_INDEX": options.at_least(0)}
+          "MIN_VOXELS": options.at_least(1), "IMAGE_INDEX": options.at_least(0), "TOLERANCE": options.above(0)}
 
 
 def model_subjects(opts, method):
@@ -166,12 +178,32 @@ def salience_maps(opts, model_opts):
 
 
 def paper_figures(opts, model_opts):
-    """Every paper figure from the saved results of all subjects; one line per figure skipped."""
-    paths, skipped = figures.paper_figures(opts.ROOT, model_opts["epochs"], opts.MESH, maps=opts.MAPS)
+    """Every paper figure from the saved results of all subjects (or the published ones); one line per figure skipped."""
+    paths, skipped = figures.paper_figures(opts.ROOT, model_opts["epochs"], opts.MESH, maps=opts.MAPS, source=opts.SOURCE,
+                                           min_voxels=opts.MIN_VOXELS)
     for line in skipped:
         print(line)
-    print(f"wrote {len(paths)} files under {figures.paper_dir(opts.ROOT)}")
+    print(f"wrote {len(paths)} files under {figures.paper_dir(opts.ROOT, opts.SOURCE)}")
     return paths
+
+
+def compare_published(opts, model_opts):
+    """ROOT's own-subject, per-method NSD encoding results (SOURCE published: the published ones
+    themselves) held against the authors' published results: CSVs, a scatter and a printed verdict."""
+    if opts.SOURCE == "published":
+        yours = published = published_results.load_results()
+    else:
+        yours = encoding_results.load_encoding(opts.ROOT)
+        published = published_results.load_results(subjects=sorted(yours))
+    card = published_results.scorecard(yours, published, opts.TOLERANCE)
+    means = published_results.compared_group_means(card)
+    folder = utils.results_dir(opts.ROOT) / "published_comparison"
+    safe_io.atomic_write_text(card.to_csv(index=False), folder / "scorecard.csv")
+    safe_io.atomic_write_text(means.to_csv(index=False), folder / "group_means.csv")
+    paths = figures.plot_scorecard(card, folder / "scorecard")
+    print("\n".join(published_results.verdict(card, means, opts.TOLERANCE)))
+    print(f"wrote {folder / 'scorecard.csv'}, {folder / 'group_means.csv'} and {', '.join(p.name for p in paths)}")
+    return card, means
 
 
 TASKS = {"summaries": summaries, "transfer-matrix": transfer_matrix, "classification-task": classification, "classification-task-pooled-avg": classification,
@@ -179,7 +211,7 @@ TASKS = {"summaries": summaries, "transfer-matrix": transfer_matrix, "classifica
          "lower-bound-mi-pooled-avg": lower_bound_mi, "lower-bound-mi-pooled-const": lower_bound_mi,
          "voxel-counts": voxel_counts, "save-embeddings": save_embeddings, "save-test-fmri-responses": save_test_fmri,
          "random-rois-list": random_rois, "figures": results_figures, "salience-maps": salience_maps,
-         "paper-figures": paper_figures}
+         "paper-figures": paper_figures, "compare-published": compare_published}
 CHOICES["TYPE"] = list(TASKS)
 
 

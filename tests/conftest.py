@@ -112,3 +112,24 @@ def snapshot(root):
             st = path.stat()
             out[str(path.relative_to(root))] = (st.st_size, st.st_mtime_ns)
     return out
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """{figure name: [(title, xlabel, ylabel, x tick labels, y tick labels, x limits) per axes]} of every
+    figure given to figures.save_figure during the test. The figures are built but not written (saving
+    is most of their time; save_figure is tested with every other figure), and the paths are returned."""
+    import matplotlib.pyplot as plt
+
+    import figures
+    out = {}
+
+    def record(fig, stem):
+        texts = lambda labels: [t.get_text() for t in labels]
+        stem = Path(stem)
+        out[stem.name] = [(ax.get_title(), ax.get_xlabel(), ax.get_ylabel(), texts(ax.get_xticklabels()),
+                           texts(ax.get_yticklabels()), ax.get_xlim()) for ax in fig.axes]
+        plt.close(fig)
+        return [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
+    monkeypatch.setattr(figures, "save_figure", record)
+    return out

@@ -150,10 +150,11 @@ def test_demo_tiny_run_reports_what_it_saved(tmp_path, capsys):
     copies = {p.name: p.read_bytes() for p in output.iterdir()}
     assert len(copies) == len(written) and sorted(copies.values()) == sorted(p.read_bytes() for p in written)
     assert {"landscape_caltech256_inpca.png", "Subj1_cl-tuned_layer_scores_lh.png", "Subj2_untuned_layer_scores_lh.png",
-            "paper_early_group_cs_avgs_picture.png", "paper_cortical_subj2_gain_cl-tuned.png",
+            "paper_early_group_cs_avgs_picture.png", "paper_early_group_cl_gain_per_roi.png",
+            "paper_cortical_results_key.png", "paper_cortical_subj2_gain_cl-tuned.png",
             "paper_cortical_all_subjects_panel.png", "paper_roi_subj_presence_table.png"} <= set(copies)
     # The group figure averages the CL gain of both subjects.
     gains = [np.mean(encoding_results.load_result(encoding_results.result_path(root, s, "cl-tuned", "lh", "V1v"))["test_r"]
                      - encoding_results.load_result(encoding_results.result_path(root, s, "untuned", "lh", "V1v"))["test_r"]) for s in (1, 2)]
-    stats = figures.group_gains(figures.encoding_table(figures.load_encoding(root)), "cl-tuned", ["V1v"])
+    stats = figures.group_gains(figures.encoding_table(encoding_results.load_encoding(root)), "cl-tuned", ["V1v"])
     assert stats["n"].tolist() == [2] and stats["mean"].iloc[0] == pytest.approx(np.mean(gains), abs=1e-12)

@@ -21,19 +21,27 @@ SUBJECTS = (1, 2, 3)
 EPOCHS = 30
 
 
-def _write_result(root, subj, method, hemi, roi, test_r, best_layer="features.5"):
+def _write_result(root, subj, tag, hemi, roi, test_r, best_layer="features.5", layer_scores=None):
     voxels = utils.roi_voxel_indices(root, subj, hemi, roi)
     n = len(voxels)
     encoding_results.save_result({"voxels": voxels, "alphas": np.ones(n), "alpha_index": np.zeros(n, int), "cv_r": test_r,
-                    "test_r": test_r, "method": method, "hemisphere": hemi, "roi": roi, "best_layer": best_layer,
-                    "layer_scores": {layer: 0.0 for layer in utils.LAYERS}},
-                   encoding_results.result_path(root, subj, method, hemi, roi))
+                    "test_r": test_r, "method": tag.split("_")[0], "hemisphere": hemi, "roi": roi, "best_layer": best_layer,
+                    "layer_scores": layer_scores or {layer: 0.0 for layer in utils.LAYERS}},
+                   encoding_results.result_path(root, subj, tag, hemi, roi))
+
+
+def _layer_scores(s, k, hemi):
+    """Distinct untuned layer scores with a known best layer: utils.LAYERS[(s + k) % 8]."""
+    best = (s + k) % 8
+    return {layer: round(0.3 + 0.01 * k + (0.1 if i == best else 0.002 * i) + (0.001 if hemi == "rh" else 0), 4)
+            for i, layer in enumerate(utils.LAYERS)}
 
 
 @pytest.fixture(scope="module")
 def results_root(tmp_path_factory, shared_masks):
     """Real masks of subjects 1-3; encoding results of 4 methods on 5 ROIs (subject 3 lacks FFA-1 and pooled-const),
-    MI bounds, voxel counts and caltech256 probes, with known values."""
+    cross-subject cl-tuned results of every model subject on the others (none on subject 3's FFA-1), MI bounds,
+    voxel counts and caltech256 probes, with known values."""
     root = tmp_path_factory.mktemp("paper")
     (root / "roi_masks").mkdir()
     for s in SUBJECTS:
@@ -46,11 +54,15 @@ def results_root(tmp_path_factory, shared_masks):
                     continue
                 n = utils.roi_voxel_count(root, s, h, roi)
                 base = rng.uniform(0, 0.5, n)
-                _write_result(root, s, "untuned", h, roi, base, utils.LAYERS[(s + k) % 8])
+                _write_result(root, s, "untuned", h, roi, base, utils.LAYERS[(s + k) % 8], _layer_scores(s, k, h))
                 _write_result(root, s, "cl-tuned", h, roi, base + 0.01 * (k + 1) + rng.normal(0, 0.01, n))
                 _write_result(root, s, "pooled-avg", h, roi, base + rng.normal(0.005, 0.01, n))
                 if s != 3:
                     _write_result(root, s, "pooled-const", h, roi, base - 0.002 + rng.normal(0, 0.01, n))
+                for y in SUBJECTS:
+                    if y != s:
+                        _write_result(root, s, f"cl-tuned_from-{utils.subj_dir(y)}", h, roi,
+                                      base + rng.normal(0.002 * y - 0.004 * k, 0.01, n))
     safe_io.atomic_write_text(ru.voxel_counts(root).to_csv(index=False), utils.results_dir(root) / "voxel_counts.csv")
     bound = lambda bits: {"scaled_bits": bits}
     for h in utils.HEMISPHERES:
@@ -71,6 +83,8 @@ def results_root(tmp_path_factory, shared_masks):
                                 {"method": "cl-tuned", "subj": s, "hemisphere": "lh", "roi": roi})
         safe_io.atomic_json_dump({"untuned": 0.5, "rois": {"V1v": 0.6 + s / 100, "EBA": 0.55}},
                                utils.results_dir(root) / "classification" / "caltech256" / f"subj{s}_lh_cl-tuned_e{EPOCHS}.json")
+    safe_io.atomic_json_dump({"untuned": 0.5, "rois": {"V1v": 0.7}},
+                             utils.results_dir(root) / "classification" / "caltech256" / f"lh_pooled-avg_e{EPOCHS}.json")
     name = ru.model_name("pooled-avg", None, "lh", "V1v", EPOCHS)
     ru.save_predictions(root, "caltech256", name, {"probs": probs(), "accuracy": 0.6}, labels,
                         {"method": "pooled-avg", "subj": None, "hemisphere": "lh", "roi": "V1v"})
@@ -91,7 +105,7 @@ def _independent_gains(root, method):
 
 
 def test_group_tables_match_direct_computation(results_root):
-    table = figures.encoding_table(figures.load_encoding(results_root))
+    table = figures.encoding_table(encoding_results.load_encoding(results_root))
     gains = _independent_gains(results_root, "cl-tuned")
     stats_table = figures.group_gains(table, "cl-tuned", figures.EARLY_ROIS)
     assert list(stats_table["roi"].unique()) == ["V1v", "hV4", "early"]
@@ -102,7 +116,7 @@ def test_group_tables_match_direct_computation(results_root):
         assert row["sem"] == pytest.approx(stats.sem(values), abs=1e-12)
     higher = figures.group_gains(table, "cl-tuned", ["EBA", "FFA-1"]).set_index(["hemisphere", "roi"])
     assert higher.loc[("lh", "FFA-1"), "n"] == 2 and higher.loc[("lh", "EBA"), "n"] == 3
-    pairs = figures.paired_gains(table, "cl-tuned", "pooled-const")
+    pairs = figures.paired_values(table, "cl-tuned", "pooled-const")
     const = _independent_gains(results_root, "pooled-const")
     assert len(pairs) == len(const) == 2 * 2 * 5
     for _, row in pairs.iterrows():
@@ -111,15 +125,30 @@ def test_group_tables_match_direct_computation(results_root):
         assert row["group"] == ("early" if row["roi"] in ("V1v", "hV4", "early") else "higher")
 
 
-def test_paper_figures_from_saved_results(results_root):
+def _frac_improved(root, target, tag, hemi, roi):
+    """Fraction of the target's voxels whose test r with ``tag`` beats its untuned test r, read straight from the files."""
+    with np.load(encoding_results.result_path(root, target, tag, hemi, roi)) as a, \
+            np.load(encoding_results.result_path(root, target, "untuned", hemi, roi)) as b:
+        return float(np.mean(a["test_r"] > b["test_r"]))
+
+
+def _transfer_tag(model, target):
+    return "cl-tuned" if model == target else f"cl-tuned_from-{utils.subj_dir(model)}"
+
+
+def test_paper_figures_from_saved_results(results_root, drawn):
     paths, skipped = figures.paper_figures(results_root, EPOCHS, maps="none")
     folder = figures.paper_dir(results_root)
     names = {p.name for p in paths}
-    for stem in ("best_untuned_layers_matrix", "roi_subj_presence_table", "all_group_cs_avgs_picture",
-                 "early_group_cs_avgs_picture", "higher_group_cs_avgs_picture", "cs_vs_pooled_avg_scatterplot",
-                 "cs_vs_pooled_const_scatterplot", "lower_bound_mi_estimates_specific_vs_pooled_havg",
-                 "mi_lower_bound_matrix", "caltech256_results_matrix", "caltech256_landscape_overall",
-                 "caltech256_landscape_subject", "caltech256_landscape_pooled", "caltech256_landscape_higher"):
+    paper = ("best_untuned_layers_matrix", "roi_subj_presence_table", "all_group_cs_avgs_picture",
+             "early_group_cs_avgs_picture", "higher_group_cs_avgs_picture", "cs_vs_pooled_avg_scatterplot",
+             "cs_vs_pooled_const_scatterplot", "lower_bound_mi_estimates_specific_vs_pooled_havg",
+             "mi_lower_bound_matrix", "caltech256_results_matrix", "caltech256_landscape_overall",
+             "caltech256_landscape_subject", "caltech256_landscape_pooled", "caltech256_landscape_higher")
+    extras = ("best_untuned_layer_per_subject", "all_group_cl_gain_per_roi", "early_group_cl_gain_per_roi",
+              "higher_group_cl_gain_per_roi", "cl_vs_pooled-avg_gain_scatterplot", "cl_vs_pooled-const_gain_scatterplot",
+              "cl_vs_untuned_scatterplot", "group_means_per_method", "mi_specific_vs_pooled_havg_pairs")
+    for stem in paper + extras:
         assert {f"{stem}.png", f"{stem}.pdf"} <= names, stem
     assert all(p.parent == folder for p in paths)
     # Each skipped figure is one line naming the command that makes its inputs.
@@ -129,17 +158,83 @@ def test_paper_figures_from_saved_results(results_root):
     assert any(m.startswith("skip imagenet_results_matrix") and "--dataset imagenet" in m for m in skipped)
     assert all("\n" not in m and "python " in m for m in skipped)
 
+    # The paper's rows and columns: ROI-hemispheres of the pRF and category ROIs (no stream), left then right.
+    paper_rows = [f"{h}_{roi}" for roi in ("V1v", "hV4", "EBA", "FFA-1") for h in utils.HEMISPHERES]
+    title, xlabel, ylabel, xticks, yticks, _ = drawn["best_untuned_layers_matrix"][0]
+    assert (xlabel, ylabel, xticks, yticks) == ("AlexNet layer", "ROI", utils.LAYERS, paper_rows) and "Subj1" in title
+    title, xlabel, ylabel, xticks, yticks, _ = drawn["roi_subj_presence_table"][0]
+    present = ru.voxel_counts(results_root).query("n_voxels > 0")["roi"]
+    assert (xlabel, ylabel, xticks) == ("Subject", "ROI", ["1", "2", "3"])
+    assert yticks == [f"{h.upper()} {roi}" for roi in utils.ROI_GROUPS["all"] if roi in set(present) for h in utils.HEMISPHERES]
+    for group in ("all", "early", "higher"):
+        title, xlabel, ylabel, xticks, yticks, _ = drawn[f"{group}_group_cs_avgs_picture"][0]
+        assert (xlabel, ylabel, xticks, yticks) == ("Evaluation Subject", "Model Subject", ["1", "2", "3"], ["1", "2", "3"])
+        assert "improvement" in title and ("all ROIs" if group == "all" else f"{group} group") in title
+    for h in ("avg", "const"):
+        title, xlabel, ylabel, *_, xlim = drawn[f"cs_vs_pooled_{h}_scatterplot"][0]
+        assert xlabel.startswith("Cross Subject") and ylabel.startswith(f"Pooled ({'Avg' if h == 'avg' else 'Constant'})")
+        assert xlim == (-4, 104) and "voxels improved" in xlabel
+    title, xlabel, ylabel, xticks, yticks, _ = drawn["mi_lower_bound_matrix"][0]
+    assert (xlabel, ylabel, xticks) == ("Subject", "ROI", ["1", "2", "3", "Avg"])
+    assert yticks == [f"{h.upper()} {roi}" for roi in ("V1v", "hV4", "EBA", "FFA-1") for h in utils.HEMISPHERES]
+    title, xlabel, ylabel, xticks, yticks, _ = drawn["caltech256_results_matrix"][0]
+    assert (xlabel, xticks) == ("Model", ["1", "2", "Avg", "Pooled Avg", "Pooled Const", "Untuned"])
+    assert yticks == ["Untuned", "LH V1v", "RH V1v", "LH EBA", "RH EBA"]
+    title, xlabel, ylabel, *_ = drawn["lower_bound_mi_estimates_specific_vs_pooled_havg"][0]
+    assert xlabel.startswith("Average number of voxels") and ylabel == "MI lower bound estimate (bits)"
+
+
+def test_paper_figure_values(results_root):
+    encoding = encoding_results.load_encoding(results_root)
+    matrix = figures.layer_matrix(figures.layer_table(encoding), 1)
+    for k, roi in enumerate(ROIS):
+        if roi in utils.ROI_GROUPS["all"]:
+            assert matrix.loc[f"rh_{roi}"].to_dict() == _layer_scores(1, k, "rh")
+            assert matrix.loc[f"rh_{roi}"].idxmax() == utils.LAYERS[(1 + k) % 8]
+    counts = figures.presence_matrix(ru.voxel_counts(results_root))
+    assert counts.loc["LH V1v", 1] == 710 and counts.loc["LH FBA-2", 1] == 0
+    assert counts.loc["RH EBA", 2] == utils.roi_voxel_count(results_root, 2, "rh", "EBA")
+
+    # Cross-subject matrices: the mean over ROI-hemispheres of the fraction improved, from the files.
+    transfer = figures.transfer_both(results_root)
+    early = figures.cs_matrix(transfer, utils.ROI_GROUPS["early"])
+    for model in SUBJECTS:
+        for target in SUBJECTS:
+            expected = np.mean([_frac_improved(results_root, target, _transfer_tag(model, target), h, roi)
+                                for h in utils.HEMISPHERES for roi in ("V1v", "hV4")])
+            assert early.loc[model, target] == pytest.approx(expected, abs=1e-12)
+    higher = figures.cs_matrix(transfer, utils.ROI_GROUPS["higher"])
+    assert higher[3].isna().all() and higher.loc[:, [1, 2]].notna().all().all()  # no transfer on subject 3's FFA-1
+
+    # Pooled vs cross subject: x the mean over the other subjects' models, y the pooled model, both in %.
+    table = figures.encoding_table(encoding)
+    pairs = figures.cs_vs_pooled(transfer, table, "pooled-avg").set_index(["subject", "hemisphere", "roi"])
+    assert len(pairs) == 2 * (2 * 4 + 3) and "early" not in pairs.index.get_level_values("roi")
+    for (s, h, roi), row in pairs.iterrows():
+        others = [_frac_improved(results_root, s, _transfer_tag(y, s), h, roi) for y in SUBJECTS if y != s]
+        assert row["x"] == pytest.approx(100 * np.mean(others), abs=1e-9)
+        assert row["y"] == pytest.approx(100 * _frac_improved(results_root, s, "pooled-avg", h, roi), abs=1e-9)
+
+    mi = figures.mi_matrix(results_root, EPOCHS)
+    assert mi.loc["LH hV4", "2"] == 1 + 2 + 1 and mi.loc["RH FFA-1", "Avg"] == pytest.approx(np.mean([1 + s + 4 for s in SUBJECTS]))
+    probes = figures.classification_matrix(results_root, "caltech256", EPOCHS)
+    assert probes.loc["LH V1v", "2"] == 0.62 and probes.loc["LH V1v", "Avg"] == pytest.approx(0.615)
+    assert probes.loc["LH V1v", "Pooled Avg"] == 0.7 and probes["Pooled Const"].isna().all()
+    assert probes.loc["Untuned", "Untuned"] == 0.5 and probes.loc["Untuned"].drop("Untuned").isna().all()
+    assert probes["Untuned"].drop("Untuned").isna().all() and probes.loc["RH V1v"].isna().all()
+    by_size = figures.mi_by_size(results_root, figures.mi_pairs(results_root, "pooled-avg", EPOCHS))
+    row = by_size.set_index(["hemisphere", "roi"]).loc[("lh", "hV4")]
+    assert row["n_voxels"] == pytest.approx(np.mean([utils.roi_voxel_count(results_root, s, "lh", "hV4") for s in SUBJECTS]))
+    assert (row["specific"], row["pooled"]) == pytest.approx((np.mean([2 + s for s in SUBJECTS]), 2.5))
+
 
 def test_drawn_values(results_root, tmp_path):
-    table = figures.encoding_table(figures.load_encoding(results_root))
+    table = figures.encoding_table(encoding_results.load_encoding(results_root))
     _, layers = figures.plot_best_layers(table, tmp_path / "layers")
     for s in SUBJECTS:
         with open(encoding_results.result_path(results_root, s, "untuned", "rh", "hV4").with_suffix(".json")) as f:
             assert layers["rh"].loc["hV4", s] == json.load(f)["best_layer"]
     assert pd.isna(layers["lh"].loc["FFA-1", 3])
-    _, counts = figures.plot_presence(ru.voxel_counts(results_root), tmp_path / "presence")
-    assert counts["lh"].loc["V1v", 1] == 710 and counts["rh"].loc["EBA", 2] == utils.roi_voxel_count(
-        results_root, 2, "rh", "EBA")
     pairs = figures.mi_pairs(results_root, "pooled-avg", EPOCHS)
     assert len(pairs) == 2 * 2 * 3
     row = pairs[(pairs["subject"] == 2) & (pairs["hemisphere"] == "rh") & (pairs["roi"] == "hV4")].iloc[0]
@@ -165,7 +260,10 @@ def test_missing_inputs_are_skipped_with_the_command(tmp_path, shared_masks, cap
     paths = generate_results.main(["--root", str(tmp_path), "--type", "paper-figures"])
     skipped = [line for line in capsys.readouterr().out.splitlines() if line.startswith("skip ")]
     assert paths == []
-    assert len(skipped) == 11 + 2 * len(utils.CLASSIFICATION_DATASETS)
+    # 10 paper figures, 4 per dataset (results matrix, landscapes), 8 of the project's own, the maps and their key.
+    assert len(skipped) == 10 + 2 * len(utils.CLASSIFICATION_DATASETS) + 8 + 2
+    assert any(m.startswith("skip all_group_cs_avgs_picture") and "--model-subj" in m for m in skipped)
+    assert any(m.startswith("skip cortical_results_key") for m in skipped)
     assert any(m.startswith("skip roi_subj_presence_table") and "--type voxel-counts" in m for m in skipped)
     assert any(m.startswith("skip cortical maps") and "fit_encoding_models.py --method untuned" in m for m in skipped)
     assert not (tmp_path / "results").exists()
@@ -220,7 +318,7 @@ def test_v1v_on_the_ventral_occipital_pole_and_ffa_ventral(masks_root):
 
 
 def test_cortical_maps_draw_the_saved_values(results_root):
-    encoding = figures.load_encoding(results_root, [1])
+    encoding = encoding_results.load_encoding(results_root, [1])
     paths, drawn = figures.cortical_figures(results_root, encoding, surfaces=("inflated",), views=("ventral",),
                                             kind="summary")
     assert {p.name for p in paths} == {f"{stem}.{ext}" for ext in ("png", "pdf") for stem in (
@@ -243,7 +341,7 @@ def test_cortical_maps_draw_the_saved_values(results_root):
                 tests.append(f["test_r"][keep])
     np.testing.assert_array_equal(drawn["subj1_cortical_results_single_subj"]["lh"][where], np.argmax(tests, axis=0))
     # The test r maps: each fitted vertex shows its first ROI's value; vertices in no fitted ROI are blank.
-    test_r = figures.subject_surface_maps(results_root, 1, encoding[1], 10242, figures.test_r_of("pooled-const"))
+    test_r = figures.subject_surface_maps(results_root, 1, encoding[1], 10242, figures.score_of("pooled-const"))
     fitted = np.zeros(len(rows), bool)
     for roi in reversed(ROIS):
         r = encoding_results.load_result(encoding_results.result_path(results_root, 1, "pooled-const", "lh", roi))
@@ -253,6 +351,24 @@ def test_cortical_maps_draw_the_saved_values(results_root):
             np.testing.assert_allclose(test_r["lh"][rows[r["voxels"]][on]], r["test_r"][on])
     assert np.isnan(test_r["lh"][rows[~fitted & (rows < 10242)]]).all()
     assert np.isfinite(test_r["lh"][rows[fitted & (rows < 10242)]]).all()
+
+
+def test_cortical_key_colours_each_vertex_by_its_first_roi(masks_root, monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(figures, "plot_cortical_map", lambda maps, meshes, title, label, stem, **kw: calls.append(kw) or [stem])
+    _, maps = figures.cortical_key(masks_root, 1, figures.load_meshes("fsaverage5"), tmp_path)
+    rois = [r for r in utils.ROI_GROUPS["all"] if any(utils.roi_voxel_count(masks_root, 1, h, r) for h in utils.HEMISPHERES)]
+    assert list(calls[0]["categories"]) == rois and calls[0]["views"] == ("lateral", "posterior", "medial")
+    for h in utils.HEMISPHERES:
+        rows = figures.fsaverage_rows(masks_root, 1, h)
+        # Independent: paint the ROIs in reverse canonical order, so the first ROI of a vertex wins.
+        expected = np.full(figures.FSAVERAGE5_VERTICES, np.nan)
+        for k in reversed(range(len(rois))):
+            where = rows[utils.roi_voxel_indices(masks_root, 1, h, rois[k])]
+            expected[where[where < figures.FSAVERAGE5_VERTICES]] = k
+        np.testing.assert_array_equal(maps[h], expected)
+        v1v = rows[utils.roi_voxel_indices(masks_root, 1, h, "V1v")]
+        assert (maps[h][v1v[v1v < figures.FSAVERAGE5_VERTICES]] == 0).all()
 
 
 def test_full_fsaverage_mesh_folder(tmp_path):

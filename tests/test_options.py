@@ -51,8 +51,8 @@ FIT = ["--weights", "none", "--device", "cpu", "--image-size", "64", "--rois", "
     (generate_results.main, ["--type", "random-rois-list", "--n-random-rois", "-3"],
      "--n-random-rois -3: allowed an integer >= 1"),
     (generate_results.main, ["--type", "voxel-counts", "--subjects", "9"],
-     "--subjects 9: allowed an integer between 1 and 8 with a folder roi_masks/SubjX under --root"
-     " (ROOT/roi_masks holds Subj1, Subj2)"),
+     "--subjects 9: allowed an integer between 1 and 8 with a folder roi_masks/SubjX under --root, or with "
+     "--source published any of 1-8 (ROOT/roi_masks holds Subj1, Subj2)"),
     (cl_model_training.main, TRAIN + ["--subj", "3"],
      "--subj 3: allowed an integer between 1 and 8 with a folder roi_masks/SubjX under --root"
      " (ROOT/roi_masks holds Subj1, Subj2)"),
@@ -61,7 +61,7 @@ FIT = ["--weights", "none", "--device", "cpu", "--image-size", "64", "--rois", "
      "--type histogram: allowed one of summaries, transfer-matrix, classification-task, classification-task-pooled-avg, "
      "classification-task-pooled-const, lower-bound-mi, lower-bound-mi-pooled-avg, lower-bound-mi-pooled-const, "
      "voxel-counts, save-embeddings, save-test-fmri-responses, random-rois-list, "
-     "figures, salience-maps, paper-figures"),
+     "figures, salience-maps, paper-figures, compare-published"),
     (fit_encoding_models.main, FIT + ["--method", "tuned"], "--method tuned: allowed one of " + ", ".join(utils.METHODS)),
     (cl_model_training.main, TRAIN + ["--hemisphere", "up"], "--hemisphere up: allowed one of left, right, lh, rh"),
 ])
