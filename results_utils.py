@@ -636,7 +636,7 @@ def embed_pairs(model, data, indices, device="cpu", batch_size=256, subj=None, p
     model = model.to(device).eval()
     z_img, z_fmri = [], []
     for x, y in utils.iterate_batches(data.images, data.fmri, np.sort(indices), batch_size, device):
-        with utils.feature_autocast(device, precision):
+        with utils.autocast(device, precision):
             z_img.append(model.embed_images(x).float().cpu())
             z_fmri.append(model.embed_fmri(y, subj).float().cpu())
     return torch.cat(z_img).numpy(), torch.cat(z_fmri).numpy()
@@ -704,7 +704,7 @@ def _model_outputs(forward, images, rows, batch_size=256, device="cpu", precisio
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
             x = utils.normalize_images(np.ascontiguousarray(images[rows[start:start + batch_size]]), device)
-            with utils.feature_autocast(device, precision):
+            with utils.autocast(device, precision):
                 chunks.append(forward(x).float().cpu())
     return torch.cat(chunks).numpy()
 

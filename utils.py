@@ -447,26 +447,21 @@ def resolve_device(name):
         raise safe_io.UserError(f"unknown device {name!r}: use auto, cpu or cuda") from None
 
 
-def autocast(device):
-    """bf16 autocast on CUDA, a no-op elsewhere (training)."""
-    device = torch.device(device)
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 PRECISIONS = ("fp32", "bf16")
 
 
 def check_precision(precision):
     if precision not in PRECISIONS:
-        raise safe_io.UserError(f"unknown feature precision {precision!r}: use fp32 (the authors') or bf16")
+        raise safe_io.UserError(f"unknown precision {precision!r}: use fp32 (the authors') or bf16")
     return precision
 
 
-def feature_autocast(device, precision="fp32"):
-    """The context of feature extraction: plain fp32 (the authors'), or bf16 autocast on any device.
+def autocast(device, precision="fp32"):
+    """The context of training and feature extraction: plain fp32 (the authors'), or bf16 autocast on any device.
 
-    bf16 rounds activations to 8 significant bits, and those features feed PCA, ridge,
-    probes and the MI critic directly, so fp32 is the default; bf16 is faster on a GPU.
+    bf16 rounds activations to 8 significant bits; features feed PCA, ridge, probes and
+    the MI critic directly, and training follows its gradients, so fp32 is the default;
+    bf16 is faster on a GPU.
     """
     device = torch.device(device)
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=check_precision(precision) == "bf16")
@@ -535,7 +530,7 @@ def iter_features(alexnet, images, batch_size=256, device="cpu", layers=LAYERS, 
     alexnet : torchvision AlexNet (or the ``alexnet`` of a tuned model).
     images : uint8 array (n, S, S, 3), e.g. the image cache.
     indices : optional rows of ``images`` to use, in order.
-    precision : 'fp32' (default, as the authors) or 'bf16' (autocast; see feature_autocast).
+    precision : 'fp32' (default, as the authors) or 'bf16' (see autocast).
 
     Yields
     ------
@@ -548,7 +543,7 @@ def iter_features(alexnet, images, batch_size=256, device="cpu", layers=LAYERS, 
     rows = np.arange(len(images)) if indices is None else np.asarray(indices)
     for start in tqdm(range(0, len(rows), batch_size), desc="features", leave=False):
         x = normalize_images(np.ascontiguousarray(images[rows[start:start + batch_size]]), device)
-        with torch.no_grad(), feature_autocast(device, precision):
+        with torch.no_grad(), autocast(device, precision):
             out = extractor(x)
         feats = {k: v.flatten(1).float() for k, v in out.items()}
         # One device-to-host check per batch for all layers; the bad layer is looked up only on failure.

@@ -344,7 +344,7 @@ def test_features_are_fp32_by_default_and_bf16_on_request():
     # bf16 keeps 8 significant bits: close to fp32, but not equal.
     err = np.abs(bf16["features.5"] - fp32["features.5"]).max() / np.abs(fp32["features.5"]).max()
     assert 0 < err < 0.05
-    with pytest.raises(safe_io.UserError, match="unknown feature precision 'fp16'"):
+    with pytest.raises(safe_io.UserError, match="unknown precision 'fp16'"):
         utils.extract_features(alexnet, images, layers=layers, precision="fp16")
 
 
