@@ -58,7 +58,7 @@ POOLED_EPOCHS = utils.DEFAULT_EPOCHS["pooled-avg"]  # epochs in the pooled check
 BATCH_SIZE = 128  # images per forward pass
 SCRATCH: str | None = None  # folder of the temporary feature spill, ~8 GB per run at full size (None: ROOT/cache); $VARS expand when the run starts, e.g. '$TMPDIR' for a cluster node's local disk
 FEATURE_PRECISION = "fp32"  # feature extraction: fp32 (the authors') or bf16 (autocast on CUDA, faster)
-MIN_VOXELS = utils.MIN_VOXELS  # ROIs with fewer voxels are skipped and recorded as absent (the authors' 20)
+MIN_VOXELS = utils.MIN_VOXELS  # ROIs with fewer voxels are skipped and recorded as absent (1, the authors'; 20: the paper's 2024 figures)
 OVERWRITE = False  # recompute ROIs whose results exist
 # ---
 CHOICES = {"METHOD": utils.METHODS, "HEMISPHERE": utils.HEMISPHERE_NAMES, "ROIS": utils.ROIS,

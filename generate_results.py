@@ -37,7 +37,7 @@ DATASET = "caltech256"  # classification dataset in ROOT/datasets/<name>: caltec
 METHOD = "cl-tuned"  # tuned models to analyse: cl-tuned or reg-tuned (save-embeddings also untuned; pooled types set it)
 SUBJECTS = [1]  # subjects to process
 HEMISPHERES = ["left", "right"]  # hemispheres to process
-ROIS: list[str] = []  # ROIs (default: every ROI with a checkpoint, or for the fMRI-only types every ROI, with at least MIN_VOXELS voxels)
+ROIS: list[str] = []  # ROIs (default: every ROI with a checkpoint, or for the fMRI-only types every ROI, with enough voxels)
 EPOCHS: int | None = None  # epochs in the checkpoint names (default: 30, or 75 for reg-tuned)
 WEIGHTS = "imagenet"  # untuned AlexNet: imagenet, none (seeded random) or a state-dict path
 SEED = 0  # seed of random weights and of random-rois-list
@@ -46,8 +46,9 @@ IMAGE_SIZE = 224  # image side given to AlexNet (probes: Resize(size*256/224) + 
 BATCH_SIZE = 256  # images per forward pass
 EMBEDDING_LAYER = "classifier.5"  # save-embeddings: an AlexNet layer (default fc7, the authors'), '' for the model output (CL embedding, regression prediction, untuned fc8) or 'best' (the ROI's best encoding layer)
 EMBEDDING_SPLIT = "test"  # save-embeddings: test (the authors': test split in split order, rows as save-test-fmri-responses) or all (sorted file order)
-N_RANDOM_ROIS = 30  # random-rois-list: how many (subject, hemisphere, ROI) to draw, among ROIs with more than MIN_VOXELS
-MIN_VOXELS = utils.MIN_VOXELS  # ROIs (pooled models: subjects) with fewer voxels are not analysed (the authors' 20)
+N_RANDOM_ROIS = 30  # random-rois-list: how many (subject, hemisphere, ROI) to draw, among ROIs with more than ANALYSIS_MIN_VOXELS
+MIN_VOXELS = utils.MIN_VOXELS  # embeddings, test fMRI, transfer matrices: ROIs with fewer voxels are left out or absent (1, the authors'; 20: the paper's 2024 figures)
+ANALYSIS_MIN_VOXELS = utils.ANALYSIS_MIN_VOXELS  # probes of subject models and the MI bound's subjects: ROIs with fewer voxels are left out (the authors' 20)
 FEATURE_PRECISION = "fp32"  # features for probes, MI and embeddings: fp32 (the authors') or bf16 (autocast, faster on GPU)
 IMAGE_INDEX = 0  # salience-maps: which test image of DATASET (position in the 15% split)
 MESH = "fsaverage5"  # paper-figures: cortical maps on nilearn's fsaverage5, or a FreeSurfer fsaverage folder (surf/lh.inflated, ...) for full resolution
@@ -61,7 +62,7 @@ CHOICES = {"DATASET": utils.CLASSIFICATION_DATASETS, "METHOD": utils.METHODS, "H
            "FEATURE_PRECISION": utils.PRECISIONS, "MAPS": utils.CORTICAL_MAPS, "TRANSFER_AGGREGATION": ["authors", "voxels"]}
 RANGES = {"SUBJECTS": utils.SUBJECT, "EPOCHS": options.at_least(1), "SEED": options.at_least(0),
           "IMAGE_SIZE": utils.ALEXNET_INPUT, "BATCH_SIZE": options.at_least(1), "N_RANDOM_ROIS": options.at_least(1),
-          "MIN_VOXELS": options.at_least(1), "IMAGE_INDEX": options.at_least(0)}
+          "MIN_VOXELS": options.at_least(1), "ANALYSIS_MIN_VOXELS": options.at_least(1), "IMAGE_INDEX": options.at_least(0)}
 
 
 def model_subjects(opts, method):
@@ -98,8 +99,8 @@ def classification(opts, model_opts):
         for h in opts.HEMISPHERES:
             summary = ru.classification_task(dataset=opts.DATASET, subj=subj, hemisphere=h, rois=opts.ROIS,
                                              batch_size=opts.BATCH_SIZE, overwrite=opts.OVERWRITE,
-                                             precision=opts.FEATURE_PRECISION, min_voxels=opts.MIN_VOXELS,
-                                             **model_opts)
+                                             precision=opts.FEATURE_PRECISION,
+                                             min_voxels=opts.ANALYSIS_MIN_VOXELS, **model_opts)
             print(f"{opts.DATASET} {ru.summary_stem(method, subj, h, epochs)}: untuned {summary['untuned']:.3f}, "
                   + ", ".join(f"{r} {a:.3f}" for r, a in summary["rois"].items()))
 
@@ -109,7 +110,7 @@ def lower_bound_mi(opts, model_opts):
     for subj in model_subjects(opts, method):
         for h in opts.HEMISPHERES:
             summary = ru.mi_task(opts.ROOT, method, subj, h, opts.ROIS, model_opts["epochs"], model_opts["device"],
-                                 opts.BATCH_SIZE, opts.OVERWRITE, opts.FEATURE_PRECISION, opts.MIN_VOXELS)
+                                 opts.BATCH_SIZE, opts.OVERWRITE, opts.FEATURE_PRECISION, opts.ANALYSIS_MIN_VOXELS)
             for roi, per_subj in summary["rois"].items():
                 for s, res in per_subj.items():
                     tuned, untuned = res["tuned"], res["untuned"]
@@ -142,7 +143,7 @@ def save_test_fmri(opts, model_opts):
 
 
 def random_rois(opts, model_opts):
-    chosen = ru.random_rois(ru.voxel_counts(opts.ROOT), opts.N_RANDOM_ROIS, opts.SEED, opts.MIN_VOXELS)
+    chosen = ru.random_rois(ru.voxel_counts(opts.ROOT), opts.N_RANDOM_ROIS, opts.SEED, opts.ANALYSIS_MIN_VOXELS)
     path = utils.results_dir(opts.ROOT) / f"random_rois_n{opts.N_RANDOM_ROIS}_seed{opts.SEED}.csv"
     safe_io.atomic_write_text(chosen.to_csv(index=False), path)
     print(chosen.to_string(index=False))

@@ -663,7 +663,7 @@ def plan_roi(opts, roi, method, skip_small=False):
             tqdm.write(f"skip {roi}: {counts} voxels in {hemi} of {where} (fewer than MIN_VOXELS={min_voxels})")
             return None
         raise safe_io.UserError(f"ROI {roi} has {counts} voxels in {hemi} of {where}, fewer than MIN_VOXELS={min_voxels}: "
-                              "choose a larger ROI (the authors skip ROIs under 20 voxels) or lower --min-voxels")
+                              "choose a larger ROI or lower --min-voxels")
     for s, v in indices.items():
         if pooled and 0 < len(v) < min_voxels:
             tqdm.write(f"{roi}: {utils.subj_dir(s)} left out "
@@ -702,7 +702,7 @@ def train_roi(opts, roi, method, skip_small=False):
     opts : the script's parsed options. Every method reads ROOT, HEMISPHERE, EPOCHS, LR,
         BATCH_SIZE, WEIGHTS, DEVICE, SEED (initialisation and batch order), IMAGE_SIZE, PRECISION,
         MAX_VOXELS (keep at most this many voxels per subject, select_voxels; None keeps
-        all), MIN_VOXELS (the authors' threshold, applied before MAX_VOXELS) and OVERWRITE
+        all), MIN_VOXELS (applied before MAX_VOXELS; the authors' 1 by default) and OVERWRITE
         (discard an existing checkpoint or unfinished run). CL and regression read SUBJ;
         the pooled methods read SUBJECTS (the candidate subjects, empty for all under
         ROOT; those where the ROI has fewer than MIN_VOXELS voxels are left out, the rest

@@ -47,9 +47,13 @@ ROI_GROUPS = {
     "early": list(ROI_CLASSES["prf-visualrois"]),
     "higher": [r for c in ("floc-bodies", "floc-faces", "floc-places", "floc-words") for r in ROI_CLASSES[c]],
 }
-# ROIs (pooled models: subjects) with fewer voxels are never trained, fitted or analysed,
-# as in the authors' code; every script's MIN_VOXELS option defaults to this.
-MIN_VOXELS = 20
+# ROIs (pooled models: subjects) with fewer voxels are not trained, pooled, fitted or
+# exported. The authors' current code takes every ROI with a voxel (1); 20 reproduces the
+# paper's 2024 figures. Every script's MIN_VOXELS option defaults to this.
+MIN_VOXELS = 1
+# The authors' minimum of the MI bound's target subject and of the subject models' probes
+# (random-rois-list draws among ROIs with more voxels than this).
+ANALYSIS_MIN_VOXELS = 20
 HEMISPHERES = ("lh", "rh")
 N_SUBJECTS = 8
 N_FSAVERAGE_VERTICES = 163842

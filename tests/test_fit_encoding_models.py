@@ -49,9 +49,10 @@ def save_cl_checkpoint(root, subj, hemi, roi, seed):
 
 def test_untuned_results_summaries_absent_rois_and_resume(root, capsys):
     argv = ["--root", str(root), "--rois", "V1v", "mTL-words", "EBA"] + FAST
-    written = fem.main(argv)
+    written = fem.main(argv + ["--min-voxels", "20"])
     out = capsys.readouterr().out
-    # lh mTL-words has 10 voxels in Subj1: skipped with a line and recorded as absent.
+    # lh mTL-words has 10 voxels in Subj1: under MIN_VOXELS 20 (the 2024 figures), skipped with a line
+    # and recorded as absent.
     assert written["mTL-words"] is None
     assert "skip mTL-words: 10 voxels in lh of Subj1 (fewer than MIN_VOXELS=20)" in out
     absent = json.loads((utils.encoding_dir(root, 1) / "absent_rois.json").read_text())
@@ -93,6 +94,10 @@ def test_untuned_results_summaries_absent_rois_and_resume(root, capsys):
     assert written["EBA"].stat().st_mtime_ns != before
     # Refitted alone, EBA gets the numbers it got in the pass shared with V1v (to rounding).
     np.testing.assert_allclose(encoding_results.load_result(written["EBA"])["test_r"], results["EBA"]["test_r"], rtol=0, atol=1e-12)
+    # With the default MIN_VOXELS (1, the authors' current code) mTL-words is fitted and no longer absent.
+    words = fem.main(argv)["mTL-words"]
+    assert len(encoding_results.load_result(words)["voxels"]) == 10
+    assert json.loads((utils.encoding_dir(root, 1) / "absent_rois.json").read_text()) == {"lh": {}}
 
 
 def test_figures_show_the_saved_results(root):
@@ -134,7 +139,7 @@ def test_untuned_layer_protocol_needs_and_reuses_untuned_choice(root, capsys):
     # V1v has no untuned result: the run stops before it writes EBA's result or records
     # the absent mTL-words, so every input is checked before the first output.
     before = conftest.snapshot(root)
-    err = run_error(argv + ["--rois", "EBA", "mTL-words", "V1v"], capsys)
+    err = run_error(argv + ["--rois", "EBA", "mTL-words", "V1v", "--min-voxels", "20"], capsys)
     assert f"no untuned result at {encoding_results.result_path(root, 1, 'untuned', 'lh', 'V1v')}" in err
     assert conftest.snapshot(root) == before
     written = fem.main(argv)
