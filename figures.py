@@ -5,8 +5,8 @@ classification probes and predictions) and draws; nothing is fitted. ``paper_fig
 builds every figure that has its inputs and names, for each one that has not, the command
 that makes them. ``generate_results.py --type paper-figures`` calls it.
 
-ROI groups: 'early visual' is the prf-visualrois class (V1v..hV4) plus the 'early' stream;
-'higher' is every other ROI (floc-bodies, -faces, -places, -words and the other streams).
+ROI groups are the authors' (utils.ROI_GROUPS): 'early' the prf-visualrois class (V1v..hV4),
+'higher' the floc classes, 'anatomical' the streams.
 
 Cortical maps use nilearn's packaged fsaverage5 mesh (no download). fsaverage nests
 fsaverage5: the first 10242 of fsaverage's 163842 vertices per hemisphere are fsaverage5's.
@@ -26,9 +26,7 @@ import results_utils as ru
 import safe_io
 import utils
 
-EARLY_ROIS = utils.ROI_CLASSES["prf-visualrois"] + ["early"]
-ROI_GROUPS = ("early", "higher")
-GROUP_NAMES = {"early": "early visual (V1v..hV4, early stream)", "higher": "higher (floc ROIs, other streams)"}
+GROUP_NAMES = {"early": "early visual (V1v..hV4)", "higher": "higher (floc ROIs)", "anatomical": "anatomical (streams)"}
 FSAVERAGE5_VERTICES = 10242
 SURFACES = ("inflated", "pial")
 VIEWS = ("lateral", "medial", "ventral")
@@ -36,18 +34,13 @@ POOLED = ("pooled-avg", "pooled-const")
 HEMI_NAMES = {"lh": "left hemisphere", "rh": "right hemisphere"}
 # Categorical colours of methods, subjects and ROI groups (tab10 order).
 METHOD_COLOURS = dict(zip(utils.METHODS + ["oracle"], ("#7f7f7f", "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "k")))
-GROUP_COLOURS = {"early": "#ff7f0e", "higher": "#1f77b4"}
+GROUP_COLOURS = {"early": "#ff7f0e", "higher": "#1f77b4", "anatomical": "#2ca02c"}
 OVERLAP_NOTE = ("where a vertex lies in several ROIs, the value of the first ROI in canonical order "
                 "(prf-visualrois, floc-bodies, -faces, -places, -words, then streams) is drawn")
 
 
 class Missing(Exception):
     """A figure's inputs are absent; the message names the command that makes them."""
-
-
-def roi_group(roi):
-    """'early' for V1v..hV4 and the early stream, else 'higher'."""
-    return "early" if roi in EARLY_ROIS else "higher"
 
 
 def paper_dir(root):
@@ -367,7 +360,7 @@ def encoding_table(encoding):
         for (method, hemi, roi), r in results.items():
             u = results.get(("untuned", hemi, roi))
             same = u is not None and np.array_equal(u["voxels"], r["voxels"])
-            rows.append({"subject": subj, "hemisphere": hemi, "roi": roi, "group": roi_group(roi),
+            rows.append({"subject": subj, "hemisphere": hemi, "roi": roi, "group": utils.roi_group(roi),
                          "method": method, "n_voxels": len(r["voxels"]), "best_layer": r["best_layer"],
                          "mean_test_r": float(np.mean(r["test_r"])),
                          "gain": float(np.mean(r["test_r"] - u["test_r"])) if same else np.nan})
@@ -394,7 +387,7 @@ def paired_gains(table, method_x, method_y):
     x = table[table["method"] == method_x].set_index(keys)["gain"]
     y = table[table["method"] == method_y].set_index(keys)["gain"]
     both = pd.concat({"x": x, "y": y}, axis=1, join="inner").dropna().reset_index()
-    return both.assign(group=both["roi"].map(roi_group))
+    return both.assign(group=both["roi"].map(utils.roi_group))
 
 
 def load_voxel_counts(root):
@@ -422,7 +415,7 @@ def mi_pairs(root, pooled, epochs):
         for roi in x.index.intersection(y.index):
             for col in x.columns.intersection(y.columns):
                 if np.isfinite(x.loc[roi, col]) and np.isfinite(y.loc[roi, col]):
-                    rows.append({"subject": int(col[4:]), "hemisphere": h, "roi": roi, "group": roi_group(roi),
+                    rows.append({"subject": int(col[4:]), "hemisphere": h, "roi": roi, "group": utils.roi_group(roi),
                                  "x": float(x.loc[roi, col]), "y": float(y.loc[roi, col])})
     if not rows:
         raise Missing(f"no (subject, ROI) has both a cl-tuned and a {pooled} MI bound: run python generate_results.py "
@@ -509,7 +502,7 @@ def plot_group_gains(stats, title, stem):
     for ax, h in zip(axes[:, 0], hemis):
         part = stats[stats["hemisphere"] == h]
         x = np.arange(len(part))
-        colours = [GROUP_COLOURS[roi_group(r)] for r in part["roi"]]
+        colours = [GROUP_COLOURS[utils.roi_group(r)] for r in part["roi"]]
         ax.bar(x, part["mean"], 0.7, yerr=part["sem"].fillna(0), color=colours, capsize=2, ecolor="k")
         top = (part["mean"] + part["sem"].fillna(0)).clip(lower=0)
         for xi, t, n in zip(x, top, part["n"]):
@@ -520,8 +513,8 @@ def plot_group_gains(stats, title, stem):
         ax.set_ylabel("gain in mean test r")
         ax.set_title(HEMI_NAMES[h], fontsize=9)
         ax.margins(y=0.15)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=GROUP_COLOURS[g]) for g in ROI_GROUPS]
-    axes[0, 0].legend(handles, [GROUP_NAMES[g] for g in ROI_GROUPS], fontsize=7, loc="best")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=GROUP_COLOURS[g]) for g in GROUP_NAMES]
+    axes[0, 0].legend(handles, list(GROUP_NAMES.values()), fontsize=7, loc="best")
     fig.suptitle(title, fontsize=10)
     return save_figure(fig, stem), stats
 
@@ -533,7 +526,7 @@ def plot_pairs(pairs, xlabel, ylabel, title, stem, zero_lines=True):
     """
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 4.6), layout="constrained")
-    for g in ROI_GROUPS:
+    for g in GROUP_NAMES:
         part = pairs[pairs["group"] == g]
         if len(part):
             ax.scatter(part["x"], part["y"], s=18, color=GROUP_COLOURS[g], edgecolors="k", linewidths=0.3,
@@ -555,14 +548,28 @@ def plot_pairs(pairs, xlabel, ylabel, title, stem, zero_lines=True):
 
 # --- Landscapes ------------------------------------------------------------------------
 
+# The authors' keys of the ROI-group landscape, in colour order (see landscape_key).
+LANDSCAPE_KEYS = ("Early-L", "Early-R", "Bodies", "Faces", "Places", "Words", "Anatomical")
+
+
+def landscape_key(meta):
+    """The authors' landscape key of a tuned model: Early-L or Early-R for an early ROI (by
+    hemisphere), the category (Bodies, Faces, Places, Words) for a higher one, Anatomical for a stream."""
+    group = utils.roi_group(meta["roi"])
+    if group == "early":
+        return f"Early-{utils.hemi_code(meta['hemisphere'])[0].upper()}"
+    if group == "higher":
+        return utils.ROI_CLASS[meta["roi"]].split("-")[1].capitalize()
+    return "Anatomical"
+
+
 def landscape_keys(metas):
-    """Per model: (method, subject label, ROI group) used to colour the landscapes."""
+    """Per model: (method, subject label, landscape_key; the method for models without an ROI) used to colour the landscapes."""
     out = []
     for m in metas:
         method = m["method"]
         subj = utils.subj_dir(m["subj"]) if m.get("subj") is not None else ("pooled" if method in POOLED else method)
-        group = roi_group(m["roi"]) if m.get("roi") else method
-        out.append((method, subj, group))
+        out.append((method, subj, landscape_key(m) if m.get("roi") else method))
     return out
 
 
@@ -611,7 +618,8 @@ def landscape_figures(root, dataset, folder):
     out += plot_landscape_by(land, lambda i: (keys[i][0], METHOD_COLOURS[keys[i][0]]),
                              f"{dataset}: CL models, subject-specific vs pooled", folder / f"{dataset}_landscape_pooled",
                              keep=lambda i: keys[i][0] in ("cl-tuned",) + POOLED)[0]
-    out += plot_landscape_by(land, lambda i: reference(i) or (GROUP_NAMES[keys[i][2]], GROUP_COLOURS[keys[i][2]]),
+    key_colour = lambda i: (keys[i][2], category_colour(LANDSCAPE_KEYS.index(keys[i][2])))
+    out += plot_landscape_by(land, lambda i: reference(i) or key_colour(i),
                              f"{dataset}: tuned models by ROI group", folder / f"{dataset}_landscape_higher")[0]
     return out
 
@@ -878,9 +886,8 @@ def paper_figures(root, epochs=utils.DEFAULT_EPOCHS["cl-tuned"], mesh="fsaverage
 
     attempt("best_untuned_layers_matrix", lambda: plot_best_layers(table, folder / "best_untuned_layers_matrix")[0])
     attempt("roi_subj_presence_table", lambda: plot_presence(load_voxel_counts(root), folder / "roi_subj_presence_table")[0])
-    for group, rois in (("all", utils.ROIS), ("early", EARLY_ROIS),
-                        ("higher", [r for r in utils.ROIS if r not in EARLY_ROIS])):
-        attempt(f"{group}_group_cs_avgs_picture", _group_figure, table, group, rois, folder)
+    for group in ("all", "early", "higher"):
+        attempt(f"{group}_group_cs_avgs_picture", _group_figure, table, group, utils.ROI_GROUPS[group], folder)
     for pooled in POOLED:
         h = pooled.split("-")[1]
         attempt(f"cs_vs_pooled_{h}_scatterplot", _pooled_gain_figure, table, pooled, folder)

@@ -39,13 +39,14 @@ ROIS = [roi for rois in ROI_CLASSES.values() for roi in rois]
 ROI_CLASS = {roi: cls for cls, rois in ROI_CLASSES.items() for roi in rois}
 # The integer code of each ROI inside its class mask (0 means "Unknown").
 ROI_CODE = {roi: i + 1 for rois in ROI_CLASSES.values() for i, roi in enumerate(rois)}
-# The authors' ROI groups for summaries: early = the pRF visual ROIs, higher = the category
-# ROIs, all = both (the stream ROIs are in no group).
+# The authors' ROI groups (their cross-subject averages, cs_heatmap_avgs): early = the pRF
+# visual ROIs, higher = the category ROIs, anatomical = the streams, all = every ROI. The
+# summaries, transfer matrices, figures and landscapes all use these.
 ROI_GROUPS = {
-    "all": ROI_CLASSES["prf-visualrois"] + [r for c in ("floc-bodies", "floc-faces", "floc-places", "floc-words")
-                                            for r in ROI_CLASSES[c]],
+    "all": list(ROIS),
     "early": list(ROI_CLASSES["prf-visualrois"]),
     "higher": [r for c in ("floc-bodies", "floc-faces", "floc-places", "floc-words") for r in ROI_CLASSES[c]],
+    "anatomical": list(ROI_CLASSES["streams"]),
 }
 # ROIs (pooled models: subjects) with fewer voxels are not trained, pooled, fitted or
 # exported. The authors' current code takes every ROI with a voxel (1); 20 reproduces the
@@ -98,6 +99,11 @@ def check_roi(roi):
     if roi not in ROI_CLASS:
         raise safe_io.UserError(f"unknown ROI {roi!r}: valid names are {', '.join(ROIS)}")
     return roi
+
+
+def roi_group(roi):
+    """The group of ROI_GROUPS other than 'all' that holds ``roi``: 'early', 'higher' or 'anatomical'."""
+    return next(g for g, members in ROI_GROUPS.items() if g != "all" and check_roi(roi) in members)
 
 
 def fmri_path(root, subj, hemisphere):

@@ -331,7 +331,7 @@ def test_group_summary_averages_rois_without_weights(root):
     assert cv["pct_cl-tuned_gt_reg-tuned"] == pytest.approx(100)
     assert table.loc["early", "test_r"]["n_rois"] == 0 and table.loc["all", "test_r"]["n_rois"] == 2
     every = pd.read_csv(root / "encoding_results" / "group_summary.csv")
-    assert list(every["subject"].unique()) == [1] and len(every) == 6
+    assert list(every["subject"].unique()) == [1] and len(every) == 2 * len(utils.ROI_GROUPS)
 
 
 def test_feature_precision_is_recorded_and_checked(root, capsys):

@@ -51,6 +51,20 @@ def user_error(fn, capsys):
     return err
 
 
+# --- ROI groups ----------------------------------------------------------------------------
+
+def test_roi_groups_are_the_authors():
+    """The lists of the authors' cs_heatmap_avgs, typed out here: early, higher, anatomical and all."""
+    early = ["V1v", "V1d", "V2v", "V2d", "V3v", "V3d", "hV4"]
+    higher = ["EBA", "FBA-1", "FBA-2", "mTL-bodies", "OFA", "FFA-1", "FFA-2", "mTL-faces", "aTL-faces", "OPA",
+              "PPA", "RSC", "OWFA", "VWFA-1", "VWFA-2", "mfs-words", "mTL-words"]
+    anatomical = ["early", "midventral", "midlateral", "midparietal", "ventral", "lateral", "parietal"]
+    assert utils.ROI_GROUPS == {"all": early + higher + anatomical, "early": early, "higher": higher,
+                                "anatomical": anatomical}
+    assert [utils.roi_group(r) for r in ("hV4", "early", "mTL-words", "parietal")] == [
+        "early", "anatomical", "higher", "anatomical"]
+
+
 # --- Split and folds -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("n", [9841, 240, 7])
