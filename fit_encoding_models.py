@@ -62,7 +62,7 @@ MIN_VOXELS = utils.MIN_VOXELS  # ROIs with fewer voxels are skipped and recorded
 OVERWRITE = False  # recompute ROIs whose results exist
 # ---
 CHOICES = {"METHOD": utils.METHODS, "HEMISPHERE": utils.HEMISPHERE_NAMES, "ROIS": utils.ROIS,
-           "PROTOCOL": ["per-method", "untuned-layer"], "FEATURE_PRECISION": utils.PRECISIONS}
+           "PROTOCOL": utils.PROTOCOLS, "FEATURE_PRECISION": utils.PRECISIONS}
 RANGES = {"SUBJ": utils.SUBJECT, "MODEL_SUBJ": utils.SUBJECT, "ALPHAS": utils.ALPHA_GRID,
           "N_COMPONENTS": options.at_least(1), "N_FOLDS": options.at_least(2), "IMAGE_SIZE": utils.ALEXNET_INPUT,
           "SEED": options.at_least(0), "CL_EPOCHS": options.at_least(1), "REG_EPOCHS": options.at_least(1),

@@ -5,8 +5,8 @@ One --type per analysis (the numbers come from encoding_results.py and results_u
 the pictures from figures.py):
   summaries                                       per subject: methods.csv, layer_scores.csv, group_summary.csv and
                                                   their figures, rebuilt from the saved encoding results
-  transfer-matrix                                 model subject x target subject matrices of METHOD (mean test r,
-                                                  fraction of voxels above untuned) per ROI group
+  transfer-matrix                                 model subject x target subject matrices of METHOD (fraction of
+                                                  voxels above untuned, mean test r) per ROI group, over HEMISPHERES
   classification-task[-pooled-avg|-pooled-const]  fc7 logistic-regression probes on DATASET
   lower-bound-mi[-pooled-avg|-pooled-const]       InfoNCE MI lower bound on the test split
   voxel-counts, save-embeddings, save-test-fmri-responses, random-rois-list
@@ -53,13 +53,15 @@ FEATURE_PRECISION = "fp32"  # features for probes, MI and embeddings: fp32 (the 
 IMAGE_INDEX = 0  # salience-maps: which test image of DATASET (position in the 15% split)
 MESH = "fsaverage5"  # paper-figures: cortical maps on nilearn's fsaverage5, or a FreeSurfer fsaverage folder (surf/lh.inflated, ...) for full resolution
 MAPS = "all"  # paper-figures cortical maps: all, summary (per subject the CL gain and the winning method) or none
-TRANSFER_AGGREGATION = "authors"  # transfer-matrix: authors (unweighted mean over ROIs, absent ROI = 0) or voxels (pooled)
+PROTOCOL = "untuned-layer"  # transfer-matrix: the results to read, untuned-layer (the authors': transfer and untuned control at the untuned layer and alphas) or per-method
+TRANSFER_AGGREGATION = "authors"  # transfer-matrix: authors (unweighted mean over the ROIs present in every subject), absent-zero (every ROI, absent = 0) or voxels (pooled)
 OVERWRITE = False  # recompute results that exist
 # ---
 # CHOICES["TYPE"] is the list of TASKS, set below them.
 CHOICES = {"DATASET": utils.CLASSIFICATION_DATASETS, "METHOD": utils.METHODS, "HEMISPHERES": utils.HEMISPHERE_NAMES,
            "ROIS": utils.ROIS, "EMBEDDING_LAYER": utils.LAYERS + ["", "best"], "EMBEDDING_SPLIT": utils.EMBEDDING_SPLITS,
-           "FEATURE_PRECISION": utils.PRECISIONS, "MAPS": utils.CORTICAL_MAPS, "TRANSFER_AGGREGATION": ["authors", "voxels"]}
+           "FEATURE_PRECISION": utils.PRECISIONS, "MAPS": utils.CORTICAL_MAPS,
+           "PROTOCOL": utils.PROTOCOLS, "TRANSFER_AGGREGATION": utils.TRANSFER_AGGREGATIONS}
 RANGES = {"SUBJECTS": utils.SUBJECT, "EPOCHS": options.at_least(1), "SEED": options.at_least(0),
           "IMAGE_SIZE": utils.ALEXNET_INPUT, "BATCH_SIZE": options.at_least(1), "N_RANDOM_ROIS": options.at_least(1),
           "MIN_VOXELS": options.at_least(1), "ANALYSIS_MIN_VOXELS": options.at_least(1), "IMAGE_INDEX": options.at_least(0)}
@@ -81,16 +83,18 @@ def summaries(opts, model_opts):
 
 
 def transfer_matrix(opts, model_opts):
-    method, out = model_opts["method"], {}
-    for h in opts.HEMISPHERES:
-        table, matrices = encoding_results.write_transfer_matrices(opts.ROOT, method, h, opts.ROIS or utils.ROIS,
-                                                               opts.MIN_VOXELS, opts.TRANSFER_AGGREGATION)
-        for group, (mean_r, frac, stem) in matrices.items():
-            figures.plot_transfer(mean_r, frac, f"{method} {utils.hemi_code(h)} {group} ROIs "
-                                                f"({opts.TRANSFER_AGGREGATION})", f"{stem}.png")
-            print(f"{group} ROIs, mean test r (rows: model subject, columns: target subject)\n{mean_r.round(3)}")
-        out[utils.hemi_code(h)] = table, matrices
-    return out
+    """The matrices of every ROI group over HEMISPHERES together; returns (table, {group: (mean_r, frac, stem)})."""
+    method = model_opts["method"]
+    table, matrices = encoding_results.write_transfer_matrices(
+        opts.ROOT, method, opts.HEMISPHERES, opts.ROIS or utils.ROIS, opts.PROTOCOL, opts.MIN_VOXELS,
+        opts.TRANSFER_AGGREGATION)
+    hemis = "/".join(sorted(set(table["hemisphere"])))
+    for group, (mean_r, frac, stem) in matrices.items():
+        figures.plot_transfer(mean_r, frac, f"{method} ({opts.PROTOCOL}) {hemis} {group} ROIs "
+                                            f"({opts.TRANSFER_AGGREGATION})", f"{stem}.png")
+        print(f"{group} ROIs, fraction of voxels above untuned (rows: model subject, columns: target subject)\n"
+              f"{frac.round(3)}")
+    return table, matrices
 
 
 def classification(opts, model_opts):

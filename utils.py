@@ -587,6 +587,10 @@ CLASSIFICATION_DATASETS = ("caltech256", "places365", "imagenet", "sun397")
 EMBEDDING_SPLITS = ("test", "all")
 # The cortical maps of the paper figures: all, per subject the CL gain and the winning method, or none.
 CORTICAL_MAPS = ("all", "summary", "none")
+# The encoding protocols: layer and alphas chosen per method, or the untuned network's reused.
+PROTOCOLS = ("per-method", "untuned-layer")
+# How a transfer matrix averages the per-ROI values of a group (encoding_results.transfer_matrices).
+TRANSFER_AGGREGATIONS = ("authors", "absent-zero", "voxels")
 # The smallest square input for which all eight LAYERS exist: at 62 px the last max-pool
 # (features.12) gets a 2 x 2 map and fails (found by trying torchvision's AlexNet).
 MIN_IMAGE_SIZE = 63
