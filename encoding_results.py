@@ -353,7 +353,7 @@ def write_transfer_matrices(root, method, hemispheres, rois, protocol="untuned-l
     if method not in TRANSFER_METHODS:
         raise safe_io.UserError(f"transfer matrices need a subject-specific method, not {method!r}: "
                                 "use --method cl-tuned or reg-tuned")
-    hemis = list(dict.fromkeys(utils.hemi_code(h) for h in hemispheres))
+    hemis = sorted({utils.hemi_code(h) for h in hemispheres})
     table = transfer_table(root, method, hemis, rois, protocol, min_voxels)
     tag = method_tag(method, 1, None, protocol)  # the name without a model subject
     if not (table["status"] == "fitted").any():
