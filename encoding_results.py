@@ -277,69 +277,88 @@ def nod_summary_table(root):
 
 # --- Transfer matrices ---------------------------------------------------------------------
 
-def transfer_table(root, method, hemisphere, rois, min_voxels=utils.MIN_VOXELS):
-    """One row per (ROI, model subject, target subject) of ``method``, over the model and target subjects
-    that have at least one result.
+def transfer_table(root, method, hemispheres, rois, protocol="untuned-layer", min_voxels=utils.MIN_VOXELS):
+    """One row per (hemisphere, ROI, model subject, target subject) of ``method`` under ``protocol``, over the
+    model and target subjects that have at least one result.
 
     'status' is 'fitted' (a result exists), 'absent' (the ROI has fewer than ``min_voxels``
-    voxels in the target or the model subject, so the authors count it as 0) or 'missing'
-    (not fitted yet). 'mean_test_r' and 'frac_improved' (fraction of the target's voxels
-    whose test r beats its untuned result; NaN without one) are set for fitted rows;
-    'sum_r', 'n_improved' and 'n_compared' serve the voxel-pooled aggregation.
+    voxels in the target or the model subject) or 'missing' (not fitted yet). 'mean_test_r'
+    and 'frac_improved' (fraction of the target's voxels whose test r beats the target's
+    untuned result; NaN without one on the same voxels) are set for fitted rows; 'sum_r',
+    'n_improved' and 'n_compared' serve the voxel-pooled aggregation. With the untuned-layer
+    protocol (the authors'), the transfer and the untuned control are both fitted at the
+    untuned network's best layer with its alphas.
     """
-    hemi = utils.hemi_code(hemisphere)
+    hemis = [utils.hemi_code(h) for h in hemispheres]
+    subjects = utils.find_subjects(root)
     found = {}
-    for target in utils.find_subjects(root):
-        for model_subj in utils.find_subjects(root):
-            for roi in rois:
-                path = result_path(root, target, method_tag(method, target, model_subj, "per-method"), hemi, roi)
-                if result_complete(path):
-                    found[roi, model_subj, target] = path
-    model_subjects, targets = sorted({k[1] for k in found}), sorted({k[2] for k in found})
-    counts = {(s, roi): utils.roi_voxel_count(root, s, hemi, roi)
-              for s in set(model_subjects) | set(targets) for roi in rois}
+    for hemi in hemis:
+        for target in subjects:
+            for model_subj in subjects:
+                for roi in rois:
+                    path = result_path(root, target, method_tag(method, target, model_subj, protocol), hemi, roi)
+                    if result_complete(path):
+                        found[hemi, roi, model_subj, target] = path
+    model_subjects, targets = sorted({k[2] for k in found}), sorted({k[3] for k in found})
+    counts = {(s, hemi, roi): utils.roi_voxel_count(root, s, hemi, roi)
+              for s in set(model_subjects) | set(targets) for hemi in hemis for roi in rois}
     rows = []
-    for roi in rois:
-        for model_subj in model_subjects:
-            for target in targets:
-                row = {"roi": roi, "model_subj": model_subj, "target_subj": target, "status": "missing",
-                       "n_voxels": 0, "sum_r": 0.0, "n_compared": 0, "n_improved": 0,
-                       "mean_test_r": np.nan, "frac_improved": np.nan}
-                if (roi, model_subj, target) in found:
-                    r = load_result(found[roi, model_subj, target])
-                    base = result_path(root, target, "untuned", hemi, roi)
-                    untuned = load_result(base) if result_complete(base) else None
-                    row.update(status="fitted", n_voxels=len(r["voxels"]), sum_r=float(r["test_r"].sum()),
-                               mean_test_r=float(r["test_r"].mean()))
-                    if untuned is not None and np.array_equal(untuned["voxels"], r["voxels"]):
-                        improved = r["test_r"] > untuned["test_r"]
-                        row.update(n_compared=len(improved), n_improved=int(improved.sum()),
-                                   frac_improved=float(improved.mean()))
-                elif min(counts[target, roi], counts[model_subj, roi]) < min_voxels:
-                    row["status"] = "absent"
-                rows.append(row)
-    return pd.DataFrame(rows, columns=["roi", "model_subj", "target_subj", "status", "n_voxels", "sum_r",
-                                       "n_compared", "n_improved", "mean_test_r", "frac_improved"])
+    for hemi in hemis:
+        for roi in rois:
+            for model_subj in model_subjects:
+                for target in targets:
+                    row = {"hemisphere": hemi, "roi": roi, "model_subj": model_subj, "target_subj": target,
+                           "status": "missing", "n_voxels": 0, "sum_r": 0.0, "n_compared": 0, "n_improved": 0,
+                           "mean_test_r": np.nan, "frac_improved": np.nan}
+                    if (hemi, roi, model_subj, target) in found:
+                        row.update(status="fitted", **_transfer_values(root, found[hemi, roi, model_subj, target],
+                                                                       target, hemi, roi))
+                    elif min(counts[target, hemi, roi], counts[model_subj, hemi, roi]) < min_voxels:
+                        row["status"] = "absent"
+                    rows.append(row)
+    return pd.DataFrame(rows, columns=["hemisphere", "roi", "model_subj", "target_subj", "status", "n_voxels",
+                                       "sum_r", "n_compared", "n_improved", "mean_test_r", "frac_improved"])
+
+
+def _transfer_values(root, path, target, hemisphere, roi):
+    """The fitted columns of a transfer_table row: the result's voxels and test r, compared with the target's untuned r."""
+    r = load_result(path)
+    values = {"n_voxels": len(r["voxels"]), "sum_r": float(r["test_r"].sum()), "mean_test_r": float(r["test_r"].mean())}
+    base = result_path(root, target, "untuned", hemisphere, roi)
+    untuned = load_result(base) if result_complete(base) else None
+    if untuned is not None and np.array_equal(untuned["voxels"], r["voxels"]):
+        improved = r["test_r"] > untuned["test_r"]
+        values.update(n_compared=len(improved), n_improved=int(improved.sum()), frac_improved=float(improved.mean()))
+    return values
 
 
 def transfer_matrices(table, rois, aggregation="authors"):
     """Model-subject x target-subject matrices of mean test r and fraction improved over the ROIs ``rois``.
 
+    Each (hemisphere, ROI) pair of ``rois`` with at least one result is one per-ROI matrix.
+
     Parameters
     ----------
     table : DataFrame from ``transfer_table``.
     rois : the ROIs to aggregate (e.g. one of utils.ROI_GROUPS).
-    aggregation : 'authors': the unweighted mean of the per-ROI values over the ROIs with
-        at least one result, an absent ROI counting as 0 and a missing one making the
-        entry NaN; 'voxels': the voxels of the fitted ROIs pooled (absent ROIs add nothing).
+    aggregation : 'authors': the unweighted mean of the per-ROI matrices of the pairs present
+        in every subject of the table (no 'absent' row), as the authors' cs_heatmap_avgs;
+        'absent-zero': the same over every pair, an absent entry counting as 0;
+        'voxels': the voxels of the fitted entries pooled (absent ones add nothing). With
+        'authors' and 'absent-zero' a missing entry makes the matrix entry NaN.
 
     Returns
     -------
     mean_r, frac_improved : DataFrames indexed by model subject, columns target subject
-        (None, None when no ROI of ``rois`` has a result).
+        (None, None when no pair of ``rois`` is left).
     """
     part = table[table["roi"].isin(rois)]
-    part = part[part.groupby("roi")["status"].transform(lambda st: (st == "fitted").any())]
+    flags = part.assign(fitted=part["status"] == "fitted", present=part["status"] != "absent")
+    flags = flags.groupby(["hemisphere", "roi"])
+    keep = flags["fitted"].any()
+    if aggregation == "authors":
+        keep &= flags["present"].all()
+    part = part[part.set_index(["hemisphere", "roi"]).index.isin(keep[keep].index)]
     if part.empty:
         return None, None
     keys = ["model_subj", "target_subj"]
@@ -360,9 +379,11 @@ def transfer_matrices(table, rois, aggregation="authors"):
     return mean_r.unstack("target_subj"), frac.unstack("target_subj")
 
 
-def write_transfer_matrices(root, method, hemisphere, rois, min_voxels=utils.MIN_VOXELS, aggregation="authors"):
-    """Write ``method``'s per-ROI transfer table and, per ROI group, its two matrices as CSV files
-    under ROOT/encoding_results (transfer_<method>_<hemi>[_<group>[_<aggregation>]]...).
+def write_transfer_matrices(root, method, hemispheres, rois, protocol="untuned-layer", min_voxels=utils.MIN_VOXELS,
+                            aggregation="authors"):
+    """Write ``method``'s per-ROI transfer table and, per ROI group, its two matrices as CSV files under
+    ROOT/encoding_results: transfer_<method>[_untuned-layer]_<hemispheres>[_<group>[_<aggregation>]]...,
+    <hemispheres> being lh, rh or lh-rh (both averaged together, as the authors do).
 
     Returns
     -------
@@ -372,12 +393,14 @@ def write_transfer_matrices(root, method, hemisphere, rois, min_voxels=utils.MIN
     if method not in TRANSFER_METHODS:
         raise safe_io.UserError(f"transfer matrices need a subject-specific method, not {method!r}: "
                                 "use --method cl-tuned or reg-tuned")
-    hemi = utils.hemi_code(hemisphere)
-    table = transfer_table(root, method, hemi, rois, min_voxels)
+    hemis = sorted({utils.hemi_code(h) for h in hemispheres})
+    table = transfer_table(root, method, hemis, rois, protocol, min_voxels)
+    tag = method_tag(method, 1, None, protocol)  # the name without a model subject
     if not (table["status"] == "fitted").any():
-        raise safe_io.UserError(f"no {method} {hemi} results under {Path(root) / 'encoding_results'}: "
-                                "fit some first (fit_encoding_models.py, with --model-subj for transfer)")
-    base = Path(root) / "encoding_results" / f"transfer_{method}_{hemi}"
+        raise safe_io.UserError(f"no {tag} {'/'.join(hemis)} results under {Path(root) / 'encoding_results'}: "
+                                f"fit some first (fit_encoding_models.py --method {method} --protocol {protocol}, "
+                                "with --model-subj for transfer), or pass the --protocol they were fitted with")
+    base = Path(root) / "encoding_results" / f"transfer_{tag}_{'-'.join(hemis)}"
     safe_io.atomic_write_text(table.drop(columns=["sum_r"]).to_csv(index=False), f"{base}.csv")
     suffix = "" if aggregation == "authors" else f"_{aggregation}"
     matrices = {}

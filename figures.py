@@ -7,9 +7,9 @@ figure that has its inputs and names, for each one that has not, the command tha
 them. ``generate_results.py --type paper-figures`` calls it. A figure with the name of one
 of the paper's (the authors' ``paper_figs/``) shows the same quantity, rows and columns.
 
-ROI groups: 'early visual' is the prf-visualrois class (V1v..hV4) plus the 'early' stream;
-'higher' is every other ROI (floc-bodies, -faces, -places, -words and the other streams).
-The paper's ROI-hemisphere tables have the pRF and category ROIs (utils.ROI_GROUPS['all']).
+ROI groups are the authors' (utils.ROI_GROUPS): 'early' the prf-visualrois class (V1v..hV4),
+'higher' the floc classes, 'anatomical' the streams. The paper's ROI-hemisphere tables have the pRF and
+category ROIs (early + higher).
 
 Cortical maps use nilearn's packaged fsaverage5 mesh (no download). fsaverage nests
 fsaverage5: the first 10242 of fsaverage's 163842 vertices per hemisphere are fsaverage5's.
@@ -31,10 +31,8 @@ import results_utils as ru
 import safe_io
 import utils
 
-EARLY_ROIS = utils.ROI_CLASSES["prf-visualrois"] + ["early"]
-ROI_GROUPS = ("early", "higher")
-GROUP_NAMES = {"early": "early visual (V1v..hV4, early stream)", "higher": "higher (floc ROIs, other streams)"}
-PAPER_ROIS = utils.ROI_GROUPS["all"]
+GROUP_NAMES = {"early": "early visual (V1v..hV4)", "higher": "higher (floc ROIs)", "anatomical": "anatomical (streams)"}
+PAPER_ROIS = utils.ROI_GROUPS["early"] + utils.ROI_GROUPS["higher"]
 # Where paper_figures reads from: ROOT's saved results, or the authors' published ones (published/).
 SOURCES = ("results", "published")
 SCORE_NAMES = {"test_r": "test r", "cv_r": "CV r"}
@@ -45,18 +43,13 @@ POOLED = ("pooled-avg", "pooled-const")
 HEMI_NAMES = {"lh": "left hemisphere", "rh": "right hemisphere"}
 # Categorical colours of methods, subjects and ROI groups (tab10 order).
 METHOD_COLOURS = dict(zip(utils.METHODS + ["oracle"], ("#7f7f7f", "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "k")))
-GROUP_COLOURS = {"early": "#1f77b4", "higher": "#ff7f0e"}  # the paper's: early blue, higher orange
+GROUP_COLOURS = {"early": "#1f77b4", "higher": "#ff7f0e", "anatomical": "#2ca02c"}  # the paper's: early blue, higher orange
 OVERLAP_NOTE = ("where a vertex lies in several ROIs, the value of the first ROI in canonical order "
                 "(prf-visualrois, floc-bodies, -faces, -places, -words, then streams) is drawn")
 
 
 class Missing(Exception):
     """A figure's inputs are absent; the message names the command that makes them."""
-
-
-def roi_group(roi):
-    """'early' for V1v..hV4 and the early stream, else 'higher'."""
-    return "early" if roi in EARLY_ROIS else "higher"
 
 
 def paper_dir(root, source="results"):
@@ -370,7 +363,7 @@ def encoding_table(encoding, score="test_r"):
         for (method, hemi, roi), r in results.items():
             u = results.get(("untuned", hemi, roi))
             same = method != "untuned" and u is not None and np.array_equal(u["voxels"], r["voxels"])
-            rows.append({"subject": subj, "hemisphere": hemi, "roi": roi, "group": roi_group(roi),
+            rows.append({"subject": subj, "hemisphere": hemi, "roi": roi, "group": utils.roi_group(roi),
                          "method": method, "n_voxels": len(r["voxels"]), "best_layer": r["best_layer"],
                          "mean_r": float(np.mean(r[score])),
                          "gain": float(np.mean(r[score] - u[score])) if same else np.nan,
@@ -406,7 +399,7 @@ def paired_values(table, method_x, method_y, column="gain"):
     x = table[table["method"] == method_x].set_index(keys)[column]
     y = table[table["method"] == method_y].set_index(keys)[column]
     both = pd.concat({"x": x, "y": y}, axis=1, join="inner").dropna().reset_index()
-    return both.assign(group=both["roi"].map(roi_group))
+    return both.assign(group=both["roi"].map(utils.roi_group))
 
 
 def load_voxel_counts(root):
@@ -467,7 +460,7 @@ def cs_vs_pooled(transfer, table, pooled):
     x.index.names = ["subject", "hemisphere", "roi"]
     y = table[table["method"] == pooled].set_index(["subject", "hemisphere", "roi"])["pct_improved"]
     both = pd.concat({"x": x, "y": y}, axis=1, join="inner").dropna().reset_index()
-    return both.assign(group=both["roi"].map(roi_group))
+    return both.assign(group=both["roi"].map(utils.roi_group))
 
 
 def _mi(root, method, epochs):
@@ -488,7 +481,7 @@ def mi_pairs(root, pooled, epochs):
         for roi in x.index.intersection(y.index):
             for col in x.columns.intersection(y.columns):
                 if np.isfinite(x.loc[roi, col]) and np.isfinite(y.loc[roi, col]):
-                    rows.append({"subject": int(col[4:]), "hemisphere": h, "roi": roi, "group": roi_group(roi),
+                    rows.append({"subject": int(col[4:]), "hemisphere": h, "roi": roi, "group": utils.roi_group(roi),
                                  "x": float(x.loc[roi, col]), "y": float(y.loc[roi, col])})
     if not rows:
         raise Missing(f"no (subject, ROI) has both a cl-tuned and a {pooled} MI bound: run python generate_results.py "
@@ -709,7 +702,7 @@ def plot_cs_matrix(frac, title, stem):
 
 def _scatter_by_group(ax, table, x, y, label="{name} (n={n})", **style):
     """One scatter per ROI group of ``table`` (column group), in the group's colour, labelled with its name."""
-    for g in ROI_GROUPS:
+    for g in GROUP_NAMES:
         part = table[table["group"] == g]
         if len(part):
             ax.scatter(part[x], part[y], color=GROUP_COLOURS[g], label=label.format(name=GROUP_NAMES[g], n=len(part)), **style)
@@ -744,7 +737,7 @@ def plot_group_gains(stats, title, stem, ylabel):
     for ax, h in zip(axes[:, 0], hemis):
         part = stats[stats["hemisphere"] == h]
         x = np.arange(len(part))
-        colours = [GROUP_COLOURS[roi_group(r)] for r in part["roi"]]
+        colours = [GROUP_COLOURS[utils.roi_group(r)] for r in part["roi"]]
         ax.bar(x, part["mean"], 0.7, yerr=part["sem"].fillna(0), color=colours, capsize=2, ecolor="k")
         top = (part["mean"] + part["sem"].fillna(0)).clip(lower=0)
         for xi, t, n in zip(x, top, part["n"]):
@@ -755,8 +748,8 @@ def plot_group_gains(stats, title, stem, ylabel):
         ax.set_ylabel(ylabel)
         ax.set_title(HEMI_NAMES[h], fontsize=9)
         ax.margins(y=0.15)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=GROUP_COLOURS[g]) for g in ROI_GROUPS]
-    axes[0, 0].legend(handles, [GROUP_NAMES[g] for g in ROI_GROUPS], fontsize=7, loc="best")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=GROUP_COLOURS[g]) for g in GROUP_NAMES]
+    axes[0, 0].legend(handles, list(GROUP_NAMES.values()), fontsize=7, loc="best")
     fig.suptitle(title, fontsize=10)
     return save_figure(fig, stem), stats
 
@@ -850,14 +843,28 @@ def plot_scorecard(card, stem):
 
 # --- Landscapes ------------------------------------------------------------------------
 
+# The authors' keys of the ROI-group landscape, in colour order (see landscape_key).
+LANDSCAPE_KEYS = ("Early-L", "Early-R", "Bodies", "Faces", "Places", "Words", "Anatomical")
+
+
+def landscape_key(meta):
+    """The authors' landscape key of a tuned model: Early-L or Early-R for an early ROI (by
+    hemisphere), the category (Bodies, Faces, Places, Words) for a higher one, Anatomical for a stream."""
+    group = utils.roi_group(meta["roi"])
+    if group == "early":
+        return f"Early-{utils.hemi_code(meta['hemisphere'])[0].upper()}"
+    if group == "higher":
+        return utils.ROI_CLASS[meta["roi"]].split("-")[1].capitalize()
+    return "Anatomical"
+
+
 def landscape_keys(metas):
-    """Per model: (method, subject label, ROI group) used to colour the landscapes."""
+    """Per model: (method, subject label, landscape_key; the method for models without an ROI) used to colour the landscapes."""
     out = []
     for m in metas:
         method = m["method"]
         subj = utils.subj_dir(m["subj"]) if m.get("subj") is not None else ("pooled" if method in POOLED else method)
-        group = roi_group(m["roi"]) if m.get("roi") else method
-        out.append((method, subj, group))
+        out.append((method, subj, landscape_key(m) if m.get("roi") else method))
     return out
 
 
@@ -906,7 +913,8 @@ def landscape_figures(root, dataset, folder):
     out += plot_landscape_by(land, lambda i: (keys[i][0], METHOD_COLOURS[keys[i][0]]),
                              f"{dataset}: CL models, subject-specific vs pooled", folder / f"{dataset}_landscape_pooled",
                              keep=lambda i: keys[i][0] in ("cl-tuned",) + POOLED)[0]
-    out += plot_landscape_by(land, lambda i: reference(i) or (GROUP_NAMES[keys[i][2]], GROUP_COLOURS[keys[i][2]]),
+    key_colour = lambda i: (keys[i][2], category_colour(LANDSCAPE_KEYS.index(keys[i][2])))
+    out += plot_landscape_by(land, lambda i: reference(i) or key_colour(i),
                              f"{dataset}: tuned models by ROI group", folder / f"{dataset}_landscape_higher")[0]
     return out
 
@@ -1271,7 +1279,7 @@ def _encoding_extras(table, score, where, folder, attempt):
     name = SCORE_NAMES[score]
     attempt("best_untuned_layer_per_subject", lambda: plot_best_layers(
         _require(table, "untuned"), folder / "best_untuned_layer_per_subject")[0])
-    for group, rois in (("all", utils.ROIS), ("early", EARLY_ROIS), ("higher", [r for r in utils.ROIS if r not in EARLY_ROIS])):
+    for group, rois in utils.ROI_GROUPS.items():
         attempt(f"{group}_group_cl_gain_per_roi", lambda group=group, rois=rois: plot_group_gains(
             _nonempty(group_gains(_require(table, "cl-tuned"), "cl-tuned", rois), f"a {group} ROI with cl-tuned and untuned"),
             f"Subject-specific CL gain over untuned, {GROUP_NAMES.get(group, 'all')} ROIs\n"

@@ -59,11 +59,11 @@ BATCH_SIZE = 128  # images per forward pass
 SCRATCH: str | None = None  # folder of the temporary feature spill, ~8 GB per run at full size (None: ROOT/cache); $VARS expand when the run starts, e.g. '$TMPDIR' for a cluster node's local disk
 FEATURE_PRECISION = "fp32"  # feature extraction: fp32 (the authors') or bf16 (autocast on CUDA, faster)
 ENGINE_PRECISION = "fp64"  # PCA eigensolver: fp64 (exact) or mixed (float32 eigh refined in float64; for GPUs with slow float64)
-MIN_VOXELS = utils.MIN_VOXELS  # ROIs with fewer voxels are skipped and recorded as absent (the authors' 20)
+MIN_VOXELS = utils.MIN_VOXELS  # ROIs with fewer voxels are skipped and recorded as absent (1, the authors'; 20: the paper's 2024 figures)
 OVERWRITE = False  # recompute ROIs whose results exist
 # ---
 CHOICES = {"METHOD": utils.METHODS, "HEMISPHERE": utils.HEMISPHERE_NAMES, "ROIS": utils.ROIS,
-           "PROTOCOL": ["per-method", "untuned-layer"], "FEATURE_PRECISION": utils.PRECISIONS,
+           "PROTOCOL": utils.PROTOCOLS, "FEATURE_PRECISION": utils.PRECISIONS,
            "ENGINE_PRECISION": utils.ENGINE_PRECISIONS}
 RANGES = {"SUBJ": utils.SUBJECT, "MODEL_SUBJ": utils.SUBJECT, "ALPHAS": utils.ALPHA_GRID,
           "N_COMPONENTS": options.at_least(1), "N_FOLDS": options.at_least(2), "IMAGE_SIZE": utils.ALEXNET_INPUT,

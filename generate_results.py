@@ -5,8 +5,8 @@ One --type per analysis (the numbers come from encoding_results.py and results_u
 the pictures from figures.py):
   summaries                                       per subject: methods.csv, layer_scores.csv, group_summary.csv and
                                                   their figures, rebuilt from the saved encoding results
-  transfer-matrix                                 model subject x target subject matrices of METHOD (mean test r,
-                                                  fraction of voxels above untuned) per ROI group
+  transfer-matrix                                 model subject x target subject matrices of METHOD (fraction of
+                                                  voxels above untuned, mean test r) per ROI group, over HEMISPHERES
   classification-task[-pooled-avg|-pooled-const]  fc7 logistic-regression probes on DATASET
   lower-bound-mi[-pooled-avg|-pooled-const]       InfoNCE MI lower bound on the test split
   voxel-counts, save-embeddings, save-test-fmri-responses, random-rois-list
@@ -41,7 +41,7 @@ DATASET = "caltech256"  # classification dataset in ROOT/datasets/<name>: caltec
 METHOD = "cl-tuned"  # tuned models to analyse: cl-tuned or reg-tuned (save-embeddings also untuned; pooled types set it)
 SUBJECTS = [1]  # subjects to process
 HEMISPHERES = ["left", "right"]  # hemispheres to process
-ROIS: list[str] = []  # ROIs (default: every ROI with a checkpoint, or for the fMRI-only types every ROI, with at least MIN_VOXELS voxels)
+ROIS: list[str] = []  # ROIs (default: every ROI with a checkpoint, or for the fMRI-only types every ROI, with enough voxels)
 EPOCHS: int | None = None  # epochs in the checkpoint names (default: 30, or 75 for reg-tuned)
 WEIGHTS = "imagenet"  # untuned AlexNet: imagenet, none (seeded random) or a state-dict path
 SEED = 0  # seed of random weights and of random-rois-list
@@ -50,13 +50,15 @@ IMAGE_SIZE = 224  # image side given to AlexNet (probes: Resize(size*256/224) + 
 BATCH_SIZE = 256  # images per forward pass
 EMBEDDING_LAYER = "classifier.5"  # save-embeddings: an AlexNet layer (default fc7, the authors'), '' for the model output (CL embedding, regression prediction, untuned fc8) or 'best' (the ROI's best encoding layer)
 EMBEDDING_SPLIT = "test"  # save-embeddings: test (the authors': test split in split order, rows as save-test-fmri-responses) or all (sorted file order)
-N_RANDOM_ROIS = 30  # random-rois-list: how many (subject, hemisphere, ROI) to draw, among ROIs with more than MIN_VOXELS
-MIN_VOXELS = utils.MIN_VOXELS  # ROIs (pooled models: subjects) with fewer voxels are not analysed (the authors' 20)
+N_RANDOM_ROIS = 30  # random-rois-list: how many (subject, hemisphere, ROI) to draw, among ROIs with more than ANALYSIS_MIN_VOXELS
+MIN_VOXELS = utils.MIN_VOXELS  # embeddings, test fMRI, transfer matrices: ROIs with fewer voxels are left out or absent (1, the authors'; 20: the paper's 2024 figures)
+ANALYSIS_MIN_VOXELS = utils.ANALYSIS_MIN_VOXELS  # probes of subject models and the MI bound's subjects: ROIs with fewer voxels are left out (the authors' 20)
 FEATURE_PRECISION = "fp32"  # features for probes, MI and embeddings: fp32 (the authors') or bf16 (autocast, faster on GPU)
 IMAGE_INDEX = 0  # salience-maps: which test image of DATASET (position in the 15% split)
 MESH = "fsaverage5"  # paper-figures: cortical maps on nilearn's fsaverage5, or a FreeSurfer fsaverage folder (surf/lh.inflated, ...) for full resolution
 MAPS = "all"  # paper-figures cortical maps: all, summary (per subject the CL gain and the winning method) or none
-TRANSFER_AGGREGATION = "authors"  # transfer-matrix: authors (unweighted mean over ROIs, absent ROI = 0) or voxels (pooled)
+PROTOCOL = "untuned-layer"  # transfer-matrix: the results to read, untuned-layer (the authors': transfer and untuned control at the untuned layer and alphas) or per-method
+TRANSFER_AGGREGATION = "authors"  # transfer-matrix: authors (unweighted mean over the ROIs present in every subject), absent-zero (every ROI, absent = 0) or voxels (pooled)
 SOURCE = "results"  # paper-figures and compare-published: results (ROOT's saved results) or published (the authors' published results in published/)
 TOLERANCE = 0.02  # compare-published: a result whose mean CV r differs from the published one by more is flagged
 OVERWRITE = False  # recompute results that exist
@@ -64,7 +66,8 @@ OVERWRITE = False  # recompute results that exist
 # CHOICES["TYPE"] is the list of TASKS, set below them.
 CHOICES = {"DATASET": utils.CLASSIFICATION_DATASETS, "METHOD": utils.METHODS, "HEMISPHERES": utils.HEMISPHERE_NAMES,
            "ROIS": utils.ROIS, "EMBEDDING_LAYER": utils.LAYERS + ["", "best"], "EMBEDDING_SPLIT": utils.EMBEDDING_SPLITS,
-           "FEATURE_PRECISION": utils.PRECISIONS, "MAPS": utils.CORTICAL_MAPS, "TRANSFER_AGGREGATION": ["authors", "voxels"],
+           "FEATURE_PRECISION": utils.PRECISIONS, "MAPS": utils.CORTICAL_MAPS,
+           "PROTOCOL": utils.PROTOCOLS, "TRANSFER_AGGREGATION": utils.TRANSFER_AGGREGATIONS,
            "SOURCE": ["results", "published"]}
 # With SOURCE published, the figures and the scorecard read the published subjects, which need no roi_masks folder.
 SUBJECT = options.Allowed(
@@ -73,7 +76,8 @@ SUBJECT = options.Allowed(
     found=lambda opts: "the published results hold subjects 1-8" if opts.SOURCE == "published" else utils.SUBJECT.found(opts))
 RANGES = {"SUBJECTS": SUBJECT, "EPOCHS": options.at_least(1), "SEED": options.at_least(0),
           "IMAGE_SIZE": utils.ALEXNET_INPUT, "BATCH_SIZE": options.at_least(1), "N_RANDOM_ROIS": options.at_least(1),
-          "MIN_VOXELS": options.at_least(1), "IMAGE_INDEX": options.at_least(0), "TOLERANCE": options.above(0)}
+          "MIN_VOXELS": options.at_least(1), "ANALYSIS_MIN_VOXELS": options.at_least(1), "IMAGE_INDEX": options.at_least(0),
+          "TOLERANCE": options.above(0)}
 
 
 def model_subjects(opts, method):
@@ -92,16 +96,18 @@ def summaries(opts, model_opts):
 
 
 def transfer_matrix(opts, model_opts):
-    method, out = model_opts["method"], {}
-    for h in opts.HEMISPHERES:
-        table, matrices = encoding_results.write_transfer_matrices(opts.ROOT, method, h, opts.ROIS or utils.ROIS,
-                                                               opts.MIN_VOXELS, opts.TRANSFER_AGGREGATION)
-        for group, (mean_r, frac, stem) in matrices.items():
-            figures.plot_transfer(mean_r, frac, f"{method} {utils.hemi_code(h)} {group} ROIs "
-                                                f"({opts.TRANSFER_AGGREGATION})", f"{stem}.png")
-            print(f"{group} ROIs, mean test r (rows: model subject, columns: target subject)\n{mean_r.round(3)}")
-        out[utils.hemi_code(h)] = table, matrices
-    return out
+    """The matrices of every ROI group over HEMISPHERES together; returns (table, {group: (mean_r, frac, stem)})."""
+    method = model_opts["method"]
+    table, matrices = encoding_results.write_transfer_matrices(
+        opts.ROOT, method, opts.HEMISPHERES, opts.ROIS or utils.ROIS, opts.PROTOCOL, opts.MIN_VOXELS,
+        opts.TRANSFER_AGGREGATION)
+    hemis = "/".join(sorted(set(table["hemisphere"])))
+    for group, (mean_r, frac, stem) in matrices.items():
+        figures.plot_transfer(mean_r, frac, f"{method} ({opts.PROTOCOL}) {hemis} {group} ROIs "
+                                            f"({opts.TRANSFER_AGGREGATION})", f"{stem}.png")
+        print(f"{group} ROIs, fraction of voxels above untuned (rows: model subject, columns: target subject)\n"
+              f"{frac.round(3)}")
+    return table, matrices
 
 
 def classification(opts, model_opts):
@@ -110,8 +116,8 @@ def classification(opts, model_opts):
         for h in opts.HEMISPHERES:
             summary = ru.classification_task(dataset=opts.DATASET, subj=subj, hemisphere=h, rois=opts.ROIS,
                                              batch_size=opts.BATCH_SIZE, overwrite=opts.OVERWRITE,
-                                             precision=opts.FEATURE_PRECISION, min_voxels=opts.MIN_VOXELS,
-                                             **model_opts)
+                                             precision=opts.FEATURE_PRECISION,
+                                             min_voxels=opts.ANALYSIS_MIN_VOXELS, **model_opts)
             print(f"{opts.DATASET} {ru.summary_stem(method, subj, h, epochs)}: untuned {summary['untuned']:.3f}, "
                   + ", ".join(f"{r} {a:.3f}" for r, a in summary["rois"].items()))
 
@@ -121,7 +127,7 @@ def lower_bound_mi(opts, model_opts):
     for subj in model_subjects(opts, method):
         for h in opts.HEMISPHERES:
             summary = ru.mi_task(opts.ROOT, method, subj, h, opts.ROIS, model_opts["epochs"], model_opts["device"],
-                                 opts.BATCH_SIZE, opts.OVERWRITE, opts.FEATURE_PRECISION, opts.MIN_VOXELS)
+                                 opts.BATCH_SIZE, opts.OVERWRITE, opts.FEATURE_PRECISION, opts.ANALYSIS_MIN_VOXELS)
             for roi, per_subj in summary["rois"].items():
                 for s, res in per_subj.items():
                     tuned, untuned = res["tuned"], res["untuned"]
@@ -154,7 +160,7 @@ def save_test_fmri(opts, model_opts):
 
 
 def random_rois(opts, model_opts):
-    chosen = ru.random_rois(ru.voxel_counts(opts.ROOT), opts.N_RANDOM_ROIS, opts.SEED, opts.MIN_VOXELS)
+    chosen = ru.random_rois(ru.voxel_counts(opts.ROOT), opts.N_RANDOM_ROIS, opts.SEED, opts.ANALYSIS_MIN_VOXELS)
     path = utils.results_dir(opts.ROOT) / f"random_rois_n{opts.N_RANDOM_ROIS}_seed{opts.SEED}.csv"
     safe_io.atomic_write_text(chosen.to_csv(index=False), path)
     print(chosen.to_string(index=False))

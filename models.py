@@ -1,10 +1,11 @@
 """Contrastive loss, the CL, pooled CL and regression models, the training loop, checkpoints.
 
 The three tuned models share one AlexNet trunk (all weights trainable, 1000-d output)
-and one training loop, ``train_model``: Adam, bf16 autocast and channels_last on
-CUDA, images read from the uint8 cache, per-epoch train and held-out losses written to a
-log next to the checkpoint, and a resumable state saved after every epoch so that a
-crashed run continues from its last finished epoch and ends with the same weights.
+and one training loop, ``train_model``: Adam, fp32 as the authors' (bf16 autocast as an
+option), channels_last on CUDA, images read from the uint8 cache, per-epoch train and
+held-out losses written to a log next to the checkpoint, and a resumable state saved after
+every epoch so that a crashed run continues from its last finished epoch and ends with the
+same weights.
 """
 
 import glob
@@ -404,8 +405,8 @@ class _Diverged(Exception):
     """Raised inside an epoch when the loss or the weights stop being finite: (what, where)."""
 
 
-def _run_epoch(model, optimizer, datasets, batch_size, device, generator, temperature):
-    """One pass over the train rows of every dataset in turn; returns per-dataset mean losses.
+def _run_epoch(model, optimizer, datasets, batch_size, device, generator, temperature, precision="fp32"):
+    """One pass over the train rows of every dataset in turn, in ``precision``; returns per-dataset mean losses.
 
     A non-finite loss raises _Diverged before the step that would spread it to the weights.
     """
@@ -421,7 +422,7 @@ def _run_epoch(model, optimizer, datasets, batch_size, device, generator, temper
             # BatchNorm cannot train on one row, and InfoNCE of one pair carries no signal.
             if len(x) < 2:
                 continue
-            with utils.autocast(device):
+            with utils.autocast(device, precision):
                 loss = model.loss(x, y, data.subj, temperature)
             value = loss.item()
             if not np.isfinite(value):
@@ -438,15 +439,15 @@ def _run_epoch(model, optimizer, datasets, batch_size, device, generator, temper
 
 
 @torch.no_grad()
-def evaluate(model, datasets, batch_size, device, temperature=0.3, split="test"):
-    """Mean loss per dataset on its ``split`` rows, in eval mode and in batches of ``batch_size``."""
+def evaluate(model, datasets, batch_size, device, temperature=0.3, split="test", precision="fp32"):
+    """Mean loss per dataset on its ``split`` rows, in eval mode, in batches of ``batch_size`` and in ``precision``."""
     model.eval()
     losses = []
     for data in datasets:
         rows = getattr(data, split)
         total = 0.0
         for x, y in utils.iterate_batches(data.images, data.fmri, rows, batch_size, device):
-            with utils.autocast(device):
+            with utils.autocast(device, precision):
                 total += model.loss(x, y, data.subj, temperature).item() * len(x)
         losses.append(total / max(len(rows), 1))
     return losses
@@ -519,7 +520,7 @@ def _divergence_error(model, checkpoint, epoch, what, where, lr, temperature):
 
 
 def train_model(model, datasets, checkpoint, meta, epochs, lr, batch_size, temperature=0.3, device="cpu",
-                seed=0, overwrite=False):
+                seed=0, overwrite=False, precision="fp32"):
     """Train a CL, pooled CL or regression model and save it as a checkpoint.
 
     Each epoch runs the datasets one after another (the subjects of a pooled model, in the
@@ -544,6 +545,7 @@ def train_model(model, datasets, checkpoint, meta, epochs, lr, batch_size, tempe
     device : torch.device or str.
     seed : seeds the batch order and dropout.
     overwrite : discard an existing partial state instead of resuming it.
+    precision : 'fp32' (the authors') or 'bf16' (autocast on any device; faster on a GPU).
 
     Returns
     -------
@@ -569,7 +571,8 @@ def train_model(model, datasets, checkpoint, meta, epochs, lr, batch_size, tempe
         for epoch in tqdm(range(start, epochs), initial=start, total=epochs, desc=Path(checkpoint).stem):
             t0 = time.perf_counter()
             try:
-                train_losses = _run_epoch(model, optimizer, datasets, batch_size, device, generator, temperature)
+                train_losses = _run_epoch(model, optimizer, datasets, batch_size, device, generator, temperature,
+                                          precision)
                 bad = safe_io.nonfinite_tensor(model.state_dict())
                 if bad is not None:
                     raise _Diverged(f"non-finite weights ({bad})", "after its last step")
@@ -577,7 +580,7 @@ def train_model(model, datasets, checkpoint, meta, epochs, lr, batch_size, tempe
                 if saving is not None:
                     saving.result()
                 raise _divergence_error(model, checkpoint, epoch + 1, *e.args, lr, temperature) from None
-            test_losses = evaluate(model, datasets, batch_size, device, temperature)
+            test_losses = evaluate(model, datasets, batch_size, device, temperature, precision=precision)
             history.append(_history_row(epoch + 1, datasets, train_losses, test_losses, time.perf_counter() - t0))
             state = _cpu_copy({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                "epoch": epoch + 1, "rng": _rng_state(generator, device),
@@ -637,7 +640,7 @@ def plan_roi(opts, roi, method, skip_small=False):
     RoiPlan of the two below, or None when ``skip_small`` skips the ROI.
     path : utils.method_checkpoint_path of the method.
     meta : dict of plain Python values: method, subject (pooled: subjects), hemisphere, roi,
-        image_size, epochs, lr, batch_size, temperature (not for reg-tuned), max_voxels,
+        image_size, epochs, lr, batch_size, temperature (not for reg-tuned), precision, max_voxels,
         weights, seed, the model's sizes (see build_model), voxels (pooled: per subject,
         keyed by the subject number as a string), format_version and config (the options
         whole, options.run_config).
@@ -660,7 +663,7 @@ def plan_roi(opts, roi, method, skip_small=False):
             tqdm.write(f"skip {roi}: {counts} voxels in {hemi} of {where} (fewer than MIN_VOXELS={min_voxels})")
             return None
         raise safe_io.UserError(f"ROI {roi} has {counts} voxels in {hemi} of {where}, fewer than MIN_VOXELS={min_voxels}: "
-                              "choose a larger ROI (the authors skip ROIs under 20 voxels) or lower --min-voxels")
+                              "choose a larger ROI or lower --min-voxels")
     for s, v in indices.items():
         if pooled and 0 < len(v) < min_voxels:
             tqdm.write(f"{roi}: {utils.subj_dir(s)} left out "
@@ -674,6 +677,7 @@ def plan_roi(opts, roi, method, skip_small=False):
                 batch_size=int(opts.BATCH_SIZE))
     if method != "reg-tuned":
         meta["temperature"] = float(opts.TEMPERATURE)
+    meta["precision"] = utils.check_precision(opts.PRECISION)
     meta.update(max_voxels=opts.MAX_VOXELS, weights=str(opts.WEIGHTS), seed=int(opts.SEED))
     counts = {s: len(v) for s, v in voxels.items()}
     if pooled:
@@ -696,9 +700,9 @@ def train_roi(opts, roi, method, skip_small=False):
     Parameters
     ----------
     opts : the script's parsed options. Every method reads ROOT, HEMISPHERE, EPOCHS, LR,
-        BATCH_SIZE, WEIGHTS, DEVICE, SEED (initialisation and batch order), IMAGE_SIZE,
+        BATCH_SIZE, WEIGHTS, DEVICE, SEED (initialisation and batch order), IMAGE_SIZE, PRECISION,
         MAX_VOXELS (keep at most this many voxels per subject, select_voxels; None keeps
-        all), MIN_VOXELS (the authors' threshold, applied before MAX_VOXELS) and OVERWRITE
+        all), MIN_VOXELS (applied before MAX_VOXELS; the authors' 1 by default) and OVERWRITE
         (discard an existing checkpoint or unfinished run). CL and regression read SUBJ;
         the pooled methods read SUBJECTS (the candidate subjects, empty for all under
         ROOT; those where the ROI has fewer than MIN_VOXELS voxels are left out, the rest
@@ -725,6 +729,6 @@ def train_roi(opts, roi, method, skip_small=False):
     datasets = [utils.SubjectData(opts.ROOT, s, meta["hemisphere"], v, meta["image_size"])
                 for s, v in checkpoint_voxels(meta).items()]
     train_model(build_model(meta), datasets, path, meta, meta["epochs"], meta["lr"], meta["batch_size"],
-                meta.get("temperature"), device, meta["seed"], opts.OVERWRITE)
+                meta.get("temperature"), device, meta["seed"], opts.OVERWRITE, meta["precision"])
     tqdm.write(f"saved {path}")
     return path

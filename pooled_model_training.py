@@ -30,11 +30,12 @@ WEIGHTS = "imagenet"  # starting AlexNet: imagenet, none (seeded random) or a st
 DEVICE = "auto"  # auto, cpu or cuda
 SEED = 0  # seeds the initialisation, batch order and dropout
 IMAGE_SIZE = 224  # images are squash-resized to IMAGE_SIZE x IMAGE_SIZE
+PRECISION = "fp32"  # training arithmetic: fp32 (the authors') or bf16 (autocast; faster on a GPU)
 MAX_VOXELS: int | None = None  # keep at most this many voxels per subject (seeded random subset); None keeps all
-MIN_VOXELS = utils.MIN_VOXELS  # subjects where the ROI has fewer voxels are left out (the authors' 20)
+MIN_VOXELS = utils.MIN_VOXELS  # subjects where the ROI has fewer voxels are left out (1, the authors'; 20: the paper's 2024 figures)
 OVERWRITE = False  # re-train even if the checkpoint exists
 # ---
-CHOICES = {"HEMISPHERE": utils.HEMISPHERE_NAMES, "ROI": utils.ROIS, "H_METHOD": ["const", "avg"]}
+CHOICES = {"HEMISPHERE": utils.HEMISPHERE_NAMES, "PRECISION": utils.PRECISIONS, "ROI": utils.ROIS, "H_METHOD": ["const", "avg"]}
 # Training skips one-row batches (BatchNorm needs two rows), so batch size 1, like 0 epochs,
 # would save an untrained model.
 RANGES = {"SUBJECTS": utils.SUBJECT, "H_CONST": options.at_least(1), "BATCH_SIZE": options.at_least(2),

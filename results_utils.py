@@ -506,16 +506,18 @@ def voxel_counts(root, subjects=None):
 
 def large_enough(root, method, subj, hemisphere, roi, min_voxels=utils.MIN_VOXELS):
     """Whether an ROI is analysed: at least ``min_voxels`` voxels in the subject (pooled models:
-    always, since they were trained only on subjects with that many)."""
+    always, as the authors' probes of them)."""
     return method.startswith("pooled") or utils.roi_voxel_count(root, subj, hemisphere, roi) >= min_voxels
 
 
-def select_rois(root, method, subj, hemisphere, rois, epochs, min_voxels=utils.MIN_VOXELS, image_size=None):
+def select_rois(root, method, subj, hemisphere, rois, epochs, min_voxels=utils.MIN_VOXELS, image_size=None,
+                flag="--min-voxels"):
     """The ROIs to process: ``rois`` as given (each must have a checkpoint and at least ``min_voxels``
     voxels), or every ROI with a checkpoint and at least ``min_voxels`` voxels (the authors' filter).
 
     Every chosen ROI's checkpoint is checked against the request (models.tuned_meta; ``image_size``
-    None: the task uses the checkpoint's) before the task does any work.
+    None: the task uses the checkpoint's) before the task does any work. ``flag`` names the
+    threshold's option in the error.
     """
     if method not in utils.METHOD_SCRIPTS:
         raise safe_io.UserError(f"method {method!r} has no per-ROI checkpoints: use one of {', '.join(utils.METHOD_SCRIPTS)}")
@@ -524,9 +526,9 @@ def select_rois(root, method, subj, hemisphere, rois, epochs, min_voxels=utils.M
             path = utils.method_checkpoint_path(root, method, subj, hemisphere, utils.check_roi(roi), epochs)
             safe_io.require_file(path, f"make it with python {utils.METHOD_SCRIPTS[method]}")
             if not large_enough(root, method, subj, hemisphere, roi, min_voxels):
-                raise safe_io.UserError(f"ROI {roi} has fewer than MIN_VOXELS={min_voxels} voxels in "
+                raise safe_io.UserError(f"ROI {roi} has fewer than {min_voxels} voxels in "
                                       f"{utils.hemi_code(hemisphere)} of {utils.subj_dir(subj)}: "
-                                      "drop it or lower --min-voxels")
+                                      f"drop it or lower {flag}")
         found = list(rois)
     else:
         found = [r for r in utils.ROIS
@@ -580,10 +582,11 @@ def _score_model(root, dataset, name, feats, labels, train, test, n_classes, met
 
 def classification_task(root, dataset, method, subj, hemisphere, rois, epochs, weights="imagenet",
                         device="cpu", image_size=224, batch_size=256, seed=0, overwrite=False,
-                        precision="fp32", min_voxels=utils.MIN_VOXELS):
+                        precision="fp32", min_voxels=utils.ANALYSIS_MIN_VOXELS):
     """Probe accuracy of the untuned AlexNet and of one tuned model per ROI on a dataset.
 
-    ROIs come from ``select_rois`` (at least ``min_voxels`` voxels); features are extracted
+    ROIs come from ``select_rois`` (at least ``min_voxels`` voxels, the authors' 20; pooled
+    models: every ROI they were trained on); features are extracted
     in ``precision`` (fp32, the authors', or bf16). The untuned probe is refitted only when
     its saved weights, image size or precision differ.
     Writes classification_preds/<dataset>/<model>.npz per model, the probes under
@@ -595,7 +598,7 @@ def classification_task(root, dataset, method, subj, hemisphere, rois, epochs, w
     -------
     summary : dict.
     """
-    rois = select_rois(root, method, subj, hemisphere, rois, epochs, min_voxels, image_size)
+    rois = select_rois(root, method, subj, hemisphere, rois, epochs, min_voxels, image_size, "--analysis-min-voxels")
     images, labels, classes = dataset_images(root, dataset, image_size)
     train, test = utils.train_test_split(len(labels))
     out = utils.results_dir(root) / "classification" / dataset / f"{summary_stem(method, subj, hemisphere, epochs)}.json"
@@ -636,20 +639,20 @@ def embed_pairs(model, data, indices, device="cpu", batch_size=256, subj=None, p
     model = model.to(device).eval()
     z_img, z_fmri = [], []
     for x, y in utils.iterate_batches(data.images, data.fmri, np.sort(indices), batch_size, device):
-        with utils.feature_autocast(device, precision):
+        with utils.autocast(device, precision):
             z_img.append(model.embed_images(x).float().cpu())
             z_fmri.append(model.embed_fmri(y, subj).float().cpu())
     return torch.cat(z_img).numpy(), torch.cat(z_fmri).numpy()
 
 
 def mi_task(root, method, subj, hemisphere, rois, epochs, device="cpu", batch_size=256, overwrite=False,
-            precision="fp32", min_voxels=utils.MIN_VOXELS):
+            precision="fp32", min_voxels=utils.ANALYSIS_MIN_VOXELS):
     """InfoNCE MI bound on each subject's test split, for the tuned model and for the same model before tuning.
 
     The untuned reference is the checkpoint's architecture built afresh with its
     weights and seed: the untuned AlexNet with the initial maps and head. As in the
-    authors' code, ROIs (pooled models: subjects) with fewer than ``min_voxels`` voxels
-    are left out. Writes
+    authors' code, the bound's subject needs ``min_voxels`` voxels (20): smaller ROIs, and
+    a pooled model's smaller subjects, are left out. Writes
     results/mi_bounds/<summary>.json ({'rois': {roi: {subject: {'tuned': bound,
     'untuned': bound}}}}, bound as ``mi_lower_bound``) after each ROI.
 
@@ -660,7 +663,7 @@ def mi_task(root, method, subj, hemisphere, rois, epochs, device="cpu", batch_si
     if method not in ("cl-tuned", "pooled-avg", "pooled-const"):
         raise safe_io.UserError(f"the MI bound needs an fMRI embedding, which {method} models lack: "
                               "use --method cl-tuned or a lower-bound-mi-pooled-* type")
-    rois = select_rois(root, method, subj, hemisphere, rois, epochs, min_voxels)
+    rois = select_rois(root, method, subj, hemisphere, rois, epochs, min_voxels, flag="--analysis-min-voxels")
     out = utils.results_dir(root) / "mi_bounds" / f"{summary_stem(method, subj, hemisphere, epochs)}.json"
     summary = _load_summary(out, overwrite)
     for roi in tqdm(rois, desc="MI bound"):
@@ -704,7 +707,7 @@ def _model_outputs(forward, images, rows, batch_size=256, device="cpu", precisio
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
             x = utils.normalize_images(np.ascontiguousarray(images[rows[start:start + batch_size]]), device)
-            with utils.feature_autocast(device, precision):
+            with utils.autocast(device, precision):
                 chunks.append(forward(x).float().cpu())
     return torch.cat(chunks).numpy()
 
@@ -817,7 +820,7 @@ def _test_fmri(root, subj, hemisphere, columns, n_images):
     return {key: fmri[:, np.searchsorted(voxels, v)] for key, v in columns.items()}
 
 
-def random_rois(counts, n=30, seed=0, min_voxels=utils.MIN_VOXELS):
+def random_rois(counts, n=30, seed=0, min_voxels=utils.ANALYSIS_MIN_VOXELS):
     """``n`` distinct (subject, hemisphere, ROI) rows drawn at random among ROIs with more than ``min_voxels``.
 
     The authors draw 30 among the ROIs with more than 20 voxels (for their hyper-parameter search).

@@ -44,17 +44,22 @@ ROIS = [roi for rois in ROI_CLASSES.values() for roi in rois]
 ROI_CLASS = {roi: cls for cls, rois in ROI_CLASSES.items() for roi in rois}
 # The integer code of each ROI inside its class mask (0 means "Unknown").
 ROI_CODE = {roi: i + 1 for rois in ROI_CLASSES.values() for i, roi in enumerate(rois)}
-# The authors' ROI groups for summaries: early = the pRF visual ROIs, higher = the category
-# ROIs, all = both (the stream ROIs are in no group).
+# The authors' ROI groups (their cross-subject averages, cs_heatmap_avgs): early = the pRF
+# visual ROIs, higher = the category ROIs, anatomical = the streams, all = every ROI. The
+# summaries, transfer matrices, figures and landscapes all use these.
 ROI_GROUPS = {
-    "all": ROI_CLASSES["prf-visualrois"] + [r for c in ("floc-bodies", "floc-faces", "floc-places", "floc-words")
-                                            for r in ROI_CLASSES[c]],
+    "all": list(ROIS),
     "early": list(ROI_CLASSES["prf-visualrois"]),
     "higher": [r for c in ("floc-bodies", "floc-faces", "floc-places", "floc-words") for r in ROI_CLASSES[c]],
+    "anatomical": list(ROI_CLASSES["streams"]),
 }
-# ROIs (pooled models: subjects) with fewer voxels are never trained, fitted or analysed,
-# as in the authors' code; every script's MIN_VOXELS option defaults to this.
-MIN_VOXELS = 20
+# ROIs (pooled models: subjects) with fewer voxels are not trained, pooled, fitted or
+# exported. The authors' current code takes every ROI with a voxel (1); 20 reproduces the
+# paper's 2024 figures. Every script's MIN_VOXELS option defaults to this.
+MIN_VOXELS = 1
+# The authors' minimum of the MI bound's target subject and of the subject models' probes
+# (random-rois-list draws among ROIs with more voxels than this).
+ANALYSIS_MIN_VOXELS = 20
 HEMISPHERES = ("lh", "rh")
 N_SUBJECTS = 8
 N_FSAVERAGE_VERTICES = 163842
@@ -99,6 +104,11 @@ def check_roi(roi):
     if roi not in ROI_CLASS:
         raise safe_io.UserError(f"unknown ROI {roi!r}: valid names are {', '.join(ROIS)}")
     return roi
+
+
+def roi_group(roi):
+    """The group of ROI_GROUPS other than 'all' that holds ``roi``: 'early', 'higher' or 'anatomical'."""
+    return next(g for g, members in ROI_GROUPS.items() if g != "all" and check_roi(roi) in members)
 
 
 def fmri_path(root, subj, hemisphere):
@@ -452,12 +462,6 @@ def resolve_device(name):
         raise safe_io.UserError(f"unknown device {name!r}: use auto, cpu or cuda") from None
 
 
-def autocast(device):
-    """bf16 autocast on CUDA, a no-op elsewhere (training)."""
-    device = torch.device(device)
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 PRECISIONS = ("fp32", "bf16")
 # The encoding engine's eigensolver: fp64 (exact), or mixed (float32 eigendecomposition refined in
 # float64; for GPUs whose float64 is slow). encoding.top_eigenpairs implements both.
@@ -466,15 +470,16 @@ ENGINE_PRECISIONS = ("fp64", "mixed")
 
 def check_precision(precision):
     if precision not in PRECISIONS:
-        raise safe_io.UserError(f"unknown feature precision {precision!r}: use fp32 (the authors') or bf16")
+        raise safe_io.UserError(f"unknown precision {precision!r}: use fp32 (the authors') or bf16")
     return precision
 
 
-def feature_autocast(device, precision="fp32"):
-    """The context of feature extraction: plain fp32 (the authors'), or bf16 autocast on any device.
+def autocast(device, precision="fp32"):
+    """The context of training and feature extraction: plain fp32 (the authors'), or bf16 autocast on any device.
 
-    bf16 rounds activations to 8 significant bits, and those features feed PCA, ridge,
-    probes and the MI critic directly, so fp32 is the default; bf16 is faster on a GPU.
+    bf16 rounds activations to 8 significant bits; features feed PCA, ridge, probes and
+    the MI critic directly, and training follows its gradients, so fp32 is the default;
+    bf16 is faster on a GPU.
     """
     device = torch.device(device)
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=check_precision(precision) == "bf16")
@@ -543,7 +548,7 @@ def iter_features(alexnet, images, batch_size=256, device="cpu", layers=LAYERS, 
     alexnet : torchvision AlexNet (or the ``alexnet`` of a tuned model).
     images : uint8 array (n, S, S, 3), e.g. the image cache.
     indices : optional rows of ``images`` to use, in order.
-    precision : 'fp32' (default, as the authors) or 'bf16' (autocast; see feature_autocast).
+    precision : 'fp32' (default, as the authors) or 'bf16' (see autocast).
 
     Yields
     ------
@@ -556,7 +561,7 @@ def iter_features(alexnet, images, batch_size=256, device="cpu", layers=LAYERS, 
     rows = np.arange(len(images)) if indices is None else np.asarray(indices)
     for start in tqdm(range(0, len(rows), batch_size), desc="features", leave=False):
         x = normalize_images(np.ascontiguousarray(images[rows[start:start + batch_size]]), device)
-        with torch.no_grad(), feature_autocast(device, precision):
+        with torch.no_grad(), autocast(device, precision):
             out = extractor(x)
         feats = {k: v.flatten(1).float() for k, v in out.items()}
         # One device-to-host check per batch for all layers; the bad layer is looked up only on failure.
@@ -590,6 +595,10 @@ CLASSIFICATION_DATASETS = ("caltech256", "places365", "imagenet", "sun397")
 EMBEDDING_SPLITS = ("test", "all")
 # The cortical maps of the paper figures: all, per subject the CL gain and the winning method, or none.
 CORTICAL_MAPS = ("all", "summary", "none")
+# The encoding protocols: layer and alphas chosen per method, or the untuned network's reused.
+PROTOCOLS = ("per-method", "untuned-layer")
+# How a transfer matrix averages the per-ROI values of a group (encoding_results.transfer_matrices).
+TRANSFER_AGGREGATIONS = ("authors", "absent-zero", "voxels")
 # The smallest square input for which all eight LAYERS exist: at 62 px the last max-pool
 # (features.12) gets a 2 x 2 map and fails (found by trying torchvision's AlexNet).
 MIN_IMAGE_SIZE = 63

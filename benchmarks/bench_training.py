@@ -41,6 +41,7 @@ PASSES = 2  # passes timed per loader (the best one counts)
 N_STEPS = 3  # model-only steps timed (after one warm-up step)
 EPOCHS = 1  # full train_model epochs timed
 DEVICE = "auto"  # auto, cpu or cuda
+PRECISION = "fp32"  # training arithmetic: fp32 (the default of the training scripts) or bf16
 # ---
 
 
@@ -128,7 +129,7 @@ def main(argv=None):
     x, y = next(utils.iterate_batches(data.images, data.fmri, data.train, opts.BATCH_SIZE, device))
 
     def step():
-        with utils.autocast(device):
+        with utils.autocast(device, opts.PRECISION):
             loss = model.loss(x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -148,7 +149,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         model = models.CLModel(len(voxels), weights="none", seed=0)
         _, meta = models.train_model(model, [data], Path(tmp) / "bench.pt", {"method": "cl-tuned"}, opts.EPOCHS, 1e-4,
-                                     opts.BATCH_SIZE, device=device)
+                                     opts.BATCH_SIZE, device=device, precision=opts.PRECISION)
     epoch_s = float(np.mean([row["seconds"] for row in meta["history"]]))
     results["epoch_s"] = epoch_s
     results["model_only_epoch_s"] = steps_per_epoch * step_s

@@ -1,8 +1,8 @@
 """GPU check: CL training, feature extraction and the encoding engine on CUDA.
 
 On a synthetic subject (written on first use under ROOT), with a seeded random AlexNet:
-1. trains one CL epoch on CUDA through cl_model_training.py (bf16 autocast and channels_last
-   are the training loop's CUDA path) and reports training images/s;
+1. trains one CL epoch on CUDA through cl_model_training.py in PRECISION (channels_last is
+   the training loop's CUDA path) and reports training images/s;
 2. extracts the features of every image on CUDA and reports images/s;
 3. runs the encoding engine on those same features for every non-empty lh ROI, once on CUDA
    and once on the CPU, and asserts that every voxel's CV r and test r agree within
@@ -49,6 +49,7 @@ TOLERANCE = 1e-6  # largest allowed |CUDA - CPU| difference of a voxel's CV r or
 PRECISION_COMPONENTS = 200  # PCA components of step 4: to the 1360-row folds of 2000 images what 1000 is to the full size's 6692 (mixed refines only where 2 x components <= half the fold)
 MIXED_TOLERANCE = 1e-5  # largest allowed |mixed - fp64| difference of a voxel's CV r or test r
 FULL_SIZE_ROWS = FOLD_ROWS  # rows of the Gram matrix of step 5 (FOLD_ROWS: a real full-size fold)
+PRECISION = "fp32"  # training arithmetic of the CL epoch: fp32 (the default) or bf16
 DEVICE = "cuda"  # the device checked against the CPU (cpu: a dry run of this script on a machine without a GPU)
 # ---
 
@@ -69,10 +70,10 @@ def main(argv=None):
 
     path = cl_model_training.main.__wrapped__(
         ["--root", str(root), "--roi", opts.TRAIN_ROI, "--epochs", "1", "--weights", "none", "--device", dev,
-         "--batch-size", str(opts.BATCH_SIZE), "--image-size", str(opts.IMAGE_SIZE), "--overwrite"])
+         "--batch-size", str(opts.BATCH_SIZE), "--image-size", str(opts.IMAGE_SIZE), "--precision", opts.PRECISION, "--overwrite"])
     epoch = json.loads(models.log_path(path).read_text())[-1]
     n_train = len(utils.train_test_split(opts.N_IMAGES)[0])
-    print(f"CL training (bf16, channels_last): {n_train / epoch['seconds']:.0f} images/s "
+    print(f"CL training ({opts.PRECISION}, channels_last): {n_train / epoch['seconds']:.0f} images/s "
           f"(one epoch of {n_train} images with its held-out loss, {epoch['seconds']:.1f} s)")
 
     images = utils.subject_images(root, 1, opts.IMAGE_SIZE)

@@ -46,10 +46,11 @@ def test_launch_debug_runs_one_job_per_non_empty_roi(root, capsys):
                                                 "--rois", "V1v", "EBA"]) for s in (1, 2)]
     assert launch.encoding_method(["--image-size", "64"]) == "untuned"
     assert launch.encoding_method(["--method", "cl-tuned"]) == launch.encoding_method(["--method=cl-tuned"]) == "cl-tuned"
-    # rh FBA-2 has 33 voxels in Subj1 and none in Subj2; rh mTL-words 14 and 7: under MIN_VOXELS = 20, no job.
+    # rh FBA-2 has 33 voxels in Subj1 and none in Subj2; rh mTL-words 14 and 7: every ROI with a voxel gets a job.
     small = launch.job_list(root, "cl_model_training.py", [1, 2], ["right"], ["FBA-2", "mTL-words"])
-    assert [label for label, _ in small] == ["Subj1 rh FBA-2"]
-    assert launch.job_list(root, "pooled_model_training.py", [1, 2], ["right"], ["mTL-words"]) == []
+    assert [label for label, _ in small] == ["Subj1 rh FBA-2", "Subj1 rh mTL-words", "Subj2 rh mTL-words"]
+    assert [label for label, _ in launch.job_list(root, "pooled_model_training.py", [1, 2], ["right"],
+                                                  ["mTL-words"])] == ["rh mTL-words"]
 
 
 def test_launch_local_reports_a_failed_job_and_exits_non_zero(root, capsys, tmp_path):

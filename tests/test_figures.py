@@ -107,8 +107,8 @@ def _independent_gains(root, method):
 def test_group_tables_match_direct_computation(results_root):
     table = figures.encoding_table(encoding_results.load_encoding(results_root))
     gains = _independent_gains(results_root, "cl-tuned")
-    stats_table = figures.group_gains(table, "cl-tuned", figures.EARLY_ROIS)
-    assert list(stats_table["roi"].unique()) == ["V1v", "hV4", "early"]
+    stats_table = figures.group_gains(table, "cl-tuned", utils.ROI_GROUPS["early"])
+    assert list(stats_table["roi"].unique()) == ["V1v", "hV4"]
     for _, row in stats_table.iterrows():
         values = [g for (s, h, roi), g in gains.items() if h == row["hemisphere"] and roi == row["roi"]]
         assert row["n"] == len(values) == 3
@@ -122,7 +122,7 @@ def test_group_tables_match_direct_computation(results_root):
     for _, row in pairs.iterrows():
         key = (row["subject"], row["hemisphere"], row["roi"])
         assert (row["x"], row["y"]) == pytest.approx((gains[key], const[key]), abs=1e-12)
-        assert row["group"] == ("early" if row["roi"] in ("V1v", "hV4", "early") else "higher")
+        assert row["group"] == {"V1v": "early", "hV4": "early", "early": "anatomical"}.get(row["roi"], "higher")
 
 
 def _frac_improved(root, target, tag, hemi, roi):
@@ -246,6 +246,14 @@ def test_drawn_values(results_root, tmp_path):
     assert {k: sorted(land["names"][i] for i in v) for k, v in drawn.items()} == {
         "Subj1": ["subj1_lh_EBA_cl-tuned_e30", "subj1_lh_V1v_cl-tuned_e30"],
         "Subj2": ["subj2_lh_EBA_cl-tuned_e30", "subj2_lh_V1v_cl-tuned_e30"], "untuned": ["untuned"], "oracle": ["oracle"]}
+    # The authors' keys: early models by hemisphere, higher ones by category.
+    assert {land["names"][i]: k[2] for i, k in enumerate(keys)} == {
+        "untuned": "untuned", "oracle": "oracle", "subj1_lh_V1v_cl-tuned_e30": "Early-L",
+        "subj2_lh_V1v_cl-tuned_e30": "Early-L", "subj1_lh_EBA_cl-tuned_e30": "Bodies",
+        "subj2_lh_EBA_cl-tuned_e30": "Bodies", ru.model_name("pooled-avg", None, "lh", "V1v", EPOCHS): "Early-L"}
+    assert [figures.landscape_key({"roi": roi, "hemisphere": h}) for roi, h in (
+        ("hV4", "rh"), ("FFA-1", "lh"), ("PPA", "rh"), ("VWFA-1", "lh"), ("ventral", "rh"))] == [
+        "Early-R", "Faces", "Places", "Words", "Anatomical"]
 
 
 def test_missing_inputs_are_skipped_with_the_command(tmp_path, shared_masks, capsys):

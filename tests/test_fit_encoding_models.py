@@ -28,9 +28,10 @@ def run_error(argv, capsys):
 
 
 def run_transfer_matrix(root, *argv):
-    """generate_results --type transfer-matrix of cl-tuned, left hemisphere: (table, {group: (mean_r, frac, stem)})."""
+    """generate_results --type transfer-matrix of cl-tuned, left hemisphere (unless ``argv`` says otherwise):
+    (table, {group: (mean_r, frac, stem)})."""
     return generate_results.main(["--root", str(root), "--type", "transfer-matrix", "--method", "cl-tuned",
-                                  "--hemispheres", "left", *argv])["lh"]
+                                  "--hemispheres", "left", *argv])
 
 
 def untuned_reference(root, subj, hemi, roi, alexnet=None, n_components=encoding.N_COMPONENTS):
@@ -50,9 +51,10 @@ def save_cl_checkpoint(root, subj, hemi, roi, seed):
 
 def test_untuned_results_summaries_absent_rois_and_resume(root, capsys):
     argv = ["--root", str(root), "--rois", "V1v", "mTL-words", "EBA"] + FAST
-    written = fem.main(argv)
+    written = fem.main(argv + ["--min-voxels", "20"])
     out = capsys.readouterr().out
-    # lh mTL-words has 10 voxels in Subj1: skipped with a line and recorded as absent.
+    # lh mTL-words has 10 voxels in Subj1: under MIN_VOXELS 20 (the 2024 figures), skipped with a line
+    # and recorded as absent.
     assert written["mTL-words"] is None
     assert "skip mTL-words: 10 voxels in lh of Subj1 (fewer than MIN_VOXELS=20)" in out
     absent = json.loads((utils.encoding_dir(root, 1) / "absent_rois.json").read_text())
@@ -94,6 +96,10 @@ def test_untuned_results_summaries_absent_rois_and_resume(root, capsys):
     assert written["EBA"].stat().st_mtime_ns != before
     # Refitted alone, EBA gets the numbers it got in the pass shared with V1v (to rounding).
     np.testing.assert_allclose(encoding_results.load_result(written["EBA"])["test_r"], results["EBA"]["test_r"], rtol=0, atol=1e-12)
+    # With the default MIN_VOXELS (1, the authors' current code) mTL-words is fitted and no longer absent.
+    words = fem.main(argv)["mTL-words"]
+    assert len(encoding_results.load_result(words)["voxels"]) == 10
+    assert json.loads((utils.encoding_dir(root, 1) / "absent_rois.json").read_text()) == {"lh": {}}
 
 
 def test_figures_show_the_saved_results(root):
@@ -135,7 +141,7 @@ def test_untuned_layer_protocol_needs_and_reuses_untuned_choice(root, capsys):
     # V1v has no untuned result: the run stops before it writes EBA's result or records
     # the absent mTL-words, so every input is checked before the first output.
     before = conftest.snapshot(root)
-    err = run_error(argv + ["--rois", "EBA", "mTL-words", "V1v"], capsys)
+    err = run_error(argv + ["--rois", "EBA", "mTL-words", "V1v", "--min-voxels", "20"], capsys)
     assert f"no untuned result at {encoding_results.result_path(root, 1, 'untuned', 'lh', 'V1v')}" in err
     assert conftest.snapshot(root) == before
     written = fem.main(argv)
@@ -172,7 +178,7 @@ def test_transfer_uses_the_model_subjects_checkpoint_and_fills_the_matrix(root, 
     np.testing.assert_allclose(fig.axes[0].collections[0].get_offsets(), np.column_stack([untuned["test_r"], r["test_r"]]))
     assert f"{methods.loc['cl-tuned_from-Subj2', 'pct_beats_untuned']:.1f}%" in fig.axes[0].get_title()
 
-    table, matrices = run_transfer_matrix(root, "--rois", "EBA", "V1v")
+    table, matrices = run_transfer_matrix(root, "--rois", "EBA", "V1v", "--protocol", "per-method")
     # V1v has no result at all, so the 'all' group is EBA alone; 'early' (V1v) has no matrix.
     assert set(matrices) == {"all", "higher"}
     mean_r, frac, _ = matrices["all"]
@@ -260,7 +266,7 @@ def fake_result(root, subj, tag, hemi, roi, test_r, cv_r=None):
                    encoding_results.result_path(root, subj, tag, hemi, roi))
 
 
-def test_transfer_average_is_the_authors_unweighted_mean_with_absent_rois_as_zero(root):
+def test_transfer_absent_zero_option_counts_absent_rois_as_zero(root):
     # lh FBA-2 is empty in Subj2: absent whenever Subj2 is the target or the model subject.
     nE, nF = (utils.roi_voxel_count(root, 1, "lh", r) for r in ("EBA", "FBA-2"))
     for target in (1, 2):
@@ -272,8 +278,8 @@ def test_transfer_average_is_the_authors_unweighted_mean_with_absent_rois_as_zer
     fake_result(root, 1, "cl-tuned_from-Subj2", "lh", "EBA", half)  # mean 0 (nE is even)
     fake_result(root, 2, "cl-tuned_from-Subj1", "lh", "EBA", 0.3)
     fake_result(root, 2, "cl-tuned", "lh", "EBA", 0.1)
-    base = ["--rois", "EBA", "FBA-2"]
-    table, matrices = run_transfer_matrix(root, *base)
+    base = ["--rois", "EBA", "FBA-2", "--protocol", "per-method"]
+    table, matrices = run_transfer_matrix(root, *base, "--transfer-aggregation", "absent-zero")
     status = table.set_index(["roi", "model_subj", "target_subj"])["status"]
     assert status["FBA-2", 2, 1] == status["FBA-2", 1, 2] == status["FBA-2", 2, 2] == "absent"
     mean_r, frac, _ = matrices["higher"]
@@ -283,8 +289,11 @@ def test_transfer_average_is_the_authors_unweighted_mean_with_absent_rois_as_zer
     np.testing.assert_allclose(frac.loc[[1, 2], [1, 2]].to_numpy(),
                                [[1.0, 0.5], [(nE // 2 / nE) / 2, 0.5]], atol=1e-12)
     assert matrices["all"][0].equals(mean_r) and "early" not in matrices
-    saved = pd.read_csv(root / "encoding_results" / "transfer_cl-tuned_lh_higher_mean_r.csv", index_col=0)
+    saved = pd.read_csv(root / "encoding_results" / "transfer_cl-tuned_lh_higher_absent-zero_mean_r.csv", index_col=0)
     np.testing.assert_allclose(saved.to_numpy(), mean_r.to_numpy())
+    # The default (the authors'): FBA-2 is not present in every subject, so EBA alone.
+    _, authors = run_transfer_matrix(root, *base)
+    np.testing.assert_allclose(authors["higher"][0].loc[[1, 2], [1, 2]].to_numpy(), [[0.2, 0.3], [0.0, 0.1]], atol=1e-12)
 
     # The voxel-pooled option: absent ROIs add no voxels.
     _, pooled = run_transfer_matrix(root, *base, "--transfer-aggregation", "voxels")
@@ -294,11 +303,60 @@ def test_transfer_average_is_the_authors_unweighted_mean_with_absent_rois_as_zer
 
     # A present ROI that was never fitted makes its entries unknown instead of silently 0.
     fake_result(root, 1, "cl-tuned", "lh", "aTL-faces", 0.6)
-    _, matrices = run_transfer_matrix(root, "--rois", "EBA", "aTL-faces")
+    _, matrices = run_transfer_matrix(root, "--rois", "EBA", "aTL-faces", "--protocol", "per-method")
     m = matrices["higher"][0]
     assert m.loc[1, 1] == pytest.approx((0.2 + 0.6) / 2) and np.isnan(m.loc[2, 1]) and np.isnan(m.loc[1, 2])
     fig = figures.plot_transfer(m, matrices["higher"][1], "t", root / "t.png")
     assert [t.get_text() for t in fig.axes[0].texts] == [f"{(0.2 + 0.6) / 2:.3f}", "n/a", "n/a", "n/a"]
+
+
+def test_transfer_matrix_is_the_authors_fraction_over_rois_present_in_every_subject(synthetic_root, tmp_path):
+    """Three subjects, both hemispheres, the untuned-layer results; lh OFA is missing in Subj3."""
+    masks = tmp_path / "roi_masks"
+    masks.mkdir()
+    for s in (1, 2):
+        os.symlink(synthetic_root / "roi_masks" / f"Subj{s}", masks / f"Subj{s}")
+    shutil.copytree(synthetic_root / "roi_masks" / "Subj1", masks / "Subj3")
+    faces = masks / "Subj3" / "lh.floc-faces_challenge_space.npy"
+    labels = np.load(faces)
+    mapping = np.load(masks / "Subj3" / "mapping_floc-faces.npy", allow_pickle=True).item()
+    labels[labels == next(code for code, name in mapping.items() if name == "OFA")] = 0
+    np.save(faces, labels)
+    pairs = [("lh", "EBA"), ("rh", "EBA"), ("lh", "OFA"), ("lh", "ventral")]
+    subjects = (1, 2, 3)
+    frac = {}  # (hemisphere, roi) -> 3 x 3 fraction of improved voxels, computed from the planted values
+    for k, (hemi, roi) in enumerate(pairs):
+        frac[hemi, roi] = np.zeros((3, 3))
+        for t in subjects:
+            n = utils.roi_voxel_count(tmp_path, t, hemi, roi)
+            if n == 0:
+                continue
+            untuned = np.linspace(-0.2, 0.4, n)
+            fake_result(tmp_path, t, "untuned", hemi, roi, untuned)
+            for m in subjects:
+                if utils.roi_voxel_count(tmp_path, m, hemi, roi) == 0:
+                    continue
+                r = untuned + np.where(np.arange(n) % (m + t + k) < 2, 0.05, -0.05)
+                fake_result(tmp_path, t, encoding_results.method_tag("cl-tuned", t, m, "untuned-layer"), hemi, roi, r)
+                frac[hemi, roi][m - 1, t - 1] = np.mean(r > untuned)
+        # Per-method results with other values: the default protocol must not read them.
+        fake_result(tmp_path, 1, "cl-tuned", hemi, roi, 0.9)
+    table, matrices = run_transfer_matrix(tmp_path, "--hemispheres", "left", "right", "--rois", "EBA", "OFA", "ventral")
+    status = table.set_index(["hemisphere", "roi", "model_subj", "target_subj"])["status"]
+    assert status["lh", "OFA", 3, 1] == status["lh", "OFA", 1, 3] == "absent" and status["lh", "OFA", 2, 1] == "fitted"
+    expected = {"higher": [("lh", "EBA"), ("rh", "EBA")], "anatomical": [("lh", "ventral")],
+                "all": [("lh", "EBA"), ("rh", "EBA"), ("lh", "ventral")]}
+    assert set(matrices) == set(expected)
+    for group, members in expected.items():
+        _, got, stem = matrices[group]
+        np.testing.assert_allclose(got.loc[list(subjects), list(subjects)].to_numpy(),
+                                   np.mean([frac[p] for p in members], axis=0), atol=1e-12)
+        assert stem.endswith(f"transfer_cl-tuned_untuned-layer_lh-rh_{group}")
+    # The option of the authors' older matrices: every ROI, lh OFA counting 0 where Subj3 is involved.
+    _, zero = run_transfer_matrix(tmp_path, "--hemispheres", "left", "right", "--rois", "EBA", "OFA",
+                                  "--transfer-aggregation", "absent-zero")
+    np.testing.assert_allclose(zero["higher"][1].loc[list(subjects), list(subjects)].to_numpy(),
+                               np.mean([frac["lh", "EBA"], frac["rh", "EBA"], frac["lh", "OFA"]], axis=0), atol=1e-12)
 
 
 def test_group_summary_averages_rois_without_weights(root):
@@ -327,7 +385,7 @@ def test_group_summary_averages_rois_without_weights(root):
     assert cv["pct_cl-tuned_gt_reg-tuned"] == pytest.approx(100)
     assert table.loc["early", "test_r"]["n_rois"] == 0 and table.loc["all", "test_r"]["n_rois"] == 2
     every = pd.read_csv(root / "encoding_results" / "group_summary.csv")
-    assert list(every["subject"].unique()) == [1] and len(every) == 6
+    assert list(every["subject"].unique()) == [1] and len(every) == 2 * len(utils.ROI_GROUPS)
 
 
 def test_feature_precision_is_recorded_and_checked(root, capsys):

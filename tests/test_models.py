@@ -298,3 +298,14 @@ def test_partial_state_from_other_settings_is_refused(tmp_path, monkeypatch):
     with pytest.raises(safe_io.UserError, match=r"p.pt.partial was made with name='p', but this run asks for name='q'"):
         models.train_model(models.RegressionModel(12, seed=0), data, tmp_path / "p.pt", {"method": "test", "name": "q"},
                            epochs=3, lr=1e-3, batch_size=16)
+
+
+def test_training_is_fp32_by_default_and_bf16_autocast_on_request(tmp_path):
+    data = [_planted_data(n=40)]
+    for precision, want in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        model = models.RegressionModel(12, seed=0)
+        seen = []
+        model.readout.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+        _train(tmp_path, model, data, precision, epochs=1, **({} if precision == "fp32" else {"precision": "bf16"}))
+        # Training steps and the held-out loss of the epoch all run in that precision.
+        assert len(seen) > 2 and set(seen) == {want}

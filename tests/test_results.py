@@ -11,7 +11,7 @@ import figures
 import results_utils as ru
 import safe_io
 import utils
-from conftest import save_untrained_checkpoint
+from conftest import run_error, save_untrained_checkpoint
 
 
 def _random_probs(rng, n_models, n_samples, n_classes):
@@ -441,18 +441,26 @@ def test_random_rois_need_more_than_min_voxels():
         ru.random_rois(counts, 3)
 
 
-def test_analyses_skip_rois_under_min_voxels(root):
-    # lh mTL-words has 10 voxels in Subj1: a checkpoint for it is ignored, and asking for it is an error.
+def test_probes_and_mi_need_20_voxels_but_exports_take_every_roi(root, capsys):
+    # lh mTL-words has 10 voxels in Subj1: exported by default (MIN_VOXELS 1, the authors'), but neither
+    # probed nor bounded (ANALYSIS_MIN_VOXELS 20, the authors').
+    import generate_results
     for roi in ("V1v", "mTL-words"):
         save_untrained_checkpoint(root, "cl-tuned", 1, "lh", roi)
-    assert ru.select_rois(root, "cl-tuned", 1, "lh", [], 1) == ["V1v"]
-    assert ru.select_rois(root, "cl-tuned", 1, "lh", [], 1, min_voxels=10) == ["V1v", "mTL-words"]
-    with pytest.raises(safe_io.UserError, match="fewer than MIN_VOXELS=20"):
-        ru.select_rois(root, "cl-tuned", 1, "lh", ["mTL-words"], 1)
-    paths = ru.save_test_fmri(root, [1], ["lh"], [])
-    saved = {p.stem for p in paths}
+    assert ru.select_rois(root, "cl-tuned", 1, "lh", [], 1) == ["V1v", "mTL-words"]
+    assert ru.select_rois(root, "cl-tuned", 1, "lh", [], 1, min_voxels=20) == ["V1v"]
+    for kind in ("lower-bound-mi", "classification-task"):
+        err = run_error(generate_results.main, ["--root", str(root), "--type", kind, "--rois", "mTL-words",
+                                                "--hemispheres", "left", *BASE], capsys)
+        assert "ROI mTL-words has fewer than 20 voxels in lh of Subj1: drop it or lower --analysis-min-voxels" in err
+    run(["--type", "save-embeddings", "--rois", "mTL-words", "--hemispheres", "left", *BASE], root)
+    name = ru.model_name("cl-tuned", 1, "lh", "mTL-words", 1)
+    emb = np.load(utils.results_dir(root) / "embeddings" / f"{name}_classifier.5_test.npy")
+    assert emb.shape == (len(utils.train_test_split(240)[1]), 4096)
+    saved = {p.stem for p in ru.save_test_fmri(root, [1], ["lh"], [])}
+    assert {"subj1_lh_V1v", "subj1_lh_mTL-words"} <= saved
+    saved = {p.stem for p in ru.save_test_fmri(root, [1], ["lh"], [], overwrite=True, min_voxels=20)}
     assert "subj1_lh_V1v" in saved and "subj1_lh_mTL-words" not in saved
-    assert all(utils.roi_voxel_count(root, 1, "lh", p.stem.split("_", 2)[2]) >= 20 for p in paths[2:])
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -42,6 +42,7 @@ def refused(main, argv, root, capsys):
     (cl_model_training.main, ["--weights", "imagenet"], "weights='none', but this run asks for weights='imagenet'"),
     (cl_model_training.main, ["--seed", "3"], "seed=0, but this run asks for seed=3"),
     (cl_model_training.main, ["--max-voxels", "30"], "but this run asks for n_voxels=30"),
+    (cl_model_training.main, ["--precision", "bf16"], "precision='fp32', but this run asks for precision='bf16'"),
     (reg_model_training.main, ["--batch-size", "32"], "lr=0.0001, but this run asks for lr=2.5e-05"),
     (pooled_model_training.main, ["--h-method", "avg", "--subjects", "1"],
      "subjects=[1, 2], but this run asks for subjects=[1]"),

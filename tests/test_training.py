@@ -9,10 +9,12 @@ import torch
 import cl_model_training
 import cl_model_training_all_rois
 import models
+import options
 import pooled_model_training
 import pooled_model_training_all_rois
 import reg_model_training
 import reg_model_training_all_rois
+import safe_io
 import utils
 from conftest import run_error
 
@@ -101,12 +103,58 @@ def test_pooled_avg_over_two_subjects(root):
                                                         weights=n_test))
 
 
-def test_min_voxels_applies_to_rois_and_pooled_subjects(root, capsys):
-    # lh mTL-words has 10 voxels in both subjects: under the authors' 20, so never trained.
-    argv = ["--root", str(root), "--roi", "mTL-words"] + FAST
+def test_every_roi_with_a_voxel_is_trained_by_default_in_the_precision_asked_for(root, monkeypatch):
+    # lh mTL-words has 10 voxels in Subj1: trained by default, as in the authors' current code.
+    precisions = []
+    train_model = models.train_model
+    monkeypatch.setattr(models, "train_model", lambda *a, **k: precisions.append(a[-1]) or train_model(*a, **k))
+    path = cl_model_training.main(["--root", str(root), "--roi", "mTL-words", "--precision", "bf16"] + FAST)
+    meta = models.read_meta(path)
+    assert meta["n_voxels"] == 10 == utils.roi_voxel_count(root, 1, "lh", "mTL-words")
+    assert meta["precision"] == "bf16" and precisions == ["bf16"]
+
+
+def _mask_count(folder, hemisphere, roi):
+    """Voxels of an ROI read straight from a subject's mask files."""
+    cls = next(c for c, rois in utils.ROI_CLASSES.items() if roi in rois)
+    mapping = np.load(folder / f"mapping_{cls}.npy", allow_pickle=True).item()
+    code = next(k for k, name in mapping.items() if name == roi)
+    return int(np.sum(np.load(folder / f"{hemisphere}.{cls}_challenge_space.npy") == code))
+
+
+def test_pooled_subjects_and_h_avg_include_every_subject_with_a_voxel(shared_masks, tmp_path):
+    """Real masks: the authors' pooled rh FFA-2 has 8 subjects and h_avg 467; their subject models include
+    Subj7 rh FFA-2 (18 voxels) and Subj6 lh mTL-words (4); MIN_VOXELS 20 leaves those out (the 2024 figures)."""
+    (tmp_path / "roi_masks").symlink_to(shared_masks)
+    counts = {s: _mask_count(shared_masks / f"Subj{s}", "rh", "FFA-2") for s in range(1, 9)}
+    assert counts[7] == 18 and 0 < counts[3] < 20 and min(counts.values()) > 0
+
+    def plan(script, argv, roi, method):
+        return models.plan_roi(options.parse_options(script, ["--root", str(tmp_path)] + argv), roi, method)
+
+    pooled = ["--hemisphere", "right", "--roi", "FFA-2", "--h-method", "avg"]
+    meta = plan(pooled_model_training, pooled, "FFA-2", "pooled-avg").meta
+    assert meta["subjects"] == list(range(1, 9)) and meta["h"] == int(np.mean(list(counts.values()))) == 467
+    meta = plan(pooled_model_training, pooled + ["--min-voxels", "20"], "FFA-2", "pooled-avg").meta
+    kept = [s for s in range(1, 9) if counts[s] >= 20]
+    assert meta["subjects"] == kept and 3 not in kept and 7 not in kept
+    assert meta["h"] == int(np.mean([counts[s] for s in kept]))
+    subject = ["--subj", "7", "--hemisphere", "right", "--roi", "FFA-2"]
+    assert plan(cl_model_training, subject, "FFA-2", "cl-tuned").meta["n_voxels"] == 18
+    words = ["--subj", "6", "--hemisphere", "left", "--roi", "mTL-words"]
+    assert plan(reg_model_training, words, "mTL-words", "reg-tuned").meta["n_voxels"] == 4 == _mask_count(
+        shared_masks / "Subj6", "lh", "mTL-words")
+    with pytest.raises(safe_io.UserError, match="ROI mTL-words has 4 voxels in lh of Subj6, fewer than MIN_VOXELS=20"):
+        plan(reg_model_training, words + ["--min-voxels", "20"], "mTL-words", "reg-tuned")
+
+
+def test_min_voxels_20_applies_to_rois_and_pooled_subjects(root, capsys):
+    # lh mTL-words has 10 voxels in both subjects: under the 2024 figures' 20, so not trained.
+    argv = ["--root", str(root), "--roi", "mTL-words", "--min-voxels", "20"] + FAST
     err = run_error(cl_model_training.main, argv, capsys)
     assert "ROI mTL-words has 10 voxels in lh of Subj1, fewer than MIN_VOXELS=20" in err
-    assert reg_model_training_all_rois.main(["--root", str(root), "--rois", "mTL-words"] + FAST) == [None]
+    assert reg_model_training_all_rois.main(["--root", str(root), "--rois", "mTL-words", "--min-voxels", "20"]
+                                            + FAST) == [None]
     assert "skip mTL-words: 10 voxels in lh of Subj1 (fewer than MIN_VOXELS=20)" in capsys.readouterr().out
     assert not (root / "cl_models").exists() and not (root / "baseline_models").exists()
     # Pooled: lh V1v has 118 voxels in Subj1 and 90 in Subj2; a threshold of 100 leaves Subj2 out.

@@ -51,6 +51,20 @@ def user_error(fn, capsys):
     return err
 
 
+# --- ROI groups ----------------------------------------------------------------------------
+
+def test_roi_groups_are_the_authors():
+    """The lists of the authors' cs_heatmap_avgs, typed out here: early, higher, anatomical and all."""
+    early = ["V1v", "V1d", "V2v", "V2d", "V3v", "V3d", "hV4"]
+    higher = ["EBA", "FBA-1", "FBA-2", "mTL-bodies", "OFA", "FFA-1", "FFA-2", "mTL-faces", "aTL-faces", "OPA",
+              "PPA", "RSC", "OWFA", "VWFA-1", "VWFA-2", "mfs-words", "mTL-words"]
+    anatomical = ["early", "midventral", "midlateral", "midparietal", "ventral", "lateral", "parietal"]
+    assert utils.ROI_GROUPS == {"all": early + higher + anatomical, "early": early, "higher": higher,
+                                "anatomical": anatomical}
+    assert [utils.roi_group(r) for r in ("hV4", "early", "mTL-words", "parietal")] == [
+        "early", "anatomical", "higher", "anatomical"]
+
+
 # --- Split and folds -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("n", [9841, 240, 7])
@@ -344,7 +358,7 @@ def test_features_are_fp32_by_default_and_bf16_on_request():
     # bf16 keeps 8 significant bits: close to fp32, but not equal.
     err = np.abs(bf16["features.5"] - fp32["features.5"]).max() / np.abs(fp32["features.5"]).max()
     assert 0 < err < 0.05
-    with pytest.raises(safe_io.UserError, match="unknown feature precision 'fp16'"):
+    with pytest.raises(safe_io.UserError, match="unknown precision 'fp16'"):
         utils.extract_features(alexnet, images, layers=layers, precision="fp16")
 
 
