@@ -65,7 +65,7 @@ CHOICES = {"METHOD": utils.METHODS, "HEMISPHERE": utils.HEMISPHERE_NAMES, "ROIS"
            "PROTOCOL": ["per-method", "untuned-layer"], "FEATURE_PRECISION": utils.PRECISIONS}
 RANGES = {"SUBJ": utils.SUBJECT, "MODEL_SUBJ": utils.SUBJECT, "ALPHAS": utils.ALPHA_GRID,
           "N_COMPONENTS": options.at_least(1), "N_FOLDS": options.at_least(2), "IMAGE_SIZE": utils.ALEXNET_INPUT,
-          "SEED": options.at_least(0), "CL_EPOCHS": options.at_least(1), "REG_EPOCHS": options.at_least(1),
+          "SEED": options.SEED_RANGE, "CL_EPOCHS": options.at_least(1), "REG_EPOCHS": options.at_least(1),
           "POOLED_EPOCHS": options.at_least(1), "BATCH_SIZE": options.at_least(1), "MIN_VOXELS": options.at_least(1)}
 
 

@@ -67,7 +67,7 @@ CHOICES = {"ROIS": nod_utils.NOD_ROIS, "HEMISPHERES": utils.HEMISPHERE_NAMES,
 RANGES = {"SUBJECTS": options.at_least(1), "SESSIONS": options.at_least(1), "RUNS": options.at_least(1),
           "N_VOXELS": options.at_least(1), "MODEL_SUBJ": options.between(1, utils.N_SUBJECTS),
           "CL_EPOCHS": options.at_least(1), "REG_EPOCHS": options.at_least(1), "POOLED_EPOCHS": options.at_least(1),
-          "SEED": options.at_least(0), "ALPHAS": utils.ALPHA_GRID, "N_COMPONENTS": options.at_least(1),
+          "SEED": options.SEED_RANGE, "ALPHAS": utils.ALPHA_GRID, "N_COMPONENTS": options.at_least(1),
           "N_FOLDS": options.at_least(2), "IMAGE_SIZE": utils.ALEXNET_INPUT, "BATCH_SIZE": options.at_least(1)}
 
 

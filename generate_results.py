@@ -59,7 +59,7 @@ OVERWRITE = False  # recompute results that exist
 CHOICES = {"DATASET": utils.CLASSIFICATION_DATASETS, "METHOD": utils.METHODS, "HEMISPHERES": utils.HEMISPHERE_NAMES,
            "ROIS": utils.ROIS, "EMBEDDING_LAYER": utils.LAYERS + ["", "best"], "EMBEDDING_SPLIT": utils.EMBEDDING_SPLITS,
            "FEATURE_PRECISION": utils.PRECISIONS, "MAPS": utils.CORTICAL_MAPS, "TRANSFER_AGGREGATION": ["authors", "voxels"]}
-RANGES = {"SUBJECTS": utils.SUBJECT, "EPOCHS": options.at_least(1), "SEED": options.at_least(0),
+RANGES = {"SUBJECTS": utils.SUBJECT, "EPOCHS": options.at_least(1), "SEED": options.SEED_RANGE,
           "IMAGE_SIZE": utils.ALEXNET_INPUT, "BATCH_SIZE": options.at_least(1), "N_RANDOM_ROIS": options.at_least(1),
           "MIN_VOXELS": options.at_least(1), "IMAGE_INDEX": options.at_least(0)}
 

@@ -435,16 +435,24 @@ def cv_folds(train, n_folds=5):
 # --- Devices and AlexNet ---------------------------------------------------------------
 
 def resolve_device(name):
-    """'auto' -> cuda when available else cpu; 'cuda' without a GPU is a UserError."""
+    """'auto' -> cuda when available else cpu; 'cpu', 'cuda', 'cuda:N' or 'mps' where available, else a UserError."""
     name = str(name).lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise safe_io.UserError(f"device {name!r} asked for but CUDA is not available: use --device cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
-        raise safe_io.UserError(f"unknown device {name!r}: use auto, cpu or cuda") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise safe_io.UserError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available[device.type]:
+        raise safe_io.UserError(f"device {name!r} asked for but {device.type.upper()} is not available here: "
+                                "use --device cpu (or auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise safe_io.UserError(f"device {name!r} asked for but this machine has {torch.cuda.device_count()} "
+                                "CUDA device(s): use --device cuda")
+    return device
 
 
 def autocast(device):
@@ -585,10 +593,12 @@ CORTICAL_MAPS = ("all", "summary", "none")
 # The smallest square input for which all eight LAYERS exist: at 62 px the last max-pool
 # (features.12) gets a 2 x 2 map and fails (found by trying torchvision's AlexNet).
 MIN_IMAGE_SIZE = 63
+# The largest: at 1024 px a 10000-image cache is 31 GB (the protocol's 224 px: 1.5 GB).
+MAX_IMAGE_SIZE = 1024
 
 
-ALEXNET_INPUT = options.Allowed(f">= {MIN_IMAGE_SIZE} (the smallest input of AlexNet's eight layers)",
-                        lambda size, opts: size >= MIN_IMAGE_SIZE)
+ALEXNET_INPUT = options.Allowed(f"between {MIN_IMAGE_SIZE} (the smallest input of AlexNet's eight layers) and "
+                                f"{MAX_IMAGE_SIZE}", lambda size, opts: MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE)
 SUBJECT = options.Allowed(f"between 1 and {N_SUBJECTS} with a folder roi_masks/SubjX under --root",
                   lambda subj, opts: 1 <= subj <= N_SUBJECTS and subj in find_subjects(opts.ROOT),
                   found=lambda opts: f"{Path(opts.ROOT) / 'roi_masks'} holds "
