@@ -15,7 +15,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torchvision.datasets as tvd
-from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -347,11 +346,7 @@ def crop_transform(image_size=224):
 
 def decode_cropped(path, image_size):
     """Decode one image as RGB with ``crop_transform``: uint8 (image_size, image_size, 3)."""
-    try:
-        with Image.open(path) as im:
-            return np.asarray(crop_transform(image_size)(im.convert("RGB")), dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise safe_io.UserError(f"cannot read image {path} ({e}): replace or remove the file") from None
+    return np.asarray(crop_transform(image_size)(safe_io.read_image(path)), dtype=np.uint8)
 
 
 def dataset_images(root, name, image_size=224, workers=None):
@@ -563,8 +558,9 @@ def untuned_features(root, dataset, images, weights, seed, device, batch_size, p
     """fc7 features of the untuned AlexNet, computed once per dataset, image size, weights and precision."""
     tag = _weights_tag(weights, seed) + ("" if precision == "fp32" else f"-{precision}")
     path = Path(images.filename).with_name(f"{Path(images.filename).stem}_untuned-{tag}_fc7.npy")
-    if path.is_file():
-        return np.load(path, mmap_mode="r")
+    cached = safe_io.cached_array(path, (len(images), utils.LAYER_DIMS[PROBE_LAYER]), np.float32)
+    if cached is not None:
+        return cached
     alexnet = utils.load_alexnet(weights, seed)
     safe_io.atomic_np_save(probe_features(alexnet, images, device, batch_size, precision), path)
     return np.load(path, mmap_mode="r")

@@ -238,11 +238,12 @@ def load_fmri(root, subj, hemisphere, voxels=None):
 
 
 def list_images(root, subj):
-    """Sorted PNG paths of a subject; their order is the fMRI row order."""
+    """Sorted PNG paths of a subject; their order is the fMRI row order (checked: safe_io.check_image_numbers)."""
     d = safe_io.require_dir(images_dir(root, subj), "place the Algonauts training_images there (see README)")
     paths = sorted(p for p in d.iterdir() if p.suffix.lower() == ".png")
     if not paths:
         raise safe_io.UserError(f"no .png images in {d}: place the Algonauts training_images there (see README)")
+    safe_io.check_image_numbers(paths)
     return paths
 
 
@@ -269,18 +270,19 @@ def decode_image(path, image_size):
     Identical to torchvision's ``Resize((S, S))`` on a PIL image (bilinear, antialiased).
     """
     from PIL import Image
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
-            return np.asarray(im, dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise safe_io.UserError(f"cannot read image {path} ({e}): replace or remove the file") from None
+    return np.asarray(safe_io.read_image(path).resize((image_size, image_size), Image.BILINEAR), dtype=np.uint8)
 
 
-def _cache_key(paths, image_size):
-    h = hashlib.sha1(str(image_size).encode())
+def file_key(paths, *extra):
+    """A 16-hex-digit key of ``extra`` and the names, sizes and mtimes of ``paths``: a cache built from
+    those files is rebuilt when one changes. A missing file (a dangling link) is a UserError naming it."""
+    h = hashlib.sha1("|".join(map(str, extra)).encode())
     for p in paths:
-        st = os.stat(p)
+        try:
+            st = os.stat(p)
+        except OSError as e:
+            raise safe_io.UserError(f"cannot read {p} ({e.strerror}; a dangling or looping link?): "
+                                    "replace or remove it") from None
         h.update(f"{Path(p).name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
 
@@ -289,7 +291,8 @@ def image_cache(paths, image_size, cache_folder, name="images", workers=None, de
     """Decode and resize every image once into a memory-mapped uint8 (n, S, S, 3) ``.npy``.
 
     The file name holds a key of the file names, sizes, mtimes and image size, so a
-    changed image list builds a new cache; older caches of the same ``name`` are removed.
+    changed image list builds a new cache; older caches of the same ``name`` are removed,
+    and a damaged one (truncated) is rebuilt. The disk space is checked and reserved first.
 
     Parameters
     ----------
@@ -306,15 +309,17 @@ def image_cache(paths, image_size, cache_folder, name="images", workers=None, de
     """
     paths = [Path(p) for p in paths]
     cache_folder = Path(cache_folder)
-    target = cache_folder / f"{name}_s{image_size}_{_cache_key(paths, image_size)}.npy"
-    if target.exists():
-        return np.load(target, mmap_mode="r")
-    for old in cache_folder.glob(f"{name}_s{image_size}_*.npy"):
+    target = cache_folder / f"{name}_s{image_size}_{file_key(paths, image_size)}.npy"
+    shape = (len(paths), image_size, image_size, 3)
+    cached = safe_io.cached_array(target, shape, np.uint8)
+    if cached is not None:
+        return cached
+    for old in cache_folder.glob(f"{glob.escape(name)}_s{image_size}_*.npy"):
         old.unlink()
     safe_io.remove_stale_temps(cache_folder, f"{glob.escape(name)}_s{image_size}_*.npy")
     cache_folder.mkdir(parents=True, exist_ok=True)
+    safe_io.check_free_space(target, np.prod(shape), "the image cache", "or lower --image-size")
     with safe_io.atomic_path(target) as tmp:
-        shape = (len(paths), image_size, image_size, 3)
         try:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
             # The new file is sparse: a write into its memory map on a full disk kills the
