@@ -9,6 +9,7 @@ naming the path or value and the fix, and exit with code 2 (options.cli).
 import errno
 import fnmatch
 import glob
+import hashlib
 import json
 import os
 import pickle
@@ -134,6 +135,49 @@ def atomic_path(path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _take_lock(path):
+    """Create the lock file ``path`` holding '<host> <pid>' in one step (a hard link of a written file, which
+    fails if ``path`` exists, also over NFS); returns None, or the owner (host, pid) of the existing lock."""
+    tmp = path.parent / f".{temp_prefix(path.name)}{secrets.token_hex(4)}"
+    tmp.write_text(f"{_host()} {os.getpid()}\n")
+    try:
+        os.link(tmp, path)
+        return None
+    except FileExistsError:
+        try:
+            host, pid = path.read_text().split()
+            return host, int(pid)
+        except FileNotFoundError:  # released meanwhile: the caller tries again
+            return "", 0
+        except (OSError, ValueError):
+            return "an unknown host", 0
+    finally:
+        tmp.unlink()
+
+
+@contextmanager
+def exclusive(path, what):
+    """Hold the lock file ``path`` for the block; it names this host and process.
+
+    A lock held by a live process, or by one on another host (which cannot be checked from
+    here), is a UserError naming it and ``what`` it guards; a lock left by a killed process
+    of this host is taken over. The lock is removed when the block ends.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while (owner := _take_lock(path)) is not None:
+        host, pid = owner
+        if host == _host() and not _process_alive(pid):
+            path.unlink(missing_ok=True)  # left by a killed process
+        elif host:
+            raise UserError(f"{what} is in progress in process {pid} on {host} (lock {path}): wait for it to "
+                            "finish, or use another --root; if no such run is going on, delete the lock")
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def check_writable(*folders):
@@ -425,6 +469,66 @@ def nonfinite_tensor(state):
         if tensor.is_floating_point() and not tensor.isfinite().all():
             return name
     return None
+
+
+def _tensors(state, prefix=""):
+    """(name, tensor) of every tensor in a nested structure of dicts, lists and tuples, in name order."""
+    import torch
+    if torch.is_tensor(state):
+        return [(prefix, state)]
+    if isinstance(state, dict):
+        items = sorted((str(k), v) for k, v in state.items())
+    elif isinstance(state, (list, tuple)):
+        items = [(str(i), v) for i, v in enumerate(state)]
+    else:
+        return []
+    return [pair for k, v in items for pair in _tensors(v, f"{prefix}/{k}" if prefix else k)]
+
+
+def tensor_checksum(state):
+    """'sha256:<hex>' over the names, dtypes, shapes and bytes of every tensor of ``state`` (a state dict, or
+    any nesting of dicts and lists), in name order, so that any changed value changes it.
+
+    About 0.9 GB/s on one core: 0.4 s for a 326 MB checkpoint (docs/safeguards.md).
+    """
+    import torch
+    digest = hashlib.sha256()
+    for name, tensor in _tensors(state):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return "sha256:" + digest.hexdigest()
+
+
+def check_checksum(path, state, recorded, fix):
+    """Raise a UserError unless ``recorded`` is the tensor_checksum of ``state``, read from ``path``."""
+    if recorded is None:
+        raise UserError(f"{path} records no checksum of its tensors (it was made before checksums were "
+                        f"recorded), so damage to it cannot be detected: {fix}")
+    if tensor_checksum(state) != recorded:
+        raise UserError(f"{path} is damaged: its tensors differ from the checksum recorded when it was saved "
+                        f"(bit rot, or a file changed or copied in part): {fix}")
+
+
+def check_state_dict(path, state, expected, fix):
+    """Raise a UserError unless the state dict ``state`` read from ``path`` fits the model whose state dict
+    is ``expected``: the same names and shapes, and floating-point tensors where the model's are (load_state_dict
+    would cast int weights silently). NaN and Inf are the caller's to check (nonfinite_tensor): the fix differs."""
+    import torch
+    if not (isinstance(state, dict) and all(torch.is_tensor(v) for v in state.values())):
+        raise UserError(f"{path} is not a state dict (a dict of tensors): {fix}")
+    missing, extra = [k for k in expected if k not in state], [k for k in state if k not in expected]
+    if missing or extra:
+        what = f"lacks {missing[0]}" if missing else f"has an unexpected tensor {extra[0]}"
+        raise UserError(f"{path} {what} ({len(missing)} missing, {len(extra)} unexpected): {fix}")
+    for name, want in expected.items():
+        have = state[name]
+        if have.shape != want.shape:
+            raise UserError(f"{path} holds {name} of shape {tuple(have.shape)}, but the model needs "
+                            f"{tuple(want.shape)}: {fix}")
+        if want.is_floating_point() and not have.is_floating_point():
+            raise UserError(f"{path} holds {name} as {str(have.dtype).removeprefix('torch.')} values: weights "
+                            f"must be floating point; {fix}")
 
 
 # --- Saved settings ----------------------------------------------------------------------

@@ -514,14 +514,12 @@ def load_alexnet(weights="imagenet", seed=0):
     else:
         path = Path(weights)
     state = safe_io.load_state_dict_file(path, "AlexNet weights")
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as e:
-        raise safe_io.UserError(f"{path} is not an AlexNet state dict ({str(e).splitlines()[0]}): "
-                        "pass a torchvision AlexNet state dict") from None
-    bad = safe_io.nonfinite_tensor(model.state_dict())
+    safe_io.check_state_dict(path, state, model.state_dict(),
+                             "it is not an AlexNet state dict; pass a torchvision AlexNet state dict")
+    bad = safe_io.nonfinite_tensor(state)
     if bad is not None:
         raise safe_io.UserError(f"AlexNet weights {path} hold NaN or Inf ({bad}): re-download or re-create the file")
+    model.load_state_dict(state)
     return model.eval()
 
 
