@@ -59,7 +59,7 @@ OVERWRITE = False  # redo every step even if its outputs exist
 # ---
 CHOICES = {"HEMISPHERE": utils.HEMISPHERE_NAMES, "ROIS": utils.ROIS}
 RANGES = {"SUBJECTS": options.between(1, utils.N_SUBJECTS), "IMAGES": options.at_least(1),
-          "IMAGE_SIZE": utils.ALEXNET_INPUT, "SNR": options.POSITIVE, "SEED": options.at_least(0),
+          "IMAGE_SIZE": utils.ALEXNET_INPUT, "SNR": options.POSITIVE, "SEED": options.SEED_RANGE,
           "SUBJ": options.Allowed("between 1 and --subjects", lambda subj, opts: 1 <= subj <= opts.SUBJECTS),
           "EPOCHS": options.at_least(1), "BATCH_SIZE": options.at_least(2), "CLASSES": options.at_least(2),
           "CLASS_IMAGES": options.at_least(1)}

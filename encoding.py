@@ -23,6 +23,7 @@ Why it is fast and exact:
   the Gram matrices, ridge and correlations stay float64. 'fp64', the default, is exact.
 """
 
+import errno
 import shutil
 import tempfile
 import time
@@ -489,6 +490,8 @@ class FeatureSpill:
                     for j, f in enumerate(files[name]):
                         f.write(np.ascontiguousarray(v[:, j * GRAM_CHUNK:(j + 1) * GRAM_CHUNK]).tobytes())
         except OSError as e:
+            if e.errno == errno.ENOENT:
+                raise self._gone(e) from None
             gb = self.n * sum(utils.layer_dims(self.images.shape[1]).values()) * 4 / 2**30
             raise safe_io.UserError(f"cannot write the features to {self.path} ({e.strerror or e}): "
                                   f"this run needs about {gb:.1f} GB free there") from None
@@ -496,12 +499,22 @@ class FeatureSpill:
             for f in (f for fs in files.values() for f in fs):
                 f.close()
 
+    def _gone(self, error):
+        """The UserError of a spill folder removed while the run reads or writes it."""
+        return safe_io.UserError(f"the feature spill {self.path} is gone ({error.strerror}): was {self.folder} "
+                                 "deleted during the run? Rerun; finished ROIs are kept")
+
+    def _block(self, name, j):
+        try:
+            return torch.from_numpy(np.fromfile(self._block_path(name, j), dtype=np.float32).reshape(self.n, -1))
+        except OSError as e:
+            raise self._gone(e) from None
+
     def layers(self, device="cpu", keep_gram=None):
         """Yield (layer name, LayerFeatures on ``device``), building each layer only when asked."""
         for name in self.names:
             dims = self.dims[name]
-            blocks = (torch.from_numpy(np.fromfile(self._block_path(name, j), dtype=np.float32)
-                                       .reshape(self.n, -1)) for j in range(-(-dims // GRAM_CHUNK)))
+            blocks = (self._block(name, j) for j in range(-(-dims // GRAM_CHUNK)))
             with _stage(self.timer, "gram"):
                 layer = LayerFeatures.from_chunks(blocks, self.n, dims, device, keep_gram)
             yield name, layer

@@ -45,8 +45,14 @@ def result_path(root, subj, tag, hemisphere, roi):
     return utils.encoding_dir(root, subj) / tag / f"{utils.hemi_code(hemisphere)}_{roi}.npz"
 
 
-def load_result(path):
-    """One ROI's result: the JSON fields plus the arrays of the .npz (voxels, alphas, cv_r, test_r, ...)."""
+RESULT_FIX = "delete it and its .json, or refit that ROI with --overwrite"
+# The per-voxel arrays of every result, besides its voxels (NSD) or vertices (NOD).
+RESULT_ARRAYS = ("alphas", "alpha_index", "cv_r", "test_r")
+
+
+def load_result(path, root=None, subj=None):
+    """One ROI's result: the JSON fields plus the arrays of the .npz (voxels, alphas, cv_r, test_r, ...),
+    checked by ``check_result`` (against the masks of subject ``subj`` under ``root`` when given)."""
     path = Path(path)
     try:
         out = json.loads(path.with_suffix(".json").read_text())
@@ -54,20 +60,60 @@ def load_result(path):
             out.update({k: f[k] for k in f.files})
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
         raise safe_io.UserError(f"cannot read the result {path} ({type(e).__name__}): it is truncated or corrupt; "
-                              "delete it and its .json, or refit that ROI with --overwrite") from None
+                                f"{RESULT_FIX}") from None
+    check_result(path, out, root, subj)
     return out
+
+
+def check_result(path, result, root=None, subj=None):
+    """Raise a UserError naming ``path`` unless ``result`` is a whole encoding result: per-voxel arrays of one
+    length, finite; a best layer and layer scores of AlexNet's LAYERS, finite. With ``root``, its voxels must
+    be those the masks under ``root`` give for its subject ``subj``, hemisphere and ROI (the file name's):
+    a result copied from another ROI set would have its indices applied to the wrong vertices."""
+    points = "vertices" if "vertices" in result else "voxels"
+    for key in (points,) + RESULT_ARRAYS:
+        array = result.get(key)
+        if not isinstance(array, np.ndarray) or array.shape != (len(result.get(points, ())),):
+            shape = array.shape if isinstance(array, np.ndarray) else "none"
+            raise safe_io.UserError(f"the result {path} holds {key} of shape {shape}, not one value for each of "
+                                    f"its {points}: {RESULT_FIX}")
+        if array.dtype.kind not in "biuf" or not np.isfinite(array).all():
+            raise safe_io.UserError(f"the result {path} holds NaN, Inf or non-numbers in {key}: {RESULT_FIX}")
+    scores = result.get("layer_scores")
+    layers = [result.get("best_layer")] + list(scores if isinstance(scores, dict) else [None])
+    unknown = [layer for layer in layers if layer not in utils.LAYERS]
+    if unknown:
+        raise safe_io.UserError(f"the result {path} names the layer {unknown[0]!r}, not one of AlexNet's "
+                                f"{', '.join(utils.LAYERS)}: {RESULT_FIX}")
+    if not all(isinstance(s, (int, float)) and np.isfinite(s) for s in scores.values()):
+        raise safe_io.UserError(f"the result {path} holds a layer score that is not a finite number: {RESULT_FIX}")
+    if root is not None:
+        hemi, roi = result.get("hemisphere"), result.get("roi")
+        if hemi not in utils.HEMISPHERES or roi not in utils.ROI_CLASS or path.name != f"{hemi}_{roi}.npz":
+            raise safe_io.UserError(f"the result {path} records hemisphere {hemi!r} and ROI {roi!r}, not those "
+                                    f"of its file name: {RESULT_FIX}")
+        expected = utils.roi_voxel_indices(root, subj, hemi, roi)
+        if not np.array_equal(result["voxels"], expected):
+            raise safe_io.UserError(
+                f"the result {path} was fitted on other voxels ({len(result['voxels'])}) than the masks under "
+                f"{root} give for {utils.subj_dir(subj)} {hemi} {roi} ({len(expected)}): the masks changed, or the "
+                f"result was copied from another subject or ROI set; {RESULT_FIX}")
 
 
 def save_result(result, path):
     """Write an encoding result (NSD or NOD): its numpy arrays to the .npz ``path``, every
     other field to the .json beside it, written last so that it marks the result complete.
 
-    Neither file is a pickle, so reading a result never runs code from the file.
+    An existing .json is removed first: a run killed between the two writes leaves an
+    incomplete result (fitted again by the next run), never an old .json beside a new
+    .npz. Neither file is a pickle, so reading a result never runs code from the file.
     """
     arrays = {k: v for k, v in result.items() if isinstance(v, np.ndarray)}
+    json_path = Path(path).with_suffix(".json")
+    json_path.unlink(missing_ok=True)
     with safe_io.atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
-    safe_io.atomic_json_dump({k: v for k, v in result.items() if k not in arrays}, Path(path).with_suffix(".json"))
+    safe_io.atomic_json_dump({k: v for k, v in result.items() if k not in arrays}, json_path)
 
 
 def result_complete(path):
@@ -75,18 +121,19 @@ def result_complete(path):
     return Path(path).with_suffix(".json").is_file()
 
 
-def complete_results(folder, pattern, skip=()):
+def complete_results(folder, pattern, skip=(), root=None, subj=None):
     """Yield (.npz path, result) of every complete result in ``folder`` whose .npz matches the glob
-    ``pattern`` (but the paths in ``skip``), in sorted path order."""
+    ``pattern`` (but the paths in ``skip``), in sorted path order; ``root`` and ``subj`` as for load_result."""
     for path in sorted(Path(folder).glob(pattern)):
         if result_complete(path) and path not in skip:
-            yield path, load_result(path)
+            yield path, load_result(path, root, subj)
 
 
 def collect_results(root, subj, skip=()):
-    """Every complete NSD ROI result of a subject (but the .npz paths in ``skip``): dict (tag, hemisphere, roi) -> result."""
+    """Every complete NSD ROI result of a subject (but the .npz paths in ``skip``), checked against the masks
+    under ``root``: dict (tag, hemisphere, roi) -> result."""
     return {(path.parent.name, r["hemisphere"], r["roi"]): r
-            for path, r in complete_results(utils.encoding_dir(root, subj), "*/*.npz", skip)}
+            for path, r in complete_results(utils.encoding_dir(root, subj), "*/*.npz", skip, root, subj)}
 
 
 def load_encoding(root, subjects=None):
@@ -117,10 +164,27 @@ def collect_nod_results(root):
             for _, r in complete_results(nod_results_dir(root), "sub-*/sub-*_*.npz")}
 
 
+def absent_path(root, subj):
+    return utils.encoding_dir(root, subj) / "absent_rois.json"
+
+
+def read_absent(root, subj):
+    """The subject's absent_rois.json, {hemisphere: {roi: n_voxels}} ({} when there is none), checked."""
+    path = absent_path(root, subj)
+    if not path.is_file():
+        return {}
+    fix = "delete it; the next fit_encoding_models.py run of each hemisphere records the absent ROIs again"
+    absent = safe_io.read_json(path, fix)
+    if not all(h in utils.HEMISPHERES and isinstance(rois, dict) and set(rois) <= set(utils.ROIS)
+               and all(isinstance(n, int) for n in rois.values()) for h, rois in absent.items()):
+        raise safe_io.UserError(f"{path} is not a record of absent ROIs ({{hemisphere: {{ROI: voxel count}}}}): {fix}")
+    return absent
+
+
 def record_absent(root, subj, hemisphere, roi, n_voxels):
     """Add (or, with n_voxels None, remove) an ROI in the subject's absent_rois.json."""
-    path = utils.encoding_dir(root, subj) / "absent_rois.json"
-    absent = json.loads(path.read_text()) if path.is_file() else {}
+    path = absent_path(root, subj)
+    absent = read_absent(root, subj)
     if n_voxels is None and roi not in absent.get(utils.hemi_code(hemisphere), {}):
         return
     hemi = absent.setdefault(utils.hemi_code(hemisphere), {})
@@ -218,13 +282,38 @@ def group_means(table, value, groups=utils.ROI_GROUPS):
     return per_subject, means
 
 
+def read_group_summary(root, subj):
+    """The subject's group_summary.csv (None when there is none), checked: a table of that subject."""
+    path = utils.encoding_dir(root, subj) / "group_summary.csv"
+    if not path.is_file():
+        return None
+    fix = f"delete it; python generate_results.py --type summaries --subjects {int(subj)} rebuilds it"
+    table = safe_io.read_csv(path, fix, columns=["subject", "group", "score"])
+    if not (table["subject"] == int(subj)).all():
+        others = sorted(set(table["subject"].astype(str)) - {str(int(subj))})
+        raise safe_io.UserError(f"{path} holds summaries of subject {', '.join(others)}, not of "
+                                f"{utils.subj_dir(subj)}: {fix}")
+    return table
+
+
 def write_group_summaries(root, subj, results):
     """The subject's group_summary.csv, then encoding_results/group_summary.csv of every subject that has one."""
     safe_io.atomic_write_text(group_summary(results, subj).to_csv(index=False),
                             utils.encoding_dir(root, subj) / "group_summary.csv")
-    files = [utils.encoding_dir(root, s) / "group_summary.csv" for s in utils.find_subjects(root)]
-    every = pd.concat([pd.read_csv(f) for f in files if f.is_file()], ignore_index=True)
+    tables = [read_group_summary(root, s) for s in utils.find_subjects(root)]
+    every = pd.concat([t for t in tables if t is not None], ignore_index=True)
     safe_io.atomic_write_text(every.to_csv(index=False), Path(root) / "encoding_results" / "group_summary.csv")
+
+
+def check_summary_inputs(root, subj, skip=()):
+    """Read and check what write_summaries and record_absent will read, before a run writes anything: the
+    subject's results (but the .npz paths in ``skip``, about to be refitted), its absent_rois.json and the
+    other subjects' group_summary.csv."""
+    collect_results(root, subj, skip)
+    read_absent(root, subj)
+    for other in utils.find_subjects(root):
+        if other != int(subj):
+            read_group_summary(root, other)
 
 
 def write_summaries(root, subj):
@@ -322,10 +411,10 @@ def transfer_table(root, method, hemispheres, rois, protocol="untuned-layer", mi
 
 def _transfer_values(root, path, target, hemisphere, roi):
     """The fitted columns of a transfer_table row: the result's voxels and test r, compared with the target's untuned r."""
-    r = load_result(path)
+    r = load_result(path, root, target)
     values = {"n_voxels": len(r["voxels"]), "sum_r": float(r["test_r"].sum()), "mean_test_r": float(r["test_r"].mean())}
     base = result_path(root, target, "untuned", hemisphere, roi)
-    untuned = load_result(base) if result_complete(base) else None
+    untuned = load_result(base, root, target) if result_complete(base) else None
     if untuned is not None and np.array_equal(untuned["voxels"], r["voxels"]):
         improved = r["test_r"] > untuned["test_r"]
         values.update(n_compared=len(improved), n_improved=int(improved.sum()), frac_improved=float(improved.mean()))

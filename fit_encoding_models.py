@@ -19,7 +19,6 @@ group_summary.csv and their figures. The transfer matrices are made from the sav
 results by ``generate_results.py --type transfer-matrix``.
 """
 
-import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -67,7 +66,7 @@ CHOICES = {"METHOD": utils.METHODS, "HEMISPHERE": utils.HEMISPHERE_NAMES, "ROIS"
            "ENGINE_PRECISION": utils.ENGINE_PRECISIONS}
 RANGES = {"SUBJ": utils.SUBJECT, "MODEL_SUBJ": utils.SUBJECT, "ALPHAS": utils.ALPHA_GRID,
           "N_COMPONENTS": options.at_least(1), "N_FOLDS": options.at_least(2), "IMAGE_SIZE": utils.ALEXNET_INPUT,
-          "SEED": options.at_least(0), "CL_EPOCHS": options.at_least(1), "REG_EPOCHS": options.at_least(1),
+          "SEED": options.SEED_RANGE, "CL_EPOCHS": options.at_least(1), "REG_EPOCHS": options.at_least(1),
           "POOLED_EPOCHS": options.at_least(1), "BATCH_SIZE": options.at_least(1), "MIN_VOXELS": options.at_least(1)}
 
 
@@ -77,11 +76,12 @@ def main(argv=None):
     opts = options.parse_options(sys.modules[__name__], argv)
     run = check_inputs(opts)
     root, subj, method, hemi = opts.ROOT, opts.SUBJ, opts.METHOD, run.hemi
-    for roi, n_voxels in run.absent.items():
-        encoding_results.record_absent(root, subj, hemi, roi, n_voxels)
     timer = encoding.StageTimer(run.device)
+    # The cache decodes every image: an unreadable one stops the run before the first output.
     with timer("cache"):
         utils.subject_images(root, subj, opts.IMAGE_SIZE)
+    for roi, n_voxels in run.absent.items():
+        encoding_results.record_absent(root, subj, hemi, roi, n_voxels)
     written = {roi: None for roi in opts.ROIS}
     # The untuned network's features are the same for every ROI: one pass serves them all.
     # A tuned network belongs to one ROI: one pass each.
@@ -184,18 +184,16 @@ def spill_folder(opts):
     on the node that runs the job), or ROOT/cache."""
     if opts.SCRATCH is None:
         return utils.cache_dir(opts.ROOT)
-    folder = os.path.expandvars(opts.SCRATCH)
-    if "$" in folder:
-        raise safe_io.UserError(f"--scratch {opts.SCRATCH}: an environment variable in it is not set here "
-                                f"({folder}); set it, or give a folder")
-    return Path(folder)
+    return Path(safe_io.expand_vars(opts.SCRATCH, "--scratch"))
 
 
 def check_inputs(opts):
     """Every input of the run, checked before anything is written: the output folders, the results
-    that exist (settings, and readability, since the summaries read them all), the checkpoints, the
-    untuned choices of the untuned-layer protocol, and the fMRI of every pending ROI (NaN, Inf,
-    row count).
+    that exist (settings, readability and voxels, since the summaries read them all, with the
+    absent_rois.json and the other subjects' group summaries), the AlexNet weights or every
+    checkpoint (read whole: checksum, tensors), the untuned choices of the untuned-layer protocol,
+    the images (names in row order, headers) and the fMRI of every pending ROI (NaN, Inf, row
+    count). Only the image cache, built next, decodes every image.
 
     Returns
     -------
@@ -216,14 +214,17 @@ def check_inputs(opts):
     epochs = utils.method_epochs(opts, method)
     settings = result_settings(opts, method, epochs)
     pending, absent = pending_rois(opts, subj, hemi, tag, settings)
-    encoding_results.collect_results(root, subj, skip={path for _, _, path in pending})
-    if method != "untuned":
-        for roi, _, _ in pending:
-            models.tuned_meta(root, method, model_subj, hemi, roi, epochs, opts.IMAGE_SIZE)
+    encoding_results.check_summary_inputs(root, subj, skip={path for _, _, path in pending})
+    if method == "untuned" and pending:
+        utils.load_alexnet(opts.WEIGHTS, opts.SEED)
+    for roi, _, _ in pending if method != "untuned" else []:
+        models.tuned_meta(root, method, model_subj, hemi, roi, epochs, opts.IMAGE_SIZE)
     fixed = None
     if opts.PROTOCOL == "untuned-layer" and method != "untuned":
         fixed = {roi: untuned_choice(root, subj, hemi, roi, v, opts.ALPHAS) for roi, v, _ in pending}
-    n_images = len(utils.list_images(root, subj))
+    paths = utils.list_images(root, subj)
+    safe_io.check_image_files(paths)
+    n_images = len(paths)
     train, test = utils.train_test_split(n_images)
     folds = utils.cv_folds(train, opts.N_FOLDS)
     voxels = np.unique(np.concatenate([v for _, v, _ in pending])) if pending else None

@@ -69,7 +69,7 @@ CHOICES = {"ROIS": nod_utils.NOD_ROIS, "HEMISPHERES": utils.HEMISPHERE_NAMES,
 RANGES = {"SUBJECTS": options.at_least(1), "SESSIONS": options.at_least(1), "RUNS": options.at_least(1),
           "N_VOXELS": options.at_least(1), "MODEL_SUBJ": options.between(1, utils.N_SUBJECTS),
           "CL_EPOCHS": options.at_least(1), "REG_EPOCHS": options.at_least(1), "POOLED_EPOCHS": options.at_least(1),
-          "SEED": options.at_least(0), "ALPHAS": utils.ALPHA_GRID, "N_COMPONENTS": options.at_least(1),
+          "SEED": options.SEED_RANGE, "ALPHAS": utils.ALPHA_GRID, "N_COMPONENTS": options.at_least(1),
           "N_FOLDS": options.at_least(2), "IMAGE_SIZE": utils.ALEXNET_INPUT, "BATCH_SIZE": options.at_least(1)}
 
 
@@ -143,7 +143,7 @@ def main(argv=None):
             print(f"{nod_utils.sub_name(subj)}: all results exist, skipped (use --overwrite)")
             continue
         data = nod_utils.NODSubjectData(opts.ROOT, subj, opts.NOD_ROOT, opts.SESSIONS, opts.RUNS, opts.IMAGE_SIZE,
-                                        opts.ZSCORE, opts.HEMISPHERE_CONVENTION)
+                                        opts.ZSCORE, opts.HEMISPHERE_CONVENTION, opts.OVERWRITE)
         folds, cache = utils.cv_folds(data.train, opts.N_FOLDS), {}
         for (method, hemi), rois in todo.items():
             if rois:
@@ -165,8 +165,10 @@ def main(argv=None):
 
 
 def check_inputs(opts):
-    """The device, the output folders, the results that exist (settings) and the tuned checkpoints of
-    every subject, checked before any work.
+    """Every input of the run, checked before anything is written: the device, the output folders, the
+    results that exist (settings), the AlexNet weights or the tuned checkpoints (read whole: checksum,
+    tensors), and for every subject with work to do its events and labels, its betas (each run read and
+    checked unless a sound cache of the same files exists), its stimuli (headers) and its pRF R2 and areas.
 
     Returns
     -------
@@ -177,12 +179,24 @@ def check_inputs(opts):
     hemis = [utils.hemi_code(h) for h in opts.HEMISPHERES]
     jobs = {subj: {(method, hemi): [roi for roi in opts.ROIS if pending(opts, subj, hemi, roi, method)]
                    for method in opts.METHODS for hemi in hemis} for subj in opts.SUBJECTS}
+    todo = {(method, hemi, roi) for areas in jobs.values() for (method, hemi), rois in areas.items() for roi in rois}
+    if any(method == "untuned" for method, _, _ in todo):
+        utils.load_alexnet(opts.WEIGHTS, opts.SEED)
     # Only the NSD models' trunks are used, so their voxels are not checked (ROOT needs no NSD masks).
-    for todo in jobs.values():
-        for (method, hemi), rois in todo.items():
-            for roi in rois if method != "untuned" else []:
-                models.tuned_meta(opts.ROOT, method, opts.MODEL_SUBJ, hemi, nod_utils.NSD_ROI[opts.NSD_STREAM][roi],
-                                  utils.method_epochs(opts, method), opts.IMAGE_SIZE, voxels=False)
+    for method, hemi, roi in sorted(todo):
+        if method != "untuned":
+            models.tuned_meta(opts.ROOT, method, opts.MODEL_SUBJ, hemi, nod_utils.NSD_ROI[opts.NSD_STREAM][roi],
+                              utils.method_epochs(opts, method), opts.IMAGE_SIZE, voxels=False)
+    nod = nod_utils.nod_dir(opts.ROOT, opts.NOD_ROOT)
+    for subj, areas in jobs.items():
+        if any(areas.values()):
+            labels = nod_utils.trial_labels(nod, subj, opts.SESSIONS, opts.RUNS)
+            shape = nod_utils.beta_shape(nod, subj, opts.SESSIONS, opts.RUNS, opts.ZSCORE, opts.OVERWRITE)
+            nod_utils.check_sizes(nod, subj, shape, len(labels))
+            safe_io.check_image_files(nod_utils.stimulus_paths(nod, labels))
+            _, n_left = nod_utils.load_prf_r2(nod, subj)
+            for hemi, roi in {(hemi, roi) for (_, hemi), rois in areas.items() for roi in rois}:
+                nod_utils.roi_vertices(nod, roi, hemi, n_left, opts.HEMISPHERE_CONVENTION)
     return device, jobs
 
 

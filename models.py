@@ -219,14 +219,52 @@ class FeatureNet(NamedTuple):
     meta: dict
 
 
+CHECKPOINT_FIX = "delete it and re-train it (--overwrite)"
+
+
 def save_checkpoint(model, meta, path):
-    """Atomically write {"state_dict": CPU tensors, "meta": plain-Python dict} to ``path``."""
+    """Atomically write {"state_dict": CPU tensors, "meta": plain-Python dict} to ``path``; the meta gets
+    'checksum', the safe_io.tensor_checksum of the state dict, verified whenever the checkpoint is read."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    safe_io.atomic_torch_save({"state_dict": state, "meta": meta}, path)
+    safe_io.atomic_torch_save({"state_dict": state, "meta": dict(meta, checksum=safe_io.tensor_checksum(state))},
+                              path)
+
+
+def _read_checked(path, device):
+    """(model, state dict, meta) of a checkpoint file, every check passed (see verify_checkpoint); the model,
+    built on ``device`` from the meta (untrained), is the one the state dict must fit."""
+    path = Path(path)
+    if not path.is_file():
+        raise safe_io.UserError(f"checkpoint {path} not found: train it first with the matching "
+                                "*_model_training.py script (see README)")
+    ckpt = safe_io.load_state_dict_file(path, "checkpoint", mmap=True)
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("meta"), dict) and "state_dict" in ckpt):
+        raise safe_io.UserError(f"{path} is not a checkpoint of this project: {CHECKPOINT_FIX}")
+    state, meta = ckpt["state_dict"], ckpt["meta"]
+    safe_io.check_checksum(path, state, meta.get("checksum"), CHECKPOINT_FIX)
+    try:
+        # The state dict replaces every weight, so no initial weights are loaded.
+        with torch.device(device):
+            model = build_model(dict(meta, weights="none"))
+    except ValueError as e:
+        raise safe_io.UserError(f"{path} is not a checkpoint of this project ({e}): {CHECKPOINT_FIX}") from None
+    safe_io.check_state_dict(path, state, model.state_dict(), f"it does not match its meta; {CHECKPOINT_FIX}")
+    bad = safe_io.nonfinite_tensor(state)
+    if bad is not None:
+        raise safe_io.UserError(f"{path} holds non-finite weights ({bad}): the training diverged; "
+                                "delete it and re-train with a lower --lr")
+    return model, state, meta
+
+
+def verify_checkpoint(path):
+    """The meta of a checkpoint whose file is sound, read whole but loaded into no model: its checksum, and the
+    names, shapes, dtypes (floating point) and finiteness of its tensors against the model its meta describes
+    (built on torch's meta device, which takes no memory). Every failure is a UserError naming ``path``."""
+    return _read_checked(path, "meta")[2]
 
 
 def load_checkpoint(path, device="cpu"):
-    """Load a checkpoint written by save_checkpoint.
+    """Load a checkpoint written by save_checkpoint, after the checks of verify_checkpoint.
 
     Returns
     -------
@@ -234,28 +272,8 @@ def load_checkpoint(path, device="cpu"):
     model : CLModel, PooledCLModel or RegressionModel (from meta['method']) on ``device``, eval mode.
     meta : dict.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise safe_io.UserError(f"checkpoint {path} not found: train it first with the matching "
-                              "*_model_training.py script (see README)")
-    ckpt = safe_io.load_state_dict_file(path, "checkpoint")
-    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("meta"), dict) and "state_dict" in ckpt):
-        raise safe_io.UserError(f"{path} is not a checkpoint of this project: delete it and re-train")
-    meta = ckpt["meta"]
-    try:
-        # The state dict replaces every weight, so no initial weights are loaded.
-        model = build_model(dict(meta, weights="none"))
-    except ValueError as e:
-        raise safe_io.UserError(f"{path} is not a checkpoint of this project ({e}): delete it and re-train") from None
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:
-        raise safe_io.UserError(f"{path} does not match its meta ({str(e).splitlines()[0]}): "
-                              "delete it and re-train") from None
-    bad = safe_io.nonfinite_tensor(model.state_dict())
-    if bad is not None:
-        raise safe_io.UserError(f"{path} holds non-finite weights ({bad}): the training diverged; "
-                              "delete it and re-train with a lower --lr")
+    model, state, meta = _read_checked(path, "cpu")
+    model.load_state_dict(state)
     return Checkpoint(model.to(device).eval(), meta)
 
 
@@ -303,8 +321,22 @@ def check_checkpoint(meta, path, root, method, subj, hemisphere, roi, image_size
                                   "the masks under --root changed since training: re-train it with --overwrite")
 
 
+def _requested_checkpoint(root, method, subj, hemisphere, roi, epochs, image_size, voxels):
+    """The path of a tuned method's checkpoint whose meta, read without its weights, is that of the request
+    (parameters as ``tuned_meta``)."""
+    path = utils.method_checkpoint_path(root, method, subj, hemisphere, roi, epochs)
+    if not path.is_file():
+        subj_flag = "" if method.startswith("pooled") else f" --subj {int(subj)}"
+        raise safe_io.UserError(
+            f"no {method} checkpoint at {path}: make it with python {utils.METHOD_SCRIPTS[method]}"
+            f"{subj_flag} --hemisphere {utils.hemi_code(hemisphere)} --roi {roi} --epochs {int(epochs)}")
+    check_checkpoint(read_meta(path), path, root, method, subj, hemisphere, roi, image_size, voxels)
+    return path
+
+
 def tuned_meta(root, method, subj, hemisphere, roi, epochs, image_size=None, voxels=True):
-    """The meta of a tuned method's checkpoint, read without its weights and checked against the request.
+    """The meta of a tuned method's checkpoint, checked against the request, and the file verified whole
+    (``verify_checkpoint``) without loading a model: what a run checks before its first write.
 
     Parameters
     ----------
@@ -317,15 +349,8 @@ def tuned_meta(root, method, subj, hemisphere, roi, epochs, image_size=None, vox
     -------
     CheckpointMeta of path (the checkpoint) and meta (dict).
     """
-    path = utils.method_checkpoint_path(root, method, subj, hemisphere, roi, epochs)
-    if not path.is_file():
-        subj_flag = "" if method.startswith("pooled") else f" --subj {int(subj)}"
-        raise safe_io.UserError(
-            f"no {method} checkpoint at {path}: make it with python {utils.METHOD_SCRIPTS[method]}"
-            f"{subj_flag} --hemisphere {utils.hemi_code(hemisphere)} --roi {roi} --epochs {int(epochs)}")
-    meta = read_meta(path)
-    check_checkpoint(meta, path, root, method, subj, hemisphere, roi, image_size, voxels)
-    return CheckpointMeta(path, meta)
+    path = _requested_checkpoint(root, method, subj, hemisphere, roi, epochs, image_size, voxels)
+    return CheckpointMeta(path, verify_checkpoint(path))
 
 
 def load_tuned(root, method, subj, hemisphere, roi, epochs, device="cpu", image_size=None, voxels=True):
@@ -335,8 +360,8 @@ def load_tuned(root, method, subj, hemisphere, roi, epochs, device="cpu", image_
     -------
     Checkpoint (model on ``device`` in eval mode, meta).
     """
-    path, _ = tuned_meta(root, method, subj, hemisphere, roi, epochs, image_size, voxels)
-    return load_checkpoint(path, device)
+    return load_checkpoint(_requested_checkpoint(root, method, subj, hemisphere, roi, epochs, image_size, voxels),
+                           device)
 
 
 def load_feature_alexnet(root, method, subj, hemisphere, roi, epochs, weights="imagenet", device="cpu", seed=0,
@@ -367,6 +392,12 @@ def load_feature_alexnet(root, method, subj, hemisphere, roi, epochs, weights="i
 def partial_path(checkpoint):
     """The resumable state of an unfinished run: <checkpoint>.partial."""
     return Path(str(checkpoint) + ".partial")
+
+
+def lock_path(checkpoint):
+    """The lock of a running training: .<checkpoint name>.lock (safe_io.exclusive)."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(f".{checkpoint.name}.lock")
 
 
 def log_path(checkpoint):
@@ -498,6 +529,10 @@ def _resume(model, optimizer, generator, meta, checkpoint, device, overwrite):
         partial.unlink()
         return 0, []
     state = safe_io.load_state_dict_file(partial, "partial training state")
+    fix = "pass --overwrite to start again"
+    if not isinstance(state, dict):
+        raise safe_io.UserError(f"{partial} is not a partial training state of this project: {fix}")
+    safe_io.check_checksum(partial, {k: v for k, v in state.items() if k != "checksum"}, state.get("checksum"), fix)
     safe_io.check_same_settings(f"unfinished run {partial}", state.get("meta", {}), training_settings(meta),
                               "rerun with the same options, or pass --overwrite to start again")
     model.load_state_dict(state["model"])
@@ -505,6 +540,12 @@ def _resume(model, optimizer, generator, meta, checkpoint, device, overwrite):
     _set_rng_state(state["rng"], generator, device)
     tqdm.write(f"resuming {checkpoint} after epoch {state['epoch']}")
     return state["epoch"], state["history"]
+
+
+def _save_partial(state, path):
+    """Write a resumable state with the checksum of its tensors (weights, Adam moments, RNG states), which
+    _resume verifies."""
+    safe_io.atomic_torch_save(dict(state, checksum=safe_io.tensor_checksum(state)), path)
 
 
 def _divergence_error(model, checkpoint, epoch, what, where, lr, temperature):
@@ -587,7 +628,7 @@ def train_model(model, datasets, checkpoint, meta, epochs, lr, batch_size, tempe
                                "history": history, "meta": meta})
             if saving is not None:
                 saving.result()
-            saving = writer.submit(safe_io.atomic_torch_save, state, partial_path(checkpoint))
+            saving = writer.submit(_save_partial, state, partial_path(checkpoint))
             safe_io.atomic_write_text(json.dumps(history, indent=1), log_path(checkpoint))
         if saving is not None:
             saving.result()
@@ -608,9 +649,9 @@ def select_voxels(indices, max_voxels=None, seed=0):
 
 
 # Meta entries that describe the run but not the model: two runs that differ only there
-# make the same checkpoint (the options whole, the loss log, and MAX_VOXELS, whose effect
-# is the recorded voxels).
-NOT_SETTINGS = ("config", "history", "max_voxels")
+# make the same checkpoint (the options whole, the loss log, MAX_VOXELS, whose effect is
+# the recorded voxels, and the checksum of the file).
+NOT_SETTINGS = ("config", "history", "max_voxels", "checksum")
 
 
 def training_settings(meta):
@@ -720,15 +761,29 @@ def train_roi(opts, roi, method, skip_small=False):
     if plan is None:
         return None
     path, meta = plan
-    if path.exists() and not opts.OVERWRITE:
-        safe_io.check_same_settings(path, read_meta(path), training_settings(meta),
-                                  "use --overwrite to re-train it, or another --root")
-        tqdm.write(f"skip {meta['roi']}: {path} exists (use --overwrite to re-train)")
+    if _finished(path, meta, opts.OVERWRITE):
         return None
     safe_io.check_writable(path.parent, utils.cache_dir(opts.ROOT))
     datasets = [utils.SubjectData(opts.ROOT, s, meta["hemisphere"], v, meta["image_size"])
                 for s, v in checkpoint_voxels(meta).items()]
-    train_model(build_model(meta), datasets, path, meta, meta["epochs"], meta["lr"], meta["batch_size"],
-                meta.get("temperature"), device, meta["seed"], opts.OVERWRITE, meta["precision"])
+    model = build_model(meta)
+    # Another run of this ROI (other settings, maybe) must neither train beside this one nor have
+    # finished meanwhile: a checkpoint is replaced only with --overwrite.
+    with safe_io.exclusive(lock_path(path), f"training of {path.name}"):
+        if _finished(path, meta, opts.OVERWRITE):
+            return None
+        train_model(model, datasets, path, meta, meta["epochs"], meta["lr"], meta["batch_size"],
+                    meta.get("temperature"), device, meta["seed"], opts.OVERWRITE, meta["precision"])
     tqdm.write(f"saved {path}")
     return path
+
+
+def _finished(path, meta, overwrite):
+    """Whether the checkpoint ``path`` exists with the settings of ``meta`` (a line says it is skipped);
+    False when it is missing or ``overwrite``. One of other settings is a UserError."""
+    if overwrite or not path.exists():
+        return False
+    safe_io.check_same_settings(path, read_meta(path), training_settings(meta),
+                                "use --overwrite to re-train it, or another --root")
+    tqdm.write(f"skip {meta['roi']}: {path} exists (use --overwrite to re-train)")
+    return True

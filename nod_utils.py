@@ -43,6 +43,7 @@ What the real files hold, and the conventions (those of the NOD authors'
   as the authors' ``np.argsort(r2)[-50:]``.
 """
 
+import glob
 import hashlib
 import json
 import re
@@ -116,9 +117,15 @@ def prf_params_path(nod, subj):
 
 
 def stimulus_path(nod, stim_file):
-    rel = str(stim_file).replace("\\", "/")
-    rel = rel[len("imagenet/"):] if rel.startswith("imagenet/") else rel
-    return Path(nod) / "stimuli" / "imagenet" / rel
+    """The image of an events file's ``stim_file`` (``imagenet/<wnid>/<file>``, or without 'imagenet/')."""
+    rel = _stim_parts(stim_file)
+    rel = rel[1:] if rel[:1] == ("imagenet",) else rel
+    return Path(nod).joinpath("stimuli", "imagenet", *rel)
+
+
+def _stim_parts(stim_file):
+    """The parts of a ``stim_file`` path, with either separator."""
+    return PurePosixPath(str(stim_file).replace("\\", "/")).parts
 
 
 def mmp_path(nod):
@@ -137,11 +144,20 @@ def label_csv_path(nod, subj):
     return support_dir(nod) / f"{sub_name(subj)}_imagenet-label.csv"
 
 
-def beta_cache_path(nod, subj, sessions, runs, zscore="run"):
-    """The cached z-scored stack; its name encodes the normalisation, sessions and runs it holds."""
+def _beta_cache_stem(subj, sessions, runs, zscore):
+    """The start of the names of the caches of one normalisation, sessions and runs."""
     key = hashlib.sha1(json.dumps([zscore, list(map(int, sessions)), list(map(int, runs))]).encode()).hexdigest()[:8]
-    return (support_dir(nod)
-            / f"{sub_name(subj)}_imagenet-beta_zscore-{zscore}_{len(sessions)}ses-{len(runs)}runs_{key}.npy")
+    return f"{sub_name(subj)}_imagenet-beta_zscore-{zscore}_{len(sessions)}ses-{len(runs)}runs_{key}"
+
+
+def beta_cache_path(nod, subj, sessions, runs, zscore="run"):
+    """The cached z-scored stack. Its name encodes the normalisation, sessions and runs it holds and a key of
+    the names, sizes and mtimes of the beta and events files it is made from (utils.file_key), so that
+    changed inputs make a new cache; every one of them must exist (require_nod_file)."""
+    inputs = [p for s in sessions for r in runs for p in (beta_path(nod, subj, s, r), events_path(nod, subj, s, r))]
+    for path in inputs:
+        require_nod_file(nod, path)
+    return support_dir(nod) / f"{_beta_cache_stem(subj, sessions, runs, zscore)}_{utils.file_key(inputs)}.npy"
 
 
 def require_nod_file(nod, path):
@@ -278,9 +294,30 @@ def check_beta_run(path, data, map_names, events, events_file):
                               f"{col}: fetch it again with `datalad get`")
 
 
+def read_runs(nod, subj, sessions, runs):
+    """Yield the cortical betas (n_trials, n_cortex) of each run, in session, run order, each checked against
+    its events file (``check_beta_run``) and the first run's grayordinates; every beta file must exist."""
+    from tqdm.auto import tqdm
+    pairs = [(s, r) for s in sessions for r in runs]
+    for s, r in pairs:
+        require_nod_file(nod, beta_path(nod, subj, s, r))
+    first = None
+    for s, r in tqdm(pairs, desc=f"{sub_name(subj)} betas", leave=False):
+        path = beta_path(nod, subj, s, r)
+        data, left, names = read_cortex_dscalar(path)
+        if first is not None and (data.shape[1], left) != first:
+            raise safe_io.UserError(f"{path} has {data.shape[1]} cortical grayordinates ({left} left) but "
+                                    f"{beta_path(nod, subj, *pairs[0])} has {first[0]} ({first[1]} left): "
+                                    "fetch all betas from the same ds004496 release")
+        check_beta_run(path, data, names, read_events(nod, subj, s, r), events_path(nod, subj, s, r))
+        first = data.shape[1], left
+        yield data
+
+
 def load_betas(nod, subj, sessions=range(1, N_SESSIONS + 1), runs=range(1, N_RUNS + 1), zscore="run",
                overwrite=False):
-    """Run-wise z-scored cortical betas of one subject, cached in the support folder.
+    """Run-wise z-scored cortical betas of one subject, cached in the support folder (``beta_cache_path``;
+    ``overwrite`` rebuilds the cache, a damaged one is rebuilt).
 
     Each run is checked against its events file (map names = stimulus file names, in row
     order) before it is z-scored (``zscore_runs``).
@@ -293,42 +330,44 @@ def load_betas(nod, subj, sessions=range(1, N_SESSIONS + 1), runs=range(1, N_RUN
     check_conventions(zscore)
     sessions, runs = list(sessions), list(runs)
     cache = beta_cache_path(nod, subj, sessions, runs, zscore)
-    if cache.is_file() and not overwrite:
-        return np.load(cache, mmap_mode="r")
-    from tqdm.auto import tqdm
-    blocks, n_left = [], None
-    pairs = [(s, r) for s in sessions for r in runs]
-    for s, r in pairs:
-        require_nod_file(nod, beta_path(nod, subj, s, r))
-    for s, r in tqdm(pairs, desc=f"{sub_name(subj)} betas", leave=False):
-        path = beta_path(nod, subj, s, r)
-        data, left, names = read_cortex_dscalar(path)
-        if blocks and (data.shape[1], left) != (blocks[0].shape[1], n_left):
-            raise safe_io.UserError(f"{path} has {data.shape[1]} cortical grayordinates ({left} left) but "
-                                  f"{beta_path(nod, subj, *pairs[0])} has {blocks[0].shape[1]} ({n_left} left): "
-                                  "fetch all betas from the same ds004496 release")
-        check_beta_run(path, data, names, read_events(nod, subj, s, r), events_path(nod, subj, s, r))
-        n_left = left
-        blocks.append(zscore_runs(data, [len(data)], zscore))
-    betas = np.concatenate(blocks)
+    cached = None if overwrite else safe_io.cached_array(cache, None, np.float32)
+    if cached is not None:
+        return cached
+    betas = np.concatenate([zscore_runs(data, [len(data)], zscore) for data in read_runs(nod, subj, sessions, runs)])
+    for old in support_dir(nod).glob(f"{glob.escape(_beta_cache_stem(subj, sessions, runs, zscore))}_*.npy"):
+        old.unlink()
     safe_io.atomic_np_save(betas, cache)
     return np.load(cache, mmap_mode="r")
 
 
+def beta_shape(nod, subj, sessions, runs, zscore="run", overwrite=False):
+    """The shape (n_trials, n_cortex) that ``load_betas`` returns, every input checked as it checks them but
+    nothing written: the cache's shape, or with ``overwrite`` or no sound cache, every run read and checked."""
+    check_conventions(zscore)
+    cache = beta_cache_path(nod, subj, sessions, runs, zscore)
+    cached = None if overwrite else safe_io.cached_array(cache, None, np.float32)
+    if cached is not None:
+        return cached.shape
+    shapes = [data.shape for data in read_runs(nod, subj, sessions, runs)]
+    return sum(n for n, _ in shapes), shapes[0][1]
+
+
 def read_events(nod, subj, session, run):
-    """The events table of one run (pandas DataFrame with trial_type and stim_file)."""
-    import pandas as pd
+    """The events table of one run (pandas DataFrame with trial_type and stim_file); a stim_file that leaves
+    the stimuli folder (an absolute path, or one with '..') is a UserError naming the file and row."""
     path = require_nod_file(nod, events_path(nod, subj, session, run))
-    events = pd.read_csv(path, sep="\t")
-    missing = {"trial_type", "stim_file"} - set(events.columns)
-    if missing:
-        raise safe_io.UserError(f"{path} lacks the column(s) {', '.join(sorted(missing))}: "
-                              "expected a ds004496 ImageNet events file")
+    events = safe_io.read_csv(path, "expected a ds004496 ImageNet events file; fetch it again with `datalad get`",
+                              columns=("trial_type", "stim_file"), sep="\t")
+    for row, stim in enumerate(events["stim_file"]):
+        parts = _stim_parts(stim)
+        if not parts or parts[0] == "/" or ".." in parts:
+            raise safe_io.UserError(f"row {row} of {path} names the stimulus {stim!r}, outside "
+                                    f"{Path(nod) / 'stimuli'}: expected imagenet/<wnid>/<file>.JPEG")
     return events
 
 
-def build_labels(nod, subj, sessions=range(1, N_SESSIONS + 1), runs=range(1, N_RUNS + 1)):
-    """The trial labels of one subject, written to ``sub-XX_imagenet-label.csv`` in the support folder.
+def trial_labels(nod, subj, sessions=range(1, N_SESSIONS + 1), runs=range(1, N_RUNS + 1)):
+    """The trial labels of one subject, from its events files and superClassMapping.csv (nothing written).
 
     Returns
     -------
@@ -337,9 +376,7 @@ def build_labels(nod, subj, sessions=range(1, N_SESSIONS + 1), runs=range(1, N_R
     """
     import pandas as pd
     path = require_nod_file(nod, superclass_path(nod))
-    mapping = pd.read_csv(path)
-    if "superClassID" not in mapping.columns:
-        raise safe_io.UserError(f"{path} has no superClassID column: download superClassMapping.csv from {SUPPORT_URL}")
+    mapping = safe_io.read_csv(path, f"download superClassMapping.csv from {SUPPORT_URL}", columns=("superClassID",))
     events = pd.concat([read_events(nod, subj, s, r) for s in sessions for r in runs], ignore_index=True)
     trial_type = pd.to_numeric(events["trial_type"], errors="coerce").to_numpy(dtype=np.float64)
     bad = ~np.isfinite(trial_type) | (trial_type != np.round(trial_type)) | (trial_type < 1) \
@@ -350,8 +387,31 @@ def build_labels(nod, subj, sessions=range(1, N_SESSIONS + 1), runs=range(1, N_R
     class_id = trial_type.astype(np.int64)
     labels = pd.DataFrame({"class_id": class_id, "image_name": events["stim_file"].astype(str),
                            "superclass_id": mapping["superClassID"].to_numpy()[class_id - 1]})
-    safe_io.atomic_write_text(labels.to_csv(index=False), label_csv_path(nod, subj))
     return labels
+
+
+def save_labels(nod, subj, labels):
+    """Write the ``trial_labels`` of a subject to ``sub-XX_imagenet-label.csv`` in the support folder."""
+    safe_io.atomic_write_text(labels.to_csv(index=False), label_csv_path(nod, subj))
+
+
+def stimulus_paths(nod, labels):
+    """The image of every trial of ``labels`` (trial_labels), each of which must exist."""
+    return [require_nod_file(nod, stimulus_path(nod, name)) for name in labels["image_name"]]
+
+
+def check_sizes(nod, subj, beta_shape, n_labels):
+    """UserErrors unless the betas (``beta_shape``) have one row per events row (``n_labels``) and one column
+    per grayordinate of the HCP-MMP atlas."""
+    if beta_shape[0] != n_labels:
+        raise safe_io.UserError(f"{sub_name(subj)} has {beta_shape[0]} beta maps but {n_labels} events rows: "
+                                "each run's events file must list one row per trial")
+    n_mmp = len(load_mmp(nod))
+    if beta_shape[1] != n_mmp:
+        raise safe_io.UserError(f"the betas of {sub_name(subj)} ({beta_path(nod, subj, 1, 1).parent.parent}) "
+                                f"have {beta_shape[1]} cortical grayordinates but {mmp_path(nod)} labels {n_mmp} "
+                                f"(real ds004496: {N_CORTEX} = {N_CORTEX_LEFT} left + {N_CORTEX_RIGHT} right): "
+                                "use files on the same fs_LR 32k surfaces")
 
 
 # --- ROIs and pRF ----------------------------------------------------------------------
@@ -408,7 +468,8 @@ def roi_vertices(nod, roi, hemisphere, n_left, convention="anatomical"):
 
 
 def load_prf_r2(nod, subj):
-    """pRF R2 per cortical grayordinate and the CORTEX_LEFT count of the pRF file.
+    """pRF R2 per cortical grayordinate and the CORTEX_LEFT count of the pRF file, checked: no Inf, and one
+    value per grayordinate of the HCP-MMP atlas.
 
     Returns
     -------
@@ -424,7 +485,16 @@ def load_prf_r2(nod, subj):
     if named and named[0] != PRF_R2_ROW:
         raise safe_io.UserError(f"{path} names map {named[0]} 'R2' (maps: {', '.join(map(str, names))}) but R2 is "
                               f"read from map {PRF_R2_ROW}, as in ds004496: fetch the ds004496 pRF file")
-    return np.nan_to_num(params[PRF_R2_ROW], nan=0.0), n_left
+    r2 = params[PRF_R2_ROW]
+    if np.isinf(r2).any():
+        vertex = int(np.flatnonzero(np.isinf(r2))[0])
+        raise safe_io.UserError(f"{path} has an infinite pRF R2 ({r2[vertex]}) at cortical vertex {vertex}: it would "
+                                "win the top-R2 selection; fetch the ds004496 pRF file again")
+    n_mmp = len(load_mmp(nod))
+    if len(r2) != n_mmp:
+        raise safe_io.UserError(f"{path} has {len(r2)} cortical grayordinates but {mmp_path(nod)} labels {n_mmp}: "
+                                f"use files on the same fs_LR 32k surfaces (real: {N_CORTEX})")
+    return np.nan_to_num(r2, nan=0.0), n_left
 
 
 def top_vertices(r2, candidates, k=50):
@@ -453,11 +523,6 @@ def select_vertices(nod, subj, roi, hemisphere, k=50, convention="anatomical"):
     A line warns when some of them have R2 = 0 (ties, picked by argsort order).
     """
     r2, n_left = load_prf_r2(nod, subj)
-    n_mmp = len(load_mmp(nod))
-    if len(r2) != n_mmp:
-        raise safe_io.UserError(f"{prf_params_path(nod, subj)} has {len(r2)} cortical grayordinates but "
-                              f"{mmp_path(nod)} labels {n_mmp}: use files on the same fs_LR 32k surfaces "
-                              f"(real: {N_CORTEX})")
     top = top_vertices(r2, roi_vertices(nod, roi, hemisphere, n_left, convention), k)
     zero = int(np.sum(r2[top] <= 0))
     if zero:
@@ -481,6 +546,7 @@ class NODSubjectData:
     image_size : int, the images are squash-resized to (S, S), as for NSD.
     zscore : "run" or "vertex" (see ``zscore_runs``).
     hemisphere_convention : "anatomical" or "authors" (see ``roi_vertices``).
+    overwrite : rebuild the beta cache (see ``load_betas``).
 
     Attributes
     ----------
@@ -491,25 +557,17 @@ class NODSubjectData:
     """
 
     def __init__(self, root, subj, nod_root=None, sessions=range(1, N_SESSIONS + 1),
-                 runs=range(1, N_RUNS + 1), image_size=224, zscore="run", hemisphere_convention="anatomical"):
+                 runs=range(1, N_RUNS + 1), image_size=224, zscore="run", hemisphere_convention="anatomical",
+                 overwrite=False):
         check_conventions(zscore, hemisphere_convention)
         self.nod, self.subj, self.image_size = nod_dir(root, nod_root), int(subj), image_size
         self.hemisphere_convention = hemisphere_convention
-        self.labels = build_labels(self.nod, subj, sessions, runs)
-        self.betas = load_betas(self.nod, subj, sessions, runs, zscore)
-        if len(self.betas) != len(self.labels):
-            raise safe_io.UserError(f"{sub_name(subj)} has {len(self.betas)} beta maps but {len(self.labels)} "
-                                  "events rows: each run's events file must list one row per trial")
-        n_mmp = len(load_mmp(self.nod))
-        if self.betas.shape[1] != n_mmp:
-            raise safe_io.UserError(f"the betas of {sub_name(subj)} ({beta_path(self.nod, subj, 1, 1).parent.parent}) "
-                                  f"have {self.betas.shape[1]} cortical grayordinates but {mmp_path(self.nod)} "
-                                  f"labels {n_mmp} (real ds004496: {N_CORTEX} = {N_CORTEX_LEFT} left + "
-                                  f"{N_CORTEX_RIGHT} right): use files on the same fs_LR 32k surfaces")
-        paths = [stimulus_path(self.nod, name) for name in self.labels["image_name"]]
-        for p in paths:
-            require_nod_file(self.nod, p)
+        self.labels = trial_labels(self.nod, subj, sessions, runs)
+        self.betas = load_betas(self.nod, subj, sessions, runs, zscore, overwrite)
+        check_sizes(self.nod, subj, self.betas.shape, len(self.labels))
+        paths = stimulus_paths(self.nod, self.labels)
         self.images = utils.image_cache(paths, image_size, utils.cache_dir(root), name=f"nod_{sub_name(subj)}")
+        save_labels(self.nod, subj, self.labels)
         self.train, self.test = utils.train_test_split(len(paths))
 
     def __len__(self):

@@ -63,6 +63,8 @@ def between(low, high):
 
 
 POSITIVE = above(0)
+# torch seeds are unsigned 64-bit integers: a larger SEED would overflow inside torch.manual_seed.
+SEED_RANGE = between(0, 2**64 - 1)
 
 
 class Option(NamedTuple):
@@ -187,6 +189,23 @@ def _flag(name):
     return "--" + name.lower().replace("_", "-")
 
 
+# The longest file or folder name that Linux and macOS file systems allow, in bytes.
+NAME_MAX = 255
+
+
+def _check_name_lengths(option, value):
+    """A UserError unless every /-separated part of a string option (a path, maybe) fits in NAME_MAX bytes:
+    a longer one fails deep inside the first file operation."""
+    if option.kind is not str or value is None:
+        return
+    for text in value if option.is_list else [value]:
+        part = max(text.split("/"), key=lambda p: len(p.encode()))
+        if len(part.encode()) > NAME_MAX:
+            raise safe_io.UserError(f"{_flag(option.name)} {text[:40]}...: its part {part[:20]}... is "
+                                    f"{len(part.encode())} bytes long, more than the {NAME_MAX} a file or "
+                                    "folder name may have; use a shorter name")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse whose own errors (unknown flag, missing value) are one-line UserErrors."""
 
@@ -240,6 +259,8 @@ def parse_options(module, argv=None):
             values[o.name] = [_convert(o, t, allowed[o.name]) for token in raw for t in token.split(",") if t]
         else:
             values[o.name] = _convert(o, raw, allowed[o.name])
+    for o in options:
+        _check_name_lengths(o, values[o.name])
     opts = SimpleNamespace(**values)
     for o in options:
         check, names, value = ranges.get(o.name), choices.get(o.name), values[o.name]

@@ -39,7 +39,7 @@ CHOICES = {"HEMISPHERE": utils.HEMISPHERE_NAMES, "PRECISION": utils.PRECISIONS, 
 # Training skips one-row batches (BatchNorm needs two rows), so batch size 1, like 0 epochs,
 # would save an untrained model.
 RANGES = {"SUBJECTS": utils.SUBJECT, "H_CONST": options.at_least(1), "BATCH_SIZE": options.at_least(2),
-          "EPOCHS": options.at_least(1), "LR": options.POSITIVE, "TEMPERATURE": options.POSITIVE, "SEED": options.at_least(0),
+          "EPOCHS": options.at_least(1), "LR": options.POSITIVE, "TEMPERATURE": options.POSITIVE, "SEED": options.SEED_RANGE,
           "IMAGE_SIZE": utils.ALEXNET_INPUT, "MAX_VOXELS": options.at_least(1), "MIN_VOXELS": options.at_least(1)}
 
 

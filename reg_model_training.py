@@ -34,7 +34,7 @@ CHOICES = {"HEMISPHERE": utils.HEMISPHERE_NAMES, "PRECISION": utils.PRECISIONS, 
 # Training skips one-row batches (BatchNorm needs two rows), so batch size 1, like 0 epochs,
 # would save an untrained model.
 RANGES = {"SUBJ": utils.SUBJECT, "BATCH_SIZE": options.at_least(2), "EPOCHS": options.at_least(1),
-          "LR": options.POSITIVE, "SEED": options.at_least(0), "IMAGE_SIZE": utils.ALEXNET_INPUT,
+          "LR": options.POSITIVE, "SEED": options.SEED_RANGE, "IMAGE_SIZE": utils.ALEXNET_INPUT,
           "MAX_VOXELS": options.at_least(1), "MIN_VOXELS": options.at_least(1)}
 
 

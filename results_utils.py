@@ -15,7 +15,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torchvision.datasets as tvd
-from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -347,11 +346,7 @@ def crop_transform(image_size=224):
 
 def decode_cropped(path, image_size):
     """Decode one image as RGB with ``crop_transform``: uint8 (image_size, image_size, 3)."""
-    try:
-        with Image.open(path) as im:
-            return np.asarray(crop_transform(image_size)(im.convert("RGB")), dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise safe_io.UserError(f"cannot read image {path} ({e}): replace or remove the file") from None
+    return np.asarray(crop_transform(image_size)(safe_io.read_image(path)), dtype=np.uint8)
 
 
 def dataset_images(root, name, image_size=224, workers=None):
@@ -450,6 +445,37 @@ def _summary_files(folder, method, epochs):
     return out
 
 
+SUMMARY_FIX = "delete it, or rerun that --type with --overwrite"
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_bounds(result):
+    """Whether ``result`` is {'tuned': bound, 'untuned': bound}, each a dict of numbers with 'scaled_bits'."""
+    return isinstance(result, dict) and all(isinstance(result.get(m), dict) and "scaled_bits" in result[m]
+                                            and all(map(_is_number, result[m].values())) for m in ("tuned", "untuned"))
+
+
+def read_summary(path, kind):
+    """A per-ROI summary JSON, checked: 'classification' ({'untuned': accuracy, 'rois': {roi: accuracy}}, as
+    classification_task writes it) or 'mi' ({'rois': {roi: {subject: {'tuned': bound, 'untuned': bound}}}},
+    bound as mi_lower_bound, as mi_task writes it). An empty or corrupt file, or another structure, is a
+    UserError naming it."""
+    summary = safe_io.read_json(path, SUMMARY_FIX)
+    rois = summary.get("rois")
+    if kind == "classification":
+        valid = (_is_number(summary.get("untuned")) and isinstance(rois, dict)
+                 and all(_is_number(v) for v in rois.values()))
+    else:
+        valid = isinstance(rois, dict) and all(isinstance(per_subj, dict) and all(map(_is_bounds, per_subj.values()))
+                                               for per_subj in rois.values())
+    if not valid or not set(rois) <= set(utils.ROIS):
+        raise safe_io.UserError(f"{path} is not a {kind} summary of this project: {SUMMARY_FIX}")
+    return summary
+
+
 def _roi_table(columns):
     """DataFrame (ROIs in canonical order, present ones only) x columns from {column: {roi: value}}."""
     table = pd.DataFrame(columns, dtype=float)
@@ -464,7 +490,7 @@ def classification_tables(root, dataset, method, epochs):
                               "run generate_results.py --type classification-task first")
     tables, untuned = {}, None
     for h, cols in files.items():
-        summaries = {c: json.loads(p.read_text()) for c, p in cols}
+        summaries = {c: read_summary(p, "classification") for c, p in cols}
         untuned = next(iter(summaries.values()))["untuned"]
         tables[h] = _roi_table({c: s["rois"] for c, s in summaries.items()})
     return ClassificationTables(tables, untuned)
@@ -480,7 +506,7 @@ def mi_tables(root, method, epochs, value="scaled_bits"):
     for h, cols in files.items():
         tuned, untuned = {}, {}
         for _, p in cols:
-            for roi, per_subj in json.loads(p.read_text())["rois"].items():
+            for roi, per_subj in read_summary(p, "mi")["rois"].items():
                 for s, res in per_subj.items():
                     tuned.setdefault(f"subj{s}", {})[roi] = res["tuned"][value]
                     untuned.setdefault(f"subj{s}", {})[roi] = res["untuned"][value]
@@ -542,9 +568,10 @@ def select_rois(root, method, subj, hemisphere, rois, epochs, min_voxels=utils.M
     return found
 
 
-def _load_summary(path, overwrite):
+def _load_summary(path, kind, overwrite):
+    """The summary to continue (read_summary), or an empty one with ``overwrite`` or none yet."""
     if path.is_file() and not overwrite:
-        return json.loads(path.read_text())
+        return read_summary(path, kind)
     return {"rois": {}}
 
 
@@ -565,8 +592,9 @@ def untuned_features(root, dataset, images, weights, seed, device, batch_size, p
     """fc7 features of the untuned AlexNet, computed once per dataset, image size, weights and precision."""
     tag = _weights_tag(weights, seed) + ("" if precision == "fp32" else f"-{precision}")
     path = Path(images.filename).with_name(f"{Path(images.filename).stem}_untuned-{tag}_fc7.npy")
-    if path.is_file():
-        return np.load(path, mmap_mode="r")
+    cached = safe_io.cached_array(path, (len(images), utils.LAYER_DIMS[PROBE_LAYER]), np.float32)
+    if cached is not None:
+        return cached
     alexnet = utils.load_alexnet(weights, seed)
     safe_io.atomic_np_save(probe_features(alexnet, images, device, batch_size, precision), path)
     return np.load(path, mmap_mode="r")
@@ -602,7 +630,7 @@ def classification_task(root, dataset, method, subj, hemisphere, rois, epochs, w
     images, labels, classes = dataset_images(root, dataset, image_size)
     train, test = utils.train_test_split(len(labels))
     out = utils.results_dir(root) / "classification" / dataset / f"{summary_stem(method, subj, hemisphere, epochs)}.json"
-    summary = _load_summary(out, overwrite)
+    summary = _load_summary(out, "classification", overwrite)
     untuned_meta = {"method": "untuned", "weights": _weights_tag(weights, seed), "image_size": image_size,
                     "precision": precision}
     saved = load_predictions(root, dataset, ["untuned"]).metas[0] if preds_path(root, dataset, "untuned").is_file() else {}
@@ -665,7 +693,7 @@ def mi_task(root, method, subj, hemisphere, rois, epochs, device="cpu", batch_si
                               "use --method cl-tuned or a lower-bound-mi-pooled-* type")
     rois = select_rois(root, method, subj, hemisphere, rois, epochs, min_voxels, flag="--analysis-min-voxels")
     out = utils.results_dir(root) / "mi_bounds" / f"{summary_stem(method, subj, hemisphere, epochs)}.json"
-    summary = _load_summary(out, overwrite)
+    summary = _load_summary(out, "mi", overwrite)
     for roi in tqdm(rois, desc="MI bound"):
         if roi in summary["rois"] and not overwrite:
             continue
@@ -695,7 +723,7 @@ def best_encoding_layer(root, method, subj, hemisphere, roi):
     """The best layer fit_encoding_models.py chose for a method on its own subject and ROI."""
     path = encoding_results.result_path(root, subj, method, hemisphere, roi).with_suffix(".json")
     fix = f"run fit_encoding_models.py --method {method} --subj {int(subj)} first"
-    layer = json.loads(safe_io.require_file(path, fix).read_text()).get("best_layer")
+    layer = safe_io.read_json(safe_io.require_file(path, fix), fix).get("best_layer")
     if layer not in utils.LAYERS:
         raise safe_io.UserError(f"{path} records no best layer (the ROI was absent or too small): choose --embedding-layer")
     return layer

@@ -253,11 +253,12 @@ def load_fmri(root, subj, hemisphere, voxels=None):
 
 
 def list_images(root, subj):
-    """Sorted PNG paths of a subject; their order is the fMRI row order."""
+    """Sorted PNG paths of a subject; their order is the fMRI row order (checked: safe_io.check_image_numbers)."""
     d = safe_io.require_dir(images_dir(root, subj), "place the Algonauts training_images there (see README)")
     paths = sorted(p for p in d.iterdir() if p.suffix.lower() == ".png")
     if not paths:
         raise safe_io.UserError(f"no .png images in {d}: place the Algonauts training_images there (see README)")
+    safe_io.check_image_numbers(paths)
     return paths
 
 
@@ -284,18 +285,19 @@ def decode_image(path, image_size):
     Identical to torchvision's ``Resize((S, S))`` on a PIL image (bilinear, antialiased).
     """
     from PIL import Image
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
-            return np.asarray(im, dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise safe_io.UserError(f"cannot read image {path} ({e}): replace or remove the file") from None
+    return np.asarray(safe_io.read_image(path).resize((image_size, image_size), Image.BILINEAR), dtype=np.uint8)
 
 
-def _cache_key(paths, image_size):
-    h = hashlib.sha1(str(image_size).encode())
+def file_key(paths, *extra):
+    """A 16-hex-digit key of ``extra`` and the names, sizes and mtimes of ``paths``: a cache built from
+    those files is rebuilt when one changes. A missing file (a dangling link) is a UserError naming it."""
+    h = hashlib.sha1("|".join(map(str, extra)).encode())
     for p in paths:
-        st = os.stat(p)
+        try:
+            st = os.stat(p)
+        except OSError as e:
+            raise safe_io.UserError(f"cannot read {p} ({e.strerror}; a dangling or looping link?): "
+                                    "replace or remove it") from None
         h.update(f"{Path(p).name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
 
@@ -304,7 +306,8 @@ def image_cache(paths, image_size, cache_folder, name="images", workers=None, de
     """Decode and resize every image once into a memory-mapped uint8 (n, S, S, 3) ``.npy``.
 
     The file name holds a key of the file names, sizes, mtimes and image size, so a
-    changed image list builds a new cache; older caches of the same ``name`` are removed.
+    changed image list builds a new cache; older caches of the same ``name`` are removed,
+    and a damaged one (truncated) is rebuilt. The disk space is checked and reserved first.
 
     Parameters
     ----------
@@ -321,15 +324,17 @@ def image_cache(paths, image_size, cache_folder, name="images", workers=None, de
     """
     paths = [Path(p) for p in paths]
     cache_folder = Path(cache_folder)
-    target = cache_folder / f"{name}_s{image_size}_{_cache_key(paths, image_size)}.npy"
-    if target.exists():
-        return np.load(target, mmap_mode="r")
-    for old in cache_folder.glob(f"{name}_s{image_size}_*.npy"):
+    target = cache_folder / f"{name}_s{image_size}_{file_key(paths, image_size)}.npy"
+    shape = (len(paths), image_size, image_size, 3)
+    cached = safe_io.cached_array(target, shape, np.uint8)
+    if cached is not None:
+        return cached
+    for old in cache_folder.glob(f"{glob.escape(name)}_s{image_size}_*.npy"):
         old.unlink()
     safe_io.remove_stale_temps(cache_folder, f"{glob.escape(name)}_s{image_size}_*.npy")
     cache_folder.mkdir(parents=True, exist_ok=True)
+    safe_io.check_free_space(target, np.prod(shape), "the image cache", "or lower --image-size")
     with safe_io.atomic_path(target) as tmp:
-        shape = (len(paths), image_size, image_size, 3)
         try:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
             # The new file is sparse: a write into its memory map on a full disk kills the
@@ -450,16 +455,24 @@ def cv_folds(train, n_folds=5):
 # --- Devices and AlexNet ---------------------------------------------------------------
 
 def resolve_device(name):
-    """'auto' -> cuda when available else cpu; 'cuda' without a GPU is a UserError."""
+    """'auto' -> cuda when available else cpu; 'cpu', 'cuda', 'cuda:N' or 'mps' where available, else a UserError."""
     name = str(name).lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise safe_io.UserError(f"device {name!r} asked for but CUDA is not available: use --device cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
-        raise safe_io.UserError(f"unknown device {name!r}: use auto, cpu or cuda") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise safe_io.UserError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available[device.type]:
+        raise safe_io.UserError(f"device {name!r} asked for but {device.type.upper()} is not available here: "
+                                "use --device cpu (or auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise safe_io.UserError(f"device {name!r} asked for but this machine has {torch.cuda.device_count()} "
+                                "CUDA device(s): use --device cuda")
+    return device
 
 
 PRECISIONS = ("fp32", "bf16")
@@ -514,14 +527,12 @@ def load_alexnet(weights="imagenet", seed=0):
     else:
         path = Path(weights)
     state = safe_io.load_state_dict_file(path, "AlexNet weights")
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as e:
-        raise safe_io.UserError(f"{path} is not an AlexNet state dict ({str(e).splitlines()[0]}): "
-                        "pass a torchvision AlexNet state dict") from None
-    bad = safe_io.nonfinite_tensor(model.state_dict())
+    safe_io.check_state_dict(path, state, model.state_dict(),
+                             "it is not an AlexNet state dict; pass a torchvision AlexNet state dict")
+    bad = safe_io.nonfinite_tensor(state)
     if bad is not None:
         raise safe_io.UserError(f"AlexNet weights {path} hold NaN or Inf ({bad}): re-download or re-create the file")
+    model.load_state_dict(state)
     return model.eval()
 
 
@@ -602,10 +613,12 @@ TRANSFER_AGGREGATIONS = ("authors", "absent-zero", "voxels")
 # The smallest square input for which all eight LAYERS exist: at 62 px the last max-pool
 # (features.12) gets a 2 x 2 map and fails (found by trying torchvision's AlexNet).
 MIN_IMAGE_SIZE = 63
+# The largest: at 1024 px a 10000-image cache is 31 GB (the protocol's 224 px: 1.5 GB).
+MAX_IMAGE_SIZE = 1024
 
 
-ALEXNET_INPUT = options.Allowed(f">= {MIN_IMAGE_SIZE} (the smallest input of AlexNet's eight layers)",
-                        lambda size, opts: size >= MIN_IMAGE_SIZE)
+ALEXNET_INPUT = options.Allowed(f"between {MIN_IMAGE_SIZE} (the smallest input of AlexNet's eight layers) and "
+                                f"{MAX_IMAGE_SIZE}", lambda size, opts: MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE)
 SUBJECT = options.Allowed(f"between 1 and {N_SUBJECTS} with a folder roi_masks/SubjX under --root",
                   lambda subj, opts: 1 <= subj <= N_SUBJECTS and subj in find_subjects(opts.ROOT),
                   found=lambda opts: f"{Path(opts.ROOT) / 'roi_masks'} holds "

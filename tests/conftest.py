@@ -45,13 +45,29 @@ def shared_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
+def link_inputs(root, synthetic_root, shared_cache, names=("training_images", "training_fmri", "roi_masks")):
+    """Make ``root`` a project folder whose inputs ``names`` and image cache link to the shared ones; returns it."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        os.symlink(synthetic_root / name, root / name)
+    os.symlink(shared_cache, root / "cache")
+    return root
+
+
 @pytest.fixture
 def root(synthetic_root, shared_cache, tmp_path):
     """A fresh project folder whose inputs link to the shared synthetic dataset (outputs stay here)."""
-    for name in ("training_images", "training_fmri", "roi_masks"):
-        os.symlink(synthetic_root / name, tmp_path / name)
-    os.symlink(shared_cache, tmp_path / "cache")
-    return tmp_path
+    return link_inputs(tmp_path, synthetic_root, shared_cache)
+
+
+@pytest.fixture(scope="session")
+def tiny_nod(tmp_path_factory):
+    """A tiny synthetic NOD tree: 2 subjects, 2 runs of 10 trials, 32 px images (copy it to change it)."""
+    import synthetic_data
+    root = tmp_path_factory.mktemp("tiny_nod")
+    synthetic_data.write_nod_dataset(root, n_subjects=2, n_runs=2, n_trials=10, image_size=32,
+                                     n_vertices=(300, 300), n_subcortical=5, roi_size=60, n_planted=55)
+    return root
 
 
 def run_error(main, argv, capsys):
@@ -61,6 +77,15 @@ def run_error(main, argv, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "error: " in err and "Traceback" not in err
+    return err
+
+
+def refused(main, argv, root, capsys):
+    """Run a script that must refuse its input; checks the single line and that no file changed. Returns it."""
+    before = snapshot(root)
+    err = run_error(main, argv, capsys).strip()
+    assert err.count("\n") == 0
+    assert snapshot(root) == before
     return err
 
 
@@ -103,13 +128,14 @@ def save_untrained_checkpoint(root, method, subj, hemisphere, roi, epochs=1, see
 
 
 def snapshot(root):
-    """{relative path: (size, mtime_ns)} of every file under ``root`` (links followed, except the image cache)."""
+    """{relative path: (size, mtime_ns)} of every file under ``root`` (links followed, except the image cache
+    and dangling ones)."""
     out = {}
     for folder, dirs, files in os.walk(root, followlinks=True):
         dirs[:] = [d for d in dirs if not (folder == str(root) and d == "cache")]
         for name in files:
             path = Path(folder) / name
-            st = path.stat()
+            st = path.stat() if path.exists() else path.lstat()
             out[str(path.relative_to(root))] = (st.st_size, st.st_mtime_ns)
     return out
 

@@ -436,4 +436,4 @@ def test_features_spill_to_the_scratch_folder_with_its_variables_expanded(root, 
     assert spills[1].parent == utils.cache_dir(root)
     np.testing.assert_array_equal(encoding_results.load_result(path)["test_r"], spilled["test_r"])
     err = run_error(argv + ["--overwrite", "--scratch", "$FEM_TEST_UNSET/spill"], capsys)
-    assert "--scratch $FEM_TEST_UNSET/spill: an environment variable in it is not set here" in err
+    assert "--scratch $FEM_TEST_UNSET/spill: the environment variable FEM_TEST_UNSET is not set here" in err

@@ -106,7 +106,8 @@ def test_checkpoint_round_trip_restores_identical_outputs(tmp_path, meta):
     path = tmp_path / "m.pt"
     models.save_checkpoint(model, meta, path)
     loaded, loaded_meta = models.load_checkpoint(path)
-    assert type(loaded) is type(model) and loaded_meta == meta and not loaded.training
+    assert type(loaded) is type(model) and loaded_meta == dict(meta, checksum=loaded_meta["checksum"])
+    assert loaded_meta["checksum"] == safe_io.tensor_checksum(model.state_dict()) and not loaded.training
     x, y = torch.randn(3, 3, 64, 64), torch.randn(3, 24)
     with torch.no_grad():
         if meta["method"] == "reg-tuned":

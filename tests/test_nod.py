@@ -86,14 +86,14 @@ def test_betas_are_zscored_per_run_and_cached_per_normalisation(tmp_path):
     caches = {z: nu.beta_cache_path(nod, 1, zscore=z, **args) for z in ("run", "vertex")}
     assert caches["run"] != caches["vertex"] and all(p.is_file() for p in caches.values())
     assert "zscore-run" in caches["run"].name and "zscore-vertex" in caches["vertex"].name
-    # The cache is what a second call returns, even after the raw files are gone.
-    for session in (1, 2):
-        for run_ in (1, 2, 3):
-            nu.beta_path(nod, 1, session, run_).unlink()
+    # The cache is what a second call returns while its inputs are unchanged; a raw file must be there.
+    mtime = caches["run"].stat().st_mtime_ns
     np.testing.assert_array_equal(nu.load_betas(nod, 1, **args), run)
+    assert caches["run"].stat().st_mtime_ns == mtime
+    nu.beta_path(nod, 1, 1, 1).unlink()
     with pytest.raises(safe_io.UserError, match="datalad get derivatives/ciftify/sub-01/results/"
                                               "ses-imagenet01_task-imagenet_run-1/"):
-        nu.load_betas(nod, 1, overwrite=True, **args)
+        nu.load_betas(nod, 1, **args)
     with pytest.raises(safe_io.UserError, match="unknown ZSCORE 'session'"):
         nu.load_betas(nod, 1, zscore="session", **args)
 
@@ -225,7 +225,8 @@ def test_labels_come_from_events_and_superclass_mapping(tmp_path):
         path.parent.mkdir(parents=True, exist_ok=True)
         ev.to_csv(path, sep="\t", index=False, na_rep="n/a")
         rows.append(ev)
-    labels = nu.build_labels(nod, 6, sessions=[1], runs=[1, 2])
+    labels = nu.trial_labels(nod, 6, sessions=[1], runs=[1, 2])
+    nu.save_labels(nod, 6, labels)
     events = pd.concat(rows, ignore_index=True)
     assert list(labels.columns) == ["class_id", "image_name", "superclass_id"]
     assert labels["class_id"].dtype == np.int64
@@ -238,17 +239,7 @@ def test_labels_come_from_events_and_superclass_mapping(tmp_path):
     rows[1].loc[2, "trial_type"] = 2.5
     rows[1].to_csv(nu.events_path(nod, 6, 1, 2), sep="\t", index=False)
     with pytest.raises(safe_io.UserError, match="trial_type 2.5 of sub-06 is not a class id in 1..10"):
-        nu.build_labels(nod, 6, sessions=[1], runs=[1, 2])
-
-
-@pytest.fixture(scope="module")
-def tiny_nod(tmp_path_factory):
-    """A tiny synthetic NOD tree: 1 subject, 2 runs of 10 trials, 32 px images."""
-    import synthetic_data
-    root = tmp_path_factory.mktemp("tiny_nod")
-    synthetic_data.write_nod_dataset(root, n_subjects=1, n_runs=2, n_trials=10, image_size=32,
-                                     n_vertices=(300, 300), n_subcortical=5, roi_size=60, n_planted=55)
-    return root
+        nu.trial_labels(nod, 6, sessions=[1], runs=[1, 2])
 
 
 def test_synthetic_tree_has_the_structure_of_ds004496(tiny_nod):

@@ -6,6 +6,7 @@ written.
 """
 
 import pytest
+import torch
 
 import cl_model_training
 import fit_encoding_models
@@ -25,7 +26,8 @@ def small_root(tmp_path_factory):
     return root
 
 
-ALEXNET = "allowed an integer >= 63 (the smallest input of AlexNet's eight layers)"
+ALEXNET = "allowed an integer between 63 (the smallest input of AlexNet's eight layers) and 1024"
+LONG = "x" * 300
 ALPHAS = "allowed positive numbers in strictly ascending order, at least one"
 TRAIN = ["--weights", "none", "--device", "cpu", "--image-size", "64", "--batch-size", "64", "--epochs", "1"]
 FIT = ["--weights", "none", "--device", "cpu", "--image-size", "64", "--rois", "V1v"]
@@ -41,6 +43,20 @@ FIT = ["--weights", "none", "--device", "cpu", "--image-size", "64", "--rois", "
     (cl_model_training.main, TRAIN + ["--lr", "inf"], "--lr inf: allowed a number > 0"),
     (cl_model_training.main, TRAIN + ["--image-size", "0"], "--image-size 0: " + ALEXNET),
     (fit_encoding_models.main, FIT + ["--image-size", "40"], "--image-size 40: " + ALEXNET),
+    # Was a 6 TB posix_fallocate for the image cache, which filled the disk.
+    (fit_encoding_models.main, FIT + ["--image-size", "100000"], "--image-size 100000: " + ALEXNET),
+    # Was an OverflowError inside torch.manual_seed.
+    (cl_model_training.main, TRAIN + ["--seed", str(2**64)],
+     f"--seed {2**64}: allowed an integer between 0 and {2**64 - 1}"),
+    # Were tracebacks: torch's meta device made empty networks, and mps is missing here.
+    (fit_encoding_models.main, FIT + ["--device", "meta"], "unknown device 'meta': use auto, cpu, cuda, cuda:N or mps"),
+    pytest.param(fit_encoding_models.main, FIT + ["--device", "mps"],
+                 "device 'mps' asked for but MPS is not available here: use --device cpu (or auto)",
+                 marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")),
+    # Was an OSError (File name too long) from the first file operation.
+    (fit_encoding_models.main, FIT + ["--scratch", f"/tmp/{LONG}/features"],
+     f"--scratch /tmp/{LONG[:35]}...: its part {LONG[:20]}... is 300 bytes long, more than the 255 a file or folder "
+     "name may have; use a shorter name"),
     (fit_encoding_models.main, FIT + ["--n-folds", "0"], "--n-folds 0: allowed an integer >= 2"),
     (fit_encoding_models.main, FIT + ["--n-folds", "1"], "--n-folds 1: allowed an integer >= 2"),
     (fit_encoding_models.main, FIT + ["--n-components", "0"], "--n-components 0: allowed an integer >= 1"),

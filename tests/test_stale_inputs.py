@@ -16,22 +16,13 @@ import pooled_model_training
 import reg_model_training
 import options
 import utils
-from conftest import run_error, save_untrained_checkpoint, snapshot
+from conftest import link_inputs, refused, save_untrained_checkpoint
 
 TRAIN = ["--weights", "none", "--device", "cpu", "--image-size", "64", "--batch-size", "64", "--epochs", "1"]
 FIT = ["--weights", "none", "--device", "cpu", "--image-size", "64", "--batch-size", "128", "--cl-epochs", "1",
        "--reg-epochs", "1", "--pooled-epochs", "1"]
 RESULTS = ["--subjects", "1", "--hemispheres", "left", "--epochs", "1", "--weights", "none", "--device", "cpu",
            "--image-size", "64"]
-
-
-def refused(main, argv, root, capsys):
-    """Run a script that must refuse its input; checks the single line and that no file changed. Returns it."""
-    before = snapshot(root)
-    err = run_error(main, argv, capsys).strip()
-    assert err.count("\n") == 0
-    assert snapshot(root) == before
-    return err
 
 
 # --- An existing checkpoint made with other settings -------------------------------
@@ -82,10 +73,7 @@ def test_checkpoints_record_the_whole_config(root):
 @pytest.fixture(scope="module")
 def fitted(synthetic_root, shared_cache, tmp_path_factory):
     """An untuned V1v result of Subj1 lh made by the script."""
-    root = tmp_path_factory.mktemp("fitted")
-    for name in ("training_images", "training_fmri", "roi_masks"):
-        os.symlink(synthetic_root / name, root / name)
-    os.symlink(shared_cache, root / "cache")
+    root = link_inputs(tmp_path_factory.mktemp("fitted"), synthetic_root, shared_cache)
     argv = ["--root", str(root), "--rois", "V1v"] + FIT
     fem.main(argv)
     return root, argv
