@@ -8,7 +8,7 @@ load their heavy helpers with ``lazy_import``.
 
 import argparse
 import ast
-import importlib.util
+import importlib
 import inspect
 import io
 import math
@@ -21,20 +21,37 @@ from typing import Callable, NamedTuple
 import safe_io
 
 
+class _LazyModule:
+    """Stands for a module until an attribute is first asked of it, then imports it (importlib)
+    and forwards every attribute get and set to it.
+
+    Unlike importlib's LazyLoader, nothing is put in sys.modules before the import, so code
+    that walks sys.modules (warnings, inspect, pickle) can never leave the module half-run.
+    """
+
+    def __init__(self, name):
+        object.__setattr__(self, "_name", name)
+
+    def _module(self):
+        return importlib.import_module(object.__getattribute__(self, "_name"))
+
+    def __getattr__(self, attr):
+        return getattr(self._module(), attr)
+
+    def __setattr__(self, attr, value):
+        setattr(self._module(), attr, value)
+
+    def __repr__(self):
+        return f"<module {object.__getattribute__(self, '_name')!r}, imported on first use>"
+
+
 def lazy_import(name):
-    """The module ``name``, executed on first attribute access (importlib's LazyLoader).
+    """The module ``name`` if it is imported already, else a stand-in that imports it on first use.
 
     Scripts load torch and the helpers that need it this way, so that parsing the
     options (and ``--help``) does not wait for them.
     """
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.find_spec(name)
-    spec.loader = importlib.util.LazyLoader(spec.loader)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return sys.modules.get(name) or _LazyModule(name)
 
 
 class Allowed(NamedTuple):

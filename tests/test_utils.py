@@ -459,3 +459,18 @@ def test_method_epochs_reads_each_methods_option_and_refuses_unknown_methods():
     assert [utils.method_epochs(opts, m) for m in utils.METHODS] == [0, 3, 7, 11, 11]
     with pytest.raises(ValueError, match="unknown method 'pooled'"):
         utils.method_epochs(opts, "pooled")
+
+
+def test_lazy_import_imports_on_first_use_and_stays_out_of_sys_modules_until_then(tmp_path, monkeypatch):
+    # Modules that walk sys.modules (warnings, inspect) must never meet a half-imported helper.
+    (tmp_path / "lazy_probe_module.py").write_text("import json\nVALUE = 3\nLATE = json.dumps([1])\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    lazy = options.lazy_import("lazy_probe_module")
+    assert "lazy_probe_module" not in sys.modules
+    [getattr(m, "__file__", None) for m in list(sys.modules.values())]
+    assert "lazy_probe_module" not in sys.modules
+    assert lazy.VALUE == 3 and sys.modules["lazy_probe_module"].LATE == "[1]"
+    lazy.VALUE = 4
+    assert sys.modules["lazy_probe_module"].VALUE == 4
+    assert options.lazy_import("lazy_probe_module") is sys.modules["lazy_probe_module"]
+    monkeypatch.delitem(sys.modules, "lazy_probe_module")
