@@ -587,7 +587,7 @@ def plot_layer_matrix(matrix, title, stem):
     values = matrix.to_numpy(dtype=float)
     low, high = np.nanmin(values, axis=1, keepdims=True), np.nanmax(values, axis=1, keepdims=True)
     scaled = (values - low) / np.where(high > low, high - low, 1.0)
-    fig, ax = plt.subplots(figsize=(7, 1.4 + 0.2 * len(matrix)), layout="constrained")
+    fig, ax = plt.subplots(figsize=(7, max(3.5, 1.4 + 0.2 * len(matrix))), layout="constrained")
     ax.imshow(scaled, cmap="Blues", vmin=-0.1, vmax=1, aspect="auto")
     for (i, j), v in np.ndenumerate(values):
         ax.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=6, color="w" if scaled[i, j] > 0.55 else "k")
@@ -656,7 +656,7 @@ def plot_presence(matrix, stem, min_voxels=utils.MIN_VOXELS):
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
     values = matrix.to_numpy()
-    fig, ax = plt.subplots(figsize=(2.6 + 0.55 * matrix.shape[1], 1.4 + 0.2 * len(matrix)), layout="constrained")
+    fig, ax = plt.subplots(figsize=(2.6 + 0.55 * matrix.shape[1], max(3.5, 1.4 + 0.2 * len(matrix))), layout="constrained")
     ax.imshow(values >= min_voxels, cmap=ListedColormap(["white", "black"]), vmin=0, vmax=1, aspect="auto")
     for (i, j), v in np.ndenumerate(values):
         if v > 0:
@@ -1281,19 +1281,21 @@ def _encoding_extras(table, score, where, folder, attempt):
         _require(table, "untuned"), folder / "best_untuned_layer_per_subject")[0])
     for group, rois in utils.ROI_GROUPS.items():
         attempt(f"{group}_group_cl_gain_per_roi", lambda group=group, rois=rois: plot_group_gains(
-            _nonempty(group_gains(_require(table, "cl-tuned"), "cl-tuned", rois), f"a {group} ROI with cl-tuned and untuned"),
+            _nonempty(group_gains(_require(table, "cl-tuned"), "cl-tuned", rois),
+                      f"{group} ROI with cl-tuned and untuned results"),
             f"Subject-specific CL gain over untuned, {GROUP_NAMES.get(group, 'all')} ROIs\n"
             f"mean over the subjects with the ROI (n), SEM error bars; {where}",
             folder / f"{group}_group_cl_gain_per_roi", f"gain in mean {name}")[0])
     for pooled in POOLED:
         attempt(f"cl_vs_{pooled}_gain_scatterplot", lambda pooled=pooled: plot_pairs(
-            _nonempty(paired_values(_require(table, pooled), "cl-tuned", pooled), f"a (subject, ROI) with cl-tuned and {pooled}"),
+            _nonempty(paired_values(_require(table, pooled), "cl-tuned", pooled),
+                      f"(subject, ROI) with cl-tuned and {pooled} results"),
             f"CL (subject-specific) gain in mean {name}", f"{pooled} gain in mean {name}",
             f"Gain over untuned: subject-specific CL vs {pooled}", folder / f"cl_vs_{pooled}_gain_scatterplot")[0])
     attempt("cl_vs_untuned_scatterplot", lambda: plot_pairs(
         _nonempty(paired_values(_require(table, "cl-tuned"), "untuned", "cl-tuned", "mean_r"),
-                  "a (subject, ROI) with cl-tuned and untuned"),
-        f"untuned: ROI mean {name}", f"cl-tuned: ROI mean {name}", f"CL-tuned vs untuned AlexNet, {where}",
+                  "(subject, ROI) with cl-tuned and untuned results"),
+        f"untuned: ROI mean {name}", f"cl-tuned: ROI mean {name}", f"CL-tuned vs untuned AlexNet\n{where}",
         folder / "cl_vs_untuned_scatterplot", zero_lines=False)[0])
     attempt("group_means_per_method", lambda: plot_group_means(
         _require(table, "cl-tuned"), "Group means per method (the authors' rule: ROI-hemispheres with every method, "
@@ -1303,7 +1305,7 @@ def _encoding_extras(table, score, where, folder, attempt):
 def _nonempty(pairs, what):
     """``pairs`` if it has rows, else Missing naming ``what`` is needed."""
     if pairs.empty:
-        raise Missing(f"no {what} result on the same voxels: fit both with python fit_encoding_models.py")
+        raise Missing(f"no {what} on the same voxels: fit both with python fit_encoding_models.py")
     return pairs
 
 
