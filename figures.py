@@ -431,9 +431,8 @@ def _subject_number_columns(matrix):
 
 
 def transfer_both(root, min_voxels=utils.MIN_VOXELS):
-    """``encoding_results.transfer_table`` of cl-tuned in both hemispheres (the paper's ROIs), with a hemisphere column."""
-    table = pd.concat([encoding_results.transfer_table(root, "cl-tuned", h, PAPER_ROIS, min_voxels).assign(hemisphere=h)
-                       for h in utils.HEMISPHERES], ignore_index=True)
+    """``encoding_results.transfer_table`` of cl-tuned in both hemispheres (the paper's ROIs), per-method protocol."""
+    table = encoding_results.transfer_table(root, "cl-tuned", utils.HEMISPHERES, PAPER_ROIS, "per-method", min_voxels)
     if not (table["status"] == "fitted").any():
         raise Missing("no cl-tuned results of any subject: make them with python fit_encoding_models.py --method cl-tuned "
                       "--subj X, and --model-subj Y for the cross-subject ones, then untuned for the same subjects")
@@ -1244,7 +1243,8 @@ def paper_figures(root, epochs=utils.DEFAULT_EPOCHS["cl-tuned"], mesh="fsaverage
 def _results_figures(root, table, epochs, min_voxels, folder, attempt):
     """The paper's figures made from the transfer results, MI bounds and probes under ROOT."""
     transfer = functools.cache(lambda: transfer_both(root, min_voxels))  # read once, for five figures
-    for group, rois in utils.ROI_GROUPS.items():
+    for group in ("all", "early", "higher"):  # the paper's three cross-subject figures
+        rois = utils.ROI_GROUPS[group]
         attempt(f"{group}_group_cs_avgs_picture", _cs_figure, transfer, group, rois, folder)
     for pooled in POOLED:
         h = pooled.split("-")[1]
@@ -1279,7 +1279,8 @@ def _encoding_extras(table, score, where, folder, attempt):
     name = SCORE_NAMES[score]
     attempt("best_untuned_layer_per_subject", lambda: plot_best_layers(
         _require(table, "untuned"), folder / "best_untuned_layer_per_subject")[0])
-    for group, rois in utils.ROI_GROUPS.items():
+    for group in ("all", "early", "higher"):
+        rois = utils.ROI_GROUPS[group]
         attempt(f"{group}_group_cl_gain_per_roi", lambda group=group, rois=rois: plot_group_gains(
             _nonempty(group_gains(_require(table, "cl-tuned"), "cl-tuned", rois),
                       f"{group} ROI with cl-tuned and untuned results"),

@@ -165,7 +165,7 @@ def test_paper_figures_from_saved_results(results_root, drawn):
     title, xlabel, ylabel, xticks, yticks, _ = drawn["roi_subj_presence_table"][0]
     present = ru.voxel_counts(results_root).query("n_voxels > 0")["roi"]
     assert (xlabel, ylabel, xticks) == ("Subject", "ROI", ["1", "2", "3"])
-    assert yticks == [f"{h.upper()} {roi}" for roi in utils.ROI_GROUPS["all"] if roi in set(present) for h in utils.HEMISPHERES]
+    assert yticks == [f"{h.upper()} {roi}" for roi in utils.ROI_GROUPS["early"] + utils.ROI_GROUPS["higher"] if roi in set(present) for h in utils.HEMISPHERES]
     for group in ("all", "early", "higher"):
         title, xlabel, ylabel, xticks, yticks, _ = drawn[f"{group}_group_cs_avgs_picture"][0]
         assert (xlabel, ylabel, xticks, yticks) == ("Evaluation Subject", "Model Subject", ["1", "2", "3"], ["1", "2", "3"])
@@ -188,7 +188,7 @@ def test_paper_figure_values(results_root):
     encoding = encoding_results.load_encoding(results_root)
     matrix = figures.layer_matrix(figures.layer_table(encoding), 1)
     for k, roi in enumerate(ROIS):
-        if roi in utils.ROI_GROUPS["all"]:
+        if roi in (utils.ROI_GROUPS["early"] + utils.ROI_GROUPS["higher"]):
             assert matrix.loc[f"rh_{roi}"].to_dict() == _layer_scores(1, k, "rh")
             assert matrix.loc[f"rh_{roi}"].idxmax() == utils.LAYERS[(1 + k) % 8]
     counts = figures.presence_matrix(ru.voxel_counts(results_root))
@@ -365,7 +365,7 @@ def test_cortical_key_colours_each_vertex_by_its_first_roi(masks_root, monkeypat
     calls = []
     monkeypatch.setattr(figures, "plot_cortical_map", lambda maps, meshes, title, label, stem, **kw: calls.append(kw) or [stem])
     _, maps = figures.cortical_key(masks_root, 1, figures.load_meshes("fsaverage5"), tmp_path)
-    rois = [r for r in utils.ROI_GROUPS["all"] if any(utils.roi_voxel_count(masks_root, 1, h, r) for h in utils.HEMISPHERES)]
+    rois = [r for r in (utils.ROI_GROUPS["early"] + utils.ROI_GROUPS["higher"]) if any(utils.roi_voxel_count(masks_root, 1, h, r) for h in utils.HEMISPHERES)]
     assert list(calls[0]["categories"]) == rois and calls[0]["views"] == ("lateral", "posterior", "medial")
     for h in utils.HEMISPHERES:
         rows = figures.fsaverage_rows(masks_root, 1, h)

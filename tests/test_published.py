@@ -122,8 +122,18 @@ def _save_yours(root, method, hemi, roi, cv_r):
                                  encoding_results.result_path(root, 1, method, hemi, roi))
 
 
+def _write_v1v_mask(root, n_voxels):
+    """Subject 1's prf-visualrois masks under ``root`` with lh V1v = the first ``n_voxels`` vertices."""
+    folder = root / "roi_masks" / "Subj1"
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "mapping_prf-visualrois.npy", {0: "Unknown", **{i + 1: r for i, r in enumerate(utils.ROI_GROUPS["early"])}})
+    labels = np.zeros(1000, dtype=np.int32)
+    labels[:n_voxels] = 1
+    np.save(folder / "lh.prf-visualrois_challenge_space.npy", labels)
+
+
 def test_your_results_against_the_published_and_a_voxel_count_mismatch(tmp_path, subset, capsys):
-    (tmp_path / "roi_masks" / "Subj1").mkdir(parents=True)
+    _write_v1v_mask(tmp_path, 710)
     for method in utils.METHODS:
         _save_yours(tmp_path, method, "lh", "V1v", subset[1][method, "lh", "V1v"]["cv_r"])
     card, means = generate_results.main(["--root", str(tmp_path), "--type", "compare-published"])
@@ -131,6 +141,11 @@ def test_your_results_against_the_published_and_a_voxel_count_mismatch(tmp_path,
     assert list(means.query("group == 'early'")["yours"]) == pytest.approx(
         [subset[1][m, "lh", "V1v"]["cv_r"].mean() for m in utils.METHODS])
     assert "best layer the same in 1 of 5" in capsys.readouterr().out
+    # Masks (and results) of another ROI set: 700 voxels where the published result has 710.
+    for method in utils.METHODS:
+        for suffix in (".npz", ".json"):
+            encoding_results.result_path(tmp_path, 1, method, "lh", "V1v").with_suffix(suffix).unlink()
+    _write_v1v_mask(tmp_path, 700)
     _save_yours(tmp_path, "cl-tuned", "lh", "V1v", np.full(700, 0.3))
     err = run_error(generate_results.main, ["--root", str(tmp_path), "--type", "compare-published", "--overwrite"], capsys)
     assert err.count("\n") == 1
@@ -148,12 +163,12 @@ def test_paper_figures_from_the_published_results_alone(tmp_path, drawn):
     subj1 = summary[(summary["subject"] == 1) & (summary["method"] == "untuned")]
     present = set(zip(subj1["hemisphere"], subj1["roi"]))
     title, xlabel, ylabel, xticks, yticks, _ = drawn["best_untuned_layers_matrix"][0]
-    assert yticks == [f"{h}_{roi}" for roi in utils.ROI_GROUPS["all"] for h in utils.HEMISPHERES if (h, roi) in present]
+    assert yticks == [f"{h}_{roi}" for roi in (utils.ROI_GROUPS["early"] + utils.ROI_GROUPS["higher"]) for h in utils.HEMISPHERES if (h, roi) in present]
     assert xticks == utils.LAYERS and "Subj1" in title and "2025 protocol" in title
     matrix = figures.layer_matrix(pr.load_layer_scores(), 1)
     assert matrix.loc["lh_V1v", "features.5"] == 0.499298 and matrix.loc["lh_V1v"].idxmax() == "features.5"
     title, xlabel, ylabel, xticks, yticks, _ = drawn["roi_subj_presence_table"][0]
-    rois = [r for r in utils.ROI_GROUPS["all"] if r in set(summary["roi"])]
+    rois = [r for r in (utils.ROI_GROUPS["early"] + utils.ROI_GROUPS["higher"]) if r in set(summary["roi"])]
     assert xticks == [str(s) for s in range(1, 9)] and yticks == [f"{h.upper()} {r}" for r in rois for h in utils.HEMISPHERES]
     counts = figures.presence_matrix(pr.voxel_counts())
     expected = summary.drop_duplicates(["subject", "hemisphere", "roi"]).pivot_table(
@@ -166,7 +181,7 @@ def test_paper_figures_from_the_published_results_alone(tmp_path, drawn):
 
 def test_published_voxels_sit_on_the_real_masks(shared_masks, tmp_path):
     (tmp_path / "roi_masks").symlink_to(shared_masks)
-    counts = pr.voxel_counts().query("roi in @utils.ROI_GROUPS['all']").set_index(["subject", "hemisphere", "roi"])["n_voxels"]
+    counts = pr.voxel_counts().query("roi in @utils.ROI_GROUPS['early'] or roi in @utils.ROI_GROUPS['higher']").set_index(["subject", "hemisphere", "roi"])["n_voxels"]
     real = ru.voxel_counts(tmp_path).set_index(["subject", "hemisphere", "roi"])["n_voxels"]
     assert (counts == real.reindex(counts.index)).all()
     one = pr.load_results(subjects=[1])
