@@ -96,9 +96,9 @@ def test_untuned_results_summaries_absent_rois_and_resume(root, capsys):
     assert written["EBA"].stat().st_mtime_ns != before
     # Refitted alone, EBA gets the numbers it got in the pass shared with V1v (to rounding).
     np.testing.assert_allclose(encoding_results.load_result(written["EBA"])["test_r"], results["EBA"]["test_r"], rtol=0, atol=1e-12)
-    # With the default MIN_VOXELS (1, the authors' current code) mTL-words is fitted and no longer absent.
-    words = fem.main(argv)["mTL-words"]
-    assert len(encoding_results.load_result(words)["voxels"]) == 10
+    # With the default MIN_VOXELS (1, the authors' current code) the reruns above fitted mTL-words: no longer absent.
+    words = encoding_results.result_path(root, 1, "untuned", "lh", "mTL-words")
+    assert again["mTL-words"] == words and len(encoding_results.load_result(words)["voxels"]) == 10
     assert json.loads((utils.encoding_dir(root, 1) / "absent_rois.json").read_text()) == {"lh": {}}
 
 
