@@ -214,11 +214,11 @@ def main(argv=None):
         shutil.rmtree(folder, ignore_errors=True)
         write_image_folder(folder, opts.CLASSES, opts.CLASS_IMAGES, seed=opts.SEED)
         print(f"wrote a synthetic {opts.CLASSES}-class ImageFolder under {folder} (standing in for {DATASET})")
-    results = ["--root", root, "--subjects", str(subj), "--hemispheres", hemi, "--rois", *rois,
+    results = ["--root", root, "--hemispheres", hemi, "--rois", *rois,
                "--epochs", str(opts.EPOCHS), "--device", opts.DEVICE, "--seed", str(opts.SEED)] + overwrite
-    probes = ["--dataset", DATASET, "--image-size", str(opts.IMAGE_SIZE), "--weights", weights]
+    probes = ["--dataset", DATASET, "--image-size", str(opts.IMAGE_SIZE), "--weights", weights, "--subjects", str(subj)]
     generate_results.main(results + ["--type", "lower-bound-mi", "--subjects", *subjects])
-    generate_results.main(results + ["--type", "lower-bound-mi-pooled-avg"])
+    generate_results.main(results + ["--type", "lower-bound-mi-pooled-avg", "--subjects", str(subj)])
     for method in ("cl-tuned", "reg-tuned"):
         generate_results.main(results + probes + ["--type", "classification-task", "--method", method])
     generate_results.main(results + probes + ["--type", "classification-task-pooled-avg"])

@@ -142,6 +142,20 @@ def result_settings(opts, method, epochs):
     return settings
 
 
+def run_settings(opts):
+    """(model subject, result tag, checkpoint epochs, result_settings) of a run of these options."""
+    model_subj = opts.SUBJ if opts.MODEL_SUBJ is None else opts.MODEL_SUBJ
+    tag = encoding_results.method_tag(opts.METHOD, opts.SUBJ, model_subj, opts.PROTOCOL)
+    epochs = utils.method_epochs(opts, opts.METHOD)
+    return model_subj, tag, epochs, result_settings(opts, opts.METHOD, epochs)
+
+
+def pending(opts):
+    """The ROIs a run of these options would fit, as pending_rois lists them (finished and absent ones left out)."""
+    _, tag, _, settings = run_settings(opts)
+    return pending_rois(opts, opts.SUBJ, utils.hemi_code(opts.HEMISPHERE), tag, settings)[0]
+
+
 def pending_rois(opts, subj, hemi, tag, settings):
     """The ROIs still to fit, as a list of (roi, voxels, result path), and the absent ones, as
     {roi: voxel count}; absent and finished ones are skipped with a line.
@@ -206,13 +220,10 @@ def check_inputs(opts):
     if opts.MODEL_SUBJ not in (None, subj) and method not in encoding_results.TRANSFER_METHODS:
         raise safe_io.UserError(f"MODEL_SUBJ {opts.MODEL_SUBJ} is for cl-tuned or reg-tuned models only "
                                 f"({method} is not tuned on one subject): drop --model-subj")
-    model_subj = subj if opts.MODEL_SUBJ is None else opts.MODEL_SUBJ
-    tag = encoding_results.method_tag(method, subj, model_subj, opts.PROTOCOL)
+    model_subj, tag, epochs, settings = run_settings(opts)
     device = utils.resolve_device(opts.DEVICE)
     scratch = spill_folder(opts)
     safe_io.check_writable(utils.encoding_dir(root, subj), utils.cache_dir(root), scratch)
-    epochs = utils.method_epochs(opts, method)
-    settings = result_settings(opts, method, epochs)
     pending, absent = pending_rois(opts, subj, hemi, tag, settings)
     encoding_results.check_summary_inputs(root, subj, skip={path for _, _, path in pending})
     if method == "untuned" and pending:

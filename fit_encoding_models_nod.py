@@ -66,7 +66,7 @@ CHOICES = {"ROIS": nod_utils.NOD_ROIS, "HEMISPHERES": utils.HEMISPHERE_NAMES,
            "METHODS": utils.METHODS, "NSD_STREAM": list(nod_utils.NSD_ROI),
            "ENGINE_PRECISION": utils.ENGINE_PRECISIONS}
 # The NSD models are read from --root, which need not hold the NSD data (roi_masks).
-RANGES = {"SUBJECTS": options.at_least(1), "SESSIONS": options.at_least(1), "RUNS": options.at_least(1),
+RANGES = {"SUBJECTS": options.at_least(1), "HEMISPHERES": utils.HEMISPHERE_LIST, "SESSIONS": options.at_least(1), "RUNS": options.at_least(1),
           "N_VOXELS": options.at_least(1), "MODEL_SUBJ": options.between(1, utils.N_SUBJECTS),
           "CL_EPOCHS": options.at_least(1), "REG_EPOCHS": options.at_least(1), "POOLED_EPOCHS": options.at_least(1),
           "SEED": options.SEED_RANGE, "ALPHAS": utils.ALPHA_GRID, "N_COMPONENTS": options.at_least(1),
@@ -98,6 +98,13 @@ def pending(opts, subj, hemi, roi, method):
     safe_io.check_same_settings(path, encoding_results.load_result(path), settings(opts, method),
                               "rerun with --overwrite, or write these settings under another --root")
     return False
+
+
+def todo_results(opts):
+    """dict subject -> {(method, hemisphere): [areas whose result is still to fit]} (pending, for each)."""
+    hemis = [utils.hemi_code(h) for h in opts.HEMISPHERES]
+    return {subj: {(method, hemi): [roi for roi in opts.ROIS if pending(opts, subj, hemi, roi, method)]
+                   for method in opts.METHODS for hemi in hemis} for subj in opts.SUBJECTS}
 
 
 def fit_method(opts, data, folds, device, subj, hemi, method, todo, cache):
@@ -176,9 +183,7 @@ def check_inputs(opts):
     """
     device = utils.resolve_device(opts.DEVICE)
     safe_io.check_writable(encoding_results.nod_results_dir(opts.ROOT), utils.cache_dir(opts.ROOT))
-    hemis = [utils.hemi_code(h) for h in opts.HEMISPHERES]
-    jobs = {subj: {(method, hemi): [roi for roi in opts.ROIS if pending(opts, subj, hemi, roi, method)]
-                   for method in opts.METHODS for hemi in hemis} for subj in opts.SUBJECTS}
+    jobs = todo_results(opts)
     todo = {(method, hemi, roi) for areas in jobs.values() for (method, hemi), rois in areas.items() for roi in rois}
     if any(method == "untuned" for method, _, _ in todo):
         utils.load_alexnet(opts.WEIGHTS, opts.SEED)

@@ -74,7 +74,7 @@ SUBJECT = options.Allowed(
     f"{utils.SUBJECT.text}, or with --source published any of 1-{utils.N_SUBJECTS}",
     lambda subj, opts: 1 <= subj <= utils.N_SUBJECTS if opts.SOURCE == "published" else utils.SUBJECT.test(subj, opts),
     found=lambda opts: "the published results hold subjects 1-8" if opts.SOURCE == "published" else utils.SUBJECT.found(opts))
-RANGES = {"SUBJECTS": SUBJECT, "EPOCHS": options.at_least(1), "SEED": options.SEED_RANGE,
+RANGES = {"SUBJECTS": SUBJECT, "HEMISPHERES": utils.HEMISPHERE_LIST, "EPOCHS": options.at_least(1), "SEED": options.SEED_RANGE,
           "IMAGE_SIZE": utils.ALEXNET_INPUT, "BATCH_SIZE": options.at_least(1), "N_RANDOM_ROIS": options.at_least(1),
           "MIN_VOXELS": options.at_least(1), "ANALYSIS_MIN_VOXELS": options.at_least(1), "IMAGE_INDEX": options.at_least(0),
           "TOLERANCE": options.above(0)}

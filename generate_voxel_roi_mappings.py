@@ -68,17 +68,19 @@ def main(argv=None):
 def check_inputs(opts):
     """The output folder and every mask of the mappings still to write, read before anything is
     written (finished mappings are skipped with a line); returns {(subject, hemisphere): membership}."""
-    subjects = opts.SUBJECTS or utils.find_subjects(opts.ROOT)
     safe_io.check_writable(Path(opts.ROOT) / "voxel_roi_mappings")
-    todo = []
-    for subj in subjects:
+    todo = pending(opts)
+    for subj in opts.SUBJECTS or utils.find_subjects(opts.ROOT):
         for hemi in utils.HEMISPHERES:
-            path = utils.voxel_roi_mapping_path(opts.ROOT, subj, hemi)
-            if path.exists() and not opts.OVERWRITE:
-                print(f"{path} exists: skipped (use --overwrite)")
-            else:
-                todo.append((subj, hemi))
+            if (subj, hemi) not in todo:
+                print(f"{utils.voxel_roi_mapping_path(opts.ROOT, subj, hemi)} exists: skipped (use --overwrite)")
     return {job: roi_membership(opts.ROOT, *job) for job in todo}
+
+
+def pending(opts):
+    """The (subject, hemisphere) whose mapping is still to write (all of them with OVERWRITE)."""
+    return [(subj, hemi) for subj in opts.SUBJECTS or utils.find_subjects(opts.ROOT) for hemi in utils.HEMISPHERES
+            if opts.OVERWRITE or not utils.voxel_roi_mapping_path(opts.ROOT, subj, hemi).exists()]
 
 
 if __name__ == "__main__":

@@ -778,6 +778,13 @@ def train_roi(opts, roi, method, skip_small=False):
     return path
 
 
+def checkpoint_done(opts, roi, method):
+    """Whether train_roi(opts, roi, method) has nothing left to do: the checkpoint exists with these
+    settings (one of other settings is a UserError), or the ROI is too small to train."""
+    plan = plan_roi(opts, roi, method, skip_small=True)
+    return plan is None or _finished(plan.path, plan.meta, opts.OVERWRITE)
+
+
 def _finished(path, meta, overwrite):
     """Whether the checkpoint ``path`` exists with the settings of ``meta`` (a line says it is skipped);
     False when it is missing or ``overwrite``. One of other settings is a UserError."""

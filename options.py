@@ -8,6 +8,7 @@ load their heavy helpers with ``lazy_import``.
 
 import argparse
 import ast
+import functools
 import importlib
 import inspect
 import io
@@ -121,6 +122,7 @@ def _value_type(value, where):
     return kind, is_list, False
 
 
+@functools.cache
 def _options_block(module):
     """The options of a script: the statements between ``# --- Options ---`` and the next ``# ---``.
 
@@ -168,6 +170,11 @@ def _options_block(module):
     return options
 
 
+def flags(module):
+    """The command-line flags of a script's options, e.g. {'--root', '--image-size', ...}."""
+    return {_flag(o.name) for o in _options_block(module)}
+
+
 def _show(value):
     """A value as the command line writes it."""
     if isinstance(value, (list, tuple)):
@@ -206,6 +213,16 @@ def _flag(name):
     return "--" + name.lower().replace("_", "-")
 
 
+def _check_distinct(option, values):
+    """A UserError if a list flag names one value twice (``--subjects 1 1`` would run subject 1 twice)."""
+    seen = set()
+    for value in values:
+        if value in seen:
+            raise safe_io.UserError(f"{_flag(option.name)} {_show(values)}: {_show(value)} is given twice; "
+                                    "give each value once")
+        seen.add(value)
+
+
 # The longest file or folder name that Linux and macOS file systems allow, in bytes.
 NAME_MAX = 255
 
@@ -228,6 +245,19 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         raise safe_io.UserError(f"{message}: see python {self.prog} --help")
+
+
+class _ListFlag(argparse.Action):
+    """A list flag given once, with at least one value: argparse would keep only the last of
+    two (``--rois V1v --rois V2v`` fits V2v alone) and take a bare ``--rois`` as no ROI at all."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest) is not None:
+            raise safe_io.UserError(f"{option_string} is given twice: give all its values after one {option_string}")
+        if not values:
+            raise safe_io.UserError(f"{option_string} has no value: name at least one, or leave the flag out "
+                                    "for its default")
+        setattr(namespace, self.dest, values)
 
 
 def parse_options(module, argv=None):
@@ -261,7 +291,7 @@ def parse_options(module, argv=None):
         default = getattr(module, o.name)
         restricted = o.name in choices or o.name in ranges
         text = f"{o.help} (default: {_show(default)}" + (f"; allowed: {allowed[o.name]})" if restricted else ")")
-        kwargs = (dict(nargs="*", metavar="V") if o.is_list else
+        kwargs = (dict(nargs="*", metavar="V", action=_ListFlag) if o.is_list else
                   dict(nargs="?", const="true", metavar="BOOL") if o.kind is bool else
                   dict(metavar=o.kind.__name__.upper()))
         parser.add_argument(_flag(o.name), dest=o.name, default=None, help=text.replace("%", "%%"), **kwargs)
@@ -274,6 +304,7 @@ def parse_options(module, argv=None):
             values[o.name] = list(default) if o.is_list else default
         elif o.is_list:
             values[o.name] = [_convert(o, t, allowed[o.name]) for token in raw for t in token.split(",") if t]
+            _check_distinct(o, values[o.name])
         else:
             values[o.name] = _convert(o, raw, allowed[o.name])
     for o in options:
@@ -281,11 +312,12 @@ def parse_options(module, argv=None):
     opts = SimpleNamespace(**values)
     for o in options:
         check, names, value = ranges.get(o.name), choices.get(o.name), values[o.name]
-        items = [value] if not o.is_list or check is not None and check.whole else value
-        for item in items:
-            if item is not None and (names is not None and item not in names
-                                     or check is not None and not check.test(item, opts)):
-                found = f" ({check.found(opts)})" if check is not None and check.found else ""
+        for item in value if o.is_list else [value]:
+            if item is not None and names is not None and item not in names:
+                raise safe_io.UserError(f"{_flag(o.name)} {_show(item)}: allowed {allowed[o.name]}")
+        for item in [value] if not o.is_list or check is not None and check.whole else value:
+            if item is not None and check is not None and not check.test(item, opts):
+                found = f" ({check.found(opts)})" if check.found else ""
                 raise safe_io.UserError(f"{_flag(o.name)} {_show(item)}: allowed {allowed[o.name]}{found}")
     return opts
 

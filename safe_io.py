@@ -60,7 +60,7 @@ def temp_prefix(name):
     return f"{name}{TEMP_MARK}{_host()}-{os.getpid()}-"
 
 
-def _process_alive(pid):
+def process_alive(pid):
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -91,7 +91,7 @@ def remove_stale_temps(folder, *patterns):
     host, removed = _host(), []
     for path in folder.iterdir():
         m = _TEMP_OWNER.search(path.name)
-        if m is None or m["host"] != host or _process_alive(int(m["pid"])):
+        if m is None or m["host"] != host or process_alive(int(m["pid"])):
             continue
         target = path.name[:m.start()].removeprefix(".")
         if patterns and not any(fnmatch.fnmatchcase(target, p) for p in patterns):
@@ -169,7 +169,7 @@ def exclusive(path, what):
     path.parent.mkdir(parents=True, exist_ok=True)
     while (owner := _take_lock(path)) is not None:
         host, pid = owner
-        if host == _host() and not _process_alive(pid):
+        if host == _host() and not process_alive(pid):
             path.unlink(missing_ok=True)  # left by a killed process
         elif host:
             raise UserError(f"{what} is in progress in process {pid} on {host} (lock {path}): wait for it to "

@@ -623,6 +623,9 @@ SUBJECT = options.Allowed(f"between 1 and {N_SUBJECTS} with a folder roi_masks/S
                   lambda subj, opts: 1 <= subj <= N_SUBJECTS and subj in find_subjects(opts.ROOT),
                   found=lambda opts: f"{Path(opts.ROOT) / 'roi_masks'} holds "
                                      + ", ".join(map(subj_dir, find_subjects(opts.ROOT))))
+# left and lh name one hemisphere: a list holding both would run it twice.
+HEMISPHERE_LIST = options.Allowed("hemispheres among left, right, lh, rh, each hemisphere once",
+                          lambda hemis, opts: len({hemi_code(h) for h in hemis}) == len(hemis), whole=True)
 ALPHA_GRID = options.Allowed("positive numbers in strictly ascending order, at least one",
                      lambda alphas, opts: len(alphas) > 0 and alphas[0] > 0
                      and all(a < b for a, b in zip(alphas, alphas[1:])), whole=True)

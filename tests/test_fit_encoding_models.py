@@ -133,9 +133,8 @@ def test_missing_checkpoint_names_file_and_script(root, capsys):
 def test_untuned_layer_protocol_needs_and_reuses_untuned_choice(root, capsys):
     save_cl_checkpoint(root, 1, "lh", "EBA", seed=1)
     save_cl_checkpoint(root, 1, "lh", "V1v", seed=2)
-    argv = ["--root", str(root), "--method", "cl-tuned", "--cl-epochs", "1", "--rois", "EBA",
-            "--protocol", "untuned-layer"] + FAST
-    err = run_error(argv, capsys)
+    argv = ["--root", str(root), "--method", "cl-tuned", "--cl-epochs", "1", "--protocol", "untuned-layer"] + FAST
+    err = run_error(argv + ["--rois", "EBA"], capsys)
     assert str(encoding_results.result_path(root, 1, "untuned", "lh", "EBA")) in err and "--method untuned" in err
     fem.main(["--root", str(root), "--rois", "EBA"] + FAST)
     # V1v has no untuned result: the run stops before it writes EBA's result or records
@@ -144,7 +143,7 @@ def test_untuned_layer_protocol_needs_and_reuses_untuned_choice(root, capsys):
     err = run_error(argv + ["--rois", "EBA", "mTL-words", "V1v", "--min-voxels", "20"], capsys)
     assert f"no untuned result at {encoding_results.result_path(root, 1, 'untuned', 'lh', 'V1v')}" in err
     assert conftest.snapshot(root) == before
-    written = fem.main(argv)
+    written = fem.main(argv + ["--rois", "EBA"])
     assert written["EBA"] == encoding_results.result_path(root, 1, "cl-tuned_untuned-layer", "lh", "EBA")
     base, r = encoding_results.load_result(encoding_results.result_path(root, 1, "untuned", "lh", "EBA")), encoding_results.load_result(written["EBA"])
     assert r["best_layer"] == base["best_layer"] and r["protocol"] == "untuned-layer"

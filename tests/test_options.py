@@ -60,7 +60,19 @@ FIT = ["--weights", "none", "--device", "cpu", "--image-size", "64", "--rois", "
     (fit_encoding_models.main, FIT + ["--n-folds", "0"], "--n-folds 0: allowed an integer >= 2"),
     (fit_encoding_models.main, FIT + ["--n-folds", "1"], "--n-folds 1: allowed an integer >= 2"),
     (fit_encoding_models.main, FIT + ["--n-components", "0"], "--n-components 0: allowed an integer >= 1"),
-    (fit_encoding_models.main, FIT + ["--alphas"], "--alphas (empty): " + ALPHAS),
+    (fit_encoding_models.main, FIT + ["--alphas"], "--alphas has no value: name at least one, or leave the flag out "
+     "for its default"),
+    # A list flag is given once, each value once: argparse keeps the last of two flags, and a
+    # repeated value (left and lh are one hemisphere) runs the same work twice.
+    (fit_encoding_models.main, FIT + ["--rois", "V2v"], "--rois is given twice: give all its values after one --rois"),
+    (pooled_model_training.main, TRAIN + ["--subjects"], "--subjects has no value: name at least one, or leave the "
+     "flag out for its default"),
+    (generate_results.main, ["--type", "voxel-counts", "--subjects", "1", "2", "1"],
+     "--subjects 1 2 1: 1 is given twice; give each value once"),
+    (generate_results.main, ["--type", "voxel-counts", "--hemispheres", "left", "lh"],
+     "--hemispheres left lh: allowed hemispheres among left, right, lh, rh, each hemisphere once"),
+    (generate_results.main, ["--type", "voxel-counts", "--hemispheres", "up"],
+     "--hemispheres up: allowed hemispheres among left, right, lh, rh, each hemisphere once"),
     (fit_encoding_models.main, FIT + ["--alphas", "-1", "1"], "--alphas -1 1: " + ALPHAS),
     (fit_encoding_models.main, FIT + ["--alphas", "10", "1"], "--alphas 10 1: " + ALPHAS),
     (cl_model_training.main, TRAIN + ["--max-voxels", "abc"], "--max-voxels abc: allowed an integer >= 1 or none"),
