@@ -111,8 +111,9 @@ def datasets(root):
     return [name for name in utils.CLASSIFICATION_DATASETS if (Path(root) / "datasets" / name).is_dir()]
 
 
-def stage_jobs(name, lay):
-    """The (label, argv without --root and pass-through) of every job of one stage."""
+def stage_jobs(name, lay, stages=tuple(STAGES)):
+    """The (label, argv without --root and pass-through) of every job of one stage (the transfer
+    matrices only when the transfer stage is among ``stages``, the stages planned)."""
     subjects, hemis, present = lay.subjects, lay.hemis, lay.present
     per_roi = [(s, h, roi) for s in subjects for h in hemis for roi in present[(s, h)]]
     everyone = ["--subjects", *map(str, subjects)]
@@ -157,7 +158,7 @@ def stage_jobs(name, lay):
     if name == "summaries":
         return [("summaries", ["--type", "summaries", *everyone]),
                 *[(f"transfer matrix {p}", ["--type", "transfer-matrix", "--method", "cl-tuned", "--protocol", p,
-                                            *everyone, *hemispheres]) for p in utils.PROTOCOLS]]
+                                            *everyone, *hemispheres]) for p in utils.PROTOCOLS if "transfer" in stages]]
     if name == "compare":
         return [("compare-published", ["--type", "compare-published", *everyone])] if published_masks(lay) else []
     if name == "figures":
@@ -233,7 +234,7 @@ def build(opts, words):
     for name in stages:
         script = STAGES[name].script
         jobs[name] = [(Job(name, label, argv), launch.check_job_args(script, argv))
-                      for label, own in stage_jobs(name, lay) for argv in [["--root", lay.root, *own, *extra[name]]]]
+                      for label, own in stage_jobs(name, lay, stages) for argv in [["--root", lay.root, *own, *extra[name]]]]
     return stages, jobs
 
 
