@@ -259,11 +259,16 @@ def executor(opts, name, n_jobs, gpus=None, dependency=None):
     named ``name``, held until the SLURM jobs ``dependency`` (ids) have finished well."""
     submitit = submitit_module(opts.CLUSTER)
     ex = submitit.AutoExecutor(folder=Path(opts.ROOT) / opts.LOG_FOLDER, cluster=opts.CLUSTER)
-    # Jobs import the scripts by name wherever they start.
-    setup = [f"export PYTHONPATH={shlex.quote(str(Path(__file__).resolve().parent))}${{PYTHONPATH:+:$PYTHONPATH}}"]
+    # Jobs import the scripts by name wherever they start. Local jobs inherit this process's
+    # environment: a setup line would start them under a shell, which does not pass on the
+    # signal that cancels them.
+    here = str(Path(__file__).resolve().parent)
+    if here not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
+    setup = [f"export PYTHONPATH={shlex.quote(here)}${{PYTHONPATH:+:$PYTHONPATH}}"]
     params = dict(name=name, timeout_min=opts.TIME, gpus_per_node=opts.GPUS if gpus is None else gpus,
                   cpus_per_task=opts.CPUS, mem_gb=opts.MEM_GB, tasks_per_node=1, nodes=1,
-                  slurm_array_parallelism=min(opts.ARRAY_PARALLELISM, n_jobs), slurm_setup=setup, local_setup=setup)
+                  slurm_array_parallelism=min(opts.ARRAY_PARALLELISM, n_jobs), slurm_setup=setup)
     if dependency:
         # A job whose inputs failed is cancelled rather than left pending forever.
         params.update(slurm_dependency="afterok:" + ":".join(sorted(set(dependency))),

@@ -174,7 +174,7 @@ def published_masks(lay):
     subject, hemisphere and ROI they hold): the comparison means nothing with other masks."""
     import published_results
     counts = published_results.voxel_counts()
-    counts = counts[counts["subject"].isin(lay.subjects)]
+    counts = counts[counts["subject"].isin(lay.subjects) & (counts["n_voxels"] > 0)]  # 0: not published
     return len(counts) > 0 and all(utils.roi_voxel_count(lay.root, row.subject, row.hemisphere, row.roi) == row.n_voxels
                                    for row in counts.itertuples())
 
@@ -307,18 +307,28 @@ def rerun_command(opts, argv_words):
     return "python launch.py " + " ".join(shlex.quote(w) for w in argv_words)
 
 
+def job_hours(stage, job):
+    """Estimated hours of one job: the stage's per-job figure; a transfer job fits its ROIs one pass each,
+    at the figure of a tuned ROI."""
+    if stage != "transfer":
+        return STAGES[stage].hours
+    after = job.argv[job.argv.index("--rois") + 1:]
+    return STAGES["tuned"].hours * next((i for i, w in enumerate(after) if w.startswith("--")), len(after))
+
+
 def print_dry_run(stages, table):
-    print(f"{'stage':11} {'jobs':>6} {'to run':>7}  {'needs':24} {'GPU':3}  {'hours':>8}  {'disk GB':>8}  what")
+    print(f"{'stage':11} {'jobs':>6} {'to run':>7}  {'needs':34} {'GPU':3}  {'hours':>8}  {'disk GB':>8}  what")
     total_h, total_gb = 0.0, 0.0
     for name in stages:
         st, rows = STAGES[name], table[name]
-        todo = sum(state != "done" for _, state, _, _ in rows)
-        hours = f"{todo * st.hours:8.0f}" if st.hours is not None else "       ?"
-        gb = todo * st.disk_gb
-        total_h += todo * (st.hours or 0)
+        todo = [job for job, state, _, _ in rows if state != "done"]
+        measured = st.hours is not None or name == "transfer"
+        h = sum(job_hours(name, job) for job in todo) if measured else 0.0
+        gb = len(todo) * st.disk_gb
+        total_h += h
         total_gb += gb
-        print(f"{name:11} {len(rows):6d} {todo:7d}  {','.join(st.needs) or '-':24} {'yes' if st.gpu else 'no':3}  "
-              f"{hours}  {gb:8.1f}  {st.what}")
+        print(f"{name:11} {len(rows):6d} {len(todo):7d}  {','.join(st.needs) or '-':34} {'yes' if st.gpu else 'no':3}  "
+              f"{f'{h:8.0f}' if measured else '       ?'}  {gb:8.1f}  {st.what}")
     print(f"estimated: {total_h:.0f} hours of the measured stages, {total_gb:.0f} GB of new outputs; estimates from "
           f"per-job figures measured at full size on {CPU_MACHINE}; '?' is not measured; a GPU is much faster")
 
