@@ -29,7 +29,6 @@ needed only here: `pip install submitit`.
 import argparse
 import contextlib
 import importlib
-import json
 import os
 import shlex
 import shutil

@@ -12,11 +12,12 @@ stage they need was complete; their scripts skip finished ROIs anyway. Each job'
 """
 
 import contextlib
+import importlib
 import io
 import json
-import os
 import shlex
 import socket
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -209,7 +210,7 @@ def stage_args(opts, words, stages):
 
 
 def script_module(script):
-    import importlib
+    """The module of a script, e.g. fit_encoding_models of 'fit_encoding_models.py'."""
     return importlib.import_module(Path(script).stem)
 
 
@@ -302,9 +303,9 @@ def states(opts, stages, jobs):
 
 # --- The three views: dry run, status, run ---------------------------------------------
 
-def rerun_command(opts, argv_words):
-    """The one command that runs what is missing: this plan again."""
-    return "python launch.py " + " ".join(shlex.quote(w) for w in argv_words)
+def rerun_command(argv):
+    """The one command that runs what is missing: this plan again, without --status."""
+    return "python launch.py " + " ".join(shlex.quote(w) for w in argv if w != "--status")
 
 
 def job_hours(stage, job):
@@ -358,10 +359,9 @@ def main(opts, words, argv=None):
     -------
     {stage: [labels of the jobs submitted]} (empty for DRY_RUN and STATUS).
     """
-    import sys
     stages, jobs = build(opts, words)
     table = states(opts, stages, jobs)
-    command = rerun_command(opts, [w for w in (sys.argv[1:] if argv is None else argv) if w != "--status"])
+    command = rerun_command(sys.argv[1:] if argv is None else argv)
     if opts.DRY_RUN:
         print_dry_run(stages, table)
         return {}
@@ -374,7 +374,11 @@ def main(opts, words, argv=None):
 def run(opts, stages, table):
     """Run every job of the plan that is not done: on SLURM one array per stage (split at MAX_ARRAY), held
     by dependencies on the arrays of the stages it needs; locally one job after another in stage order,
-    a stage's jobs only when the stages it needs are complete."""
+    holding back the stages that need a stage with a failed job. Returns {stage: [labels of the jobs run]}."""
+    running = sum(state == "running" for name in stages for _, state, _, _ in table[name])
+    if running:
+        raise safe_io.UserError(f"{running} jobs of this plan are still queued or running (see --status): wait for "
+                                "them (or cancel them) before launching the plan again, so that no job runs twice")
     pending = {name: [(job, path) for job, state, _, path in table[name] if state != "done"] for name in stages}
     for name in stages:
         for _, path in pending[name] if STAGES[name].done_by == "finished" else []:
@@ -385,7 +389,8 @@ def run(opts, stages, table):
 
 
 def submit_arrays(opts, stages, pending):
-    ids, submitted = {}, {}
+    """Submit each stage's ``pending`` (job, state path) as SLURM arrays held by the arrays of the stages it needs."""
+    ids = {}
     for name in stages:
         ids[name] = []
         todo = pending[name]
@@ -397,15 +402,15 @@ def submit_arrays(opts, stages, pending):
             ex = launch.executor(opts, f"paper-{name}", len(chunk), None if STAGES[name].gpu else 0, needs)
             jobs = launch.submit(ex, [(STAGES[name].script, job.argv) for job, _ in chunk], [p for _, p in chunk])
             ids[name] += [str(j.job_id).split("_")[0] for j in jobs[:1]]
-            submitted.setdefault(name, []).extend(jobs)
-        print(f"submitted {len(todo)} {name} jobs to slurm" + (f", held until {', '.join(STAGES[name].needs)} "
-                                                              "finish" if needs else ""))
+        waits = [n for n in STAGES[name].needs if ids.get(n)]
+        print(f"submitted {len(todo)} {name} jobs to slurm" + (f", held until {', '.join(waits)} finish" if waits else ""))
     print(f"logs and job states under {Path(opts.ROOT) / opts.LOG_FOLDER}; see them with "
           f"python launch.py --plan paper --status --root {shlex.quote(str(opts.ROOT))}")
     return {name: [job.label for job, _ in pending[name]] for name in stages if pending[name]}
 
 
 def run_in_turn(opts, stages, pending):
+    """Run each stage's ``pending`` (job, state path) here, one job after another (local or debug executor)."""
     ran, failed, blocked = {}, [], set()
     submitted = []
     with launch.cancel_on_stop(submitted, opts.CLUSTER):

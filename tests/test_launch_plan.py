@@ -3,7 +3,6 @@ job counts on the real masks; the SLURM arrays and their dependencies (submitit'
 a stopped local launcher cancels its jobs; bad launcher input is one line."""
 
 import hashlib
-import json
 import os
 import signal
 import subprocess
@@ -178,6 +177,12 @@ def test_slurm_plan_submits_one_array_per_stage_held_by_its_dependencies(root, c
     out = capsys.readouterr().out
     assert any(line.split()[:5] == ["tuned", "0", "0", "0", "16"] for line in out.splitlines())
     assert not (root / "cl_models").exists()
+    # Launched again while they are queued, the plan refuses rather than submit them twice.
+    with mock.context():
+        err = run_error(launch.main, ["--root", str(root), "--plan", "paper", "--subjects", "1", "2", "--hemispheres",
+                                      "left", "--rois", "V1v", "EBA", "--args", FAST], capsys)
+    slurm.SlurmJob.watcher.clear()
+    assert "jobs of this plan are still queued or running (see --status)" in err
 
 
 @pytest.mark.parametrize("argv, message", [
