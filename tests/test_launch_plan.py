@@ -126,8 +126,10 @@ def test_dry_run_counts_the_jobs_of_the_real_masks(shared_masks, tmp_path, capsy
     ran = launch.main(["--root", str(tmp_path), "--plan", "paper", "--dry-run", "--stages", "mappings", "untuned", "cl",
                        "reg", "pooled", "tuned", "transfer", "summaries"])
     assert ran == {}
-    rows = {line.split()[0]: int(line.split()[1]) for line in capsys.readouterr().out.splitlines()[1:]
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: int(line.split()[1]) for line in out.splitlines()[1:]
             if line.split() and line.split()[0] in launch_plan.STAGES}
+    assert "estimates from per-job figures measured at full size on the development machine's 2-core CPU" in out
     # Counted here from the mask files themselves: a vertex of an ROI carries one of the ROI's codes.
     present = {}
     for s in range(1, 9):
@@ -223,8 +225,9 @@ def test_min_voxels_among_the_jobs_arguments_sets_the_job_list(root, capsys):
     assert "logs" not in out and not list((root / "launch_logs").glob("*log*"))
 
 
-def test_stopped_local_launcher_cancels_its_jobs(root, tmp_path):
-    # A long training job (many epochs) runs in a submitit worker; SIGTERM to the launcher must end it.
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_stopped_local_launcher_cancels_its_jobs(root, tmp_path, stop):
+    # A long training job (many epochs) runs in a submitit worker; stopping the launcher must end it.
     cmd = [sys.executable, str(REPO / "launch.py"), "--root", str(root), "--cluster", "local", "--subjects", "1",
            "--hemispheres", "left", "--rois", "V1v", "--gpus", "0", "--cpus", "1", "--time", "5",
            "--args", "--weights none --device cpu --image-size 64 --batch-size 64 --epochs 500"]
@@ -239,7 +242,7 @@ def test_stopped_local_launcher_cancels_its_jobs(root, tmp_path):
                 break
             time.sleep(0.1)
         assert worker is not None
-        launcher.send_signal(signal.SIGTERM)
+        launcher.send_signal(stop)
         _, err = launcher.communicate(timeout=60)
         assert launcher.returncode == 2 and "stopped: cancelled the launched jobs still running" in err
         for _ in range(300):
