@@ -296,11 +296,71 @@ def cli(main):
         try:
             return main(argv)
         except safe_io.UserError as e:
-            from tqdm.auto import tqdm
-            tqdm.write(f"error: {e}", file=sys.stderr)  # clears a progress bar left open by the error
+            say(f"error: {e}", file=sys.stderr)  # clears a progress bar left open by the error
             raise SystemExit(2) from None
     wrapped.__name__, wrapped.__doc__, wrapped.__wrapped__ = main.__name__, main.__doc__, main
     return wrapped
+
+
+class _Lines:
+    """progress() off a terminal: plain lines on stderr, each written once (no redraws)."""
+
+    def __init__(self, iterable, desc, total, initial, log):
+        self.iterable, self.desc, self.log, self.postfix = iterable, desc, log, ""
+        self.total = len(iterable) + initial if total is None and hasattr(iterable, "__len__") else total
+        self.initial = initial
+
+    def set_postfix(self, **values):
+        self.postfix = "".join(f", {k}={v}" for k, v in values.items())
+
+    def __iter__(self):
+        import time
+        start, done = time.perf_counter(), self.initial
+        of = f"/{self.total}" if self.total is not None else ""
+        for item in self.iterable:
+            yield item
+            done += 1
+            if self.log == "each":
+                print(f"{self.desc}: {done}{of} ({time.perf_counter() - start:.1f} s{self.postfix})",
+                      file=sys.stderr, flush=True)
+        if self.log == "end":
+            print(f"{self.desc}: {done - self.initial} done ({time.perf_counter() - start:.1f} s{self.postfix})",
+                  file=sys.stderr, flush=True)
+
+
+def progress(iterable, desc, total=None, initial=0, log="each"):
+    """Progress over ``iterable``: a tqdm bar on a terminal, plain lines elsewhere.
+
+    A bar redraws itself with carriage returns and cursor moves, which fill a SLURM log or a
+    CI log with thousands of fragments; so when stderr is not a terminal, nothing is redrawn.
+
+    Parameters
+    ----------
+    iterable : the items; ``total`` is its length where it has none, ``initial`` the items
+        already done before it (a resumed run).
+    desc : str, the bar's label and the lines' prefix.
+    log : off a terminal, 'each' writes one line per item ("desc: 3/30 (12.4 s, loss=0.51)":
+        epochs, ROIs, subjects), 'end' one line when the loop ends (a stage: caching images,
+        extracting features), None nothing (steps inside an epoch). On a terminal, the bar of
+        a loop logged 'each' stays when it ends; the others are cleared.
+
+    Returns
+    -------
+    An iterable of the same items, with ``set_postfix(**values)`` as tqdm's.
+    """
+    if sys.stderr.isatty():
+        from tqdm.auto import tqdm
+        return tqdm(iterable, desc=desc, total=total, initial=initial, leave=log == "each")
+    return _Lines(iterable, desc, total, initial, log)
+
+
+def say(text, file=None):
+    """Print one line (to ``file``, default stdout) without breaking a progress bar drawn on the terminal."""
+    if sys.stderr.isatty():
+        from tqdm.auto import tqdm
+        tqdm.write(text, file=file)
+    else:
+        print(text, file=file or sys.stdout, flush=True)
 
 
 def run_config(opts):
