@@ -109,7 +109,8 @@ def write_image_folder(folder, n_classes, per_class, size=80, seed=0):
 
 
 def run_notebook(root, dataset):
-    """Execute the landscape notebook with ROOT and DATASET injected after its parameters cell."""
+    """Execute the landscape notebook with ROOT and DATASET injected after its parameters cell; returns it
+    (nbformat, with its outputs)."""
     import nbclient
     import nbformat
     repo = Path(__file__).resolve().parent
@@ -117,6 +118,7 @@ def run_notebook(root, dataset):
     params = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
     nb.cells.insert(params + 1, nbformat.v4.new_code_cell(f"ROOT = {str(Path(root).resolve())!r}\nDATASET = {dataset!r}"))
     nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(repo)}}).execute()
+    return nb
 
 
 def copy_figures(root, output):

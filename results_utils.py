@@ -21,6 +21,7 @@ from sklearn.preprocessing import StandardScaler
 from torchvision import transforms
 import encoding_results
 import models
+import options
 import safe_io
 import utils
 
