@@ -223,6 +223,14 @@ def _check_name_lengths(option, value):
                                     "folder name may have; use a shorter name")
 
 
+class _Formatter(argparse.HelpFormatter):
+    """argparse's help layout, but a newline in an option's help starts a new line."""
+
+    def _split_lines(self, text, width):
+        split = super()._split_lines
+        return [line for part in text.split("\n") for line in split(part, width)]
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse whose own errors (unknown flag, missing value) are one-line UserErrors."""
 
@@ -237,8 +245,8 @@ def parse_options(module, argv=None):
     default is the constant and whose help is its comment (every block declares ROOT,
     the project folder, so every script has ``--root``). Lists take several values (``--rois V1v V2v`` or
     ``--rois V1v,V2v``); ``none`` gives None where the type allows it (``T | None``).
-    The script's ``CHOICES`` dict (option -> allowed names) and ``RANGES`` dict (option ->
-    Allowed) restrict the values; --help lists them, and a value outside them (flag or
+    The script's ``CHOICES`` dict (option -> allowed names, or a dict name -> what it does, which
+    --help shows one a line) and ``RANGES`` dict (option -> Allowed) restrict the values; --help lists them, and a value outside them (flag or
     constant) is a UserError ``--option VALUE: allowed ...``.
 
     Returns
@@ -255,12 +263,16 @@ def parse_options(module, argv=None):
     if undeclared:
         raise RuntimeError(f"{module.__name__}: CHOICES or RANGES name {', '.join(sorted(undeclared))}, not options")
     doc = (module.__doc__ or "").strip().splitlines()
-    parser = _Parser(prog=Path(module.__file__).name, description=doc[0] if doc else None)
+    parser = _Parser(prog=Path(module.__file__).name, description=doc[0] if doc else None, formatter_class=_Formatter)
     allowed = {o.name: _allowed_text(o, choices.get(o.name), ranges.get(o.name)) for o in options}
     for o in options:
         default = getattr(module, o.name)
         restricted = o.name in choices or o.name in ranges
-        text = f"{o.help} (default: {_show(default)}" + (f"; allowed: {allowed[o.name]})" if restricted else ")")
+        described = isinstance(choices.get(o.name), dict)  # each choice with what it does, one a line
+        allowed_here = "one of those below" if described else allowed[o.name]
+        text = f"{o.help} (default: {_show(default)}" + (f"; allowed: {allowed_here})" if restricted else ")")
+        if described:
+            text += "".join(f"\n{name}: {what}" for name, what in choices[o.name].items())
         kwargs = (dict(nargs="*", metavar="V") if o.is_list else
                   dict(nargs="?", const="true", metavar="BOOL") if o.kind is bool else
                   dict(metavar=o.kind.__name__.upper()))

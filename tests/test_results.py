@@ -394,6 +394,9 @@ def test_fmri_side_outputs(pipeline_root):
     _, test = utils.train_test_split(len(utils.list_images(root, 1)))
     saved = np.load(utils.results_dir(root) / "test_fmri" / f"subj1_lh_{rois[0]}.npy")
     np.testing.assert_array_equal(saved, utils.load_fmri(root, 1, "lh", utils.roi_voxel_indices(root, 1, "lh", rois[0]))[test])
+    # Without --subjects, every subject under roi_masks, as every other script.
+    saved = np.load(utils.results_dir(root) / "test_fmri" / f"subj2_lh_{rois[0]}.npy")
+    np.testing.assert_array_equal(saved, utils.load_fmri(root, 2, "lh", utils.roi_voxel_indices(root, 2, "lh", rois[0]))[test])
     # The default export is the authors': fc7 of the test split in split order, row for row with the test fMRI.
     run(["--type", "save-embeddings", "--hemispheres", "right", *BASE], root)
     folder = utils.results_dir(root) / "embeddings"
