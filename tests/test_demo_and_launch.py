@@ -2,6 +2,7 @@
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -134,11 +135,26 @@ def test_demo_tiny_run_reports_what_it_saved(tmp_path, capsys):
     bound = mi["rois"]["V1v"]["1"]
     assert table.loc["V1v", "MI CL bits"] == bound["tuned"]["scaled_bits"]
     assert table.loc["V1v", "MI untuned bits"] == bound["untuned"]["scaled_bits"]
-    row = next(line.split() for line in out.splitlines() if line.startswith("V1v "))
+    # The printed summary is OUTPUT/summary.md, a Markdown table of the same numbers.
+    summary = (output / "summary.md").read_text()
+    assert summary in out
+    row = next(line.strip("| ").split(" | ") for line in summary.splitlines() if line.startswith("| V1v |"))
     assert row[2:5] == [f"{test_r[m].mean():.3f}" for m in ("untuned", "cl-tuned", "reg-tuned")]
     assert row[-2] == f"{bound['tuned']['scaled_bits']:.3f}"
     verdict = "beats" if test_r["cl-tuned"].mean() > test_r["untuned"].mean() else "does not beat"
-    assert f"V1v (planted pRFs): CL {verdict} untuned, mean test r {test_r['cl-tuned'].mean():.3f}" in out
+    assert f"V1v (planted pRFs): CL {verdict} untuned, mean test r {test_r['cl-tuned'].mean():.3f}" in summary
+    assert "of wall time (every step run) on " in summary
+    # --update-docs puts it into the demo block of README.md and docs/demo.md; here into copies. The
+    # README's block has this table's columns (its numbers come from the full demo: make demo-docs).
+    for name in demo.DOCS:
+        text = (Path(demo.__file__).parent / name).read_text()
+        block = text.split(demo.DOC_BLOCK[0])[1].split(demo.DOC_BLOCK[1])[0]
+        header = next(line for line in summary.splitlines() if line.startswith("| ROI |"))
+        assert header in block.splitlines()
+        updated = demo.replace_block(text, summary)
+        assert updated.replace(summary, block.lstrip("\n")) == text
+    with pytest.raises(ValueError, match="no single demo summary block"):
+        demo.replace_block("no block here", summary)
     # The probes saw the synthetic ImageFolder: 3 classes, the 15% split of 36 images.
     names, probs, labels, _ = ru.load_predictions(root, "caltech256")
     samples, classes = ru.dataset_samples(root, "caltech256")
@@ -148,7 +164,7 @@ def test_demo_tiny_run_reports_what_it_saved(tmp_path, capsys):
     # Every figure written under the results folders is in OUTPUT, the notebook's landscape included.
     written = [p for d in (utils.results_dir(root), root / "encoding_results") for p in d.rglob("*")
                if p.suffix in (".png", ".pdf")]
-    copies = {p.name: p.read_bytes() for p in output.iterdir()}
+    copies = {p.name: p.read_bytes() for p in output.iterdir() if p.suffix in (".png", ".pdf")}
     assert len(copies) == len(written) and sorted(copies.values()) == sorted(p.read_bytes() for p in written)
     assert {"landscape_caltech256_inpca.png", "Subj1_cl-tuned_layer_scores_lh.png", "Subj2_untuned_layer_scores_lh.png",
             "paper_early_group_cs_avgs_picture.png", "paper_early_group_cl_gain_per_roi.png",
