@@ -315,7 +315,7 @@ def cli(main):
 
 
 class _Lines:
-    """progress() off a terminal: plain lines on stderr, each written once (no redraws)."""
+    """progress() off a terminal: plain lines on stdout, each written once (no redraws)."""
 
     def __init__(self, iterable, desc, total, initial, log):
         self.iterable, self.desc, self.log, self.postfix = iterable, desc, log, ""
@@ -334,17 +334,19 @@ class _Lines:
             done += 1
             if self.log == "each":
                 print(f"{self.desc}: {done}{of} ({time.perf_counter() - start:.1f} s{self.postfix})",
-                      file=sys.stderr, flush=True)
+                      flush=True)
         if self.log == "end":
             print(f"{self.desc}: {done - self.initial} done ({time.perf_counter() - start:.1f} s{self.postfix})",
-                  file=sys.stderr, flush=True)
+                  flush=True)
 
 
 def progress(iterable, desc, total=None, initial=0, log="each"):
     """Progress over ``iterable``: a tqdm bar on a terminal, plain lines elsewhere.
 
     A bar redraws itself with carriage returns and cursor moves, which fill a SLURM log or a
-    CI log with thousands of fragments; so when stderr is not a terminal, nothing is redrawn.
+    CI log with thousands of fragments; so when stderr (where the bar is drawn) is not a
+    terminal, nothing is redrawn: plain lines go to stdout with the scripts' other lines, and
+    stderr keeps only the error line of a failed run.
 
     Parameters
     ----------

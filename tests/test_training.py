@@ -50,15 +50,15 @@ def test_all_rois_skips_empty_and_finished_rois(root, capsys):
     captured = capsys.readouterr()
     assert "skip mTL-faces: empty in lh of Subj1" in captured.out
     path = utils.cl_model_path(root, 1, "lh", "V1v", 1)
-    # capsys's stderr is not a terminal, as a SLURM or CI log: no bar redraws, one line per epoch
-    # with its losses, one per ROI, none per training step.
-    assert "\r" not in captured.err and "\x1b" not in captured.err
+    # capsys's stderr is not a terminal, as a SLURM or CI log: no bar redraws, but one line on stdout
+    # per epoch with its losses, one per ROI, none per training step.
+    assert "\r" not in captured.out + captured.err and "\x1b" not in captured.out + captured.err
     row, = models.read_meta(path)["history"]
-    epoch, = [line for line in captured.err.splitlines() if line.startswith(path.stem)]
+    epoch, = [line for line in captured.out.splitlines() if line.startswith(path.stem)]
     assert epoch.startswith(f"{path.stem}: 1/1 (")
     assert epoch.endswith(f"train_loss={row['train_loss']:.4f}, test_loss={row['test_loss']:.4f})")
-    assert [line.split(" (")[0] for line in captured.err.splitlines() if line.startswith("ROIs")] == ["ROIs: 1/2", "ROIs: 2/2"]
-    assert not any(line.startswith("train Subj1") for line in captured.err.splitlines())
+    assert [line.split(" (")[0] for line in captured.out.splitlines() if line.startswith("ROIs")] == ["ROIs: 1/2", "ROIs: 2/2"]
+    assert not any(line.startswith("train Subj1") for line in captured.out.splitlines()) and captured.err == ""
     _, meta = models.load_checkpoint(path)
     all_voxels = utils.roi_voxel_indices(root, 1, "lh", "V1v")
     assert meta["n_voxels"] == 40 and len(all_voxels) > 40 and set(meta["voxels"]) <= set(all_voxels.tolist())
@@ -79,11 +79,11 @@ def test_progress_lines_count_from_a_resumed_epoch(capsys):
     bar = options.progress(range(3, 5), "run", total=5, initial=3)
     for i in bar:
         bar.set_postfix(item=i)
-    assert [line.split(" (")[0] for line in capsys.readouterr().err.splitlines()] == ["run: 4/5", "run: 5/5"]
+    assert [line.split(" (")[0] for line in capsys.readouterr().out.splitlines()] == ["run: 4/5", "run: 5/5"]
     assert list(options.progress(iter("ab"), "stage", log="end")) == ["a", "b"]
-    line, = capsys.readouterr().err.splitlines()
+    line, = capsys.readouterr().out.splitlines()
     assert line.startswith("stage: 2 done (") and list(options.progress([1], "quiet", log=None)) == [1]
-    assert capsys.readouterr().err == ""
+    assert capsys.readouterr().out == ""
 
 
 def test_all_rois_shard_runs_only_its_part(root, capsys):
