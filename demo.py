@@ -60,7 +60,7 @@ CLASS_IMAGES = 40  # images per class
 NOTEBOOK = True  # run the landscape notebook headless
 DEVICE = "auto"  # auto, cpu or cuda
 OVERWRITE = False  # redo every step even if its outputs exist
-UPDATE_DOCS = False  # write this run's summary into the demo blocks of README.md and docs/demo.md
+UPDATE_DOCS = False  # write this run's summary into the demo blocks of README.md and docs/demo.md, and its landscape to docs/
 # ---
 CHOICES = {"HEMISPHERE": utils.HEMISPHERE_NAMES, "ROIS": utils.ROIS}
 RANGES = {"SUBJECTS": options.between(1, utils.N_SUBJECTS), "IMAGES": options.at_least(1),
@@ -207,13 +207,21 @@ def replace_block(text, summary, where="the file"):
     return f"{head}{start}\n{summary}{end}{rest.split(end)[1]}"
 
 
-def update_docs(summary, repo=Path(__file__).resolve().parent):
-    """Write ``summary`` into the demo block of each of DOCS (atomically); returns their paths."""
+# The demo figure shown in the documentation: (the copy in OUTPUT, the documentation's copy).
+DOC_FIGURE = (f"landscape_{DATASET}_inpca.png", "docs/demo_landscape.png")
+
+
+def update_docs(summary, output, repo=Path(__file__).resolve().parent):
+    """Write ``summary`` into the demo block of each of DOCS (atomically) and copy the run's landscape
+    (DOC_FIGURE, from the folder ``output``) over the documentation's; returns the paths written."""
     paths = [repo / name for name in DOCS]
     texts = [replace_block(p.read_text(), summary, p) for p in paths]
     for path, text in zip(paths, texts):
         safe_io.atomic_write_text(text, path)
-    return paths
+    figure = repo / DOC_FIGURE[1]
+    with safe_io.atomic_path(figure) as tmp:
+        shutil.copyfile(Path(output) / DOC_FIGURE[0], tmp)
+    return paths + [figure]
 
 
 def machine():
@@ -293,7 +301,7 @@ def main(argv=None):
     safe_io.atomic_write_text(summary, Path(opts.OUTPUT) / "summary.md")
     print("\n" + summary)
     if opts.UPDATE_DOCS:
-        print("wrote this summary into " + ", ".join(map(str, update_docs(summary))))
+        print("wrote this summary and the landscape into " + ", ".join(map(str, update_docs(summary, opts.OUTPUT))))
     return table
 
 

@@ -175,3 +175,31 @@ def test_demo_tiny_run_reports_what_it_saved(tmp_path, capsys):
                      - encoding_results.load_result(encoding_results.result_path(root, s, "untuned", "lh", "V1v"))["test_r"]) for s in (1, 2)]
     stats = figures.group_gains(figures.encoding_table(encoding_results.load_encoding(root)), "cl-tuned", ["V1v"])
     assert stats["n"].tolist() == [2] and stats["mean"].iloc[0] == pytest.approx(np.mean(gains), abs=1e-12)
+
+
+def test_update_docs_rewrites_only_the_demo_blocks_and_the_landscape(tmp_path):
+    import shutil
+
+    import demo
+    repo = Path(demo.__file__).parent
+    for name in demo.DOCS:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(repo / name, tmp_path / name)
+    output = tmp_path / "demo_output"
+    output.mkdir()
+    (output / demo.DOC_FIGURE[0]).write_bytes(b"a new landscape")
+    summary = "**Subj1 lh**: a run\n\n| ROI | voxels |\n|---|---|\n| V1v | 3 |\n\n- 1 figures in demo_output/\n"
+    written = demo.update_docs(summary, output, tmp_path)
+    assert written == [tmp_path / name for name in demo.DOCS] + [tmp_path / demo.DOC_FIGURE[1]]
+    assert (tmp_path / demo.DOC_FIGURE[1]).read_bytes() == b"a new landscape"
+    for name in demo.DOCS:
+        old, new = (repo / name).read_text(), (tmp_path / name).read_text()
+        start, end = demo.DOC_BLOCK
+        assert new.split(start)[0] == old.split(start)[0] and new.split(end)[1] == old.split(end)[1]
+        assert new.split(start)[1].split(end)[0] == "\n" + summary
+    # A file without its block is refused before anything is written.
+    (tmp_path / demo.DOCS[1]).write_text("no block")
+    before = (tmp_path / demo.DOCS[0]).read_text()
+    with pytest.raises(ValueError, match="no single demo summary block"):
+        demo.update_docs("other", output, tmp_path)
+    assert (tmp_path / demo.DOCS[0]).read_text() == before
