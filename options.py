@@ -13,6 +13,7 @@ import inspect
 import io
 import math
 import sys
+import time
 import tokenize
 from pathlib import Path
 from types import SimpleNamespace
@@ -326,7 +327,6 @@ class _Lines:
         self.postfix = "".join(f", {k}={v}" for k, v in values.items())
 
     def __iter__(self):
-        import time
         start, done = time.perf_counter(), self.initial
         of = f"/{self.total}" if self.total is not None else ""
         for item in self.iterable:
