@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: test demo bench bench-full gpu-check clean
+.PHONY: test demo demo-docs bench bench-full gpu-check clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,10 @@ test: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(BIN)/python demo.py
+
+# The whole demo from scratch at low priority; its summary replaces the demo blocks of README.md and docs/demo.md.
+demo-docs: $(VENV)/.installed
+	nice -n 10 $(BIN)/python demo.py --overwrite --update-docs
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/bench_training.py

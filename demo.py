@@ -1,4 +1,4 @@
-"""Demo: the whole pipeline on a small synthetic dataset, on a CPU in about five minutes.
+"""Demo: the whole pipeline on a small synthetic dataset, on a CPU (minutes: the measured time is in the README).
 
 `make demo` (or `python demo.py`) runs, in order:
   1. synthetic_data.py: 2 subjects x 300 images with a planted ground truth, under ROOT;
@@ -13,12 +13,15 @@
   7. generate_results.py --type paper-figures: the paper's group figures over the
      subjects and the summary cortical maps (fsaverage5).
 It prints a summary per ROI (test r of untuned, CL, regression and pooled, % of voxels
-where CL beats untuned, MI bound) and says whether CL beats untuned on the planted pRF
-ROIs. Every figure is copied to OUTPUT. A rerun skips finished work (--overwrite redoes it).
+where CL beats untuned, MI bound), says whether CL beats untuned on the planted pRF ROIs,
+and how long the run took on which machine; the same Markdown goes to OUTPUT/summary.md and,
+with --update-docs, into the demo blocks of README.md and docs/demo.md. Every figure is
+copied to OUTPUT. A rerun skips finished work (--overwrite redoes it).
 """
 
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +34,7 @@ import pooled_model_training
 import reg_model_training
 import synthetic_data
 import options
+import safe_io
 import utils
 
 # The heavy helpers load on first use, so that --help answers at once.
@@ -56,6 +60,7 @@ CLASS_IMAGES = 40  # images per class
 NOTEBOOK = True  # run the landscape notebook headless
 DEVICE = "auto"  # auto, cpu or cuda
 OVERWRITE = False  # redo every step even if its outputs exist
+UPDATE_DOCS = False  # write this run's summary into the demo blocks of README.md and docs/demo.md, and its landscape to docs/
 # ---
 CHOICES = {"HEMISPHERE": utils.HEMISPHERE_NAMES, "ROIS": utils.ROIS}
 RANGES = {"SUBJECTS": options.between(1, utils.N_SUBJECTS), "IMAGES": options.at_least(1),
@@ -109,7 +114,8 @@ def write_image_folder(folder, n_classes, per_class, size=80, seed=0):
 
 
 def run_notebook(root, dataset):
-    """Execute the landscape notebook with ROOT and DATASET injected after its parameters cell."""
+    """Execute the landscape notebook with ROOT and DATASET injected after its parameters cell; returns it
+    (nbformat, with its outputs)."""
     import nbclient
     import nbformat
     repo = Path(__file__).resolve().parent
@@ -117,6 +123,7 @@ def run_notebook(root, dataset):
     params = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
     nb.cells.insert(params + 1, nbformat.v4.new_code_cell(f"ROOT = {str(Path(root).resolve())!r}\nDATASET = {dataset!r}"))
     nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(repo)}}).execute()
+    return nb
 
 
 def copy_figures(root, output):
@@ -164,21 +171,72 @@ def mi_bounds(root, subj, hemisphere, rois, epochs):
     return {roi: tuple(saved[roi][str(subj)][k]["scaled_bits"] for k in ("tuned", "untuned")) for roi in rois}
 
 
-def report_prf(table):
-    """Print, for each planted-pRF ROI of the table, whether CL's mean test r beats untuned's."""
+def prf_verdicts(table):
+    """For each planted-pRF ROI of the table, a line saying whether CL's mean test r beats untuned's."""
     prf = [roi for roi in table.index if roi in synthetic_data.PRF_ROIS]
+    lines = []
     for roi in prf:
         cl, untuned = table.loc[roi, "CL r"], table.loc[roi, "untuned r"]
         verdict = "beats" if cl > untuned else "does not beat"
-        print(f"{roi} (planted pRFs): CL {verdict} untuned, mean test r {cl:.3f} vs {untuned:.3f}, "
-              f"{table.loc[roi, 'CL > untuned %']:.0f}% of voxels improved")
-    if not prf:
-        print("no planted-pRF ROI among ROIS (V1v, V1d, V2v, V2d, V3v, V3d, hV4)")
+        lines.append(f"{roi} (planted pRFs): CL {verdict} untuned, mean test r {cl:.3f} vs {untuned:.3f}, "
+                     f"{table.loc[roi, 'CL > untuned %']:.0f}% of voxels improved")
+    return lines or ["no planted-pRF ROI among ROIS (V1v, V1d, V2v, V2d, V3v, V3d, hV4)"]
+
+
+def summary_markdown(table, title, notes):
+    """The run's summary as Markdown: ``title``, the table (numbers to 3 decimals), then ``notes``, one a line."""
+    cell = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
+    rows = ["| ROI | " + " | ".join(table.columns) + " |", "|---" * (len(table.columns) + 1) + "|"]
+    rows += [f"| {roi} | " + " | ".join(cell(v) for v in row) + " |"
+             for roi, row in zip(table.index, table.astype(object).itertuples(index=False))]
+    return "\n\n".join([title, "\n".join(rows), "\n".join(f"- {line}" for line in notes)]) + "\n"
+
+
+# The demo blocks of the documentation that UPDATE_DOCS rewrites, between these two lines.
+DOC_BLOCK = ("<!-- demo summary: written by `python demo.py --update-docs`, do not edit -->", "<!-- end of demo summary -->")
+DOCS = ("README.md", "docs/demo.md")
+
+
+def replace_block(text, summary, where="the file"):
+    """``text`` with what lies between the DOC_BLOCK lines replaced by ``summary``; a ValueError unless the
+    lines are there once each, in order."""
+    start, end = DOC_BLOCK
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise ValueError(f"{where} has no single demo summary block ({start} ... {end})")
+    head, rest = text.split(start)
+    return f"{head}{start}\n{summary}{end}{rest.split(end)[1]}"
+
+
+# The demo figure shown in the documentation: (the copy in OUTPUT, the documentation's copy).
+DOC_FIGURE = (f"landscape_{DATASET}_inpca.png", "docs/demo_landscape.png")
+
+
+def update_docs(summary, output, repo=Path(__file__).resolve().parent):
+    """Write ``summary`` into the demo block of each of DOCS (atomically) and copy the run's landscape
+    (DOC_FIGURE, from the folder ``output``) over the documentation's; returns the paths written."""
+    paths = [repo / name for name in DOCS]
+    texts = [replace_block(p.read_text(), summary, p) for p in paths]
+    for path, text in zip(paths, texts):
+        safe_io.atomic_write_text(text, path)
+    figure = repo / DOC_FIGURE[1]
+    with safe_io.atomic_path(figure) as tmp:
+        shutil.copyfile(Path(output) / DOC_FIGURE[0], tmp)
+    return paths + [figure]
+
+
+def machine():
+    """The CPU count, the GPU if any and the 1-minute load average: what a timing depends on."""
+    import os
+
+    import torch
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()} CPU cores, {gpu}, 1-minute load average {os.getloadavg()[0]:.1f}"
 
 
 @options.cli
 def main(argv=None):
     opts = options.parse_options(sys.modules[__name__], argv)
+    started, fresh, load = time.perf_counter(), not Path(opts.ROOT).exists(), machine()
     root, hemi, subj = opts.ROOT, utils.hemi_code(opts.HEMISPHERE), opts.SUBJ
     rois = opts.ROIS
     overwrite = ["--overwrite"] if opts.OVERWRITE else []
@@ -233,11 +291,17 @@ def main(argv=None):
     generate_results.main(["--root", root, "--type", "paper-figures", "--epochs", str(opts.EPOCHS), "--maps", "summary"])
     figures = copy_figures(root, opts.OUTPUT)
     table = summary_table(root, subj, hemi, rois, opts.EPOCHS)
-    print(f"\nSummary: {utils.subj_dir(subj)} {hemi}, {opts.EPOCHS} epochs, weights {weights}; "
-          "mean test r over the ROI's voxels, % of voxels where CL beats untuned, MI bound (bits, test split)")
-    print(table.to_string(float_format=lambda v: f"{v:.3f}"))
-    report_prf(table)
-    print(f"{len(figures)} figures in {opts.OUTPUT}/")
+    minutes, seconds = divmod(round(time.perf_counter() - started), 60)
+    how = "every step run" if fresh or opts.OVERWRITE else "a rerun: finished steps skipped"
+    summary = summary_markdown(
+        table, f"**{utils.subj_dir(subj)} {hemi}, {opts.EPOCHS} epochs, weights {weights}**: mean test r over the "
+               "ROI's voxels, % of voxels where CL beats untuned, MI bound (bits, test split)",
+        prf_verdicts(table) + [f"{len(figures)} figures in {opts.OUTPUT}/",
+                               f"{minutes} min {seconds} s of wall time ({how}) on {load} at the start"])
+    safe_io.atomic_write_text(summary, Path(opts.OUTPUT) / "summary.md")
+    print("\n" + summary)
+    if opts.UPDATE_DOCS:
+        print("wrote this summary and the landscape into " + ", ".join(map(str, update_docs(summary, opts.OUTPUT))))
     return table
 
 

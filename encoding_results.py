@@ -24,6 +24,10 @@ import utils
 SUMMARY_METHODS = ("untuned", "cl-tuned", "reg-tuned", "pooled-avg", "pooled-const")
 SUMMARY_COMPARISONS = (("cl-tuned", "untuned"), ("cl-tuned", "reg-tuned"), ("pooled-avg", "cl-tuned"),
                        ("pooled-const", "cl-tuned"))
+# What each score of the group summaries is. CV r is measured on the folds that chose the layer
+# and the alphas, so it is biased upward (on pure-noise fMRI: about 0.07 where test r is 0).
+SCORE_NOTES = {"test_r": "unbiased: held-out test split, used for no choice",
+               "cv_r": "optimistic (the authors' number): the folds that chose the layer and alphas"}
 # The methods whose model, tuned on one subject, can be applied to another (transfer).
 TRANSFER_METHODS = ("cl-tuned", "reg-tuned")
 
@@ -219,6 +223,9 @@ def comparable_untuned_r(result, untuned):
 def group_summary(results, subj):
     """Per ROI group (utils.ROI_GROUPS) and score (test r, CV r at the best layer): the authors' summaries.
 
+    Each row's ``note`` says what its score is (SCORE_NOTES): test r is the unbiased number, CV r
+    the authors', optimistic because the layer and alphas were chosen on its folds.
+
     For every method of SUMMARY_METHODS with results, averaged without weights over the
     (hemisphere, ROI) pairs of the group that every such method has fitted on the same
     voxels: the mean r, and for each pair of SUMMARY_COMPARISONS the % of voxels where the
@@ -242,7 +249,8 @@ def group_summary(results, subj):
                 if methods and all(r is not None and np.array_equal(r["voxels"], found[0]["voxels"]) for r in found):
                     pairs.append(dict(zip(methods, found)))
         for score in ("test_r", "cv_r"):
-            row = {"subject": int(subj), "group": group, "score": score, "n_rois": len(pairs)}
+            row = {"subject": int(subj), "group": group, "score": score, "note": SCORE_NOTES[score],
+                   "n_rois": len(pairs)}
             for m in SUMMARY_METHODS:
                 row[f"mean_{m}"] = (float(np.mean([p[m][score].mean() for p in pairs]))
                                     if pairs and m in methods else np.nan)

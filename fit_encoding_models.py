@@ -24,8 +24,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-from tqdm.auto import tqdm
-
 import options
 import safe_io
 import utils
@@ -86,7 +84,7 @@ def main(argv=None):
     # The untuned network's features are the same for every ROI: one pass serves them all.
     # A tuned network belongs to one ROI: one pass each.
     passes = [run.pending] if method == "untuned" and run.pending else [[item] for item in run.pending]
-    for group in tqdm(passes, desc=f"{utils.subj_dir(subj)} {hemi} {run.tag}", disable=len(passes) < 2):
+    for group in options.progress(passes, f"{utils.subj_dir(subj)} {hemi} {run.tag}"):
         voxels = np.unique(np.concatenate([v for _, v, _ in group]))
         fmri = run.fmri if len(voxels) == len(run.voxels) else run.fmri[:, np.searchsorted(run.voxels, voxels)]
         columns = {roi: np.searchsorted(voxels, v) for roi, v, _ in group}
@@ -102,8 +100,8 @@ def main(argv=None):
         for roi, roi_voxels, path in group:
             result = results[roi]
             if result["n_constant"]:
-                tqdm.write(f"warning: {roi}: {result['n_constant']} constant voxel(s) on the training split; "
-                           "their r is set to 0")
+                options.say(f"warning: {roi}: {result['n_constant']} constant voxel(s) on the training split; "
+                            "their r is set to 0")
             result.update(
                 method=method, subject=subj,
                 model_subj=run.model_subj if method in encoding_results.TRANSFER_METHODS else None,
@@ -119,8 +117,8 @@ def main(argv=None):
                 encoding_results.save_result(result, path)
                 encoding_results.record_absent(root, subj, hemi, roi, None)
             written[roi] = path
-            tqdm.write(f"{roi}: best layer {result['best_layer']}, mean CV r {result['mean_cv_r']:.3f}, "
-                       f"mean test r {result['mean_test_r']:.3f} ({len(roi_voxels)} voxels)")
+            options.say(f"{roi}: best layer {result['best_layer']}, mean CV r {result['mean_cv_r']:.3f}, "
+                        f"mean test r {result['mean_test_r']:.3f} ({len(roi_voxels)} voxels)")
     with timer("write"):
         figures.summary_figures(root, subj, *encoding_results.write_summaries(root, subj))
     print(f"stage times: {timer}")
@@ -168,13 +166,13 @@ def pending_rois(opts, subj, hemi, tag, settings):
         voxels = utils.roi_voxel_indices(opts.ROOT, subj, hemi, roi)
         path = encoding_results.result_path(opts.ROOT, subj, tag, hemi, roi)
         if len(voxels) < opts.MIN_VOXELS:
-            tqdm.write(f"skip {roi}: {len(voxels)} voxels in {hemi} of {utils.subj_dir(subj)} "
-                       f"(fewer than MIN_VOXELS={opts.MIN_VOXELS}); recorded as absent")
+            options.say(f"skip {roi}: {len(voxels)} voxels in {hemi} of {utils.subj_dir(subj)} "
+                        f"(fewer than MIN_VOXELS={opts.MIN_VOXELS}); recorded as absent")
             absent[roi] = len(voxels)
         elif encoding_results.result_complete(path) and not opts.OVERWRITE:
             safe_io.check_same_settings(path, encoding_results.load_result(path), {"voxels": voxels, **settings},
                                         "use --overwrite to refit it, or another --root")
-            tqdm.write(f"skip {roi}: {path} exists (use --overwrite to refit)")
+            options.say(f"skip {roi}: {path} exists (use --overwrite to refit)")
         else:
             pending.append((roi, voxels, path))
     return pending, absent

@@ -20,8 +20,6 @@ figure nod_transfer.png / .pdf (mean test r per area and method across subjects)
 import sys
 
 import numpy as np
-from tqdm.auto import tqdm
-
 import nod_utils
 import options
 import safe_io
@@ -129,8 +127,8 @@ def fit_method(opts, data, folds, device, subj, hemi, method, todo, cache):
         result = encoding.encode_roi(layers, fmri, data.train, data.test, folds, opts.ALPHAS,
                                      opts.N_COMPONENTS, device=device, precision=opts.ENGINE_PRECISION)
         if result["n_constant"]:
-            tqdm.write(f"warning: {roi}: {result['n_constant']} constant vertex(es) on the training split; "
-                       "their r is set to 0")
+            options.say(f"warning: {roi}: {result['n_constant']} constant vertex(es) on the training split; "
+                        "their r is set to 0")
         result.update(subject=subj, hemisphere=hemi, roi=roi, method=method, nsd_roi=nsd_roi,
                       model_subj=opts.MODEL_SUBJ if method in encoding_results.TRANSFER_METHODS else None,
                       vertices=vertices, weights=opts.WEIGHTS if meta is None else meta.get("weights"),
@@ -145,7 +143,7 @@ def fit_method(opts, data, folds, device, subj, hemi, method, todo, cache):
 def main(argv=None):
     opts = options.parse_options(sys.modules[__name__], argv)
     device, jobs = check_inputs(opts)
-    for subj, todo in tqdm(jobs.items(), desc="NOD subjects"):
+    for subj, todo in options.progress(jobs.items(), "NOD subjects"):
         if not any(todo.values()):
             print(f"{nod_utils.sub_name(subj)}: all results exist, skipped (use --overwrite)")
             continue

@@ -2,25 +2,13 @@
 MI bounds, embeddings, figures.
 
 One --type per analysis (the numbers come from encoding_results.py and results_utils.py,
-the pictures from figures.py):
-  summaries                                       per subject: methods.csv, layer_scores.csv, group_summary.csv and
-                                                  their figures, rebuilt from the saved encoding results
-  transfer-matrix                                 model subject x target subject matrices of METHOD (fraction of
-                                                  voxels above untuned, mean test r) per ROI group, over HEMISPHERES
-  classification-task[-pooled-avg|-pooled-const]  fc7 logistic-regression probes on DATASET
-  lower-bound-mi[-pooled-avg|-pooled-const]       InfoNCE MI lower bound on the test split
-  voxel-counts, save-embeddings, save-test-fmri-responses, random-rois-list
-  figures                                         ROI x subject heatmaps (accuracy, MI bound)
-  salience-maps                                   Grad-CAM (true class) of the untuned, left and right models on an
-                                                  image and its mirror
-  paper-figures                                   every figure of the paper, cortical maps included (figures.py), from
-                                                  ROOT's results or (SOURCE published) the authors' published ones
-  compare-published                               ROOT's NSD encoding results held against the authors' published ones
-                                                  (published/): a scorecard CSV, group means, a scatter and a verdict
+the pictures from figures.py); `--help` lists every type with what it does (the first
+paragraph of its function's docstring, TASKS below).
 Outputs go under ROOT/results, ROOT/classification_preds and (summaries, transfer matrices)
 ROOT/encoding_results; reruns skip finished ROIs.
 """
 
+import inspect
 import sys
 from pathlib import Path
 
@@ -36,10 +24,10 @@ ru = options.lazy_import("results_utils")
 
 # --- Options ---
 ROOT = "."  # project folder holding the data folders (training_fmri, training_images, roi_masks, ...)
-TYPE = "classification-task"  # the analysis (each type is described at the top of this file)
+TYPE = "classification-task"  # the analysis (each is listed below with what it does)
 DATASET = "caltech256"  # classification dataset in ROOT/datasets/<name>: caltech256, places365, imagenet, sun397
 METHOD = "cl-tuned"  # tuned models to analyse: cl-tuned or reg-tuned (save-embeddings also untuned; pooled types set it)
-SUBJECTS = [1]  # subjects to process
+SUBJECTS: list[int] = []  # subjects to process (empty: every SubjX folder under ROOT/roi_masks)
 HEMISPHERES = ["left", "right"]  # hemispheres to process
 ROIS: list[str] = []  # ROIs (default: every ROI with a checkpoint, or for the fMRI-only types every ROI, with enough voxels)
 EPOCHS: int | None = None  # epochs in the checkpoint names (default: 30, or 75 for reg-tuned)
@@ -80,13 +68,20 @@ RANGES = {"SUBJECTS": SUBJECT, "HEMISPHERES": utils.HEMISPHERE_LIST, "EPOCHS": o
           "TOLERANCE": options.above(0)}
 
 
+def subjects(opts):
+    """SUBJECTS, or when empty every SubjX folder under ROOT/roi_masks."""
+    return opts.SUBJECTS or utils.find_subjects(opts.ROOT)
+
+
 def model_subjects(opts, method):
-    """The subjects whose models are analysed: SUBJECTS, or [None] for the pooled models."""
-    return [None] if method.startswith("pooled") else opts.SUBJECTS
+    """The subjects whose models are analysed: ``subjects(opts)``, or [None] for the pooled models."""
+    return [None] if method.startswith("pooled") else subjects(opts)
 
 
 def summaries(opts, model_opts):
-    for subj in opts.SUBJECTS:
+    """Per subject: methods.csv, layer_scores.csv, group_summary.csv and their figures, rebuilt from the saved
+    encoding results."""
+    for subj in subjects(opts):
         table, results = encoding_results.write_summaries(opts.ROOT, subj)
         if table.empty:
             raise safe_io.UserError(f"no encoding results under {utils.encoding_dir(opts.ROOT, subj)}: "
@@ -96,7 +91,10 @@ def summaries(opts, model_opts):
 
 
 def transfer_matrix(opts, model_opts):
-    """The matrices of every ROI group over HEMISPHERES together; returns (table, {group: (mean_r, frac, stem)})."""
+    """Model subject x target subject matrices of METHOD per ROI group, over HEMISPHERES together: the fraction
+    of voxels where the transfer beats untuned, and the mean test r.
+
+    Returns (table, {group: (mean_r, frac, stem)})."""
     method = model_opts["method"]
     table, matrices = encoding_results.write_transfer_matrices(
         opts.ROOT, method, opts.HEMISPHERES, opts.ROIS or utils.ROIS, opts.PROTOCOL, opts.MIN_VOXELS,
@@ -111,6 +109,8 @@ def transfer_matrix(opts, model_opts):
 
 
 def classification(opts, model_opts):
+    """fc7 features of the untuned and the tuned AlexNets, StandardScaler + logistic regression fitted on 85% of
+    DATASET, accuracy and class probabilities on the other 15%."""
     method, epochs = model_opts["method"], model_opts["epochs"]
     for subj in model_subjects(opts, method):
         for h in opts.HEMISPHERES:
@@ -123,6 +123,8 @@ def classification(opts, model_opts):
 
 
 def lower_bound_mi(opts, model_opts):
+    """InfoNCE lower bound on the mutual information between image and fMRI embeddings on each subject's test
+    split, at tau 0.3 and the best post-hoc temperature, against the untuned reference."""
     method = model_opts["method"]
     for subj in model_subjects(opts, method):
         for h in opts.HEMISPHERES:
@@ -138,13 +140,16 @@ def lower_bound_mi(opts, model_opts):
 
 
 def voxel_counts(opts, model_opts):
+    """The voxel count of every subject, hemisphere and ROI: results/voxel_counts.csv."""
     path = utils.results_dir(opts.ROOT) / "voxel_counts.csv"
     safe_io.atomic_write_text(ru.voxel_counts(opts.ROOT).to_csv(index=False), path)
     print(f"wrote {path}")
 
 
 def save_embeddings(opts, model_opts):
-    for subj in opts.SUBJECTS:
+    """EMBEDDING_LAYER features of the images of EMBEDDING_SPLIT for every ROI's model, row for row with
+    the NSD ids."""
+    for subj in subjects(opts):
         for h in opts.HEMISPHERES:
             for path in ru.save_embeddings(subj=subj, hemisphere=h, rois=opts.ROIS, layer=opts.EMBEDDING_LAYER,
                                            split=opts.EMBEDDING_SPLIT, batch_size=opts.BATCH_SIZE,
@@ -154,12 +159,14 @@ def save_embeddings(opts, model_opts):
 
 
 def save_test_fmri(opts, model_opts):
-    for path in ru.save_test_fmri(opts.ROOT, opts.SUBJECTS, opts.HEMISPHERES, opts.ROIS, opts.OVERWRITE,
+    """The fMRI of every ROI on the test split, row for row with the NSD ids."""
+    for path in ru.save_test_fmri(opts.ROOT, subjects(opts), opts.HEMISPHERES, opts.ROIS, opts.OVERWRITE,
                                   opts.MIN_VOXELS):
         print(f"wrote {path}")
 
 
 def random_rois(opts, model_opts):
+    """N_RANDOM_ROIS random (subject, hemisphere, ROI) with more than ANALYSIS_MIN_VOXELS voxels."""
     chosen = ru.random_rois(ru.voxel_counts(opts.ROOT), opts.N_RANDOM_ROIS, opts.SEED, opts.ANALYSIS_MIN_VOXELS)
     path = utils.results_dir(opts.ROOT) / f"random_rois_n{opts.N_RANDOM_ROIS}_seed{opts.SEED}.csv"
     safe_io.atomic_write_text(chosen.to_csv(index=False), path)
@@ -168,11 +175,14 @@ def random_rois(opts, model_opts):
 
 
 def results_figures(opts, model_opts):
+    """ROI x subject heatmaps of the probe accuracy and the MI bound of METHOD."""
     for path in figures.results_figures(opts.ROOT, opts.DATASET, model_opts["method"], model_opts["epochs"]):
         print(f"wrote {path}")
 
 
 def salience_maps(opts, model_opts):
+    """Grad-CAM (true class) of the untuned, left and right models of one ROI on one test image of DATASET
+    and its mirror."""
     if len(opts.ROIS) != 1 or len(opts.SUBJECTS) != 1:
         raise safe_io.UserError(f"salience-maps takes one subject and one ROI, got --subjects {opts.SUBJECTS} "
                               f"--rois {opts.ROIS}: pass e.g. --subjects 1 --rois V1v")
@@ -184,7 +194,8 @@ def salience_maps(opts, model_opts):
 
 
 def paper_figures(opts, model_opts):
-    """Every paper figure from the saved results of all subjects (or the published ones); one line per figure skipped."""
+    """Every figure of the paper that has its inputs, cortical maps included (MAPS, MESH), from ROOT's results or
+    (SOURCE published) the authors' published ones; one line per figure skipped."""
     paths, skipped = figures.paper_figures(opts.ROOT, model_opts["epochs"], opts.MESH, maps=opts.MAPS, source=opts.SOURCE,
                                            min_voxels=opts.MIN_VOXELS)
     for line in skipped:
@@ -195,7 +206,8 @@ def paper_figures(opts, model_opts):
 
 def compare_published(opts, model_opts):
     """ROOT's own-subject, per-method NSD encoding results (SOURCE published: the published ones
-    themselves) held against the authors' published results: CSVs, a scatter and a printed verdict."""
+    themselves) held against the authors' published results: a scorecard CSV, group means, a scatter
+    and a printed verdict (TOLERANCE)."""
     if opts.SOURCE == "published":
         yours = published = published_results.load_results()
     else:
@@ -218,7 +230,16 @@ TASKS = {"summaries": summaries, "transfer-matrix": transfer_matrix, "classifica
          "voxel-counts": voxel_counts, "save-embeddings": save_embeddings, "save-test-fmri-responses": save_test_fmri,
          "random-rois-list": random_rois, "figures": results_figures, "salience-maps": salience_maps,
          "paper-figures": paper_figures, "compare-published": compare_published}
-CHOICES["TYPE"] = list(TASKS)
+
+
+def _what(name, task):
+    """A --type's line in --help: the first paragraph of its task's docstring, and which models a pooled type reads."""
+    if "pooled" in name:
+        return f"as {name.rsplit('-', 2)[0]}, of the models pooled over subjects (h-{name.rsplit('-', 1)[1]})"
+    return " ".join(inspect.getdoc(task).split("\n\n")[0].split())
+
+
+CHOICES["TYPE"] = {name: _what(name, task) for name, task in TASKS.items()}
 
 
 @options.cli

@@ -11,8 +11,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
-
 import options
 import safe_io
 import utils
@@ -59,7 +57,7 @@ def voxel_roi_lists(member):
 def main(argv=None):
     opts = options.parse_options(sys.modules[__name__], argv)
     members = check_inputs(opts)
-    for (subj, hemi), member in tqdm(members.items(), desc="writing mappings", leave=False):
+    for (subj, hemi), member in options.progress(members.items(), "writing mappings", log="end"):
         path = utils.voxel_roi_mapping_path(opts.ROOT, subj, hemi)
         safe_io.atomic_joblib_dump(voxel_roi_lists(member), path)
         print(f"{path}: {len(member)} vertices, {int(member.any(1).sum())} in at least one ROI")

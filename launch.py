@@ -37,7 +37,6 @@ import socket
 import sys
 from pathlib import Path
 
-from tqdm.auto import tqdm
 
 import options
 import safe_io
@@ -321,9 +320,9 @@ def report(job, label):
     error = job.exception()
     if error is None:
         result = job.result()
-        tqdm.write(f"{job.job_id:>14}  {label:22} done" + (f": {result}" if isinstance(result, str) else ""))
+        options.say(f"{job.job_id:>14}  {label:22} done" + (f": {result}" if isinstance(result, str) else ""))
         return False
-    tqdm.write(f"{job.job_id:>14}  {label:22} FAILED: {failure_line(error)}")
+    options.say(f"{job.job_id:>14}  {label:22} FAILED: {failure_line(error)}")
     return True
 
 
@@ -368,7 +367,7 @@ def main(argv=None):
     if not opts.WAIT:
         return submitted
     with cancel_on_stop(submitted, opts.CLUSTER):
-        failed = sum(report(job, label) for (label, _), job in tqdm(list(zip(jobs, submitted)), desc="jobs"))
+        failed = sum(report(job, label) for (label, _), job in options.progress(list(zip(jobs, submitted)), "jobs"))
     if failed:
         raise safe_io.UserError(f"{failed} of {len(jobs)} {opts.SCRIPT} jobs failed: see the lines above and "
                                 f"their logs in {Path(opts.ROOT) / opts.LOG_FOLDER}")

@@ -21,8 +21,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
-
 import options
 import safe_io
 import utils
@@ -447,8 +445,8 @@ def _run_epoch(model, optimizer, datasets, batch_size, device, generator, temper
         total, count = 0.0, 0
         batches = utils.iterate_batches(data.images, data.fmri, data.train, batch_size, device,
                                         shuffle=True, generator=generator)
-        bar = tqdm(_prefetch(batches), total=-(-len(data.train) // batch_size), leave=False,
-                   desc=f"train {utils.subj_dir(data.subj)}")
+        bar = options.progress(_prefetch(batches), f"train {utils.subj_dir(data.subj)}",
+                               total=-(-len(data.train) // batch_size), log=None)
         for step, (x, y) in enumerate(bar, 1):
             # BatchNorm cannot train on one row, and InfoNCE of one pair carries no signal.
             if len(x) < 2:
@@ -538,7 +536,7 @@ def _resume(model, optimizer, generator, meta, checkpoint, device, overwrite):
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     _set_rng_state(state["rng"], generator, device)
-    tqdm.write(f"resuming {checkpoint} after epoch {state['epoch']}")
+    options.say(f"resuming {checkpoint} after epoch {state['epoch']}")
     return state["epoch"], state["history"]
 
 
@@ -609,7 +607,8 @@ def train_model(model, datasets, checkpoint, meta, epochs, lr, batch_size, tempe
         torch.manual_seed(seed)
         start, history = _resume(model, optimizer, generator, meta, checkpoint, device, overwrite)
         saving = None
-        for epoch in tqdm(range(start, epochs), initial=start, total=epochs, desc=Path(checkpoint).stem):
+        bar = options.progress(range(start, epochs), Path(checkpoint).stem, total=epochs, initial=start)
+        for epoch in bar:
             t0 = time.perf_counter()
             try:
                 train_losses = _run_epoch(model, optimizer, datasets, batch_size, device, generator, temperature,
@@ -623,6 +622,7 @@ def train_model(model, datasets, checkpoint, meta, epochs, lr, batch_size, tempe
                 raise _divergence_error(model, checkpoint, epoch + 1, *e.args, lr, temperature) from None
             test_losses = evaluate(model, datasets, batch_size, device, temperature, precision=precision)
             history.append(_history_row(epoch + 1, datasets, train_losses, test_losses, time.perf_counter() - t0))
+            bar.set_postfix(train_loss=f"{history[-1]['train_loss']:.4f}", test_loss=f"{history[-1]['test_loss']:.4f}")
             state = _cpu_copy({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                "epoch": epoch + 1, "rng": _rng_state(generator, device),
                                "history": history, "meta": meta})
@@ -696,19 +696,19 @@ def plan_roi(opts, roi, method, skip_small=False):
         counts = ", ".join(str(len(v)) for v in indices.values())
         if not any(len(v) for v in indices.values()):
             if skip_small:
-                tqdm.write(f"skip {roi}: empty in {hemi} of {where}")
+                options.say(f"skip {roi}: empty in {hemi} of {where}")
                 return None
             raise safe_io.UserError(f"ROI {roi} is empty in {hemi} of {where}: choose an ROI with voxels there "
                                   "(the *_all_rois scripts skip empty ROIs)")
         if skip_small:
-            tqdm.write(f"skip {roi}: {counts} voxels in {hemi} of {where} (fewer than MIN_VOXELS={min_voxels})")
+            options.say(f"skip {roi}: {counts} voxels in {hemi} of {where} (fewer than MIN_VOXELS={min_voxels})")
             return None
         raise safe_io.UserError(f"ROI {roi} has {counts} voxels in {hemi} of {where}, fewer than MIN_VOXELS={min_voxels}: "
                               "choose a larger ROI or lower --min-voxels")
     for s, v in indices.items():
         if pooled and 0 < len(v) < min_voxels:
-            tqdm.write(f"{roi}: {utils.subj_dir(s)} left out "
-                       f"({len(v)} voxels in {hemi}, fewer than MIN_VOXELS={min_voxels})")
+            options.say(f"{roi}: {utils.subj_dir(s)} left out "
+                        f"({len(v)} voxels in {hemi}, fewer than MIN_VOXELS={min_voxels})")
     meta = {"method": method}
     if pooled:
         meta["subjects"] = list(voxels)
@@ -774,7 +774,7 @@ def train_roi(opts, roi, method, skip_small=False):
             return None
         train_model(model, datasets, path, meta, meta["epochs"], meta["lr"], meta["batch_size"],
                     meta.get("temperature"), device, meta["seed"], opts.OVERWRITE, meta["precision"])
-    tqdm.write(f"saved {path}")
+    options.say(f"saved {path}")
     return path
 
 
@@ -792,5 +792,5 @@ def _finished(path, meta, overwrite):
         return False
     safe_io.check_same_settings(path, read_meta(path), training_settings(meta),
                                 "use --overwrite to re-train it, or another --root")
-    tqdm.write(f"skip {meta['roi']}: {path} exists (use --overwrite to re-train)")
+    options.say(f"skip {meta['roi']}: {path} exists (use --overwrite to re-train)")
     return True

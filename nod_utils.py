@@ -51,6 +51,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+import options
 import safe_io
 import utils
 
@@ -297,12 +298,11 @@ def check_beta_run(path, data, map_names, events, events_file):
 def read_runs(nod, subj, sessions, runs):
     """Yield the cortical betas (n_trials, n_cortex) of each run, in session, run order, each checked against
     its events file (``check_beta_run``) and the first run's grayordinates; every beta file must exist."""
-    from tqdm.auto import tqdm
     pairs = [(s, r) for s in sessions for r in runs]
     for s, r in pairs:
         require_nod_file(nod, beta_path(nod, subj, s, r))
     first = None
-    for s, r in tqdm(pairs, desc=f"{sub_name(subj)} betas", leave=False):
+    for s, r in options.progress(pairs, f"{sub_name(subj)} betas", log="end"):
         path = beta_path(nod, subj, s, r)
         data, left, names = read_cortex_dscalar(path)
         if first is not None and (data.shape[1], left) != first:
@@ -526,9 +526,8 @@ def select_vertices(nod, subj, roi, hemisphere, k=50, convention="anatomical"):
     top = top_vertices(r2, roi_vertices(nod, roi, hemisphere, n_left, convention), k)
     zero = int(np.sum(r2[top] <= 0))
     if zero:
-        from tqdm.auto import tqdm
-        tqdm.write(f"warning: {sub_name(subj)} {utils.hemi_code(hemisphere)} {roi}: {zero} of the {len(top)} "
-                   f"selected vertices have pRF R2 <= 0 in {prf_params_path(nod, subj)}")
+        options.say(f"warning: {sub_name(subj)} {utils.hemi_code(hemisphere)} {roi}: {zero} of the {len(top)} "
+                    f"selected vertices have pRF R2 <= 0 in {prf_params_path(nod, subj)}")
     return top
 
 

@@ -14,6 +14,7 @@ import inspect
 import io
 import math
 import sys
+import time
 import tokenize
 from pathlib import Path
 from types import SimpleNamespace
@@ -240,6 +241,14 @@ def _check_name_lengths(option, value):
                                     "folder name may have; use a shorter name")
 
 
+class _Formatter(argparse.HelpFormatter):
+    """argparse's help layout, but a newline in an option's help starts a new line."""
+
+    def _split_lines(self, text, width):
+        split = super()._split_lines
+        return [line for part in text.split("\n") for line in split(part, width)]
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse whose own errors (unknown flag, missing value) are one-line UserErrors."""
 
@@ -267,8 +276,8 @@ def parse_options(module, argv=None):
     default is the constant and whose help is its comment (every block declares ROOT,
     the project folder, so every script has ``--root``). Lists take several values (``--rois V1v V2v`` or
     ``--rois V1v,V2v``); ``none`` gives None where the type allows it (``T | None``).
-    The script's ``CHOICES`` dict (option -> allowed names) and ``RANGES`` dict (option ->
-    Allowed) restrict the values; --help lists them, and a value outside them (flag or
+    The script's ``CHOICES`` dict (option -> allowed names, or a dict name -> what it does, which
+    --help shows one a line) and ``RANGES`` dict (option -> Allowed) restrict the values; --help lists them, and a value outside them (flag or
     constant) is a UserError ``--option VALUE: allowed ...``.
 
     Returns
@@ -285,12 +294,16 @@ def parse_options(module, argv=None):
     if undeclared:
         raise RuntimeError(f"{module.__name__}: CHOICES or RANGES name {', '.join(sorted(undeclared))}, not options")
     doc = (module.__doc__ or "").strip().splitlines()
-    parser = _Parser(prog=Path(module.__file__).name, description=doc[0] if doc else None)
+    parser = _Parser(prog=Path(module.__file__).name, description=doc[0] if doc else None, formatter_class=_Formatter)
     allowed = {o.name: _allowed_text(o, choices.get(o.name), ranges.get(o.name)) for o in options}
     for o in options:
         default = getattr(module, o.name)
         restricted = o.name in choices or o.name in ranges
-        text = f"{o.help} (default: {_show(default)}" + (f"; allowed: {allowed[o.name]})" if restricted else ")")
+        described = isinstance(choices.get(o.name), dict)  # each choice with what it does, one a line
+        allowed_here = "one of those below" if described else allowed[o.name]
+        text = f"{o.help} (default: {_show(default)}" + (f"; allowed: {allowed_here})" if restricted else ")")
+        if described:
+            text += "".join(f"\n{name}: {what}" for name, what in choices[o.name].items())
         kwargs = (dict(nargs="*", metavar="V", action=_ListFlag) if o.is_list else
                   dict(nargs="?", const="true", metavar="BOOL") if o.kind is bool else
                   dict(metavar=o.kind.__name__.upper()))
@@ -328,11 +341,72 @@ def cli(main):
         try:
             return main(argv)
         except safe_io.UserError as e:
-            from tqdm.auto import tqdm
-            tqdm.write(f"error: {e}", file=sys.stderr)  # clears a progress bar left open by the error
+            say(f"error: {e}", file=sys.stderr)  # clears a progress bar left open by the error
             raise SystemExit(2) from None
     wrapped.__name__, wrapped.__doc__, wrapped.__wrapped__ = main.__name__, main.__doc__, main
     return wrapped
+
+
+class _Lines:
+    """progress() off a terminal: plain lines on stdout, each written once (no redraws)."""
+
+    def __init__(self, iterable, desc, total, initial, log):
+        self.iterable, self.desc, self.log, self.postfix = iterable, desc, log, ""
+        self.total = len(iterable) + initial if total is None and hasattr(iterable, "__len__") else total
+        self.initial = initial
+
+    def set_postfix(self, **values):
+        self.postfix = "".join(f", {k}={v}" for k, v in values.items())
+
+    def __iter__(self):
+        start, done = time.perf_counter(), self.initial
+        of = f"/{self.total}" if self.total is not None else ""
+        for item in self.iterable:
+            yield item
+            done += 1
+            if self.log == "each":
+                print(f"{self.desc}: {done}{of} ({time.perf_counter() - start:.1f} s{self.postfix})",
+                      flush=True)
+        if self.log == "end":
+            print(f"{self.desc}: {done - self.initial} done ({time.perf_counter() - start:.1f} s{self.postfix})",
+                  flush=True)
+
+
+def progress(iterable, desc, total=None, initial=0, log="each"):
+    """Progress over ``iterable``: a tqdm bar on a terminal, plain lines elsewhere.
+
+    A bar redraws itself with carriage returns and cursor moves, which fill a SLURM log or a
+    CI log with thousands of fragments; so when stderr (where the bar is drawn) is not a
+    terminal, nothing is redrawn: plain lines go to stdout with the scripts' other lines, and
+    stderr keeps only the error line of a failed run.
+
+    Parameters
+    ----------
+    iterable : the items; ``total`` is its length where it has none, ``initial`` the items
+        already done before it (a resumed run).
+    desc : str, the bar's label and the lines' prefix.
+    log : off a terminal, 'each' writes one line per item ("desc: 3/30 (12.4 s, loss=0.51)":
+        epochs, ROIs, subjects), 'end' one line when the loop ends (a stage: caching images,
+        extracting features), None nothing (steps inside an epoch). On a terminal, the bar of
+        a loop logged 'each' stays when it ends; the others are cleared.
+
+    Returns
+    -------
+    An iterable of the same items, with ``set_postfix(**values)`` as tqdm's.
+    """
+    if sys.stderr.isatty():
+        from tqdm.auto import tqdm
+        return tqdm(iterable, desc=desc, total=total, initial=initial, leave=log == "each")
+    return _Lines(iterable, desc, total, initial, log)
+
+
+def say(text, file=None):
+    """Print one line (to ``file``, default stdout) without breaking a progress bar drawn on the terminal."""
+    if sys.stderr.isatty():
+        from tqdm.auto import tqdm
+        tqdm.write(text, file=file)
+    else:
+        print(text, file=file or sys.stdout, flush=True)
 
 
 def run_config(opts):

@@ -7,8 +7,6 @@ checkpoints are skipped unless --overwrite, and --shard K/N runs only the K-th o
 
 import sys
 
-from tqdm.auto import tqdm
-
 import options
 import utils
 from pooled_model_training import RANGES, train
@@ -41,7 +39,7 @@ CHOICES = {"HEMISPHERE": utils.HEMISPHERE_NAMES, "PRECISION": utils.PRECISIONS, 
 def main(argv=None):
     opts = options.parse_options(sys.modules[__name__], argv)
     rois = utils.shard(opts.ROIS or utils.ROIS, opts.SHARD)
-    return [train(opts, roi, skip_small=True) for roi in tqdm(rois, desc="ROIs")]
+    return [train(opts, roi, skip_small=True) for roi in options.progress(rois, "ROIs")]
 
 
 if __name__ == "__main__":

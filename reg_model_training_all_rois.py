@@ -7,8 +7,6 @@ finished checkpoints are skipped unless --overwrite, and --shard K/N runs only t
 
 import sys
 
-from tqdm.auto import tqdm
-
 import options
 import utils
 from reg_model_training import RANGES, train
@@ -38,7 +36,7 @@ CHOICES = {"HEMISPHERE": utils.HEMISPHERE_NAMES, "PRECISION": utils.PRECISIONS, 
 def main(argv=None):
     opts = options.parse_options(sys.modules[__name__], argv)
     rois = utils.shard(opts.ROIS or utils.ROIS, opts.SHARD)
-    return [train(opts, roi, skip_small=True) for roi in tqdm(rois, desc="ROIs")]
+    return [train(opts, roi, skip_small=True) for roi in options.progress(rois, "ROIs")]
 
 
 if __name__ == "__main__":

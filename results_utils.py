@@ -19,10 +19,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torchvision import transforms
-from tqdm.auto import tqdm
-
 import encoding_results
 import models
+import options
 import safe_io
 import utils
 
@@ -638,7 +637,7 @@ def classification_task(root, dataset, method, subj, hemisphere, rois, epochs, w
         feats = untuned_features(root, dataset, images, weights, seed, device, batch_size, precision)
         saved["accuracy"] = _score_model(root, dataset, "untuned", feats, labels, train, test, len(classes), untuned_meta)
     summary["untuned"] = saved["accuracy"]
-    for roi in tqdm(rois, desc=f"classification {dataset}"):
+    for roi in options.progress(rois, f"classification {dataset}"):
         name = model_name(method, subj, hemisphere, roi, epochs)
         if roi in summary["rois"] and preds_path(root, dataset, name).is_file() and not overwrite:
             continue
@@ -694,7 +693,7 @@ def mi_task(root, method, subj, hemisphere, rois, epochs, device="cpu", batch_si
     rois = select_rois(root, method, subj, hemisphere, rois, epochs, min_voxels, flag="--analysis-min-voxels")
     out = utils.results_dir(root) / "mi_bounds" / f"{summary_stem(method, subj, hemisphere, epochs)}.json"
     summary = _load_summary(out, "mi", overwrite)
-    for roi in tqdm(rois, desc="MI bound"):
+    for roi in options.progress(rois, "MI bound"):
         if roi in summary["rois"] and not overwrite:
             continue
         model, meta = models.load_tuned(root, method, subj, hemisphere, roi, epochs, device)
@@ -776,7 +775,7 @@ def save_embeddings(root, method, subj, hemisphere, rois, epochs, layer=PROBE_LA
     folder = utils.results_dir(root) / "embeddings"
     out = [folder / f"subj{int(subj)}_{split}_nsd_ids.npy"]
     safe_io.atomic_np_save(utils.nsd_ids(paths)[rows], out[0])
-    for roi, roi_layer in zip(tqdm(todo, desc="embeddings"), layers):
+    for roi, roi_layer in zip(options.progress(todo, "embeddings"), layers):
         name = f"subj{int(subj)}_untuned" if roi is None else model_name(method, subj, hemisphere, roi, epochs)
         path = folder / f"{name}_{roi_layer or 'output'}_{split}.npy"
         out.append(path)

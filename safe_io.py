@@ -316,8 +316,8 @@ def cached_array(path, shape, dtype):
         reason = f"it holds {array.dtype} {array.shape}, not {np.dtype(dtype)}" + (f" {tuple(shape)}" if shape else "")
     except (ValueError, OSError, EOFError) as e:
         reason = _reason(e)
-    from tqdm.auto import tqdm
-    tqdm.write(f"rebuilding the damaged cache {path} ({reason})")
+    import options  # options imports this module
+    options.say(f"rebuilding the damaged cache {path} ({reason})")
     path.unlink()
     return None
 

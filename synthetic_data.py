@@ -56,7 +56,6 @@ from pathlib import Path
 
 import numpy as np
 from threadpoolctl import threadpool_limits
-from tqdm.auto import tqdm
 
 import options
 import safe_io
@@ -578,7 +577,7 @@ def write_algonauts_dataset(root, n_subjects=2, n_images=300, image_size=425, se
     # PNG encoding releases the GIL: a chunk is saved by threads while the next one renders.
     pending = []
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        for start in tqdm(range(0, n_pool, CHUNK), desc="synthetic images", leave=False):
+        for start in options.progress(range(0, n_pool, CHUNK), "synthetic images", log="end"):
             chunk = _render_chunk(rng, min(CHUNK, n_pool - start), image_size)
             energy, stats[start:start + len(chunk)] = image_features(chunk)
             rows_here = where[:, start:start + len(chunk)]

@@ -15,8 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
-
 import options
 import safe_io
 
@@ -347,7 +345,7 @@ def image_cache(paths, image_size, cache_folder, name="images", workers=None, de
                             f"{np.prod(shape) / 2**30:.2f} GiB free there; free disk space") from None
         with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
             decoded = pool.map(lambda p: decode(p, image_size), paths)
-            for i, im in enumerate(tqdm(decoded, total=len(paths), desc=f"caching {name}", leave=False)):
+            for i, im in enumerate(options.progress(decoded, f"caching {name}", total=len(paths), log="end")):
                 out[i] = im
         out.flush()
         del out
@@ -570,7 +568,7 @@ def iter_features(alexnet, images, batch_size=256, device="cpu", layers=LAYERS, 
     if device.type == "cuda":
         extractor = extractor.to(memory_format=torch.channels_last)
     rows = np.arange(len(images)) if indices is None else np.asarray(indices)
-    for start in tqdm(range(0, len(rows), batch_size), desc="features", leave=False):
+    for start in options.progress(range(0, len(rows), batch_size), "features", log="end"):
         x = normalize_images(np.ascontiguousarray(images[rows[start:start + batch_size]]), device)
         with torch.no_grad(), autocast(device, precision):
             out = extractor(x)

@@ -57,7 +57,7 @@ def bomb_png(path, side=20000):
 # --- Inputs that gave a silently wrong saved result ---------------------------------------
 
 @pytest.mark.parametrize("spoil, first_bad", [
-    ("gap", "train-0006_"), ("out of order", "train-0011_"), ("case", "TRAIN-0005_")])
+    ("gap", "train-0006_"), ("out of order", "train-0011_"), ("case", "TRAIN-0005_"), ("nsd id", "train-0005_")])
 def test_image_numbers_must_be_1_to_n_in_row_order(project, capsys, spoil, first_bad):
     # Each once shifted every later fMRI row onto the wrong image: mean test r 0.224 fell to -0.063, saved.
     paths = utils.list_images(project, 1)
@@ -65,8 +65,10 @@ def test_image_numbers_must_be_1_to_n_in_row_order(project, capsys, spoil, first
         paths[4].unlink()
     elif spoil == "out of order":  # an unpadded number sorts after train-0240
         paths[9].rename(paths[9].with_name(paths[9].name.replace("train-0010", "train-10")))
-    else:
+    elif spoil == "case":
         paths[4].rename(paths[4].with_name(paths[4].name.replace("train", "TRAIN").replace(".png", ".PNG")))
+    else:  # the NSD id must parse too
+        paths[4].rename(paths[4].with_name(paths[4].name.replace("_nsd-", "_nsd-x")))
     err = refused(fem.main, ["--root", str(project), "--rois", "V1v"] + FIT, project, capsys)
     bad = next(p for p in utils.images_dir(project, 1).iterdir() if p.name.startswith(first_bad))
     assert err.startswith(f"error: image {bad} ")
@@ -81,6 +83,13 @@ def test_a_16_bit_png_is_scaled_to_8_bits(tmp_path):
     expected = np.round(grey / 257).astype(np.uint8)
     assert np.abs(decoded.astype(int) - expected[..., None]).max() <= 1
     assert decoded.min() == 0 and decoded.max() == 255
+    # 32-bit integer or float pixels have no known range: refused, not guessed.
+    for mode, array in (("I", grey.astype(np.int32) * 1000), ("F", grey.astype(np.float32) / 65535)):
+        path = tmp_path / f"{mode}.png"
+        Image.fromarray(array).save(path, format="TIFF")
+        assert Image.open(path).mode == mode
+        with pytest.raises(safe_io.UserError, match=f"image {path} has 32-bit pixels \\(PIL mode {mode}\\)"):
+            utils.decode_image(path, 64)
 
 
 @pytest.fixture(scope="module")
@@ -441,4 +450,8 @@ def test_the_classification_path_reads_bad_files_as_one_line(tmp_path, capsys):
     link = folder / "red" / "link.png"
     link.symlink_to(link)  # a loop
     with pytest.raises(safe_io.UserError, match=f"cannot read {link} \\(Too many levels of symbolic links"):
+        ru.dataset_images(tmp_path, "caltech256", 64)
+    link.unlink()
+    link.symlink_to(tmp_path / "gone.png")  # dangling
+    with pytest.raises(safe_io.UserError, match=f"cannot read {link} \\(No such file or directory"):
         ru.dataset_images(tmp_path, "caltech256", 64)

@@ -2,6 +2,7 @@
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -134,11 +135,26 @@ def test_demo_tiny_run_reports_what_it_saved(tmp_path, capsys):
     bound = mi["rois"]["V1v"]["1"]
     assert table.loc["V1v", "MI CL bits"] == bound["tuned"]["scaled_bits"]
     assert table.loc["V1v", "MI untuned bits"] == bound["untuned"]["scaled_bits"]
-    row = next(line.split() for line in out.splitlines() if line.startswith("V1v "))
+    # The printed summary is OUTPUT/summary.md, a Markdown table of the same numbers.
+    summary = (output / "summary.md").read_text()
+    assert summary in out
+    row = next(line.strip("| ").split(" | ") for line in summary.splitlines() if line.startswith("| V1v |"))
     assert row[2:5] == [f"{test_r[m].mean():.3f}" for m in ("untuned", "cl-tuned", "reg-tuned")]
     assert row[-2] == f"{bound['tuned']['scaled_bits']:.3f}"
     verdict = "beats" if test_r["cl-tuned"].mean() > test_r["untuned"].mean() else "does not beat"
-    assert f"V1v (planted pRFs): CL {verdict} untuned, mean test r {test_r['cl-tuned'].mean():.3f}" in out
+    assert f"V1v (planted pRFs): CL {verdict} untuned, mean test r {test_r['cl-tuned'].mean():.3f}" in summary
+    assert "of wall time (every step run) on " in summary
+    # --update-docs puts it into the demo block of README.md and docs/demo.md; here into copies. The
+    # README's block has this table's columns (its numbers come from the full demo: make demo-docs).
+    for name in demo.DOCS:
+        text = (Path(demo.__file__).parent / name).read_text()
+        block = text.split(demo.DOC_BLOCK[0])[1].split(demo.DOC_BLOCK[1])[0]
+        header = next(line for line in summary.splitlines() if line.startswith("| ROI |"))
+        assert header in block.splitlines()
+        updated = demo.replace_block(text, summary)
+        assert updated.replace(summary, block.lstrip("\n")) == text
+    with pytest.raises(ValueError, match="no single demo summary block"):
+        demo.replace_block("no block here", summary)
     # The probes saw the synthetic ImageFolder: 3 classes, the 15% split of 36 images.
     names, probs, labels, _ = ru.load_predictions(root, "caltech256")
     samples, classes = ru.dataset_samples(root, "caltech256")
@@ -148,7 +164,7 @@ def test_demo_tiny_run_reports_what_it_saved(tmp_path, capsys):
     # Every figure written under the results folders is in OUTPUT, the notebook's landscape included.
     written = [p for d in (utils.results_dir(root), root / "encoding_results") for p in d.rglob("*")
                if p.suffix in (".png", ".pdf")]
-    copies = {p.name: p.read_bytes() for p in output.iterdir()}
+    copies = {p.name: p.read_bytes() for p in output.iterdir() if p.suffix in (".png", ".pdf")}
     assert len(copies) == len(written) and sorted(copies.values()) == sorted(p.read_bytes() for p in written)
     assert {"landscape_caltech256_inpca.png", "Subj1_cl-tuned_layer_scores_lh.png", "Subj2_untuned_layer_scores_lh.png",
             "paper_early_group_cs_avgs_picture.png", "paper_early_group_cl_gain_per_roi.png",
@@ -159,3 +175,31 @@ def test_demo_tiny_run_reports_what_it_saved(tmp_path, capsys):
                      - encoding_results.load_result(encoding_results.result_path(root, s, "untuned", "lh", "V1v"))["test_r"]) for s in (1, 2)]
     stats = figures.group_gains(figures.encoding_table(encoding_results.load_encoding(root)), "cl-tuned", ["V1v"])
     assert stats["n"].tolist() == [2] and stats["mean"].iloc[0] == pytest.approx(np.mean(gains), abs=1e-12)
+
+
+def test_update_docs_rewrites_only_the_demo_blocks_and_the_landscape(tmp_path):
+    import shutil
+
+    import demo
+    repo = Path(demo.__file__).parent
+    for name in demo.DOCS:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(repo / name, tmp_path / name)
+    output = tmp_path / "demo_output"
+    output.mkdir()
+    (output / demo.DOC_FIGURE[0]).write_bytes(b"a new landscape")
+    summary = "**Subj1 lh**: a run\n\n| ROI | voxels |\n|---|---|\n| V1v | 3 |\n\n- 1 figures in demo_output/\n"
+    written = demo.update_docs(summary, output, tmp_path)
+    assert written == [tmp_path / name for name in demo.DOCS] + [tmp_path / demo.DOC_FIGURE[1]]
+    assert (tmp_path / demo.DOC_FIGURE[1]).read_bytes() == b"a new landscape"
+    for name in demo.DOCS:
+        old, new = (repo / name).read_text(), (tmp_path / name).read_text()
+        start, end = demo.DOC_BLOCK
+        assert new.split(start)[0] == old.split(start)[0] and new.split(end)[1] == old.split(end)[1]
+        assert new.split(start)[1].split(end)[0] == "\n" + summary
+    # A file without its block is refused before anything is written.
+    (tmp_path / demo.DOCS[1]).write_text("no block")
+    before = (tmp_path / demo.DOCS[0]).read_text()
+    with pytest.raises(ValueError, match="no single demo summary block"):
+        demo.update_docs("other", output, tmp_path)
+    assert (tmp_path / demo.DOCS[0]).read_text() == before

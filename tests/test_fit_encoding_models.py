@@ -383,6 +383,7 @@ def test_group_summary_averages_rois_without_weights(root):
     assert cv["mean_cl-tuned"] == pytest.approx(0.35) and cv["pct_cl-tuned_gt_untuned"] == pytest.approx(50)
     assert cv["pct_cl-tuned_gt_reg-tuned"] == pytest.approx(100)
     assert table.loc["early", "test_r"]["n_rois"] == 0 and table.loc["all", "test_r"]["n_rois"] == 2
+    assert table.loc["all", "test_r"]["note"].startswith("unbiased") and table.loc["all", "cv_r"]["note"].startswith("optimistic")
     every = pd.read_csv(root / "encoding_results" / "group_summary.csv")
     assert list(every["subject"].unique()) == [1] and len(every) == 2 * len(utils.ROI_GROUPS)
 
@@ -436,3 +437,31 @@ def test_features_spill_to_the_scratch_folder_with_its_variables_expanded(root, 
     np.testing.assert_array_equal(encoding_results.load_result(path)["test_r"], spilled["test_r"])
     err = run_error(argv + ["--overwrite", "--scratch", "$FEM_TEST_UNSET/spill"], capsys)
     assert "--scratch $FEM_TEST_UNSET/spill: the environment variable FEM_TEST_UNSET is not set here" in err
+
+
+def test_on_pure_noise_test_r_is_near_zero_while_cv_r_is_selected_upward(tmp_path):
+    # 80 images with fMRI of pure Gaussian noise: no feature predicts any voxel. The test r of
+    # the refitted model is then a null correlation over the n_test = 12 held-out images, with
+    # standard deviation sigma_test = 1/sqrt(n_test - 1) per voxel, independent across voxels
+    # (each voxel's test noise is its own): a mean over V voxels lies within 4 sigma_test/sqrt(V)
+    # of 0 but once in 16,000. CV r is the fold-mean r at the layer and per-voxel alpha chosen on
+    # those same folds; at a fixed layer and alpha its mean would be null too, with
+    # sigma_cv = 1/sqrt(n_folds (n_val - 1)) per voxel, but the choice among 8 layers x 9 alphas
+    # lifts it beyond 3 sigma_cv/sqrt(V) in each ROI (0.06-0.09 here, as on the real masks).
+    # The 7 streams are disjoint and hold 1148 voxels.
+    import synthetic_data
+    synthetic_data.write_algonauts_dataset(tmp_path, n_subjects=1, n_images=80, image_size=64, seed=0)
+    path = utils.fmri_path(tmp_path, 1, "lh")
+    np.save(path, np.random.default_rng(0).standard_normal(np.load(path).shape).astype(np.float32))
+    rois = utils.ROI_CLASSES["streams"]
+    saved = fem.main(["--root", str(tmp_path), "--rois", *rois] + FAST)
+    train, test = utils.train_test_split(80)
+    n_val = len(utils.cv_folds(train)[0][1])
+    sigma_test, sigma_cv = 1 / np.sqrt(len(test) - 1), 1 / np.sqrt(5 * (n_val - 1))
+    results = [encoding_results.load_result(saved[roi]) for roi in rois]
+    for r in results:
+        assert abs(r["test_r"].mean()) < 4 * sigma_test / np.sqrt(len(r["voxels"]))
+        assert r["cv_r"].mean() > max(r["test_r"].mean(), 3 * sigma_cv / np.sqrt(len(r["voxels"])))
+    test_r, cv_r = (np.concatenate([r[score] for r in results]) for score in ("test_r", "cv_r"))
+    assert len(test_r) == 1148 and abs(test_r.mean()) < 4 * sigma_test / np.sqrt(1148)
+    assert cv_r.mean() > 4 * sigma_cv / np.sqrt(1148)

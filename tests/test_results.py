@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import demo
 import figures
 import results_utils as ru
 import safe_io
@@ -322,9 +323,23 @@ def test_mi_bound_task_matches_direct_computation(pipeline_root, capsys):
     assert mi["rh"][0].loc[rois[1], "subj1"] == summary["rois"][rois[1]]["1"]["tuned"]["scaled_bits"]
 
 
-def test_figures_salience_and_landscape_notebook(pipeline_root, monkeypatch):
-    import nbclient
+def notebook_text(nb):
+    """Everything the executed notebook's code cells printed."""
+    return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+
+
+def test_landscape_notebook_without_predictions_says_what_to_run(tmp_path):
+    # What `pytest --nbmake` runs in a fresh checkout: a ROOT without probe predictions.
     import nbformat
+    nb = nbformat.read(Path(demo.__file__).with_name("feature_extraction_model_landscape_imagenet.ipynb"), 4)
+    assert 'ROOT = "."' in nb.cells[1].source and 'DATASET = "imagenet"' in nb.cells[1].source
+    text = notebook_text(demo.run_notebook(tmp_path, "imagenet"))
+    assert f"No probe predictions in {tmp_path / 'classification_preds' / 'imagenet'}, so nothing to draw" in text
+    assert f"generate_results.py --root {tmp_path} --type classification-task --dataset imagenet" in text
+    assert not (tmp_path / "results").exists()
+
+
+def test_figures_salience_and_landscape_notebook(pipeline_root, monkeypatch):
     root, rois = pipeline_root, pipeline_rois(pipeline_root)
     run(["--type", "classification-task", "--dataset", "caltech256", *BASE], root)
     run(["--type", "classification-task-pooled-avg", "--dataset", "caltech256", "--hemispheres", "left", *BASE], root)
@@ -354,14 +369,7 @@ def test_figures_salience_and_landscape_notebook(pipeline_root, monkeypatch):
         "classification_caltech256_pooled-avg_e1.png",
         f"salience_caltech256_subj1_{rois[0]}_cl-tuned_e1_img3.png"}
     # The notebook, run headless on these outputs with injected parameters.
-    repo = Path(ru.__file__).resolve().parent
-    nb = nbformat.read(repo / "feature_extraction_model_landscape_imagenet.ipynb", 4)
-    params = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
-    assert len(params) == 1
-    nb.cells.insert(params[0] + 1, nbformat.v4.new_code_cell(f"ROOT = {str(root)!r}\nDATASET = 'caltech256'"))
-    nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
-                            resources={"metadata": {"path": str(repo)}}).execute()
-    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    text = notebook_text(demo.run_notebook(root, "caltech256"))
     n_models = len(list((utils.classification_preds_dir(root) / "caltech256").glob("*.npz")))
     assert f"{n_models + 1} models (oracle included)" in text
     assert (folder / "landscape_caltech256_inpca.png").is_file() and (folder / "landscape_caltech256_inpca.pdf").is_file()
@@ -386,6 +394,9 @@ def test_fmri_side_outputs(pipeline_root):
     _, test = utils.train_test_split(len(utils.list_images(root, 1)))
     saved = np.load(utils.results_dir(root) / "test_fmri" / f"subj1_lh_{rois[0]}.npy")
     np.testing.assert_array_equal(saved, utils.load_fmri(root, 1, "lh", utils.roi_voxel_indices(root, 1, "lh", rois[0]))[test])
+    # Without --subjects, every subject under roi_masks, as every other script.
+    saved = np.load(utils.results_dir(root) / "test_fmri" / f"subj2_lh_{rois[0]}.npy")
+    np.testing.assert_array_equal(saved, utils.load_fmri(root, 2, "lh", utils.roi_voxel_indices(root, 2, "lh", rois[0]))[test])
     # The default export is the authors': fc7 of the test split in split order, row for row with the test fMRI.
     run(["--type", "save-embeddings", "--hemispheres", "right", *BASE], root)
     folder = utils.results_dir(root) / "embeddings"

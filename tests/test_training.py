@@ -47,8 +47,18 @@ def test_reg_script_writes_checkpoint_meta_and_log(root):
 def test_all_rois_skips_empty_and_finished_rois(root, capsys):
     argv = ["--root", str(root), "--rois", "mTL-faces", "V1v"] + FAST + ["--max-voxels", "40"]
     assert cl_model_training_all_rois.main(argv) == [None, utils.cl_model_path(root, 1, "lh", "V1v", 1)]
-    assert "skip mTL-faces: empty in lh of Subj1" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "skip mTL-faces: empty in lh of Subj1" in captured.out
     path = utils.cl_model_path(root, 1, "lh", "V1v", 1)
+    # capsys's stderr is not a terminal, as a SLURM or CI log: no bar redraws, but one line on stdout
+    # per epoch with its losses, one per ROI, none per training step.
+    assert "\r" not in captured.out + captured.err and "\x1b" not in captured.out + captured.err
+    row, = models.read_meta(path)["history"]
+    epoch, = [line for line in captured.out.splitlines() if line.startswith(path.stem)]
+    assert epoch.startswith(f"{path.stem}: 1/1 (")
+    assert epoch.endswith(f"train_loss={row['train_loss']:.4f}, test_loss={row['test_loss']:.4f})")
+    assert [line.split(" (")[0] for line in captured.out.splitlines() if line.startswith("ROIs")] == ["ROIs: 1/2", "ROIs: 2/2"]
+    assert not any(line.startswith("train Subj1") for line in captured.out.splitlines()) and captured.err == ""
     _, meta = models.load_checkpoint(path)
     all_voxels = utils.roi_voxel_indices(root, 1, "lh", "V1v")
     assert meta["n_voxels"] == 40 and len(all_voxels) > 40 and set(meta["voxels"]) <= set(all_voxels.tolist())
@@ -63,6 +73,17 @@ def test_all_rois_skips_empty_and_finished_rois(root, capsys):
     # The fix the message names: re-train with --overwrite.
     cl_model_training_all_rois.main(argv + ["--max-voxels", "41", "--overwrite"])
     assert models.read_meta(path)["n_voxels"] == 41 and path.stat().st_mtime_ns != before
+
+
+def test_progress_lines_count_from_a_resumed_epoch(capsys):
+    bar = options.progress(range(3, 5), "run", total=5, initial=3)
+    for i in bar:
+        bar.set_postfix(item=i)
+    assert [line.split(" (")[0] for line in capsys.readouterr().out.splitlines()] == ["run: 4/5", "run: 5/5"]
+    assert list(options.progress(iter("ab"), "stage", log="end")) == ["a", "b"]
+    line, = capsys.readouterr().out.splitlines()
+    assert line.startswith("stage: 2 done (") and list(options.progress([1], "quiet", log=None)) == [1]
+    assert capsys.readouterr().out == ""
 
 
 def test_all_rois_shard_runs_only_its_part(root, capsys):
