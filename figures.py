@@ -13,8 +13,9 @@ category ROIs (early + higher).
 
 Cortical maps use nilearn's packaged fsaverage5 mesh (no download). fsaverage nests
 fsaverage5: the first 10242 of fsaverage's 163842 vertices per hemisphere are fsaverage5's.
-Challenge-space vertex i is fsaverage vertex ``np.flatnonzero(all-vertices mask)[i]``, so
-the vertices below 10242 are drawn on fsaverage5, and all of them on a full fsaverage mesh.
+Challenge-space vertex i is fsaverage vertex ``np.flatnonzero(all-vertices mask)[i]``; on
+fsaverage5 every fitted vertex is averaged into its nearest fsaverage5 vertex (pycortex's
+table, fsaverage/README.md), on a full fsaverage mesh each is drawn where it is.
 """
 
 import functools
@@ -932,14 +933,46 @@ def fsaverage_rows(root, subj, hemisphere):
     return np.flatnonzero(utils.load_label_file(utils.fsaverage_mask_path(root, subj, hemisphere)))
 
 
-def to_mesh(values, rows, n_mesh):
-    """Challenge-space values (n_vertices,) on a mesh of ``n_mesh`` fsaverage-nested vertices, NaN elsewhere.
+FSAVERAGE5_NEAREST = Path(__file__).resolve().parent / "fsaverage" / "fsaverage5_nearest.npz"
 
-    fsaverage5 (10242) keeps the vertices whose fsaverage index is below 10242; fsaverage keeps all.
+
+@functools.cache
+def fsaverage5_nearest():
+    """The nearest fsaverage5 vertex of every fsaverage vertex, shape (163842,): itself below 10242 (fsaverage
+    nests fsaverage5), pycortex's nearest-neighbour table on the sphere above (fsaverage/README.md)."""
+    with np.load(FSAVERAGE5_NEAREST) as f:
+        table = f["nearest"].astype(np.int64)
+    return np.concatenate([np.arange(FSAVERAGE5_VERTICES), table])
+
+
+def to_mesh(values, rows, n_mesh, categorical=False):
+    """Challenge-space values (n_vertices,) on fsaverage5 (``n_mesh`` 10242) or fsaverage (163842), NaN where none.
+
+    Parameters
+    ----------
+    values : (n_vertices,) values, NaN where nothing is drawn.
+    rows : (n_vertices,) fsaverage vertex of each challenge-space vertex (``fsaverage_rows``).
+    categorical : integer codes: a mesh vertex takes the most common code (ties: the smallest)
+        instead of the mean.
+
+    Returns
+    -------
+    (n_mesh,) array. On fsaverage each vertex keeps its value; on fsaverage5 each vertex takes
+    the mean of the values of the vertices whose nearest fsaverage5 vertex it is.
     """
+    finite = np.isfinite(values)
+    target = rows[finite] if n_mesh == utils.N_FSAVERAGE_VERTICES else fsaverage5_nearest()[rows[finite]]
+    values = values[finite]
     out = np.full(n_mesh, np.nan)
-    keep = rows < n_mesh
-    out[rows[keep]] = values[keep]
+    if categorical:
+        counts = np.zeros((n_mesh, int(values.max()) + 1 if len(values) else 1))
+        np.add.at(counts, (target, values.astype(np.int64)), 1)
+        has = counts.sum(axis=1) > 0
+        out[has] = counts[has].argmax(axis=1)
+    else:
+        n = np.bincount(target, minlength=n_mesh)
+        has = n > 0
+        out[has] = np.bincount(target, values, minlength=n_mesh)[has] / n[has]
     return out
 
 
@@ -1094,14 +1127,28 @@ def _face_mode(codes):
     return values[np.argmax(counts)]
 
 
-def subject_surface_maps(root, subj, results, n_mesh, value):
-    """{hemi: (n_mesh,)} of ``vertex_values`` on the mesh, for the hemispheres with results."""
+def subject_surface_maps(root, subj, results, n_mesh, value, categorical=False):
+    """{hemi: (n_mesh,)} of ``vertex_values`` on the mesh (``to_mesh``), for the hemispheres with results."""
     out = {}
     for h in utils.HEMISPHERES:
         if any(k[1] == h for k in results):
             rows = fsaverage_rows(root, subj, h)
-            out[h] = to_mesh(vertex_values(results, h, len(rows), value), rows, n_mesh)
+            out[h] = to_mesh(vertex_values(results, h, len(rows), value), rows, n_mesh, categorical)
     return out
+
+
+def mesh_note(counts, n_mesh):
+    """The caption's account of the vertices drawn: ``counts`` {hemi: (fitted vertices, mesh vertices they cover)}."""
+    each = f" ({', '.join(f'{h}: {k} on {m}' for h, (k, m) in counts.items())})" if counts else ""
+    if n_mesh == FSAVERAGE5_VERTICES:
+        return f"every fitted vertex is averaged into its nearest fsaverage5 vertex{each}; {OVERLAP_NOTE}"
+    return f"every fitted vertex is drawn on fsaverage{each}; {OVERLAP_NOTE}"
+
+
+def covered(root, subj, voxels, hemisphere, n_mesh):
+    """(number of challenge-space ``voxels``, number of mesh vertices they are drawn on)."""
+    rows = fsaverage_rows(root, subj, hemisphere)[voxels]
+    return len(voxels), len(np.unique(rows if n_mesh == utils.N_FSAVERAGE_VERTICES else fsaverage5_nearest()[rows]))
 
 
 def cortical_figures(root, encoding, meshes=None, surfaces=SURFACES, views=VIEWS, folder=None, kind="all", score="test_r"):
@@ -1113,15 +1160,12 @@ def cortical_figures(root, encoding, meshes=None, surfaces=SURFACES, views=VIEWS
     """
     meshes, n = meshes or load_meshes()
     folder = Path(folder or paper_dir(root)) / "cortical"
-    surface = "fsaverage5" if n == FSAVERAGE5_VERTICES else "fsaverage"
     name = SCORE_NAMES[score]
     paths, drawn = [], {}
     for subj, results in encoding.items():
         fitted = {h: np.unique(np.concatenate([r["voxels"] for k, r in results.items() if k[1] == h]))
                   for h in utils.HEMISPHERES if any(k[1] == h for k in results)}
-        shown = {h: int((fsaverage_rows(root, subj, h)[v] < n).sum()) for h, v in fitted.items()}
-        where = (f"{', '.join(f'{h}: {shown[h]} of {len(v)}' for h, v in fitted.items())} fitted vertices lie on "
-                 f"{surface} and are drawn; {OVERLAP_NOTE}")
+        where = mesh_note({h: covered(root, subj, v, h, n) for h, v in fitted.items()}, n)
         methods = [m for m in utils.METHODS if any(k[0] == m for k in results)]
         jobs = [(f"{score}_{m}", score_of(m, score), f"{utils.subj_dir(subj)}: {name} of {m}", f"{name} (Pearson)", None)
                 for m in methods if kind == "all"]
@@ -1133,7 +1177,7 @@ def cortical_figures(root, encoding, meshes=None, surfaces=SURFACES, views=VIEWS
                          f"{utils.subj_dir(subj)}: method with the highest {name}", "best method",
                          {m: METHOD_COLOURS[m] for m in methods}))
         for stem_name, value, title, label, categories in jobs:
-            maps = subject_surface_maps(root, subj, results, n, value)
+            maps = subject_surface_maps(root, subj, results, n, value, categorical=categories is not None)
             if not any(np.isfinite(m).any() for m in maps.values()):
                 continue
             stem = folder / f"subj{subj}_{stem_name}"
@@ -1148,7 +1192,7 @@ def cortical_figures(root, encoding, meshes=None, surfaces=SURFACES, views=VIEWS
         stem = folder / "all_subjects_panel"
         paths += plot_cortical_map(panel, meshes, "gain of cl-tuned over untuned, all subjects (inflated)",
                                    f"{name} (cl-tuned) - {name} (untuned)", stem, views=views,
-                                   caption=f"the fitted vertices that lie on {surface} are drawn; {OVERLAP_NOTE}")
+                                   caption=mesh_note({}, n))
         drawn[stem.name] = dict(panel)
     return paths, drawn
 
@@ -1165,15 +1209,16 @@ def cortical_key(root, subj, meshes, folder):
     meshes, n = meshes
     rois = [r for r in PAPER_ROIS if any(utils.roi_voxel_count(root, subj, h, r) for h in utils.HEMISPHERES)]
     code = lambda _, h, roi: (utils.roi_voxel_indices(root, subj, h, roi), float(rois.index(roi))) if roi in rois else None
-    maps = {}
+    maps, counts = {}, {}
     for h in utils.HEMISPHERES:
         rows = fsaverage_rows(root, subj, h)
-        maps[h] = to_mesh(vertex_values(None, h, len(rows), code), rows, n)
+        values = vertex_values(None, h, len(rows), code)
+        maps[h] = to_mesh(values, rows, n, categorical=True)
+        counts[h] = covered(root, subj, np.flatnonzero(np.isfinite(values)), h, n)
     colours = {roi: category_colour(k) for k, roi in enumerate(rois)}
-    surface = "fsaverage5" if n == FSAVERAGE5_VERTICES else "fsaverage"
     stem = Path(folder) / "cortical_results_key"
     return plot_cortical_map(maps, meshes, f"ROI key: the ROIs of {utils.subj_dir(subj)}", "ROI", stem, categories=colours,
-                             views=KEY_VIEWS, caption=f"the ROI vertices that lie on {surface} are drawn; {OVERLAP_NOTE}"), maps
+                             views=KEY_VIEWS, caption=mesh_note(counts, n).replace("fitted", "ROI")), maps
 
 
 # --- Everything ------------------------------------------------------------------------
