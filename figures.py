@@ -42,8 +42,10 @@ SURFACES = ("inflated", "pial")
 VIEWS = ("lateral", "medial", "ventral")
 POOLED = ("pooled-avg", "pooled-const")
 HEMI_NAMES = {"lh": "left hemisphere", "rh": "right hemisphere"}
-# Categorical colours of methods, subjects and ROI groups (tab10 order).
-METHOD_COLOURS = dict(zip(utils.METHODS + ["oracle"], ("#7f7f7f", "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "k")))
+# One colour per method in every figure (Okabe-Ito, safe for colour-blind readers): untuned is black, so
+# that where it wins shows on the grey cortex of the winner map; the landscapes' oracle is grey.
+METHOD_COLOURS = {"untuned": "#000000", "cl-tuned": "#D55E00", "reg-tuned": "#0072B2", "pooled-avg": "#009E73",
+                  "pooled-const": "#CC79A7", "oracle": "#999999"}
 GROUP_COLOURS = {"early": "#1f77b4", "higher": "#ff7f0e", "anatomical": "#2ca02c"}  # the paper's: early blue, higher orange
 OVERLAP_NOTE = ("where a vertex lies in several ROIs, the value of the first ROI in canonical order "
                 "(prf-visualrois, floc-bodies, -faces, -places, -words, then streams) is drawn")
@@ -173,9 +175,9 @@ def plot_landscape(land, stem, title=None):
     for special, marker, size in (("untuned", "*", 300), ("oracle", "X", 150)):
         idx = [i for i, m in enumerate(land["metas"]) if m["method"] == special]
         if idx:
-            ax.scatter(xy[idx, 0], xy[idx, 1], marker=marker, s=size, c="red" if special == "untuned" else "k",
-                       edgecolors="k", zorder=3)
-            legend.append(Line2D([], [], marker=marker, ls="", color="red" if special == "untuned" else "k",
+            ax.scatter(xy[idx, 0], xy[idx, 1], marker=marker, s=size, c=METHOD_COLOURS[special], edgecolors="w",
+                       linewidths=0.6, zorder=3)
+            legend.append(Line2D([], [], marker=marker, ls="", color=METHOD_COLOURS[special],
                                  markersize=10, label=f"{special} ({acc[idx[0]]:.3f})"))
     fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap="viridis"), ax=ax, label="test accuracy")
     vals = land["eigenvalues"]
@@ -208,53 +210,92 @@ def plot_salience(image, cams, titles, stem, suptitle=None):
     return save_figure(fig, stem)
 
 
-def plot_layer_scores(table, path):
+def plot_layer_scores(table, path, title=""):
     """ROI x layer heatmap of the CV scores with the best layer of each ROI boxed; returns the figure."""
     plt = pyplot()
     from matplotlib.patches import Rectangle
     scores = table[utils.LAYERS].to_numpy(dtype=float)
-    fig, ax = plt.subplots(figsize=(1 + 0.8 * len(utils.LAYERS), 1 + 0.3 * len(table)))
+    fig, ax = plt.subplots(figsize=(1 + 0.8 * len(utils.LAYERS), 1.6 + 0.3 * len(table)), layout="constrained")
     im = ax.imshow(scores, aspect="auto", cmap="viridis")
     for i, best in enumerate(table["best_layer"]):
         ax.add_patch(Rectangle((utils.LAYERS.index(best) - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=2))
     ax.set_xticks(range(len(utils.LAYERS)), utils.LAYERS, rotation=45, ha="right")
     ax.set_yticks(range(len(table)), table["roi"])
-    fig.colorbar(im, ax=ax, label="mean CV r")
-    fig.tight_layout()
+    fig.colorbar(im, ax=ax, label="ROI mean 5-fold CV r")
+    ax.set_title(title, fontsize=9)
     save_figure(fig, path)
     return fig
 
 
-def plot_methods(table, path):
-    """Per ROI, one bar per method: mean test r."""
+def tag_name(tag):
+    """A method tag in words: 'cl-tuned_from-Subj2' -> 'cl-tuned (Subj2's model)', '_untuned-layer' -> ', untuned layer'."""
+    method, *rest = tag.split("_")
+    words = [f"{part[5:]}'s model" if part.startswith("from-") else part.replace("-", " ") for part in rest]
+    return method + (f" ({', '.join(words)})" if words else "")
+
+
+def _tag_order(tag):
+    """Untuned first, then the methods in utils.METHODS order, each before its transfers and protocols."""
+    method = tag.split("_")[0]
+    return (utils.METHODS.index(method) if method in utils.METHODS else len(utils.METHODS), tag != method, tag)
+
+
+def _roi_list(rois, most=6):
+    """'V1v, hV4 and EBA', or '12 ROIs' beyond ``most``."""
+    rois = list(rois)
+    if len(rois) > most:
+        return f"{len(rois)} ROIs"
+    return rois[0] if len(rois) == 1 else f"{', '.join(rois[:-1])} and {rois[-1]}"
+
+
+HATCHES = (None, "//", "\\\\", "xx", "..", "++")  # a method's own bar, then its transfers and other protocols
+
+
+def plot_methods(table, path, results=None, title=""):
+    """Per ROI of one hemisphere's ``table`` (methods.csv rows), one bar per method tag (untuned first, one
+    colour per method; its transfers and other protocols hatched, one hatch each): mean test r, with the
+    interquartile range of the per-voxel test r as error bars when ``results`` ((tag, hemisphere, roi) ->
+    result) is given. Returns the figure."""
     plt = pyplot()
-    tags = list(dict.fromkeys(table["tag"]))
+    tags = sorted(dict.fromkeys(table["tag"]), key=_tag_order)
     rois = sorted(set(table["roi"]), key=utils.ROIS.index)
+    hemi = table["hemisphere"].iloc[0]
     width = 0.8 / len(tags)
-    fig, ax = plt.subplots(figsize=(2 + 0.6 * len(rois) * max(1, len(tags) / 2), 3.5))
+    fig, ax = plt.subplots(figsize=(2 + 0.6 * len(rois) * max(1, len(tags) / 2), 3.8), layout="constrained")
     for k, tag in enumerate(tags):
         sub = table[table["tag"] == tag].set_index("roi").reindex(rois)
-        ax.bar(np.arange(len(rois)) + (k - (len(tags) - 1) / 2) * width, sub["mean_test_r"], width, label=tag)
+        x = np.arange(len(rois)) + (k - (len(tags) - 1) / 2) * width
+        spread = None
+        if results is not None:
+            quartiles = np.array([np.percentile(results[tag, hemi, roi]["test_r"], [25, 75]) if (tag, hemi, roi) in results
+                                  else (np.nan, np.nan) for roi in rois])
+            spread = np.nan_to_num(np.abs(quartiles.T - sub["mean_test_r"].to_numpy()))
+        method = tag.split("_")[0]
+        variant = [t for t in tags if t.split("_")[0] == method].index(tag)  # the method's own tag sorts first
+        ax.bar(x, sub["mean_test_r"], width, yerr=spread, capsize=1.5, error_kw={"lw": 0.6},
+               color=METHOD_COLOURS.get(method, "0.5"), hatch=HATCHES[variant % len(HATCHES)], edgecolor="w",
+               lw=0.3, label=tag_name(tag))
     ax.set_xticks(range(len(rois)), rois, rotation=45, ha="right")
     ax.set_ylabel("mean test r")
     ax.axhline(0, color="k", lw=0.5)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    fig.legend(*ax.get_legend_handles_labels(), fontsize=7, loc="outside right upper")
+    ax.set_title(title + ("\nbars: mean over the ROI's voxels; error bars: their 25th-75th percentile" if results else ""),
+                 fontsize=9)
     save_figure(fig, path)
     return fig
 
 
-def plot_scatter(x, y, label, path):
+def plot_scatter(x, y, label, path, title=""):
     """Per-voxel test r of a method (y) against untuned (x), with the identity line."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(4, 4))
-    ax.scatter(x, y, s=3, alpha=0.5)
+    fig, ax = plt.subplots(figsize=(4.4, 4.4), layout="constrained")
+    ax.scatter(x, y, s=3, alpha=0.5, color=METHOD_COLOURS.get(label.split("_")[0], "0.5"))
     lo, hi = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
     ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
     ax.set_xlabel("untuned test r")
-    ax.set_ylabel(f"{label} test r")
-    ax.set_title(f"{100 * np.mean(y > x):.1f}% of voxels above the line")
-    fig.tight_layout()
+    ax.set_ylabel(f"{tag_name(label)} test r")
+    ax.set_title(f"{title}{chr(10) if title else ''}{100 * np.mean(y > x):.1f}% of {len(x)} voxels above the line",
+                 fontsize=8)
     save_figure(fig, path)
     return fig
 
@@ -275,7 +316,7 @@ def plot_transfer(mean_r, frac, title, path):
         ax.set_xlabel("target subject")
         ax.set_ylabel("model subject")
         ax.set_title(label, fontsize=9)
-        fig.colorbar(im, ax=ax, shrink=0.8)
+        fig.colorbar(im, ax=ax, shrink=0.8, label=label)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     save_figure(fig, path)
@@ -285,21 +326,26 @@ def plot_transfer(mean_r, frac, title, path):
 def summary_figures(root, subj, table, results):
     """The subject's figures of ``encoding_results.write_summaries``: per method tag and hemisphere the
     ROI x layer scores, per hemisphere the methods per ROI and, per tuned tag, its per-voxel test r
-    against untuned."""
+    against untuned. Each title names the subject, hemisphere, method and ROIs."""
     out_dir = utils.encoding_dir(root, subj)
+    who = lambda hemi: f"{utils.subj_dir(subj)}, {HEMI_NAMES[hemi]}"
     for tag, sub in table.groupby("tag", sort=False):
         for hemi, part in sub.groupby("hemisphere"):
-            plot_layer_scores(part, out_dir / tag / f"layer_scores_{hemi}.png")
+            plot_layer_scores(part, out_dir / tag / f"layer_scores_{hemi}.png",
+                              f"{who(hemi)}, {tag_name(tag)}: encoding score per ROI and layer\n"
+                              "ROI mean 5-fold CV r, best layer boxed")
     for hemi, part in table.groupby("hemisphere"):
-        plot_methods(part, out_dir / f"methods_{hemi}.png")
+        plot_methods(part, out_dir / f"methods_{hemi}.png", results,
+                     f"{who(hemi)}: mean test r per ROI and method ({_roi_list(part['roi'].unique())})")
         for tag in dict.fromkeys(part["tag"]):
-            pairs = [(results["untuned", hemi, roi], results[tag, hemi, roi]) for roi in part["roi"].unique()
-                     if tag != "untuned" and (tag, hemi, roi) in results and ("untuned", hemi, roi) in results]
-            pairs = [(u, r) for u, r in pairs if np.array_equal(u["voxels"], r["voxels"])]
-            if pairs:
-                plot_scatter(np.concatenate([u["test_r"] for u, _ in pairs]),
-                             np.concatenate([r["test_r"] for _, r in pairs]), tag,
-                             out_dir / f"scatter_{tag}_vs_untuned_{hemi}.png")
+            rois = [roi for roi in part["roi"].unique()
+                    if tag != "untuned" and (tag, hemi, roi) in results and ("untuned", hemi, roi) in results
+                    and np.array_equal(results["untuned", hemi, roi]["voxels"], results[tag, hemi, roi]["voxels"])]
+            if rois:
+                plot_scatter(np.concatenate([results["untuned", hemi, roi]["test_r"] for roi in rois]),
+                             np.concatenate([results[tag, hemi, roi]["test_r"] for roi in rois]), tag,
+                             out_dir / f"scatter_{tag}_vs_untuned_{hemi}.png",
+                             f"{who(hemi)}, {_roi_list(rois)}:\n{tag_name(tag)} vs untuned, per-voxel test r")
 
 
 def plot_nod_summary(table, stem):
@@ -318,7 +364,8 @@ def plot_nod_summary(table, stem):
             sub = table[(table["hemisphere"] == hemi) & (table["method"] == method)]
             stats = sub.groupby("roi")["mean_test_r"].agg(["mean", "sem", "count"]).reindex(rois)
             x = np.arange(len(rois)) + (k - (len(methods) - 1) / 2) * width
-            ax.bar(x, stats["mean"], width, yerr=stats["sem"].fillna(0), label=method, capsize=2)
+            ax.bar(x, stats["mean"], width, yerr=stats["sem"].fillna(0), label=method, capsize=2,
+                   color=METHOD_COLOURS[method])
             for i, roi in enumerate(rois):
                 ys = sub[sub["roi"] == roi]["mean_test_r"].to_numpy()
                 ax.plot(np.full(len(ys), x[i]), ys, "k.", ms=3)
@@ -336,9 +383,9 @@ def plot_nod_summary(table, stem):
 def salience_figure(root, dataset, method, subj, roi, image_index, epochs, maps):
     """Draw ``results_utils.salience_maps``: rows = models, columns = the image and its mirror.
 
-    Writes results/figures/salience_<dataset>_[subjX_]<roi>_<method>_e<E>_img<i>.png/.pdf; returns the paths.
+    Writes results/figures/salience_<dataset>_[SubjX_]<roi>_<method>_e<E>_img<i>.png/.pdf; returns the paths.
     """
-    who = "" if method.startswith("pooled") else f"subj{int(subj)}_"
+    who = "" if method.startswith("pooled") else f"{utils.subj_dir(subj)}_"
     stem = utils.results_dir(root) / "figures" / f"salience_{dataset}_{who}{roi}_{method}_e{int(epochs)}_img{image_index}"
     return plot_salience(maps.image, maps.cams, maps.titles, stem,
                          f"Grad-CAM at features.12 for the true class: {maps.class_name}")
@@ -628,8 +675,8 @@ def plot_best_layers(table, stem):
         ax.set_title(HEMI_NAMES[h])
     bar = fig.colorbar(im, ax=list(axes[0]), ticks=range(len(utils.LAYERS)))
     bar.ax.set_yticklabels(utils.LAYERS)
-    bar.set_label("best layer of the untuned AlexNet (5-fold CV r)")
-    fig.suptitle("Best untuned AlexNet layer per ROI and subject (white: no result)")
+    bar.set_label("best layer")
+    fig.suptitle("Best untuned AlexNet layer per ROI and subject, by ROI mean 5-fold CV r (white: no result)")
     return save_figure(fig, stem), mats
 
 
@@ -650,17 +697,22 @@ def presence_matrix(counts):
 
 
 def plot_presence(matrix, stem, min_voxels=utils.MIN_VOXELS):
-    """The paper's presence table (``presence_matrix``): black where the ROI has at least ``min_voxels``
-    voxels, white where not; each cell prints its voxel count. Returns the written paths."""
+    """The paper's presence table (``presence_matrix``), each cell printing its voxel count: black where the ROI
+    has at least utils.ANALYSIS_MIN_VOXELS (20) voxels, grey where it has ``min_voxels`` to 19 (fitted, but too
+    small for the MI bound and the probes; the paper's 2024 figures left it out), white where it has fewer
+    than ``min_voxels`` (absent). Returns the written paths."""
     plt = pyplot()
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
     values = matrix.to_numpy()
+    small = max(min_voxels, utils.ANALYSIS_MIN_VOXELS)
+    level = (values >= min_voxels).astype(int) + (values >= small)
+    colours = ["white", "0.62", "black"]
     fig, ax = plt.subplots(figsize=(2.6 + 0.55 * matrix.shape[1], max(3.5, 1.4 + 0.2 * len(matrix))), layout="constrained")
-    ax.imshow(values >= min_voxels, cmap=ListedColormap(["white", "black"]), vmin=0, vmax=1, aspect="auto")
+    ax.imshow(level, cmap=ListedColormap(colours), vmin=0, vmax=2, aspect="auto")
     for (i, j), v in np.ndenumerate(values):
         if v > 0:
-            ax.text(j, i, str(v), ha="center", va="center", fontsize=5, color="w" if v >= min_voxels else "0.4")
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=5, color=("0.4", "k", "w")[level[i, j]])
     ax.set_xticks(range(matrix.shape[1]), [str(s) for s in matrix.columns])
     ax.set_xticks(np.arange(matrix.shape[1] + 1) - 0.5, minor=True)
     ax.set_yticks(np.arange(len(matrix) + 1) - 0.5, minor=True)
@@ -669,8 +721,12 @@ def plot_presence(matrix, stem, min_voxels=utils.MIN_VOXELS):
     ax.set_yticks(range(len(matrix)), matrix.index, fontsize=7)
     ax.set_xlabel("Subject")
     ax.set_ylabel("ROI")
-    ax.legend([Patch(fc="black"), Patch(fc="white", ec="0.6")], [f"Present (>= {min_voxels} voxels)", "Not present"],
-              loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7)
+    labels = [f"Present (>= {small} voxels)", f"Not present (< {min_voxels} voxel{'s' * (min_voxels > 1)})"]
+    handles = [Patch(fc="black"), Patch(fc="white", ec="0.6")]
+    if small > min_voxels:
+        labels.insert(1, f"Present, under {small} voxels:\nno MI bound or probe; left out\nby the paper's 2024 figures")
+        handles.insert(1, Patch(fc=colours[1]))
+    ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7)
     ax.set_title("Presence of ROIs in each subject (numbers: voxels)", fontsize=10)
     return save_figure(fig, stem)
 
@@ -1180,7 +1236,7 @@ def cortical_figures(root, encoding, meshes=None, surfaces=SURFACES, views=VIEWS
             maps = subject_surface_maps(root, subj, results, n, value, categorical=categories is not None)
             if not any(np.isfinite(m).any() for m in maps.values()):
                 continue
-            stem = folder / f"subj{subj}_{stem_name}"
+            stem = folder / f"{utils.subj_dir(subj)}_{stem_name}"
             paths += plot_cortical_map(maps, meshes, title, label, stem, categories=categories, surfaces=surfaces,
                                        views=views, caption=where)
             drawn[stem.name] = maps
@@ -1198,11 +1254,19 @@ def cortical_figures(root, encoding, meshes=None, surfaces=SURFACES, views=VIEWS
 
 
 KEY_VIEWS = ("lateral", "posterior", "medial")
+# The colours of the paper's ROI key (read off the legend of the authors' cortical_results_key.png); aTL-faces,
+# absent from their key, takes the pastel its neighbours' sequence skipped.
+ROI_KEY_COLOURS = {
+    "V1v": "#1f77b4", "V1d": "#aec7e8", "V2v": "#ffbb78", "V2d": "#2ca02c", "V3v": "#d62728", "V3d": "#ff9896",
+    "hV4": "#c5b0d5", "EBA": "#8c564b", "FBA-1": "#e377c2", "FBA-2": "#f7b6d2", "mTL-bodies": "#c7c7c7",
+    "OFA": "#bcbd22", "FFA-1": "#17becf", "FFA-2": "#9edae5", "mTL-faces": "#b3e2cd", "aTL-faces": "#f4cae4",
+    "OPA": "#fdcdac", "PPA": "#cbd5e8", "RSC": "#e6f5c9", "OWFA": "#fff2ae", "VWFA-1": "#f1e2cc", "VWFA-2": "#cccccc",
+    "mfs-words": "#7fc97f", "mTL-words": "#666666"}
 
 
 def cortical_key(root, subj, meshes, folder):
     """The paper's ROI key (``cortical_results_key``): the pRF and category ROIs of ``subj``'s masks on the
-    inflated and pial surfaces, lateral, posterior and medial views, one colour per ROI.
+    inflated and pial surfaces, lateral, posterior and medial views, one colour per ROI (the paper's).
 
     Returns (paths, {hemisphere: (n_mesh,) ROI index into the colour key, NaN outside every ROI}).
     """
@@ -1215,7 +1279,7 @@ def cortical_key(root, subj, meshes, folder):
         values = vertex_values(None, h, len(rows), code)
         maps[h] = to_mesh(values, rows, n, categorical=True)
         counts[h] = covered(root, subj, np.flatnonzero(np.isfinite(values)), h, n)
-    colours = {roi: category_colour(k) for k, roi in enumerate(rois)}
+    colours = {roi: ROI_KEY_COLOURS[roi] for roi in rois}
     stem = Path(folder) / "cortical_results_key"
     return plot_cortical_map(maps, meshes, f"ROI key: the ROIs of {utils.subj_dir(subj)}", "ROI", stem, categories=colours,
                              views=KEY_VIEWS, caption=mesh_note(counts, n).replace("fitted", "ROI")), maps

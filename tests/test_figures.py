@@ -377,7 +377,7 @@ def test_cortical_maps_draw_the_saved_values(results_root):
     paths, drawn = figures.cortical_figures(results_root, encoding, surfaces=("inflated",), views=("ventral",),
                                             kind="summary")
     assert {p.name for p in paths} == {f"{stem}.{ext}" for ext in ("png", "pdf") for stem in (
-        "subj1_gain_cl-tuned", "subj1_cortical_results_single_subj", "all_subjects_panel")}
+        "Subj1_gain_cl-tuned", "Subj1_cortical_results_single_subj", "all_subjects_panel")}
     rows = np.flatnonzero(np.load(utils.fsaverage_mask_path(results_root, 1, "lh")))
     where = _nearest()[rows]
     # Independent: paint each ROI's saved values in reverse canonical order (a vertex keeps its first ROI's),
@@ -392,12 +392,12 @@ def test_cortical_maps_draw_the_saved_values(results_root):
         methods = [m for m in utils.METHODS if m in loaded]
         winner[v] = np.argmax([loaded[m]["test_r"] for m in methods], axis=0)
     expected = _mean_by_vertex(gain, where)
-    for got in (drawn["subj1_gain_cl-tuned"]["lh"], drawn["all_subjects_panel"]["Subj1"]["lh"]):
+    for got in (drawn["Subj1_gain_cl-tuned"]["lh"], drawn["all_subjects_panel"]["Subj1"]["lh"]):
         assert np.array_equal(np.flatnonzero(np.isfinite(got)), expected.index)
         np.testing.assert_allclose(got[expected.index], expected.to_numpy())
     # Subject 1 has the same four methods on every ROI: the winner is an index among them.
     mode = _mode_by_vertex(winner, where)
-    np.testing.assert_array_equal(drawn["subj1_cortical_results_single_subj"]["lh"][mode.index], mode.to_numpy())
+    np.testing.assert_array_equal(drawn["Subj1_cortical_results_single_subj"]["lh"][mode.index], mode.to_numpy())
     got = figures.subject_surface_maps(results_root, 1, encoding[1], 10242, figures.score_of("pooled-const"))["lh"]
     expected = _mean_by_vertex(test_r, where)
     assert np.array_equal(np.flatnonzero(np.isfinite(got)), expected.index)
