@@ -19,6 +19,8 @@ table, fsaverage/README.md), on a full fsaverage mesh each is drawn where it is.
 """
 
 import functools
+import os
+import re
 import warnings
 from pathlib import Path
 
@@ -1283,6 +1285,131 @@ def cortical_key(root, subj, meshes, folder):
     stem = Path(folder) / "cortical_results_key"
     return plot_cortical_map(maps, meshes, f"ROI key: the ROIs of {utils.subj_dir(subj)}", "ROI", stem, categories=colours,
                              views=KEY_VIEWS, caption=mesh_note(counts, n).replace("fitted", "ROI")), maps
+
+
+# --- The index page ---------------------------------------------------------------------
+
+_SUBJ = r"(?P<subj>Subj(?P<n>\d+))"
+_PAPER = "results/figures/(?P<source>paper|published)/"
+_CORTICAL = _PAPER + "cortical/" + _SUBJ
+# Every figure the scripts write: (section, regular expression of its path below ROOT, caption, command); the
+# named groups fill the caption and the command. The first expression that matches a path gives its entry.
+FIGURE_INDEX = [
+    ("Encoding results of each subject", _SUBJ.join(("encoding_results/", r"/(?P<tag>[^/]+)/layer_scores_(?P<hemi>[lr]h)\.png")),
+     "{subj} {hemi}, {tag}: the ROI mean 5-fold CV r of each AlexNet layer, the best layer of each ROI boxed",
+     "python generate_results.py --type summaries --subjects {n}  (also drawn by fit_encoding_models.py)"),
+    ("Encoding results of each subject", _SUBJ.join(("encoding_results/", r"/methods_(?P<hemi>[lr]h)\.png")),
+     "{subj} {hemi}: mean test r of each method (untuned first) per ROI; error bars: 25th-75th percentile over voxels",
+     "python generate_results.py --type summaries --subjects {n}  (also drawn by fit_encoding_models.py)"),
+    ("Encoding results of each subject", _SUBJ.join(("encoding_results/", r"/scatter_(?P<tag>.+)_vs_untuned_(?P<hemi>[lr]h)\.png")),
+     "{subj} {hemi}: per-voxel test r of {tag} against untuned, over the ROIs that have both",
+     "python generate_results.py --type summaries --subjects {n}  (also drawn by fit_encoding_models.py)"),
+    ("Transfer across subjects", r"encoding_results/transfer_(?P<method>[a-z-]+)_(?P<hemis>[lr]h(?:-rh)?)_(?P<group>[a-z]+)\w*\.png",
+     "{method} models of each model subject on each target subject, {group} ROIs ({hemis}): mean test r and fraction "
+     "of voxels above untuned", "python generate_results.py --type transfer-matrix --method {method}"),
+    ("Transfer to NOD", r"encoding_results/nod/nod_transfer\.png",
+     "NOD: mean test r per visual area and method across subjects (SEM), NSD-tuned feature extractors",
+     "python fit_encoding_models_nod.py"),
+    ("Probes, MI bounds, salience and landscapes", r"results/figures/classification_(?P<dataset>[^_]+)_(?P<method>[^_]+)_e\d+\.png",
+     "{dataset} classification accuracy of the fc7 probes of the {method} models, ROI x subject, coloured by the "
+     "change from untuned", "python generate_results.py --type figures --dataset {dataset} --method {method}"),
+    ("Probes, MI bounds, salience and landscapes", r"results/figures/mi_bound_(?P<method>[^_]+)_e\d+\.png",
+     "InfoNCE MI lower bound (bits, post-hoc temperature) of the {method} models, ROI x subject",
+     "python generate_results.py --type figures --method {method}"),
+    ("Probes, MI bounds, salience and landscapes", r"results/figures/salience_(?P<dataset>[^_]+)_.*\.png",
+     "Grad-CAM of the untuned and the tuned models on one {dataset} test image and its mirror",
+     "python generate_results.py --type salience-maps --dataset {dataset}"),
+    ("Probes, MI bounds, salience and landscapes", r"results/figures/landscape_(?P<dataset>[^_]+)_(?P<embedding>\w+)\.png",
+     "model landscape of the {dataset} probe models ({embedding}), coloured by test accuracy",
+     "the notebook feature_extraction_model_landscape_imagenet.ipynb"),
+    ("The paper's figures", _PAPER + r"best_untuned_layers_matrix\.png",
+     "untuned AlexNet: ROI mean 5-fold CV r of each ROI-hemisphere and layer, the best layer boxed", None),
+    ("The paper's figures", _PAPER + r"roi_subj_presence_table\.png",
+     "voxels of each ROI-hemisphere and subject: black present, grey under 20 voxels, white absent", None),
+    ("The paper's figures", _PAPER + r"(?P<group>\w+)_group_cs_avgs_picture\.png",
+     "cross-subject transfer, {group} ROIs: fraction of voxels above untuned, model subject x evaluation subject", None),
+    ("The paper's figures", _PAPER + r"cs_vs_pooled_(?P<h>\w+)_scatterplot\.png",
+     "% of voxels above untuned: other subjects' CL models (x) against the pooled model h-{h} (y)", None),
+    ("The paper's figures", _PAPER + r"lower_bound_mi_estimates_specific_vs_pooled_h(?P<h>\w+)\.png",
+     "MI bound against ROI size, subject-specific CL models and the pooled model h-{h}", None),
+    ("The paper's figures", _PAPER + r"mi_lower_bound_matrix\.png",
+     "MI lower bound (bits) of the subject-specific CL models, ROI-hemisphere x subject", None),
+    ("The paper's figures", _PAPER + r"(?P<dataset>[a-z0-9]+)_results_matrix\.png",
+     "{dataset} fc7 probe accuracy of every model, ROI-hemisphere x model", None),
+    ("The paper's figures", _PAPER + r"(?P<dataset>[a-z0-9]+)_landscape_(?P<key>\w+)\.png",
+     "{dataset} model landscape (InPCA of the Bhattacharyya distances), coloured by {key}", None),
+    ("The paper's figures", _PAPER + r"cortical_results_key\.png", "the ROI key of the cortical maps", None),
+    ("This project's encoding figures", _PAPER + r"best_untuned_layer_per_subject\.png",
+     "best untuned AlexNet layer per ROI and subject", None),
+    ("This project's encoding figures", _PAPER + r"(?P<group>\w+)_group_cl_gain_per_roi\.png",
+     "CL gain over untuned per ROI ({group} ROIs), mean over subjects with SEM", None),
+    ("This project's encoding figures", _PAPER + r"cl_vs_(?P<pooled>[a-z-]+)_gain_scatterplot\.png",
+     "gain over untuned per (subject, hemisphere, ROI): subject-specific CL (x) against {pooled} (y)", None),
+    ("This project's encoding figures", _PAPER + r"cl_vs_untuned_scatterplot\.png",
+     "ROI mean r per (subject, hemisphere, ROI): untuned (x) against cl-tuned (y)", None),
+    ("This project's encoding figures", _PAPER + r"group_means_per_method\.png",
+     "the authors' group means of each method's ROI mean r and % of voxels above untuned", None),
+    ("This project's encoding figures", _PAPER + r"mi_specific_vs_pooled_h(?P<h>\w+)_pairs\.png",
+     "MI bound per (subject, hemisphere, ROI): subject-specific CL model (x) against the pooled model h-{h} (y)", None),
+    ("Cortical maps", _CORTICAL + r"_gain_(?P<method>[a-z-]+)\.png",
+     "{subj}: per vertex, the gain of {method} over untuned (fsaverage5)", None),
+    ("Cortical maps", _CORTICAL + r"_(?P<score>test_r|cv_r)_(?P<method>[a-z-]+)\.png",
+     "{subj}: per vertex, the {score} of {method} (fsaverage5)", None),
+    ("Cortical maps", _CORTICAL + r"_cortical_results_single_subj\.png",
+     "{subj}: per vertex, the method with the highest r (untuned black)", None),
+    ("Cortical maps", _PAPER + r"cortical/all_subjects_panel\.png", "the CL gain over untuned, one row per subject", None),
+    ("Held against the published results", r"results/published_comparison/scorecard\.png",
+     "your ROI mean CV r against the authors' published one, one point per (subject, hemisphere, ROI, method)",
+     "python generate_results.py --type compare-published"),
+]
+
+
+def figure_entry(relative):
+    """(section, caption, command) of a figure's path below ROOT (posix), from FIGURE_INDEX; None if unknown."""
+    import re
+    for section, pattern, caption, command in FIGURE_INDEX:
+        match = re.fullmatch(pattern, relative)
+        if match:
+            fields = {k: v or "" for k, v in match.groupdict().items()}
+            if command is None:  # the paper figures
+                command = "python generate_results.py --type paper-figures" + (
+                    " --source published" if fields["source"] == "published" else "")
+            return section, caption.format(**fields), command.format(**fields)
+    return None
+
+
+def write_index(root):
+    """results/figures/index.html: every PNG under ROOT's encoding_results/ and results/, by section, each with
+    its caption, the command that made it and a link to its PDF. Returns (path, {section: [figure paths]})."""
+    import html
+    from urllib.parse import quote
+    root = Path(root)
+    index = utils.results_dir(root) / "figures" / "index.html"
+    sections = {section: [] for section, *_ in FIGURE_INDEX}
+    sections["Other figures"] = []
+    for folder in (root / "encoding_results", utils.results_dir(root)):
+        for path in sorted(folder.rglob("*.png")):
+            entry = figure_entry(path.relative_to(root).as_posix())
+            section, caption, command = entry or ("Other figures", "", "")
+            sections[section].append((path, caption, command))
+    parts = [f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>Figures of {html.escape(str(root.resolve().name))}"
+             "</title><style>body{font-family:sans-serif;margin:2em}figure{display:inline-block;vertical-align:top;"
+             "width:46%;margin:1em}img{max-width:100%;border:1px solid #ddd}code{font-size:90%}</style></head><body>",
+             "<h1>Figures</h1><p>Every figure under encoding_results/ and results/, with the command that made it.</p>"]
+    for section, figs in sections.items():
+        if not figs:
+            continue
+        parts.append(f"<h2>{html.escape(section)} ({len(figs)})</h2>")
+        for path, caption, command in figs:
+            src = quote(Path(os.path.relpath(path, index.parent)).as_posix())
+            name = path.relative_to(root).as_posix()
+            pdf = f" (<a href='{src[:-4]}.pdf'>PDF</a>)" if path.with_suffix(".pdf").is_file() else ""
+            parts.append(f"<figure><a href='{src}'><img src='{src}' alt='{html.escape(name)}' loading='lazy'></a>"
+                         f"<figcaption><b>{html.escape(name)}</b>{pdf}<br>{html.escape(caption)}<br>"
+                         f"<code>{html.escape(command)}</code></figcaption></figure>")
+    parts.append("</body></html>\n")
+    safe_io.atomic_write_text("\n".join(parts), index)
+    return index, {section: [p for p, *_ in figs] for section, figs in sections.items() if figs}
 
 
 # --- Everything ------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -22,10 +23,13 @@ EPOCHS = 30
 
 
 def _write_result(root, subj, tag, hemi, roi, test_r, best_layer="features.5", layer_scores=None):
+    """A result as fit_encoding_models.py saves it; CV r is test r shifted by 0.05 (a transfer tag names its model subject)."""
     voxels = utils.roi_voxel_indices(root, subj, hemi, roi)
     n = len(voxels)
-    encoding_results.save_result({"voxels": voxels, "alphas": np.ones(n), "alpha_index": np.zeros(n, int), "cv_r": test_r,
-                    "test_r": test_r, "method": tag.split("_")[0], "hemisphere": hemi, "roi": roi, "best_layer": best_layer,
+    model_subj = int(tag.split("_from-Subj")[1]) if "_from-" in tag else subj
+    encoding_results.save_result({"voxels": voxels, "alphas": np.ones(n), "alpha_index": np.zeros(n, int),
+                    "cv_r": test_r + 0.05, "test_r": test_r, "method": tag.split("_")[0], "hemisphere": hemi, "roi": roi,
+                    "best_layer": best_layer, "model_subj": model_subj, "protocol": "per-method",
                     "layer_scores": layer_scores or {layer: 0.0 for layer in utils.LAYERS}},
                    encoding_results.result_path(root, subj, tag, hemi, roi))
 
@@ -443,3 +447,112 @@ def test_full_fsaverage_mesh_folder(tmp_path):
     os.remove(tmp_path / "surf" / "lh.sulc")
     with pytest.raises(safe_io.UserError, match="lh.sulc"):
         figures.load_meshes(str(tmp_path))
+
+
+# --- The results table and the index page ----------------------------------------------
+
+def test_results_table_holds_every_saved_result(results_root, tmp_path, capsys):
+    generate_results.main(["--root", str(results_root), "--type", "results-table", "--subjects", "1", "2", "3"])
+    assert "results of 3 subject(s)" in capsys.readouterr().out
+    table = pd.read_csv(utils.results_dir(results_root) / "encoding_results.csv")
+    assert list(table.columns) == encoding_results.RESULTS_TABLE_COLUMNS
+    files = sorted(utils.encoding_dir(results_root, 1).parent.glob("Subj*/*/*.npz"))
+    # Subjects 1, 2: 5 ROIs x 6 tags (4 methods, 2 transfers); subject 3: 4 ROIs (no FFA-1) x 5 (no pooled-const).
+    assert len(table) == len(files) == 2 * (2 * 5 * 6 + 4 * 5)
+    rows = table.set_index(["subject", "tag", "hemisphere", "roi"])
+    for path in files:
+        subj, tag, (hemi, roi) = int(path.parts[-3][4:]), path.parent.name, path.stem.split("_", 1)
+        row = rows.loc[(subj, tag, hemi, roi)]
+        with np.load(path) as a, np.load(path.parent.parent / "untuned" / path.name) as u:
+            assert row["n_voxels"] == len(a["voxels"]) == utils.roi_voxel_count(results_root, subj, hemi, roi)
+            assert row["mean_test_r"] == pytest.approx(a["test_r"].mean(), abs=1e-12)
+            assert row["mean_cv_r"] == pytest.approx(a["test_r"].mean() + 0.05, abs=1e-12)
+            assert row["method"] == tag.split("_")[0] and row["protocol"] == "per-method"
+            assert row["model_subj"] == (int(tag[-1]) if "_from-" in tag else subj)
+            if tag == "untuned":
+                assert np.isnan(row["gain_test_r"]) and np.isnan(row["pct_beats_untuned"])
+            else:
+                assert row["gain_test_r"] == pytest.approx(a["test_r"].mean() - u["test_r"].mean(), abs=1e-12)
+                assert row["gain_cv_r"] == pytest.approx(row["gain_test_r"], abs=1e-12)
+                assert row["pct_beats_untuned"] == pytest.approx(100 * np.mean(a["test_r"] > u["test_r"]), abs=1e-9)
+    empty = tmp_path / "empty"
+    (empty / "roi_masks").mkdir(parents=True)
+    os.symlink(results_root / "roi_masks" / "Subj1", empty / "roi_masks" / "Subj1")
+    err = run_error(generate_results.main, ["--root", str(empty), "--type", "results-table", "--subjects", "1"], capsys)
+    assert "no encoding results of subjects 1" in err and "fit_encoding_models.py" in err
+    assert not (empty / "results" / "encoding_results.csv").exists()
+
+
+# Paths the scripts write (one of each kind) and what the index must say of them.
+INDEXED = {
+    "encoding_results/Subj2/cl-tuned_from-Subj1/layer_scores_rh.png":
+        ("Encoding results of each subject", "Subj2 rh, cl-tuned_from-Subj1:", "--type summaries --subjects 2"),
+    "encoding_results/Subj1/methods_lh.png": ("Encoding results of each subject", "Subj1 lh:", "--subjects 1"),
+    "encoding_results/Subj1/scatter_pooled-avg_vs_untuned_lh.png":
+        ("Encoding results of each subject", "test r of pooled-avg against untuned", "--type summaries --subjects 1"),
+    "encoding_results/transfer_cl-tuned_lh-rh_early.png":
+        ("Transfer across subjects", "early ROIs (lh-rh)", "--type transfer-matrix --method cl-tuned"),
+    "encoding_results/nod/nod_transfer.png": ("Transfer to NOD", "NOD", "fit_encoding_models_nod.py"),
+    "results/figures/classification_caltech256_cl-tuned_e30.png":
+        ("Probes, MI bounds, salience and landscapes", "caltech256", "--type figures --dataset caltech256"),
+    "results/figures/landscape_imagenet_inpca.png": ("Probes, MI bounds, salience and landscapes", "(inpca)", ".ipynb"),
+    "results/figures/paper/roi_subj_presence_table.png": ("The paper's figures", "grey under 20", "--type paper-figures"),
+    "results/figures/published/cortical/Subj3_cv_r_reg-tuned.png":
+        ("Cortical maps", "Subj3: per vertex, the cv_r of reg-tuned", "--type paper-figures --source published"),
+    "results/figures/paper/cortical/Subj1_cortical_results_single_subj.png": ("Cortical maps", "Subj1", "paper-figures"),
+    "results/published_comparison/scorecard.png": ("Held against the published results", "published", "compare-published"),
+    "results/figures/mystery plot.png": ("Other figures", "", ""),
+}
+
+
+@pytest.fixture(scope="module")
+def indexed_root(tmp_path_factory):
+    """A project folder holding a small PNG (and its PDF) at each path of INDEXED, and the index of them."""
+    from PIL import Image
+    root = tmp_path_factory.mktemp("index")
+    (root / "roi_masks" / "Subj1").mkdir(parents=True)  # every project folder has them (SUBJECTS is checked)
+    for k, name in enumerate(INDEXED):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (4 + k, 3), (k, 0, 0)).save(root / name)
+        (root / name).with_suffix(".pdf").write_bytes(b"%PDF")
+    generate_results.main(["--root", str(root), "--type", "index"])
+    return root
+
+
+def test_index_lists_every_figure_with_its_caption_and_command(indexed_root):
+    index = utils.results_dir(indexed_root) / "figures" / "index.html"
+    page = index.read_text()
+    _, sections = figures.write_index(indexed_root)
+    assert {p.relative_to(indexed_root).as_posix() for ps in sections.values() for p in ps} == set(INDEXED)
+    for name, (section, caption, command) in INDEXED.items():
+        assert f"<b>{name}</b>" in page
+        got = figures.figure_entry(name)
+        if section == "Other figures":
+            assert got is None
+            continue
+        assert got[0] == section and caption in got[1] and command in got[2]
+        assert f"{got[1]}<br><code>{got[2]}</code>".replace("'", "&#x27;") in page
+    assert page.index("Encoding results of each subject") < page.index("Cortical maps") < page.index("Other figures")
+
+
+def _srcs(html_text):
+    import re
+    return re.findall(r"<img[^>]* src=\"?'?([^\"' >]+)", html_text)
+
+
+def test_index_in_a_headless_browser(indexed_root, tmp_path):
+    """Chromium parses the page: its DOM lists one <img> per figure, each resolving to the figure's PNG."""
+    import shutil
+    import subprocess
+    from urllib.parse import unquote, urljoin
+    from urllib.request import url2pathname
+    browser = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    if browser is None:
+        pytest.skip("no Chromium installed (apt-get install chromium)")
+    index = utils.results_dir(indexed_root) / "figures" / "index.html"
+    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path}",
+                          "--dump-dom", index.as_uri()], capture_output=True, text=True, timeout=60, check=True).stdout
+    srcs = _srcs(dom)
+    assert len(srcs) == len(INDEXED)
+    found = {Path(url2pathname(unquote(urljoin(index.as_uri(), s)[len("file://"):]))).resolve() for s in srcs}
+    assert found == {(indexed_root / name).resolve() for name in INDEXED}
