@@ -1228,7 +1228,7 @@ def cortical_figures(root, encoding, meshes=None, surfaces=SURFACES, views=VIEWS
         jobs = [(f"{score}_{m}", score_of(m, score), f"{utils.subj_dir(subj)}: {name} of {m}", f"{name} (Pearson)", None)
                 for m in methods if kind == "all"]
         jobs += [(f"gain_{m}", gain_of(m, score), f"{utils.subj_dir(subj)}: gain of {m} over untuned",
-                  f"{name} ({m}) - {name} (untuned)", None) for m in ("cl-tuned",) + POOLED
+                  f"{name} ({m}) -\n{name} (untuned)", None) for m in ("cl-tuned",) + POOLED
                  if m in methods and (kind == "all" or m == "cl-tuned")]
         if len(methods) > 1:
             jobs.append(("cortical_results_single_subj", winner_of(methods, score),
@@ -1249,7 +1249,7 @@ def cortical_figures(root, encoding, meshes=None, surfaces=SURFACES, views=VIEWS
         panel = [(s, {h: m[h] for h in sorted(hemis)}) for s, m in panel]
         stem = folder / "all_subjects_panel"
         paths += plot_cortical_map(panel, meshes, "gain of cl-tuned over untuned, all subjects (inflated)",
-                                   f"{name} (cl-tuned) - {name} (untuned)", stem, views=views,
+                                   f"{name} (cl-tuned) -\n{name} (untuned)", stem, views=views,
                                    caption=mesh_note({}, n))
         drawn[stem.name] = dict(panel)
     return paths, drawn
