@@ -861,7 +861,7 @@ def plot_group_means(table, title, stem, score_name):
             sem = per_subject.groupby("group", sort=False)[method].sem().reindex(means.index)
             x = np.arange(len(means)) + (k - (len(methods) - 1) / 2) * width
             ax.bar(x, means[method], width, yerr=sem.fillna(0), capsize=2, color=METHOD_COLOURS[method], label=method)
-        ax.set_xticks(range(len(means)), [f"{g}\n{n} subj., {r} ROI-hemis." for g, n, r in
+        ax.set_xticks(range(len(means)), [f"{g}\n{n} subj.\n{r} ROI-hemis." for g, n, r in
                                           zip(means.index, means["n_subjects"], means["n_rois"])], fontsize=8)
         ax.set_ylabel(ylabel)
         if column == "mean_r":
@@ -939,6 +939,9 @@ def plot_landscape_by(land, colour_of, title, stem, keep=None):
     for i, m in enumerate(land["metas"]):
         if m["method"] in ("untuned", "oracle") or keep is None or keep(i):
             drawn.setdefault(colour_of(i), []).append(i)
+    # Methods in METHOD_COLOURS order (untuned first); other keys in the order of their first model.
+    order = lambda item: list(METHOD_COLOURS).index(item[0][0]) if item[0][0] in METHOD_COLOURS else len(METHOD_COLOURS)
+    drawn = dict(sorted(drawn.items(), key=order))
     for (label, colour), idx in drawn.items():
         special = {"untuned": ("*", 260), "oracle": ("X", 140)}.get(label, ("o", 30))
         ax.scatter(xy[idx, 0], xy[idx, 1], color=colour, marker=special[0], s=special[1], edgecolors="k",
