@@ -1,6 +1,7 @@
 """Encoding results: the one place that knows their format (where they are, how they are
 written and read), and what is computed from them alone: the per-subject summary tables,
-the authors' group summaries and the transfer (cross-subject) matrices.
+the tidy table of every result (``results_table``), the authors' group summaries and the
+transfer (cross-subject) matrices.
 
 A result is one ROI of one subject, hemisphere and method: its arrays (voxels, per-voxel
 alphas, CV r, test r, ...) in a ``.npz``, every other field (settings, best layer, layer

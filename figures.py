@@ -6,6 +6,8 @@ classification probes and predictions), or the authors' published encoding resul
 figure that has its inputs and names, for each one that has not, the command that makes
 them. ``generate_results.py --type paper-figures`` calls it. A figure with the name of one
 of the paper's (the authors' ``paper_figs/``) shows the same quantity, rows and columns.
+``write_index`` writes results/figures/index.html, every figure with its caption and command
+(FIGURE_INDEX). A method has one colour in every figure (METHOD_COLOURS).
 
 ROI groups are the authors' (utils.ROI_GROUPS): 'early' the prf-visualrois class (V1v..hV4),
 'higher' the floc classes, 'anatomical' the streams. The paper's ROI-hemisphere tables have the pRF and
