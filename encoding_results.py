@@ -325,13 +325,13 @@ def summary_rows(results):
     rows = []
     for (tag, hemi, roi), r in sorted(results.items(), key=lambda kv: (kv[0][1], _roi_order(kv[0][2]), kv[0][0])):
         untuned = results.get(("untuned", hemi, roi))
-        comparable = comparable_untuned_r(r, untuned) is not None
-        gain = lambda score: float(np.mean(r[score]) - np.mean(untuned[score])) if comparable else np.nan
+        untuned_r = comparable_untuned_r(r, untuned)
+        gain = lambda score: np.nan if untuned_r is None else float(np.mean(r[score]) - np.mean(untuned[score]))
         rows.append({"tag": tag, "method": r["method"], "model_subj": r["model_subj"], "protocol": r["protocol"],
                      "hemisphere": hemi, "roi": roi, "n_voxels": len(r["voxels"]), "best_layer": r["best_layer"],
                      "mean_cv_r": float(np.mean(r["cv_r"])), "mean_test_r": float(np.mean(r["test_r"])),
                      "gain_cv_r": gain("cv_r"), "gain_test_r": gain("test_r"),
-                     "pct_beats_untuned": pct_beats_untuned(r["test_r"], comparable_untuned_r(r, untuned)),
+                     "pct_beats_untuned": pct_beats_untuned(r["test_r"], untuned_r),
                      **{layer: r["layer_scores"][layer] for layer in utils.LAYERS}})
     return pd.DataFrame(rows)
 

@@ -1008,6 +1008,12 @@ def fsaverage5_nearest():
     return np.concatenate([np.arange(FSAVERAGE5_VERTICES), table])
 
 
+def mesh_vertices(rows, n_mesh):
+    """The vertex of a mesh (fsaverage5: ``n_mesh`` 10242, or fsaverage) on which each fsaverage vertex of ``rows``
+    is drawn: itself on fsaverage, its nearest fsaverage5 vertex on fsaverage5."""
+    return rows if n_mesh == utils.N_FSAVERAGE_VERTICES else fsaverage5_nearest()[rows]
+
+
 def to_mesh(values, rows, n_mesh, categorical=False):
     """Challenge-space values (n_vertices,) on fsaverage5 (``n_mesh`` 10242) or fsaverage (163842), NaN where none.
 
@@ -1024,7 +1030,7 @@ def to_mesh(values, rows, n_mesh, categorical=False):
     the mean of the values of the vertices whose nearest fsaverage5 vertex it is.
     """
     finite = np.isfinite(values)
-    target = rows[finite] if n_mesh == utils.N_FSAVERAGE_VERTICES else fsaverage5_nearest()[rows[finite]]
+    target = mesh_vertices(rows[finite], n_mesh)
     values = values[finite]
     out = np.full(n_mesh, np.nan)
     if categorical:
@@ -1210,8 +1216,7 @@ def mesh_note(counts, n_mesh):
 
 def covered(root, subj, voxels, hemisphere, n_mesh):
     """(number of challenge-space ``voxels``, number of mesh vertices they are drawn on)."""
-    rows = fsaverage_rows(root, subj, hemisphere)[voxels]
-    return len(voxels), len(np.unique(rows if n_mesh == utils.N_FSAVERAGE_VERTICES else fsaverage5_nearest()[rows]))
+    return len(voxels), len(np.unique(mesh_vertices(fsaverage_rows(root, subj, hemisphere)[voxels], n_mesh)))
 
 
 def cortical_figures(root, encoding, meshes=None, surfaces=SURFACES, views=VIEWS, folder=None, kind="all", score="test_r"):
