@@ -126,9 +126,11 @@ def plot_roi_heatmaps(tables, references, title, label, stem, fmt="{:.2f}"):
                 # Light text on the saturated ends of the diverging map, dark text near white.
                 dark = np.isfinite(d[i, j]) and abs(norm(d[i, j]) - 0.5) > 0.3
                 ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=7, color="w" if dark else "k")
-        ax.set_xticks(range(t.shape[1]), t.columns, rotation=45)
+        # The summaries' columns 'subjX' (and 'pooled'), spelled as every figure spells a subject.
+        ax.set_xticks(range(t.shape[1]), [utils.subj_dir(c[4:]) if c.startswith("subj") else c for c in t.columns],
+                      rotation=45)
         ax.set_yticks(range(len(t)), t.index)
-        ax.set_title({"lh": "left hemisphere", "rh": "right hemisphere"}[h])
+        ax.set_title(HEMI_NAMES[h])
     fig.colorbar(im, ax=list(axes[0]), label=f"{label} - untuned")
     fig.suptitle(title)
     return save_figure(fig, stem)
