@@ -1316,9 +1316,12 @@ FIGURE_INDEX = [
     ("Encoding results of each subject", _SUBJ.join(("encoding_results/", r"/scatter_(?P<tag>.+)_vs_untuned_(?P<hemi>[lr]h)\.png")),
      "{subj} {hemi}: per-voxel test r of {tag} against untuned, over the ROIs that have both",
      "python generate_results.py --type summaries --subjects {n}  (also drawn by fit_encoding_models.py)"),
-    ("Transfer across subjects", r"encoding_results/transfer_(?P<method>[a-z-]+)_(?P<hemis>[lr]h(?:-rh)?)_(?P<group>[a-z]+)\w*\.png",
-     "{method} models of each model subject on each target subject, {group} ROIs ({hemis}): mean test r and fraction "
-     "of voxels above untuned", "python generate_results.py --type transfer-matrix --method {method}"),
+    ("Transfer across subjects",
+     r"encoding_results/transfer_(?P<method>[a-z-]+?)(?P<layer>_untuned-layer)?_(?P<hemis>[lr]h(?:-rh)?)_(?P<group>[a-z]+)"
+     r"(?:_(?P<aggregation>absent-zero|voxels))?\.png",
+     "{method} models of each model subject on each target subject{layer_text}, {group} ROIs ({hemis}{aggregation_text}): "
+     "mean test r and fraction of voxels above untuned",
+     "python generate_results.py --type transfer-matrix --method {method}{protocol_flag}{aggregation_flag}"),
     ("Transfer to NOD", r"encoding_results/nod/nod_transfer\.png",
      "NOD: mean test r per visual area and method across subjects (SEM), NSD-tuned feature extractors",
      "python fit_encoding_models_nod.py"),
@@ -1376,6 +1379,16 @@ FIGURE_INDEX = [
 ]
 
 
+# How the optional parts of a transfer figure's name read in its caption and command (the defaults: untuned-layer
+# protocol, the authors' aggregation).
+_DERIVED = {
+    "layer": lambda v: {"layer_text": " at the untuned layer and alphas" if v else " (per-method protocol)",
+                        "protocol_flag": "" if v else " --protocol per-method"},
+    "aggregation": lambda v: {"aggregation_text": {"absent-zero": ", absent ROIs as 0", "voxels": ", pooled over voxels"}.get(v, ""),
+                              "aggregation_flag": f" --transfer-aggregation {v}" if v else ""},
+}
+
+
 def figure_entry(relative):
     """(section, caption, command) of a figure's path below ROOT (posix), from FIGURE_INDEX; None if unknown."""
     import re
@@ -1383,6 +1396,9 @@ def figure_entry(relative):
         match = re.fullmatch(pattern, relative)
         if match:
             fields = {k: v or "" for k, v in match.groupdict().items()}
+            for name, derive in _DERIVED.items():
+                if name in fields:
+                    fields.update(derive(fields[name]))
             if command is None:  # the paper figures
                 command = "python generate_results.py --type paper-figures" + (
                     " --source published" if fields["source"] == "published" else "")

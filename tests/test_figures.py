@@ -490,8 +490,11 @@ INDEXED = {
     "encoding_results/Subj1/methods_lh.png": ("Encoding results of each subject", "Subj1 lh:", "--subjects 1"),
     "encoding_results/Subj1/scatter_pooled-avg_vs_untuned_lh.png":
         ("Encoding results of each subject", "test r of pooled-avg against untuned", "--type summaries --subjects 1"),
-    "encoding_results/transfer_cl-tuned_lh-rh_early.png":
-        ("Transfer across subjects", "early ROIs (lh-rh)", "--type transfer-matrix --method cl-tuned"),
+    "encoding_results/transfer_cl-tuned_untuned-layer_lh-rh_early.png":
+        ("Transfer across subjects", "untuned layer and alphas, early ROIs (lh-rh)", "--method cl-tuned"),
+    "encoding_results/transfer_reg-tuned_lh_higher_absent-zero.png":
+        ("Transfer across subjects", "higher ROIs (lh, absent ROIs as 0)",
+         "--method reg-tuned --protocol per-method --transfer-aggregation absent-zero"),
     "encoding_results/nod/nod_transfer.png": ("Transfer to NOD", "NOD", "fit_encoding_models_nod.py"),
     "results/figures/classification_caltech256_cl-tuned_e30.png":
         ("Probes, MI bounds, salience and landscapes", "caltech256", "--type figures --dataset caltech256"),
