@@ -267,7 +267,7 @@ def plot_methods(table, path, results=None, title=""):
     rois = sorted(set(table["roi"]), key=utils.ROIS.index)
     hemi = table["hemisphere"].iloc[0]
     width = 0.8 / len(tags)
-    fig, ax = plt.subplots(figsize=(2 + 0.6 * len(rois) * max(1, len(tags) / 2), 3.8), layout="constrained")
+    fig, ax = plt.subplots(figsize=(max(7.5, 2 + 0.6 * len(rois) * max(1, len(tags) / 2)), 3.8), layout="constrained")
     for k, tag in enumerate(tags):
         sub = table[table["tag"] == tag].set_index("roi").reindex(rois)
         x = np.arange(len(rois)) + (k - (len(tags) - 1) / 2) * width
