@@ -1,6 +1,7 @@
 """Encoding results: the one place that knows their format (where they are, how they are
 written and read), and what is computed from them alone: the per-subject summary tables,
-the authors' group summaries and the transfer (cross-subject) matrices.
+the tidy table of every result (``results_table``), the authors' group summaries and the
+transfer (cross-subject) matrices.
 
 A result is one ROI of one subject, hemisphere and method: its arrays (voxels, per-voxel
 alphas, CV r, test r, ...) in a ``.npz``, every other field (settings, best layer, layer
@@ -324,6 +325,42 @@ def check_summary_inputs(root, subj, skip=()):
             read_group_summary(root, other)
 
 
+def summary_rows(results):
+    """One row per result of ``results`` ((tag, hemisphere, roi) -> result), by hemisphere, ROI (canonical order)
+    and tag: tag, method, model_subj, protocol, hemisphere, roi, n_voxels, best_layer, mean_cv_r, mean_test_r,
+    gain_cv_r and gain_test_r (mean r - the untuned mean r on the same voxels), pct_beats_untuned (test r), and
+    the score of each layer. Gains and % are NaN for untuned and where no untuned result has the same voxels."""
+    rows = []
+    for (tag, hemi, roi), r in sorted(results.items(), key=lambda kv: (kv[0][1], _roi_order(kv[0][2]), kv[0][0])):
+        untuned = results.get(("untuned", hemi, roi))
+        untuned_r = comparable_untuned_r(r, untuned)
+        gain = lambda score: np.nan if untuned_r is None else float(np.mean(r[score]) - np.mean(untuned[score]))
+        rows.append({"tag": tag, "method": r["method"], "model_subj": r["model_subj"], "protocol": r["protocol"],
+                     "hemisphere": hemi, "roi": roi, "n_voxels": len(r["voxels"]), "best_layer": r["best_layer"],
+                     "mean_cv_r": float(np.mean(r["cv_r"])), "mean_test_r": float(np.mean(r["test_r"])),
+                     "gain_cv_r": gain("cv_r"), "gain_test_r": gain("test_r"),
+                     "pct_beats_untuned": pct_beats_untuned(r["test_r"], untuned_r),
+                     **{layer: r["layer_scores"][layer] for layer in utils.LAYERS}})
+    return pd.DataFrame(rows)
+
+
+# The columns of results_table, in order.
+RESULTS_TABLE_COLUMNS = ["subject", "hemisphere", "roi", "method", "model_subj", "protocol", "tag", "best_layer",
+                         "n_voxels", "mean_cv_r", "mean_test_r", "gain_cv_r", "gain_test_r", "pct_beats_untuned"]
+
+
+def results_table(root, subjects=None):
+    """Every NSD encoding result under ``root`` (own-subject, transfer, either protocol), one row each: the
+    columns of RESULTS_TABLE_COLUMNS (``summary_rows``' without the layer scores, and the subject), by
+    subject, hemisphere, ROI and tag. Empty (with those columns) when there is no result."""
+    tables = [summary_rows(collect_results(root, subj)).assign(subject=int(subj))
+              for subj in subjects or utils.find_subjects(root)]
+    tables = [t for t in tables if not t.empty]
+    if not tables:
+        return pd.DataFrame(columns=RESULTS_TABLE_COLUMNS)
+    return pd.concat(tables, ignore_index=True)[RESULTS_TABLE_COLUMNS]
+
+
 def write_summaries(root, subj):
     """Regenerate the subject's summary tables from every result: methods.csv, <tag>/layer_scores.csv
     and group_summary.csv (and the all-subject encoding_results/group_summary.csv).
@@ -336,15 +373,7 @@ def write_summaries(root, subj):
     """
     out_dir = utils.encoding_dir(root, subj)
     results = collect_results(root, subj)
-    rows = []
-    for (tag, hemi, roi), r in sorted(results.items(), key=lambda kv: (kv[0][1], _roi_order(kv[0][2]), kv[0][0])):
-        untuned = results.get(("untuned", hemi, roi))
-        rows.append({"tag": tag, "method": r["method"], "model_subj": r["model_subj"], "protocol": r["protocol"],
-                     "hemisphere": hemi, "roi": roi, "n_voxels": len(r["voxels"]), "best_layer": r["best_layer"],
-                     "mean_cv_r": float(np.mean(r["cv_r"])), "mean_test_r": float(np.mean(r["test_r"])),
-                     "pct_beats_untuned": pct_beats_untuned(r["test_r"], comparable_untuned_r(r, untuned)),
-                     **{layer: r["layer_scores"][layer] for layer in utils.LAYERS}})
-    table = pd.DataFrame(rows)
+    table = summary_rows(results)
     if table.empty:
         return table, results
     write_group_summaries(root, subj, results)

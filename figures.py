@@ -6,6 +6,8 @@ classification probes and predictions), or the authors' published encoding resul
 figure that has its inputs and names, for each one that has not, the command that makes
 them. ``generate_results.py --type paper-figures`` calls it. A figure with the name of one
 of the paper's (the authors' ``paper_figs/``) shows the same quantity, rows and columns.
+``write_index`` writes results/figures/index.html, every figure with its caption and command
+(FIGURE_INDEX). A method has one colour in every figure (METHOD_COLOURS).
 
 ROI groups are the authors' (utils.ROI_GROUPS): 'early' the prf-visualrois class (V1v..hV4),
 'higher' the floc classes, 'anatomical' the streams. The paper's ROI-hemisphere tables have the pRF and
@@ -13,11 +15,14 @@ category ROIs (early + higher).
 
 Cortical maps use nilearn's packaged fsaverage5 mesh (no download). fsaverage nests
 fsaverage5: the first 10242 of fsaverage's 163842 vertices per hemisphere are fsaverage5's.
-Challenge-space vertex i is fsaverage vertex ``np.flatnonzero(all-vertices mask)[i]``, so
-the vertices below 10242 are drawn on fsaverage5, and all of them on a full fsaverage mesh.
+Challenge-space vertex i is fsaverage vertex ``np.flatnonzero(all-vertices mask)[i]``; on
+fsaverage5 every fitted vertex is averaged into its nearest fsaverage5 vertex (pycortex's
+table, fsaverage/README.md), on a full fsaverage mesh each is drawn where it is.
 """
 
 import functools
+import os
+import re
 import warnings
 from pathlib import Path
 
@@ -41,8 +46,10 @@ SURFACES = ("inflated", "pial")
 VIEWS = ("lateral", "medial", "ventral")
 POOLED = ("pooled-avg", "pooled-const")
 HEMI_NAMES = {"lh": "left hemisphere", "rh": "right hemisphere"}
-# Categorical colours of methods, subjects and ROI groups (tab10 order).
-METHOD_COLOURS = dict(zip(utils.METHODS + ["oracle"], ("#7f7f7f", "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "k")))
+# One colour per method in every figure (Okabe-Ito, safe for colour-blind readers): untuned is black, so
+# that where it wins shows on the grey cortex of the winner map; the landscapes' oracle is grey.
+METHOD_COLOURS = {"untuned": "#000000", "cl-tuned": "#D55E00", "reg-tuned": "#0072B2", "pooled-avg": "#009E73",
+                  "pooled-const": "#CC79A7", "oracle": "#999999"}
 GROUP_COLOURS = {"early": "#1f77b4", "higher": "#ff7f0e", "anatomical": "#2ca02c"}  # the paper's: early blue, higher orange
 OVERLAP_NOTE = ("where a vertex lies in several ROIs, the value of the first ROI in canonical order "
                 "(prf-visualrois, floc-bodies, -faces, -places, -words, then streams) is drawn")
@@ -119,9 +126,11 @@ def plot_roi_heatmaps(tables, references, title, label, stem, fmt="{:.2f}"):
                 # Light text on the saturated ends of the diverging map, dark text near white.
                 dark = np.isfinite(d[i, j]) and abs(norm(d[i, j]) - 0.5) > 0.3
                 ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=7, color="w" if dark else "k")
-        ax.set_xticks(range(t.shape[1]), t.columns, rotation=45)
+        # The summaries' columns 'subjX' (and 'pooled'), spelled as every figure spells a subject.
+        ax.set_xticks(range(t.shape[1]), [utils.subj_dir(c[4:]) if c.startswith("subj") else c for c in t.columns],
+                      rotation=45)
         ax.set_yticks(range(len(t)), t.index)
-        ax.set_title({"lh": "left hemisphere", "rh": "right hemisphere"}[h])
+        ax.set_title(HEMI_NAMES[h])
     fig.colorbar(im, ax=list(axes[0]), label=f"{label} - untuned")
     fig.suptitle(title)
     return save_figure(fig, stem)
@@ -172,9 +181,9 @@ def plot_landscape(land, stem, title=None):
     for special, marker, size in (("untuned", "*", 300), ("oracle", "X", 150)):
         idx = [i for i, m in enumerate(land["metas"]) if m["method"] == special]
         if idx:
-            ax.scatter(xy[idx, 0], xy[idx, 1], marker=marker, s=size, c="red" if special == "untuned" else "k",
-                       edgecolors="k", zorder=3)
-            legend.append(Line2D([], [], marker=marker, ls="", color="red" if special == "untuned" else "k",
+            ax.scatter(xy[idx, 0], xy[idx, 1], marker=marker, s=size, c=METHOD_COLOURS[special], edgecolors="w",
+                       linewidths=0.6, zorder=3)
+            legend.append(Line2D([], [], marker=marker, ls="", color=METHOD_COLOURS[special],
                                  markersize=10, label=f"{special} ({acc[idx[0]]:.3f})"))
     fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap="viridis"), ax=ax, label="test accuracy")
     vals = land["eigenvalues"]
@@ -207,53 +216,92 @@ def plot_salience(image, cams, titles, stem, suptitle=None):
     return save_figure(fig, stem)
 
 
-def plot_layer_scores(table, path):
+def plot_layer_scores(table, path, title=""):
     """ROI x layer heatmap of the CV scores with the best layer of each ROI boxed; returns the figure."""
     plt = pyplot()
     from matplotlib.patches import Rectangle
     scores = table[utils.LAYERS].to_numpy(dtype=float)
-    fig, ax = plt.subplots(figsize=(1 + 0.8 * len(utils.LAYERS), 1 + 0.3 * len(table)))
+    fig, ax = plt.subplots(figsize=(1 + 0.8 * len(utils.LAYERS), 1.6 + 0.3 * len(table)), layout="constrained")
     im = ax.imshow(scores, aspect="auto", cmap="viridis")
     for i, best in enumerate(table["best_layer"]):
         ax.add_patch(Rectangle((utils.LAYERS.index(best) - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=2))
     ax.set_xticks(range(len(utils.LAYERS)), utils.LAYERS, rotation=45, ha="right")
     ax.set_yticks(range(len(table)), table["roi"])
-    fig.colorbar(im, ax=ax, label="mean CV r")
-    fig.tight_layout()
+    fig.colorbar(im, ax=ax, label="ROI mean 5-fold CV r")
+    ax.set_title(title, fontsize=9)
     save_figure(fig, path)
     return fig
 
 
-def plot_methods(table, path):
-    """Per ROI, one bar per method: mean test r."""
+def tag_name(tag):
+    """A method tag in words: 'cl-tuned_from-Subj2' -> 'cl-tuned (Subj2's model)', '_untuned-layer' -> ', untuned layer'."""
+    method, *rest = tag.split("_")
+    words = [f"{part[5:]}'s model" if part.startswith("from-") else part.replace("-", " ") for part in rest]
+    return method + (f" ({', '.join(words)})" if words else "")
+
+
+def _tag_order(tag):
+    """Untuned first, then the methods in utils.METHODS order, each before its transfers and protocols."""
+    method = tag.split("_")[0]
+    return (utils.METHODS.index(method) if method in utils.METHODS else len(utils.METHODS), tag != method, tag)
+
+
+def _roi_list(rois, most=6):
+    """'V1v, hV4 and EBA', or '12 ROIs' beyond ``most``."""
+    rois = list(rois)
+    if len(rois) > most:
+        return f"{len(rois)} ROIs"
+    return rois[0] if len(rois) == 1 else f"{', '.join(rois[:-1])} and {rois[-1]}"
+
+
+HATCHES = (None, "//", "\\\\", "xx", "..", "++")  # a method's own bar, then its transfers and other protocols
+
+
+def plot_methods(table, path, results=None, title=""):
+    """Per ROI of one hemisphere's ``table`` (methods.csv rows), one bar per method tag (untuned first, one
+    colour per method; its transfers and other protocols hatched, one hatch each): mean test r, with the
+    interquartile range of the per-voxel test r as error bars when ``results`` ((tag, hemisphere, roi) ->
+    result) is given. Returns the figure."""
     plt = pyplot()
-    tags = list(dict.fromkeys(table["tag"]))
+    tags = sorted(dict.fromkeys(table["tag"]), key=_tag_order)
     rois = sorted(set(table["roi"]), key=utils.ROIS.index)
+    hemi = table["hemisphere"].iloc[0]
     width = 0.8 / len(tags)
-    fig, ax = plt.subplots(figsize=(2 + 0.6 * len(rois) * max(1, len(tags) / 2), 3.5))
+    fig, ax = plt.subplots(figsize=(max(7.5, 2 + 0.6 * len(rois) * max(1, len(tags) / 2)), 3.8), layout="constrained")
     for k, tag in enumerate(tags):
         sub = table[table["tag"] == tag].set_index("roi").reindex(rois)
-        ax.bar(np.arange(len(rois)) + (k - (len(tags) - 1) / 2) * width, sub["mean_test_r"], width, label=tag)
+        x = np.arange(len(rois)) + (k - (len(tags) - 1) / 2) * width
+        spread = None
+        if results is not None:
+            quartiles = np.array([np.percentile(results[tag, hemi, roi]["test_r"], [25, 75]) if (tag, hemi, roi) in results
+                                  else (np.nan, np.nan) for roi in rois])
+            spread = np.nan_to_num(np.abs(quartiles.T - sub["mean_test_r"].to_numpy()))
+        method = tag.split("_")[0]
+        variant = [t for t in tags if t.split("_")[0] == method].index(tag)  # the method's own tag sorts first
+        ax.bar(x, sub["mean_test_r"], width, yerr=spread, capsize=1.5, error_kw={"lw": 0.6},
+               color=METHOD_COLOURS.get(method, "0.5"), hatch=HATCHES[variant % len(HATCHES)], edgecolor="w",
+               lw=0.3, label=tag_name(tag))
     ax.set_xticks(range(len(rois)), rois, rotation=45, ha="right")
     ax.set_ylabel("mean test r")
     ax.axhline(0, color="k", lw=0.5)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    fig.legend(*ax.get_legend_handles_labels(), fontsize=7, loc="outside right upper")
+    ax.set_title(title + ("\nbars: mean over the ROI's voxels; error bars: their 25th-75th percentile" if results else ""),
+                 fontsize=9)
     save_figure(fig, path)
     return fig
 
 
-def plot_scatter(x, y, label, path):
+def plot_scatter(x, y, label, path, title=""):
     """Per-voxel test r of a method (y) against untuned (x), with the identity line."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(4, 4))
-    ax.scatter(x, y, s=3, alpha=0.5)
+    fig, ax = plt.subplots(figsize=(4.4, 4.4), layout="constrained")
+    ax.scatter(x, y, s=3, alpha=0.5, color=METHOD_COLOURS.get(label.split("_")[0], "0.5"))
     lo, hi = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
     ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
     ax.set_xlabel("untuned test r")
-    ax.set_ylabel(f"{label} test r")
-    ax.set_title(f"{100 * np.mean(y > x):.1f}% of voxels above the line")
-    fig.tight_layout()
+    ax.set_ylabel(f"{tag_name(label)} test r")
+    ax.set_title(f"{title}{chr(10) if title else ''}{100 * np.mean(y > x):.1f}% of {len(x)} voxels above the line",
+                 fontsize=8)
     save_figure(fig, path)
     return fig
 
@@ -274,7 +322,7 @@ def plot_transfer(mean_r, frac, title, path):
         ax.set_xlabel("target subject")
         ax.set_ylabel("model subject")
         ax.set_title(label, fontsize=9)
-        fig.colorbar(im, ax=ax, shrink=0.8)
+        fig.colorbar(im, ax=ax, shrink=0.8, label=label)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     save_figure(fig, path)
@@ -284,21 +332,26 @@ def plot_transfer(mean_r, frac, title, path):
 def summary_figures(root, subj, table, results):
     """The subject's figures of ``encoding_results.write_summaries``: per method tag and hemisphere the
     ROI x layer scores, per hemisphere the methods per ROI and, per tuned tag, its per-voxel test r
-    against untuned."""
+    against untuned. Each title names the subject, hemisphere, method and ROIs."""
     out_dir = utils.encoding_dir(root, subj)
+    who = lambda hemi: f"{utils.subj_dir(subj)}, {HEMI_NAMES[hemi]}"
     for tag, sub in table.groupby("tag", sort=False):
         for hemi, part in sub.groupby("hemisphere"):
-            plot_layer_scores(part, out_dir / tag / f"layer_scores_{hemi}.png")
+            plot_layer_scores(part, out_dir / tag / f"layer_scores_{hemi}.png",
+                              f"{who(hemi)}, {tag_name(tag)}: encoding score per ROI and layer\n"
+                              "ROI mean 5-fold CV r, best layer boxed")
     for hemi, part in table.groupby("hemisphere"):
-        plot_methods(part, out_dir / f"methods_{hemi}.png")
+        plot_methods(part, out_dir / f"methods_{hemi}.png", results,
+                     f"{who(hemi)}: mean test r per ROI and method ({_roi_list(part['roi'].unique())})")
         for tag in dict.fromkeys(part["tag"]):
-            pairs = [(results["untuned", hemi, roi], results[tag, hemi, roi]) for roi in part["roi"].unique()
-                     if tag != "untuned" and (tag, hemi, roi) in results and ("untuned", hemi, roi) in results]
-            pairs = [(u, r) for u, r in pairs if np.array_equal(u["voxels"], r["voxels"])]
-            if pairs:
-                plot_scatter(np.concatenate([u["test_r"] for u, _ in pairs]),
-                             np.concatenate([r["test_r"] for _, r in pairs]), tag,
-                             out_dir / f"scatter_{tag}_vs_untuned_{hemi}.png")
+            rois = [roi for roi in part["roi"].unique()
+                    if tag != "untuned" and (tag, hemi, roi) in results and ("untuned", hemi, roi) in results
+                    and np.array_equal(results["untuned", hemi, roi]["voxels"], results[tag, hemi, roi]["voxels"])]
+            if rois:
+                plot_scatter(np.concatenate([results["untuned", hemi, roi]["test_r"] for roi in rois]),
+                             np.concatenate([results[tag, hemi, roi]["test_r"] for roi in rois]), tag,
+                             out_dir / f"scatter_{tag}_vs_untuned_{hemi}.png",
+                             f"{who(hemi)}, {_roi_list(rois)}:\n{tag_name(tag)} vs untuned, per-voxel test r")
 
 
 def plot_nod_summary(table, stem):
@@ -317,7 +370,8 @@ def plot_nod_summary(table, stem):
             sub = table[(table["hemisphere"] == hemi) & (table["method"] == method)]
             stats = sub.groupby("roi")["mean_test_r"].agg(["mean", "sem", "count"]).reindex(rois)
             x = np.arange(len(rois)) + (k - (len(methods) - 1) / 2) * width
-            ax.bar(x, stats["mean"], width, yerr=stats["sem"].fillna(0), label=method, capsize=2)
+            ax.bar(x, stats["mean"], width, yerr=stats["sem"].fillna(0), label=method, capsize=2,
+                   color=METHOD_COLOURS[method])
             for i, roi in enumerate(rois):
                 ys = sub[sub["roi"] == roi]["mean_test_r"].to_numpy()
                 ax.plot(np.full(len(ys), x[i]), ys, "k.", ms=3)
@@ -335,9 +389,9 @@ def plot_nod_summary(table, stem):
 def salience_figure(root, dataset, method, subj, roi, image_index, epochs, maps):
     """Draw ``results_utils.salience_maps``: rows = models, columns = the image and its mirror.
 
-    Writes results/figures/salience_<dataset>_[subjX_]<roi>_<method>_e<E>_img<i>.png/.pdf; returns the paths.
+    Writes results/figures/salience_<dataset>_[SubjX_]<roi>_<method>_e<E>_img<i>.png/.pdf; returns the paths.
     """
-    who = "" if method.startswith("pooled") else f"subj{int(subj)}_"
+    who = "" if method.startswith("pooled") else f"{utils.subj_dir(subj)}_"
     stem = utils.results_dir(root) / "figures" / f"salience_{dataset}_{who}{roi}_{method}_e{int(epochs)}_img{image_index}"
     return plot_salience(maps.image, maps.cams, maps.titles, stem,
                          f"Grad-CAM at features.12 for the true class: {maps.class_name}")
@@ -627,8 +681,8 @@ def plot_best_layers(table, stem):
         ax.set_title(HEMI_NAMES[h])
     bar = fig.colorbar(im, ax=list(axes[0]), ticks=range(len(utils.LAYERS)))
     bar.ax.set_yticklabels(utils.LAYERS)
-    bar.set_label("best layer of the untuned AlexNet (5-fold CV r)")
-    fig.suptitle("Best untuned AlexNet layer per ROI and subject (white: no result)")
+    bar.set_label("best layer")
+    fig.suptitle("Best untuned AlexNet layer per ROI and subject, by ROI mean 5-fold CV r (white: no result)")
     return save_figure(fig, stem), mats
 
 
@@ -649,17 +703,22 @@ def presence_matrix(counts):
 
 
 def plot_presence(matrix, stem, min_voxels=utils.MIN_VOXELS):
-    """The paper's presence table (``presence_matrix``): black where the ROI has at least ``min_voxels``
-    voxels, white where not; each cell prints its voxel count. Returns the written paths."""
+    """The paper's presence table (``presence_matrix``), each cell printing its voxel count: black where the ROI
+    has at least utils.ANALYSIS_MIN_VOXELS (20) voxels, grey where it has ``min_voxels`` to 19 (fitted, but too
+    small for the MI bound and the probes; the paper's 2024 figures left it out), white where it has fewer
+    than ``min_voxels`` (absent). Returns the written paths."""
     plt = pyplot()
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
     values = matrix.to_numpy()
+    small = max(min_voxels, utils.ANALYSIS_MIN_VOXELS)
+    level = (values >= min_voxels).astype(int) + (values >= small)
+    colours = ["white", "0.62", "black"]
     fig, ax = plt.subplots(figsize=(2.6 + 0.55 * matrix.shape[1], max(3.5, 1.4 + 0.2 * len(matrix))), layout="constrained")
-    ax.imshow(values >= min_voxels, cmap=ListedColormap(["white", "black"]), vmin=0, vmax=1, aspect="auto")
+    ax.imshow(level, cmap=ListedColormap(colours), vmin=0, vmax=2, aspect="auto")
     for (i, j), v in np.ndenumerate(values):
         if v > 0:
-            ax.text(j, i, str(v), ha="center", va="center", fontsize=5, color="w" if v >= min_voxels else "0.4")
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=5, color=("0.4", "k", "w")[level[i, j]])
     ax.set_xticks(range(matrix.shape[1]), [str(s) for s in matrix.columns])
     ax.set_xticks(np.arange(matrix.shape[1] + 1) - 0.5, minor=True)
     ax.set_yticks(np.arange(len(matrix) + 1) - 0.5, minor=True)
@@ -668,8 +727,12 @@ def plot_presence(matrix, stem, min_voxels=utils.MIN_VOXELS):
     ax.set_yticks(range(len(matrix)), matrix.index, fontsize=7)
     ax.set_xlabel("Subject")
     ax.set_ylabel("ROI")
-    ax.legend([Patch(fc="black"), Patch(fc="white", ec="0.6")], [f"Present (>= {min_voxels} voxels)", "Not present"],
-              loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7)
+    labels = [f"Present (>= {small} voxels)", f"Not present (< {min_voxels} voxel{'s' * (min_voxels > 1)})"]
+    handles = [Patch(fc="black"), Patch(fc="white", ec="0.6")]
+    if small > min_voxels:
+        labels.insert(1, f"Present, under {small} voxels:\nno MI bound or probe; left out\nby the paper's 2024 figures")
+        handles.insert(1, Patch(fc=colours[1]))
+    ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7)
     ax.set_title("Presence of ROIs in each subject (numbers: voxels)", fontsize=10)
     return save_figure(fig, stem)
 
@@ -802,7 +865,7 @@ def plot_group_means(table, title, stem, score_name):
             sem = per_subject.groupby("group", sort=False)[method].sem().reindex(means.index)
             x = np.arange(len(means)) + (k - (len(methods) - 1) / 2) * width
             ax.bar(x, means[method], width, yerr=sem.fillna(0), capsize=2, color=METHOD_COLOURS[method], label=method)
-        ax.set_xticks(range(len(means)), [f"{g}\n{n} subj., {r} ROI-hemis." for g, n, r in
+        ax.set_xticks(range(len(means)), [f"{g}\n{n} subj.\n{r} ROI-hemis." for g, n, r in
                                           zip(means.index, means["n_subjects"], means["n_rois"])], fontsize=8)
         ax.set_ylabel(ylabel)
         if column == "mean_r":
@@ -880,6 +943,9 @@ def plot_landscape_by(land, colour_of, title, stem, keep=None):
     for i, m in enumerate(land["metas"]):
         if m["method"] in ("untuned", "oracle") or keep is None or keep(i):
             drawn.setdefault(colour_of(i), []).append(i)
+    # Methods in METHOD_COLOURS order (untuned first); other keys in the order of their first model.
+    order = lambda item: list(METHOD_COLOURS).index(item[0][0]) if item[0][0] in METHOD_COLOURS else len(METHOD_COLOURS)
+    drawn = dict(sorted(drawn.items(), key=order))
     for (label, colour), idx in drawn.items():
         special = {"untuned": ("*", 260), "oracle": ("X", 140)}.get(label, ("o", 30))
         ax.scatter(xy[idx, 0], xy[idx, 1], color=colour, marker=special[0], s=special[1], edgecolors="k",
@@ -932,14 +998,52 @@ def fsaverage_rows(root, subj, hemisphere):
     return np.flatnonzero(utils.load_label_file(utils.fsaverage_mask_path(root, subj, hemisphere)))
 
 
-def to_mesh(values, rows, n_mesh):
-    """Challenge-space values (n_vertices,) on a mesh of ``n_mesh`` fsaverage-nested vertices, NaN elsewhere.
+FSAVERAGE5_NEAREST = Path(__file__).resolve().parent / "fsaverage" / "fsaverage5_nearest.npz"
 
-    fsaverage5 (10242) keeps the vertices whose fsaverage index is below 10242; fsaverage keeps all.
+
+@functools.cache
+def fsaverage5_nearest():
+    """The nearest fsaverage5 vertex of every fsaverage vertex, shape (163842,): itself below 10242 (fsaverage
+    nests fsaverage5), pycortex's nearest-neighbour table on the sphere above (fsaverage/README.md)."""
+    with np.load(FSAVERAGE5_NEAREST) as f:
+        table = f["nearest"].astype(np.int64)
+    return np.concatenate([np.arange(FSAVERAGE5_VERTICES), table])
+
+
+def mesh_vertices(rows, n_mesh):
+    """The vertex of a mesh (fsaverage5: ``n_mesh`` 10242, or fsaverage) on which each fsaverage vertex of ``rows``
+    is drawn: itself on fsaverage, its nearest fsaverage5 vertex on fsaverage5."""
+    return rows if n_mesh == utils.N_FSAVERAGE_VERTICES else fsaverage5_nearest()[rows]
+
+
+def to_mesh(values, rows, n_mesh, categorical=False):
+    """Challenge-space values (n_vertices,) on fsaverage5 (``n_mesh`` 10242) or fsaverage (163842), NaN where none.
+
+    Parameters
+    ----------
+    values : (n_vertices,) values, NaN where nothing is drawn.
+    rows : (n_vertices,) fsaverage vertex of each challenge-space vertex (``fsaverage_rows``).
+    categorical : integer codes: a mesh vertex takes the most common code (ties: the smallest)
+        instead of the mean.
+
+    Returns
+    -------
+    (n_mesh,) array. On fsaverage each vertex keeps its value; on fsaverage5 each vertex takes
+    the mean of the values of the vertices whose nearest fsaverage5 vertex it is.
     """
+    finite = np.isfinite(values)
+    target = mesh_vertices(rows[finite], n_mesh)
+    values = values[finite]
     out = np.full(n_mesh, np.nan)
-    keep = rows < n_mesh
-    out[rows[keep]] = values[keep]
+    if categorical:
+        counts = np.zeros((n_mesh, int(values.max()) + 1 if len(values) else 1))
+        np.add.at(counts, (target, values.astype(np.int64)), 1)
+        has = counts.sum(axis=1) > 0
+        out[has] = counts[has].argmax(axis=1)
+    else:
+        n = np.bincount(target, minlength=n_mesh)
+        has = n > 0
+        out[has] = np.bincount(target, values, minlength=n_mesh)[has] / n[has]
     return out
 
 
@@ -1094,14 +1198,27 @@ def _face_mode(codes):
     return values[np.argmax(counts)]
 
 
-def subject_surface_maps(root, subj, results, n_mesh, value):
-    """{hemi: (n_mesh,)} of ``vertex_values`` on the mesh, for the hemispheres with results."""
+def subject_surface_maps(root, subj, results, n_mesh, value, categorical=False):
+    """{hemi: (n_mesh,)} of ``vertex_values`` on the mesh (``to_mesh``), for the hemispheres with results."""
     out = {}
     for h in utils.HEMISPHERES:
         if any(k[1] == h for k in results):
             rows = fsaverage_rows(root, subj, h)
-            out[h] = to_mesh(vertex_values(results, h, len(rows), value), rows, n_mesh)
+            out[h] = to_mesh(vertex_values(results, h, len(rows), value), rows, n_mesh, categorical)
     return out
+
+
+def mesh_note(counts, n_mesh):
+    """The caption's account of the vertices drawn: ``counts`` {hemi: (fitted vertices, mesh vertices they cover)}."""
+    each = f" ({', '.join(f'{h}: {k} on {m}' for h, (k, m) in counts.items())})" if counts else ""
+    if n_mesh == FSAVERAGE5_VERTICES:
+        return f"every fitted vertex is averaged into its nearest fsaverage5 vertex{each}; {OVERLAP_NOTE}"
+    return f"every fitted vertex is drawn on fsaverage{each}; {OVERLAP_NOTE}"
+
+
+def covered(root, subj, voxels, hemisphere, n_mesh):
+    """(number of challenge-space ``voxels``, number of mesh vertices they are drawn on)."""
+    return len(voxels), len(np.unique(mesh_vertices(fsaverage_rows(root, subj, hemisphere)[voxels], n_mesh)))
 
 
 def cortical_figures(root, encoding, meshes=None, surfaces=SURFACES, views=VIEWS, folder=None, kind="all", score="test_r"):
@@ -1113,30 +1230,27 @@ def cortical_figures(root, encoding, meshes=None, surfaces=SURFACES, views=VIEWS
     """
     meshes, n = meshes or load_meshes()
     folder = Path(folder or paper_dir(root)) / "cortical"
-    surface = "fsaverage5" if n == FSAVERAGE5_VERTICES else "fsaverage"
     name = SCORE_NAMES[score]
     paths, drawn = [], {}
     for subj, results in encoding.items():
         fitted = {h: np.unique(np.concatenate([r["voxels"] for k, r in results.items() if k[1] == h]))
                   for h in utils.HEMISPHERES if any(k[1] == h for k in results)}
-        shown = {h: int((fsaverage_rows(root, subj, h)[v] < n).sum()) for h, v in fitted.items()}
-        where = (f"{', '.join(f'{h}: {shown[h]} of {len(v)}' for h, v in fitted.items())} fitted vertices lie on "
-                 f"{surface} and are drawn; {OVERLAP_NOTE}")
+        where = mesh_note({h: covered(root, subj, v, h, n) for h, v in fitted.items()}, n)
         methods = [m for m in utils.METHODS if any(k[0] == m for k in results)]
         jobs = [(f"{score}_{m}", score_of(m, score), f"{utils.subj_dir(subj)}: {name} of {m}", f"{name} (Pearson)", None)
                 for m in methods if kind == "all"]
         jobs += [(f"gain_{m}", gain_of(m, score), f"{utils.subj_dir(subj)}: gain of {m} over untuned",
-                  f"{name} ({m}) - {name} (untuned)", None) for m in ("cl-tuned",) + POOLED
+                  f"{name} ({m}) -\n{name} (untuned)", None) for m in ("cl-tuned",) + POOLED
                  if m in methods and (kind == "all" or m == "cl-tuned")]
         if len(methods) > 1:
             jobs.append(("cortical_results_single_subj", winner_of(methods, score),
                          f"{utils.subj_dir(subj)}: method with the highest {name}", "best method",
                          {m: METHOD_COLOURS[m] for m in methods}))
         for stem_name, value, title, label, categories in jobs:
-            maps = subject_surface_maps(root, subj, results, n, value)
+            maps = subject_surface_maps(root, subj, results, n, value, categorical=categories is not None)
             if not any(np.isfinite(m).any() for m in maps.values()):
                 continue
-            stem = folder / f"subj{subj}_{stem_name}"
+            stem = folder / f"{utils.subj_dir(subj)}_{stem_name}"
             paths += plot_cortical_map(maps, meshes, title, label, stem, categories=categories, surfaces=surfaces,
                                        views=views, caption=where)
             drawn[stem.name] = maps
@@ -1147,33 +1261,183 @@ def cortical_figures(root, encoding, meshes=None, surfaces=SURFACES, views=VIEWS
         panel = [(s, {h: m[h] for h in sorted(hemis)}) for s, m in panel]
         stem = folder / "all_subjects_panel"
         paths += plot_cortical_map(panel, meshes, "gain of cl-tuned over untuned, all subjects (inflated)",
-                                   f"{name} (cl-tuned) - {name} (untuned)", stem, views=views,
-                                   caption=f"the fitted vertices that lie on {surface} are drawn; {OVERLAP_NOTE}")
+                                   f"{name} (cl-tuned) -\n{name} (untuned)", stem, views=views,
+                                   caption=mesh_note({}, n))
         drawn[stem.name] = dict(panel)
     return paths, drawn
 
 
 KEY_VIEWS = ("lateral", "posterior", "medial")
+# The colours of the paper's ROI key (read off the legend of the authors' cortical_results_key.png); aTL-faces,
+# absent from their key, takes the pastel its neighbours' sequence skipped.
+ROI_KEY_COLOURS = {
+    "V1v": "#1f77b4", "V1d": "#aec7e8", "V2v": "#ffbb78", "V2d": "#2ca02c", "V3v": "#d62728", "V3d": "#ff9896",
+    "hV4": "#c5b0d5", "EBA": "#8c564b", "FBA-1": "#e377c2", "FBA-2": "#f7b6d2", "mTL-bodies": "#c7c7c7",
+    "OFA": "#bcbd22", "FFA-1": "#17becf", "FFA-2": "#9edae5", "mTL-faces": "#b3e2cd", "aTL-faces": "#f4cae4",
+    "OPA": "#fdcdac", "PPA": "#cbd5e8", "RSC": "#e6f5c9", "OWFA": "#fff2ae", "VWFA-1": "#f1e2cc", "VWFA-2": "#cccccc",
+    "mfs-words": "#7fc97f", "mTL-words": "#666666"}
 
 
 def cortical_key(root, subj, meshes, folder):
     """The paper's ROI key (``cortical_results_key``): the pRF and category ROIs of ``subj``'s masks on the
-    inflated and pial surfaces, lateral, posterior and medial views, one colour per ROI.
+    inflated and pial surfaces, lateral, posterior and medial views, one colour per ROI (the paper's).
 
     Returns (paths, {hemisphere: (n_mesh,) ROI index into the colour key, NaN outside every ROI}).
     """
     meshes, n = meshes
     rois = [r for r in PAPER_ROIS if any(utils.roi_voxel_count(root, subj, h, r) for h in utils.HEMISPHERES)]
     code = lambda _, h, roi: (utils.roi_voxel_indices(root, subj, h, roi), float(rois.index(roi))) if roi in rois else None
-    maps = {}
+    maps, counts = {}, {}
     for h in utils.HEMISPHERES:
         rows = fsaverage_rows(root, subj, h)
-        maps[h] = to_mesh(vertex_values(None, h, len(rows), code), rows, n)
-    colours = {roi: category_colour(k) for k, roi in enumerate(rois)}
-    surface = "fsaverage5" if n == FSAVERAGE5_VERTICES else "fsaverage"
+        values = vertex_values(None, h, len(rows), code)
+        maps[h] = to_mesh(values, rows, n, categorical=True)
+        counts[h] = covered(root, subj, np.flatnonzero(np.isfinite(values)), h, n)
+    colours = {roi: ROI_KEY_COLOURS[roi] for roi in rois}
     stem = Path(folder) / "cortical_results_key"
     return plot_cortical_map(maps, meshes, f"ROI key: the ROIs of {utils.subj_dir(subj)}", "ROI", stem, categories=colours,
-                             views=KEY_VIEWS, caption=f"the ROI vertices that lie on {surface} are drawn; {OVERLAP_NOTE}"), maps
+                             views=KEY_VIEWS, caption=mesh_note(counts, n).replace("fitted", "ROI")), maps
+
+
+# --- The index page ---------------------------------------------------------------------
+
+_SUBJ = r"(?P<subj>Subj(?P<n>\d+))"
+_PAPER = "results/figures/(?P<source>paper|published)/"
+_CORTICAL = _PAPER + "cortical/" + _SUBJ
+# Every figure the scripts write: (section, regular expression of its path below ROOT, caption, command); the
+# named groups fill the caption and the command. The first expression that matches a path gives its entry.
+FIGURE_INDEX = [
+    ("Encoding results of each subject", _SUBJ.join(("encoding_results/", r"/(?P<tag>[^/]+)/layer_scores_(?P<hemi>[lr]h)\.png")),
+     "{subj} {hemi}, {tag}: the ROI mean 5-fold CV r of each AlexNet layer, the best layer of each ROI boxed",
+     "python generate_results.py --type summaries --subjects {n}  (also drawn by fit_encoding_models.py)"),
+    ("Encoding results of each subject", _SUBJ.join(("encoding_results/", r"/methods_(?P<hemi>[lr]h)\.png")),
+     "{subj} {hemi}: mean test r of each method (untuned first) per ROI; error bars: 25th-75th percentile over voxels",
+     "python generate_results.py --type summaries --subjects {n}  (also drawn by fit_encoding_models.py)"),
+    ("Encoding results of each subject", _SUBJ.join(("encoding_results/", r"/scatter_(?P<tag>.+)_vs_untuned_(?P<hemi>[lr]h)\.png")),
+     "{subj} {hemi}: per-voxel test r of {tag} against untuned, over the ROIs that have both",
+     "python generate_results.py --type summaries --subjects {n}  (also drawn by fit_encoding_models.py)"),
+    ("Transfer across subjects",
+     r"encoding_results/transfer_(?P<method>[a-z-]+?)(?P<layer>_untuned-layer)?_(?P<hemis>[lr]h(?:-rh)?)_(?P<group>[a-z]+)"
+     r"(?:_(?P<aggregation>absent-zero|voxels))?\.png",
+     "{method} models of each model subject on each target subject{layer_text}, {group} ROIs ({hemis}{aggregation_text}): "
+     "mean test r and fraction of voxels above untuned",
+     "python generate_results.py --type transfer-matrix --method {method}{protocol_flag}{aggregation_flag}"),
+    ("Transfer to NOD", r"encoding_results/nod/nod_transfer\.png",
+     "NOD: mean test r per visual area and method across subjects (SEM), NSD-tuned feature extractors",
+     "python fit_encoding_models_nod.py"),
+    ("Probes, MI bounds, salience and landscapes", r"results/figures/classification_(?P<dataset>[^_]+)_(?P<method>[^_]+)_e\d+\.png",
+     "{dataset} classification accuracy of the fc7 probes of the {method} models, ROI x subject, coloured by the "
+     "change from untuned", "python generate_results.py --type figures --dataset {dataset} --method {method}"),
+    ("Probes, MI bounds, salience and landscapes", r"results/figures/mi_bound_(?P<method>[^_]+)_e\d+\.png",
+     "InfoNCE MI lower bound (bits, post-hoc temperature) of the {method} models, ROI x subject",
+     "python generate_results.py --type figures --method {method}"),
+    ("Probes, MI bounds, salience and landscapes", r"results/figures/salience_(?P<dataset>[^_]+)_.*\.png",
+     "Grad-CAM of the untuned and the tuned models on one {dataset} test image and its mirror",
+     "python generate_results.py --type salience-maps --dataset {dataset}"),
+    ("Probes, MI bounds, salience and landscapes", r"results/figures/landscape_(?P<dataset>[^_]+)_(?P<embedding>\w+)\.png",
+     "model landscape of the {dataset} probe models ({embedding}), coloured by test accuracy",
+     "the notebook feature_extraction_model_landscape_imagenet.ipynb"),
+    ("The paper's figures", _PAPER + r"best_untuned_layers_matrix\.png",
+     "untuned AlexNet: ROI mean 5-fold CV r of each ROI-hemisphere and layer, the best layer boxed", None),
+    ("The paper's figures", _PAPER + r"roi_subj_presence_table\.png",
+     "voxels of each ROI-hemisphere and subject: black present, grey under 20 voxels, white absent", None),
+    ("The paper's figures", _PAPER + r"(?P<group>\w+)_group_cs_avgs_picture\.png",
+     "cross-subject transfer, {group} ROIs: fraction of voxels above untuned, model subject x evaluation subject", None),
+    ("The paper's figures", _PAPER + r"cs_vs_pooled_(?P<h>\w+)_scatterplot\.png",
+     "% of voxels above untuned: other subjects' CL models (x) against the pooled model h-{h} (y)", None),
+    ("The paper's figures", _PAPER + r"lower_bound_mi_estimates_specific_vs_pooled_h(?P<h>\w+)\.png",
+     "MI bound against ROI size, subject-specific CL models and the pooled model h-{h}", None),
+    ("The paper's figures", _PAPER + r"mi_lower_bound_matrix\.png",
+     "MI lower bound (bits) of the subject-specific CL models, ROI-hemisphere x subject", None),
+    ("The paper's figures", _PAPER + r"(?P<dataset>[a-z0-9]+)_results_matrix\.png",
+     "{dataset} fc7 probe accuracy of every model, ROI-hemisphere x model", None),
+    ("The paper's figures", _PAPER + r"(?P<dataset>[a-z0-9]+)_landscape_(?P<key>\w+)\.png",
+     "{dataset} model landscape (InPCA of the Bhattacharyya distances), coloured by {key}", None),
+    ("The paper's figures", _PAPER + r"cortical_results_key\.png", "the ROI key of the cortical maps", None),
+    ("This project's encoding figures", _PAPER + r"best_untuned_layer_per_subject\.png",
+     "best untuned AlexNet layer per ROI and subject", None),
+    ("This project's encoding figures", _PAPER + r"(?P<group>\w+)_group_cl_gain_per_roi\.png",
+     "CL gain over untuned per ROI ({group} ROIs), mean over subjects with SEM", None),
+    ("This project's encoding figures", _PAPER + r"cl_vs_(?P<pooled>[a-z-]+)_gain_scatterplot\.png",
+     "gain over untuned per (subject, hemisphere, ROI): subject-specific CL (x) against {pooled} (y)", None),
+    ("This project's encoding figures", _PAPER + r"cl_vs_untuned_scatterplot\.png",
+     "ROI mean r per (subject, hemisphere, ROI): untuned (x) against cl-tuned (y)", None),
+    ("This project's encoding figures", _PAPER + r"group_means_per_method\.png",
+     "the authors' group means of each method's ROI mean r and % of voxels above untuned", None),
+    ("This project's encoding figures", _PAPER + r"mi_specific_vs_pooled_h(?P<h>\w+)_pairs\.png",
+     "MI bound per (subject, hemisphere, ROI): subject-specific CL model (x) against the pooled model h-{h} (y)", None),
+    ("Cortical maps", _CORTICAL + r"_gain_(?P<method>[a-z-]+)\.png",
+     "{subj}: per vertex, the gain of {method} over untuned (fsaverage5)", None),
+    ("Cortical maps", _CORTICAL + r"_(?P<score>test_r|cv_r)_(?P<method>[a-z-]+)\.png",
+     "{subj}: per vertex, the {score} of {method} (fsaverage5)", None),
+    ("Cortical maps", _CORTICAL + r"_cortical_results_single_subj\.png",
+     "{subj}: per vertex, the method with the highest r (untuned black)", None),
+    ("Cortical maps", _PAPER + r"cortical/all_subjects_panel\.png", "the CL gain over untuned, one row per subject", None),
+    ("Held against the published results", r"results/published_comparison/scorecard\.png",
+     "your ROI mean CV r against the authors' published one, one point per (subject, hemisphere, ROI, method)",
+     "python generate_results.py --type compare-published"),
+]
+
+
+# How the optional parts of a transfer figure's name read in its caption and command (the defaults: untuned-layer
+# protocol, the authors' aggregation).
+_DERIVED = {
+    "layer": lambda v: {"layer_text": " at the untuned layer and alphas" if v else " (per-method protocol)",
+                        "protocol_flag": "" if v else " --protocol per-method"},
+    "aggregation": lambda v: {"aggregation_text": {"absent-zero": ", absent ROIs as 0", "voxels": ", pooled over voxels"}.get(v, ""),
+                              "aggregation_flag": f" --transfer-aggregation {v}" if v else ""},
+}
+
+
+def figure_entry(relative):
+    """(section, caption, command) of a figure's path below ROOT (posix), from FIGURE_INDEX; None if unknown."""
+    import re
+    for section, pattern, caption, command in FIGURE_INDEX:
+        match = re.fullmatch(pattern, relative)
+        if match:
+            fields = {k: v or "" for k, v in match.groupdict().items()}
+            for name, derive in _DERIVED.items():
+                if name in fields:
+                    fields.update(derive(fields[name]))
+            if command is None:  # the paper figures
+                command = "python generate_results.py --type paper-figures" + (
+                    " --source published" if fields["source"] == "published" else "")
+            return section, caption.format(**fields), command.format(**fields)
+    return None
+
+
+def write_index(root):
+    """results/figures/index.html: every PNG under ROOT's encoding_results/ and results/, by section, each with
+    its caption, the command that made it and a link to its PDF. Returns (path, {section: [figure paths]})."""
+    import html
+    from urllib.parse import quote
+    root = Path(root)
+    index = utils.results_dir(root) / "figures" / "index.html"
+    sections = {section: [] for section, *_ in FIGURE_INDEX}
+    sections["Other figures"] = []
+    for folder in (root / "encoding_results", utils.results_dir(root)):
+        for path in sorted(folder.rglob("*.png")):
+            entry = figure_entry(path.relative_to(root).as_posix())
+            section, caption, command = entry or ("Other figures", "", "")
+            sections[section].append((path, caption, command))
+    parts = [f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>Figures of {html.escape(str(root.resolve().name))}"
+             "</title><style>body{font-family:sans-serif;margin:2em}figure{display:inline-block;vertical-align:top;"
+             "width:46%;margin:1em}img{max-width:100%;border:1px solid #ddd}code{font-size:90%}</style></head><body>",
+             "<h1>Figures</h1><p>Every figure under encoding_results/ and results/, with the command that made it.</p>"]
+    for section, figs in sections.items():
+        if not figs:
+            continue
+        parts.append(f"<h2>{html.escape(section)} ({len(figs)})</h2>")
+        for path, caption, command in figs:
+            src = quote(Path(os.path.relpath(path, index.parent)).as_posix())
+            name = path.relative_to(root).as_posix()
+            pdf = f" (<a href='{src[:-4]}.pdf'>PDF</a>)" if path.with_suffix(".pdf").is_file() else ""
+            parts.append(f"<figure><a href='{src}'><img src='{src}' alt='{html.escape(name)}' loading='lazy'></a>"
+                         f"<figcaption><b>{html.escape(name)}</b>{pdf}<br>{html.escape(caption)}<br>"
+                         f"<code>{html.escape(command)}</code></figcaption></figure>")
+    parts.append("</body></html>\n")
+    safe_io.atomic_write_text("\n".join(parts), index)
+    return index, {section: [p for p, *_ in figs] for section, figs in sections.items() if figs}
 
 
 # --- Everything ------------------------------------------------------------------------

@@ -201,7 +201,28 @@ def paper_figures(opts, model_opts):
     for line in skipped:
         print(line)
     print(f"wrote {len(paths)} files under {figures.paper_dir(opts.ROOT, opts.SOURCE)}")
+    if paths:
+        index(opts, model_opts)
     return paths
+
+
+def results_table(opts, model_opts):
+    """results/encoding_results.csv: every NSD encoding result of SUBJECTS, one row each (encoding_results.results_table)."""
+    table = encoding_results.results_table(opts.ROOT, subjects(opts))
+    if table.empty:
+        raise safe_io.UserError(f"no encoding results of subjects {' '.join(map(str, subjects(opts)))} under "
+                                f"{Path(opts.ROOT) / 'encoding_results'}: run fit_encoding_models.py first")
+    path = utils.results_dir(opts.ROOT) / "encoding_results.csv"
+    safe_io.atomic_write_text(table.to_csv(index=False), path)
+    print(f"wrote {len(table)} results of {table['subject'].nunique()} subject(s) to {path}")
+    return table
+
+
+def index(opts, model_opts):
+    """results/figures/index.html: every figure under ROOT with its caption and the command that made it."""
+    path, sections = figures.write_index(opts.ROOT)
+    print(f"wrote {path}: {sum(map(len, sections.values()))} figures; open it in a web browser")
+    return path, sections
 
 
 def compare_published(opts, model_opts):
@@ -229,7 +250,8 @@ TASKS = {"summaries": summaries, "transfer-matrix": transfer_matrix, "classifica
          "lower-bound-mi-pooled-avg": lower_bound_mi, "lower-bound-mi-pooled-const": lower_bound_mi,
          "voxel-counts": voxel_counts, "save-embeddings": save_embeddings, "save-test-fmri-responses": save_test_fmri,
          "random-rois-list": random_rois, "figures": results_figures, "salience-maps": salience_maps,
-         "paper-figures": paper_figures, "compare-published": compare_published}
+         "paper-figures": paper_figures, "compare-published": compare_published, "results-table": results_table,
+         "index": index}
 
 
 def _what(name, task):

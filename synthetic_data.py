@@ -14,8 +14,10 @@ Layout written under ROOT (the same as the real data, see README):
 
 About a third of the images are shared by all subjects (as NSD's shared 1000); the
 rest are unique to each subject. The masks are either generated (small: about 800-2000
-vertices per hemisphere, ROIs of mostly 20-150 vertices) or copied from real Algonauts
-masks (``masks_from``), optionally keeping only ``max_vertices`` vertices per hemisphere.
+vertices per hemisphere, ROIs of mostly 20-150 vertices, each ROI a patch of fsaverage5
+vertices where the real ROI lies, so cortical maps look like a brain) or copied from real
+Algonauts masks (``masks_from``), optionally keeping only ``max_vertices`` vertices per
+hemisphere.
 
 The planted model, per vertex (``kind`` code in the params file):
 
@@ -49,6 +51,8 @@ non-pRF vertices), ``stat_weights`` (n_vertices, 12); and ``sfs``, ``orientation
 Usage: python synthetic_data.py --root DIR --subjects 2 --images 300 --image-size 425 --seed 0
 """
 
+import functools
+import heapq
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -289,7 +293,8 @@ def _roi_sizes(rng, subj, hemi):
 
 
 def generate_masks(seed, subj, hemi):
-    """Generated label arrays of one subject and hemisphere.
+    """Generated label arrays of one subject and hemisphere, in generation order (``place_on_fsaverage5``
+    puts each vertex on the cortex).
 
     Vertices lie on a line: the prf-visualrois block first, the 'early' stream over most
     of it, the other streams and the floc classes after it, each class with its own
@@ -320,6 +325,80 @@ def generate_masks(seed, subj, hemi):
             codes[start:start + sizes[roi]] = utils.ROI_CODE[roi]
         labels[cls] = codes
     return labels
+
+
+# fsaverage5 vertex at the centre of each ROI (None: of the vertices in no ROI), per hemisphere: the vertex
+# nearest the mean sphere position of the ROI's vertices in the 8 subjects of the real Algonauts masks, each
+# fsaverage vertex taken to its nearest fsaverage5 vertex. No real subject has mTL-faces or aTL-faces, nor lh
+# mTL-bodies: those take FFA-2's centre and rh mTL-bodies' (fsaverage's two spheres coincide).
+FSAVERAGE5_CENTRES = {
+    "lh": {"V1v": 5649, "V1d": 9651, "V2v": 8563, "V2d": 9663, "V3v": 1997, "V3d": 6911, "hV4": 8577, "EBA": 5090,
+           "FBA-1": 10052, "FBA-2": 621, "mTL-bodies": 10073, "OFA": 1526, "FFA-1": 2753, "FFA-2": 10061,
+           "mTL-faces": 10061, "aTL-faces": 10061, "OPA": 5200, "PPA": 10141, "RSC": 569, "OWFA": 3502,
+           "VWFA-1": 5576, "VWFA-2": 5600, "mfs-words": 8008, "mTL-words": 5617, "early": 4368, "midventral": 6374,
+           "midlateral": 9591, "midparietal": 306, "ventral": 8005, "lateral": 552, "parietal": 5174, None: 207},
+    "rh": {"V1v": 339, "V1d": 1373, "V2v": 7087, "V2d": 9432, "V3v": 10021, "V3d": 2344, "hV4": 4388, "EBA": 8555,
+           "FBA-1": 6105, "FBA-2": 3335, "mTL-bodies": 10073, "OFA": 4383, "FFA-1": 353, "FFA-2": 156,
+           "mTL-faces": 156, "aTL-faces": 156, "OPA": 7815, "PPA": 6089, "RSC": 3750, "OWFA": 980, "VWFA-1": 7995,
+           "VWFA-2": 3932, "mfs-words": 10069, "mTL-words": 5539, "early": 1375, "midventral": 4385,
+           "midlateral": 9666, "midparietal": 2340, "ventral": 5606, "lateral": 2355, "parietal": 5195, None: 979},
+}
+
+
+@functools.cache
+def fsaverage5_sphere():
+    """nilearn's packaged fsaverage5 sphere (the same for both hemispheres): vertex positions (radius 100) and,
+    per vertex, its neighbours (scipy CSR adjacency)."""
+    from nilearn import datasets, surface
+    from scipy.sparse import coo_matrix
+    mesh = surface.load_surf_mesh(datasets.fetch_surf_fsaverage("fsaverage5")["sphere_left"])
+    edges = np.asarray(mesh.faces)[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2)
+    n = len(mesh.coordinates)
+    adjacency = coo_matrix((np.ones(2 * len(edges)), (edges.ravel(), edges[:, ::-1].ravel())), shape=(n, n)).tocsr()
+    return np.asarray(mesh.coordinates, dtype=float), adjacency
+
+
+def _grow_patch(size, centre, free):
+    """``size`` free fsaverage5 vertices grown from the free vertex nearest ``centre`` through free neighbours,
+    nearest to the centre first (a new seed, the nearest free vertex, where the patch is enclosed). Marks them
+    taken in ``free``; returns them in the order taken."""
+    xyz, adjacency = fsaverage5_sphere()
+    distance = np.linalg.norm(xyz - xyz[centre], axis=1)
+    patch, frontier = [], []
+    while len(patch) < size:
+        if not frontier:
+            seed = int(np.flatnonzero(free)[np.argmin(distance[free])])
+            frontier = [(distance[seed], seed)]
+        _, v = heapq.heappop(frontier)
+        if not free[v]:
+            continue
+        free[v] = False
+        patch.append(v)
+        for w in adjacency.indices[adjacency.indptr[v]:adjacency.indptr[v + 1]]:
+            if free[w]:
+                heapq.heappush(frontier, (distance[w], int(w)))
+    return np.array(patch, dtype=np.int64)
+
+
+def place_on_fsaverage5(labels, hemi):
+    """An fsaverage vertex for each generated vertex, all among fsaverage5's own (below 10242), so that the
+    maps look like a brain: the vertices whose first ROI in canonical order (the one a cortical map draws) is
+    the same form one patch, the free fsaverage5 vertices nearest that ROI's real centre (FSAVERAGE5_CENTRES),
+    placed ROI by ROI in canonical order, each grown from its centre through the vertices still free
+    (``_grow_patch``), then the vertices in no ROI.
+
+    Returns (n_vertices,) int64, distinct.
+    """
+    first = np.full(len(labels["streams"]), len(utils.ROIS))
+    for k in reversed(range(len(utils.ROIS))):
+        roi = utils.ROIS[k]
+        first[labels[utils.ROI_CLASS[roi]] == utils.ROI_CODE[roi]] = k
+    rows = np.empty(len(first), dtype=np.int64)
+    free = np.ones(fsaverage5_sphere()[1].shape[0], dtype=bool)
+    for k, roi in enumerate(utils.ROIS + [None]):
+        members = np.flatnonzero(first == k)
+        rows[members] = _grow_patch(len(members), FSAVERAGE5_CENTRES[hemi][roi], free)
+    return rows
 
 
 def subsample_masks(seed, subj, hemi, labels, max_vertices):
@@ -533,14 +612,15 @@ def write_algonauts_dataset(root, n_subjects=2, n_images=300, image_size=425, se
         masks_from = safe_io.require_dir(masks_from, "point --masks-from at the folder holding the SubjX roi_masks")
         masks = {s: _load_masks(masks_from, s) for s in range(1, n_subjects + 1)}
 
-    summary, params = {}, {}
+    # Vertices are generated, planted and simulated in the order of generate_masks' blocks, then written in
+    # challenge-space order (sorted by fsaverage vertex, as the real masks'): ``order`` takes one to the other.
+    summary, params, order = {}, {}, {}
     for s in range(1, n_subjects + 1):
         summary[s] = {}
         for hemi in utils.HEMISPHERES:
             if masks_from is None:
                 labels = generate_masks(seed, s, hemi)
-                fsavg_rows = np.sort(_rng(seed, 5, s, utils.HEMISPHERES.index(hemi)).choice(
-                    utils.N_FSAVERAGE_VERTICES, size=len(labels["streams"]), replace=False))
+                fsavg_rows = place_on_fsaverage5(labels, hemi)
                 mappings = {cls: {0: "Unknown", **{utils.ROI_CODE[r]: r for r in rois}}
                             for cls, rois in utils.ROI_CLASSES.items()}
             else:
@@ -551,8 +631,9 @@ def write_algonauts_dataset(root, n_subjects=2, n_images=300, image_size=425, se
                 mappings = masks[s][1]
             fsavg = np.zeros(utils.N_FSAVERAGE_VERTICES, dtype=np.int64)
             fsavg[fsavg_rows] = 1
+            order[s, hemi] = np.argsort(fsavg_rows)
             for cls, codes in labels.items():
-                safe_io.atomic_np_save(codes.astype(np.int64), utils.roi_mask_path(root, s, hemi, cls))
+                safe_io.atomic_np_save(codes[order[s, hemi]].astype(np.int64), utils.roi_mask_path(root, s, hemi, cls))
             for cls, mapping in mappings.items():
                 with safe_io.atomic_path(utils.roi_mapping_path(root, s, cls)) as tmp, open(tmp, "wb") as f:
                     np.save(f, mapping, allow_pickle=True)
@@ -602,13 +683,14 @@ def write_algonauts_dataset(root, n_subjects=2, n_images=300, image_size=425, se
             signal[:, ~prf] = stats_responses(p, stats_z[r])
             sd = signal.std(0)
             signal = (signal - signal.mean(0)) / np.where(sd > 1e-8, sd, np.inf)
-            safe_io.atomic_np_save(signal, noise_free_path(root, s, hemi))
-            with safe_io.atomic_path(params_path(root, s, hemi)) as tmp:
-                np.savez(tmp, sfs=SFS, orientations=ORIENTATIONS, nsd_ids=nsd_ids[r], **p)
             fmri = _rng(seed, 7, s, utils.HEMISPHERES.index(hemi)).standard_normal(signal.shape, dtype=np.float32)
             fmri *= np.sqrt(1 / p["snr"]).astype(np.float32)
             fmri += signal
-            safe_io.atomic_np_save(fmri, utils.fmri_path(root, s, hemi))
+            k = order[s, hemi]
+            safe_io.atomic_np_save(signal[:, k], noise_free_path(root, s, hemi))
+            with safe_io.atomic_path(params_path(root, s, hemi)) as tmp:
+                np.savez(tmp, sfs=SFS, orientations=ORIENTATIONS, nsd_ids=nsd_ids[r], **{key: v[k] for key, v in p.items()})
+            safe_io.atomic_np_save(fmri[:, k], utils.fmri_path(root, s, hemi))
     return summary
 
 

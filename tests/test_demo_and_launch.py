@@ -168,7 +168,7 @@ def test_demo_tiny_run_reports_what_it_saved(tmp_path, capsys):
     assert len(copies) == len(written) and sorted(copies.values()) == sorted(p.read_bytes() for p in written)
     assert {"landscape_caltech256_inpca.png", "Subj1_cl-tuned_layer_scores_lh.png", "Subj2_untuned_layer_scores_lh.png",
             "paper_early_group_cs_avgs_picture.png", "paper_early_group_cl_gain_per_roi.png",
-            "paper_cortical_results_key.png", "paper_cortical_subj2_gain_cl-tuned.png",
+            "paper_cortical_results_key.png", "paper_cortical_Subj2_gain_cl-tuned.png",
             "paper_cortical_all_subjects_panel.png", "paper_roi_subj_presence_table.png"} <= set(copies)
     # The group figure averages the CL gain of both subjects.
     gains = [np.mean(encoding_results.load_result(encoding_results.result_path(root, s, "cl-tuned", "lh", "V1v"))["test_r"]

@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -22,10 +23,13 @@ EPOCHS = 30
 
 
 def _write_result(root, subj, tag, hemi, roi, test_r, best_layer="features.5", layer_scores=None):
+    """A result as fit_encoding_models.py saves it; CV r is test r shifted by 0.05 (a transfer tag names its model subject)."""
     voxels = utils.roi_voxel_indices(root, subj, hemi, roi)
     n = len(voxels)
-    encoding_results.save_result({"voxels": voxels, "alphas": np.ones(n), "alpha_index": np.zeros(n, int), "cv_r": test_r,
-                    "test_r": test_r, "method": tag.split("_")[0], "hemisphere": hemi, "roi": roi, "best_layer": best_layer,
+    model_subj = int(tag.split("_from-Subj")[1]) if "_from-" in tag else subj
+    encoding_results.save_result({"voxels": voxels, "alphas": np.ones(n), "alpha_index": np.zeros(n, int),
+                    "cv_r": test_r + 0.05, "test_r": test_r, "method": tag.split("_")[0], "hemisphere": hemi, "roi": roi,
+                    "best_layer": best_layer, "model_subj": model_subj, "protocol": "per-method",
                     "layer_scores": layer_scores or {layer: 0.0 for layer in utils.LAYERS}},
                    encoding_results.result_path(root, subj, tag, hemi, roi))
 
@@ -286,26 +290,73 @@ def masks_root(tmp_path_factory, shared_masks):
     return root
 
 
+def _nearest():
+    """fsaverage vertex -> nearest fsaverage5 vertex, read from the shipped table (entry i: vertex 10242 + i)."""
+    with np.load(figures.FSAVERAGE5_NEAREST) as f:
+        return np.concatenate([np.arange(10242), f["nearest"]])
+
+
+def _mean_by_vertex(values, vertices):
+    """{mesh vertex: mean of the finite values drawn onto it}, by pandas (independent of to_mesh)."""
+    keep = np.isfinite(values)
+    return pd.Series(values[keep]).groupby(vertices[keep]).mean()
+
+
+def _mode_by_vertex(codes, vertices):
+    """{mesh vertex: most common finite code, ties the smallest}, by pandas."""
+    keep = np.isfinite(codes)
+    frame = pd.DataFrame({"v": vertices[keep], "c": codes[keep]})
+    counts = frame.groupby(["v", "c"]).size().reset_index(name="n").sort_values(["v", "n", "c"], ascending=[True, False, True])
+    return counts.drop_duplicates("v").set_index("v")["c"]
+
+
+def test_fsaverage5_table_is_a_nearest_vertex_partition(masks_root):
+    """pycortex's table: each fsaverage5 vertex gets about 163842 / 10242 = 16 fsaverage vertices, and on nilearn's
+    fsaverage5 sphere every vertex V1v's fsaverage vertices reach lies within one edge of V1v's own fsaverage5 vertices."""
+    from nilearn import datasets, surface
+    nearest = _nearest()
+    assert len(nearest) == utils.N_FSAVERAGE_VERTICES and nearest.max() == 10241
+    cells = np.bincount(nearest, minlength=10242)
+    assert cells.min() >= 12 and cells.max() <= 19 and np.median(cells) == 16
+    fs = datasets.fetch_surf_fsaverage("fsaverage5")
+    for h, side in (("lh", "left"), ("rh", "right")):
+        sphere = surface.load_surf_mesh(fs[f"sphere_{side}"])
+        xyz, faces = np.asarray(sphere.coordinates), np.asarray(sphere.faces)
+        edge = np.median(np.linalg.norm(xyz[faces[:, 0]] - xyz[faces[:, 1]], axis=1))
+        rows = figures.fsaverage_rows(masks_root, 1, h)[utils.roi_voxel_indices(masks_root, 1, h, "V1v")]
+        own, reached = rows[rows < 10242], np.unique(nearest[rows])
+        gap = np.linalg.norm(xyz[reached][:, None] - xyz[own][None], axis=2).min(axis=1)
+        assert set(own) <= set(reached) and gap.max() < 1.15 * edge
+
+
 @pytest.mark.parametrize("subj", [1, 5])
-def test_fsaverage5_vertex_counts_on_real_masks(masks_root, subj):
+def test_every_fitted_vertex_is_drawn_on_fsaverage5(masks_root, subj):
+    nearest = _nearest()
+    rng = np.random.default_rng(subj)
     for h in utils.HEMISPHERES:
         mask = np.load(utils.fsaverage_mask_path(masks_root, subj, h))
         rows = figures.fsaverage_rows(masks_root, subj, h)
-        for cls, rois in utils.ROI_CLASSES.items():
+        for cls in ("prf-visualrois", "floc-faces"):
             labels = np.load(utils.roi_mask_path(masks_root, subj, h, cls))
             mapping = np.load(utils.roi_mapping_path(masks_root, subj, cls), allow_pickle=True).item()
-            # Independent: scatter the labels into fsaverage space, then read fsaverage5's first 10242 vertices.
+            # Independent: scatter the labels into fsaverage space and take the fsaverage vertices of each ROI.
             fs_labels = np.zeros(len(mask), dtype=np.int64)
             fs_labels[mask.astype(bool)] = labels
             for code, roi in mapping.items():
-                if code == 0:
+                if code == 0 or not (labels == code).any():
                     continue
-                drawn = figures.to_mesh(np.where(labels == code, 1.0, np.nan), rows, figures.FSAVERAGE5_VERTICES)
-                expected = (fs_labels[:10242] == code).sum()
-                assert np.isfinite(drawn).sum() == expected
-                assert np.array_equal(np.flatnonzero(np.isfinite(drawn)), np.flatnonzero(fs_labels[:10242] == code))
+                values = np.where(labels == code, rng.normal(size=len(labels)), np.nan)
+                drawn = figures.to_mesh(values, rows, figures.FSAVERAGE5_VERTICES)
+                fs_values = np.full(len(mask), np.nan)
+                fs_values[mask.astype(bool)] = values
+                expected = _mean_by_vertex(fs_values, nearest[np.arange(len(mask))])
+                assert np.array_equal(np.flatnonzero(np.isfinite(drawn)), expected.index)
+                np.testing.assert_allclose(drawn[expected.index], expected.to_numpy())
+                assert set(np.flatnonzero(fs_labels[:10242] == code)) <= set(expected.index)
                 if subj == 1 and h == "lh" and roi == "V1v":
-                    assert expected == 47  # of its 710 fsaverage vertices
+                    # 710 fsaverage vertices: 47 are fsaverage5's own, all 710 together cover 57.
+                    assert (fs_labels == code).sum() == 710 and (fs_labels[:10242] == code).sum() == 47
+                    assert len(expected) == 57
 
 
 def test_v1v_on_the_ventral_occipital_pole_and_ffa_ventral(masks_root):
@@ -330,35 +381,31 @@ def test_cortical_maps_draw_the_saved_values(results_root):
     paths, drawn = figures.cortical_figures(results_root, encoding, surfaces=("inflated",), views=("ventral",),
                                             kind="summary")
     assert {p.name for p in paths} == {f"{stem}.{ext}" for ext in ("png", "pdf") for stem in (
-        "subj1_gain_cl-tuned", "subj1_cortical_results_single_subj", "all_subjects_panel")}
+        "Subj1_gain_cl-tuned", "Subj1_cortical_results_single_subj", "all_subjects_panel")}
     rows = np.flatnonzero(np.load(utils.fsaverage_mask_path(results_root, 1, "lh")))
-    # Independent: the V1v gain of each of its vertices on fsaverage5; V1v comes first in canonical order.
-    with np.load(encoding_results.result_path(results_root, 1, "cl-tuned", "lh", "V1v")) as a, \
-            np.load(encoding_results.result_path(results_root, 1, "untuned", "lh", "V1v")) as b:
-        gain = a["test_r"] - b["test_r"]
-        keep = rows[a["voxels"]] < 10242
-        where = rows[a["voxels"]][keep]
-    np.testing.assert_allclose(drawn["subj1_gain_cl-tuned"]["lh"][where], gain[keep])
-    np.testing.assert_allclose(drawn["all_subjects_panel"]["Subj1"]["lh"][where], gain[keep])
-    # Winner: the index, in the methods present, of the highest test r of each vertex.
-    tests = []
-    for m in utils.METHODS:
-        path = encoding_results.result_path(results_root, 1, m, "lh", "V1v")
-        if path.is_file():
-            with np.load(path) as f:
-                tests.append(f["test_r"][keep])
-    np.testing.assert_array_equal(drawn["subj1_cortical_results_single_subj"]["lh"][where], np.argmax(tests, axis=0))
-    # The test r maps: each fitted vertex shows its first ROI's value; vertices in no fitted ROI are blank.
-    test_r = figures.subject_surface_maps(results_root, 1, encoding[1], 10242, figures.score_of("pooled-const"))
-    fitted = np.zeros(len(rows), bool)
+    where = _nearest()[rows]
+    # Independent: paint each ROI's saved values in reverse canonical order (a vertex keeps its first ROI's),
+    # then average the vertices of each fsaverage5 vertex (the winner: their most common method).
+    gain, test_r, winner = (np.full(len(rows), np.nan) for _ in range(3))
     for roi in reversed(ROIS):
-        r = encoding_results.load_result(encoding_results.result_path(results_root, 1, "pooled-const", "lh", roi))
-        fitted[r["voxels"]] = True
-        on = rows[r["voxels"]] < 10242
-        if roi == "V1v":
-            np.testing.assert_allclose(test_r["lh"][rows[r["voxels"]][on]], r["test_r"][on])
-    assert np.isnan(test_r["lh"][rows[~fitted & (rows < 10242)]]).all()
-    assert np.isfinite(test_r["lh"][rows[fitted & (rows < 10242)]]).all()
+        loaded = {m: encoding_results.load_result(encoding_results.result_path(results_root, 1, m, "lh", roi))
+                  for m in utils.METHODS if encoding_results.result_path(results_root, 1, m, "lh", roi).is_file()}
+        v = loaded["untuned"]["voxels"]
+        gain[v] = loaded["cl-tuned"]["test_r"] - loaded["untuned"]["test_r"]
+        test_r[v] = loaded["pooled-const"]["test_r"]
+        methods = [m for m in utils.METHODS if m in loaded]
+        winner[v] = np.argmax([loaded[m]["test_r"] for m in methods], axis=0)
+    expected = _mean_by_vertex(gain, where)
+    for got in (drawn["Subj1_gain_cl-tuned"]["lh"], drawn["all_subjects_panel"]["Subj1"]["lh"]):
+        assert np.array_equal(np.flatnonzero(np.isfinite(got)), expected.index)
+        np.testing.assert_allclose(got[expected.index], expected.to_numpy())
+    # Subject 1 has the same four methods on every ROI: the winner is an index among them.
+    mode = _mode_by_vertex(winner, where)
+    np.testing.assert_array_equal(drawn["Subj1_cortical_results_single_subj"]["lh"][mode.index], mode.to_numpy())
+    got = figures.subject_surface_maps(results_root, 1, encoding[1], 10242, figures.score_of("pooled-const"))["lh"]
+    expected = _mean_by_vertex(test_r, where)
+    assert np.array_equal(np.flatnonzero(np.isfinite(got)), expected.index)
+    np.testing.assert_allclose(got[expected.index], expected.to_numpy())
 
 
 def test_cortical_key_colours_each_vertex_by_its_first_roi(masks_root, monkeypatch, tmp_path):
@@ -367,16 +414,19 @@ def test_cortical_key_colours_each_vertex_by_its_first_roi(masks_root, monkeypat
     _, maps = figures.cortical_key(masks_root, 1, figures.load_meshes("fsaverage5"), tmp_path)
     rois = [r for r in (utils.ROI_GROUPS["early"] + utils.ROI_GROUPS["higher"]) if any(utils.roi_voxel_count(masks_root, 1, h, r) for h in utils.HEMISPHERES)]
     assert list(calls[0]["categories"]) == rois and calls[0]["views"] == ("lateral", "posterior", "medial")
+    assert "averaged into its nearest fsaverage5 vertex (lh: " in calls[0]["caption"]
     for h in utils.HEMISPHERES:
         rows = figures.fsaverage_rows(masks_root, 1, h)
-        # Independent: paint the ROIs in reverse canonical order, so the first ROI of a vertex wins.
-        expected = np.full(figures.FSAVERAGE5_VERTICES, np.nan)
+        # Independent: paint the ROIs in reverse canonical order, so the first ROI of a vertex wins; then the
+        # most common ROI of the vertices of each fsaverage5 vertex.
+        codes = np.full(len(rows), np.nan)
         for k in reversed(range(len(rois))):
-            where = rows[utils.roi_voxel_indices(masks_root, 1, h, rois[k])]
-            expected[where[where < figures.FSAVERAGE5_VERTICES]] = k
-        np.testing.assert_array_equal(maps[h], expected)
+            codes[utils.roi_voxel_indices(masks_root, 1, h, rois[k])] = k
+        mode = _mode_by_vertex(codes, _nearest()[rows])
+        assert np.array_equal(np.flatnonzero(np.isfinite(maps[h])), mode.index)
+        np.testing.assert_array_equal(maps[h][mode.index], mode.to_numpy())
         v1v = rows[utils.roi_voxel_indices(masks_root, 1, h, "V1v")]
-        assert (maps[h][v1v[v1v < figures.FSAVERAGE5_VERTICES]] == 0).all()
+        assert (maps[h][v1v[v1v < 10242]] == 0).mean() > 0.8
 
 
 def test_full_fsaverage_mesh_folder(tmp_path):
@@ -393,7 +443,119 @@ def test_full_fsaverage_mesh_folder(tmp_path):
     assert m == n and len(meshes["rh"]["pial"].coordinates) == n
     rows = np.array([5, 10241, 10242, 163841])
     np.testing.assert_array_equal(figures.to_mesh(np.arange(4.0), rows, m)[rows], np.arange(4.0))
-    assert np.isfinite(figures.to_mesh(np.arange(4.0), rows, figures.FSAVERAGE5_VERTICES)).sum() == 2
+    assert np.isfinite(figures.to_mesh(np.arange(4.0), rows, m)).sum() == 4
     os.remove(tmp_path / "surf" / "lh.sulc")
     with pytest.raises(safe_io.UserError, match="lh.sulc"):
         figures.load_meshes(str(tmp_path))
+
+
+# --- The results table and the index page ----------------------------------------------
+
+def test_results_table_holds_every_saved_result(results_root, tmp_path, capsys):
+    generate_results.main(["--root", str(results_root), "--type", "results-table", "--subjects", "1", "2", "3"])
+    assert "results of 3 subject(s)" in capsys.readouterr().out
+    table = pd.read_csv(utils.results_dir(results_root) / "encoding_results.csv")
+    assert list(table.columns) == encoding_results.RESULTS_TABLE_COLUMNS
+    files = sorted(utils.encoding_dir(results_root, 1).parent.glob("Subj*/*/*.npz"))
+    # Subjects 1, 2: 5 ROIs x 6 tags (4 methods, 2 transfers); subject 3: 4 ROIs (no FFA-1) x 5 (no pooled-const).
+    assert len(table) == len(files) == 2 * (2 * 5 * 6 + 4 * 5)
+    rows = table.set_index(["subject", "tag", "hemisphere", "roi"])
+    for path in files:
+        subj, tag, (hemi, roi) = int(path.parts[-3][4:]), path.parent.name, path.stem.split("_", 1)
+        row = rows.loc[(subj, tag, hemi, roi)]
+        with np.load(path) as a, np.load(path.parent.parent / "untuned" / path.name) as u:
+            assert row["n_voxels"] == len(a["voxels"]) == utils.roi_voxel_count(results_root, subj, hemi, roi)
+            assert row["mean_test_r"] == pytest.approx(a["test_r"].mean(), abs=1e-12)
+            assert row["mean_cv_r"] == pytest.approx(a["test_r"].mean() + 0.05, abs=1e-12)
+            assert row["method"] == tag.split("_")[0] and row["protocol"] == "per-method"
+            assert row["model_subj"] == (int(tag[-1]) if "_from-" in tag else subj)
+            if tag == "untuned":
+                assert np.isnan(row["gain_test_r"]) and np.isnan(row["pct_beats_untuned"])
+            else:
+                assert row["gain_test_r"] == pytest.approx(a["test_r"].mean() - u["test_r"].mean(), abs=1e-12)
+                assert row["gain_cv_r"] == pytest.approx(row["gain_test_r"], abs=1e-12)
+                assert row["pct_beats_untuned"] == pytest.approx(100 * np.mean(a["test_r"] > u["test_r"]), abs=1e-9)
+    empty = tmp_path / "empty"
+    (empty / "roi_masks").mkdir(parents=True)
+    os.symlink(results_root / "roi_masks" / "Subj1", empty / "roi_masks" / "Subj1")
+    err = run_error(generate_results.main, ["--root", str(empty), "--type", "results-table", "--subjects", "1"], capsys)
+    assert "no encoding results of subjects 1" in err and "fit_encoding_models.py" in err
+    assert not (empty / "results" / "encoding_results.csv").exists()
+
+
+# Paths the scripts write (one of each kind) and what the index must say of them.
+INDEXED = {
+    "encoding_results/Subj2/cl-tuned_from-Subj1/layer_scores_rh.png":
+        ("Encoding results of each subject", "Subj2 rh, cl-tuned_from-Subj1:", "--type summaries --subjects 2"),
+    "encoding_results/Subj1/methods_lh.png": ("Encoding results of each subject", "Subj1 lh:", "--subjects 1"),
+    "encoding_results/Subj1/scatter_pooled-avg_vs_untuned_lh.png":
+        ("Encoding results of each subject", "test r of pooled-avg against untuned", "--type summaries --subjects 1"),
+    "encoding_results/transfer_cl-tuned_untuned-layer_lh-rh_early.png":
+        ("Transfer across subjects", "untuned layer and alphas, early ROIs (lh-rh)", "--method cl-tuned"),
+    "encoding_results/transfer_reg-tuned_lh_higher_absent-zero.png":
+        ("Transfer across subjects", "higher ROIs (lh, absent ROIs as 0)",
+         "--method reg-tuned --protocol per-method --transfer-aggregation absent-zero"),
+    "encoding_results/nod/nod_transfer.png": ("Transfer to NOD", "NOD", "fit_encoding_models_nod.py"),
+    "results/figures/classification_caltech256_cl-tuned_e30.png":
+        ("Probes, MI bounds, salience and landscapes", "caltech256", "--type figures --dataset caltech256"),
+    "results/figures/landscape_imagenet_inpca.png": ("Probes, MI bounds, salience and landscapes", "(inpca)", ".ipynb"),
+    "results/figures/paper/roi_subj_presence_table.png": ("The paper's figures", "grey under 20", "--type paper-figures"),
+    "results/figures/published/cortical/Subj3_cv_r_reg-tuned.png":
+        ("Cortical maps", "Subj3: per vertex, the cv_r of reg-tuned", "--type paper-figures --source published"),
+    "results/figures/paper/cortical/Subj1_cortical_results_single_subj.png": ("Cortical maps", "Subj1", "paper-figures"),
+    "results/published_comparison/scorecard.png": ("Held against the published results", "published", "compare-published"),
+    "results/figures/mystery plot.png": ("Other figures", "", ""),
+}
+
+
+@pytest.fixture(scope="module")
+def indexed_root(tmp_path_factory):
+    """A project folder holding a small PNG (and its PDF) at each path of INDEXED, and the index of them."""
+    from PIL import Image
+    root = tmp_path_factory.mktemp("index")
+    (root / "roi_masks" / "Subj1").mkdir(parents=True)  # every project folder has them (SUBJECTS is checked)
+    for k, name in enumerate(INDEXED):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (4 + k, 3), (k, 0, 0)).save(root / name)
+        (root / name).with_suffix(".pdf").write_bytes(b"%PDF")
+    generate_results.main(["--root", str(root), "--type", "index"])
+    return root
+
+
+def test_index_lists_every_figure_with_its_caption_and_command(indexed_root):
+    index = utils.results_dir(indexed_root) / "figures" / "index.html"
+    page = index.read_text()
+    _, sections = figures.write_index(indexed_root)
+    assert {p.relative_to(indexed_root).as_posix() for ps in sections.values() for p in ps} == set(INDEXED)
+    for name, (section, caption, command) in INDEXED.items():
+        assert f"<b>{name}</b>" in page
+        got = figures.figure_entry(name)
+        if section == "Other figures":
+            assert got is None
+            continue
+        assert got[0] == section and caption in got[1] and command in got[2]
+        assert f"{got[1]}<br><code>{got[2]}</code>".replace("'", "&#x27;") in page
+    assert page.index("Encoding results of each subject") < page.index("Cortical maps") < page.index("Other figures")
+
+
+def _srcs(html_text):
+    import re
+    return re.findall(r"<img[^>]* src=\"?'?([^\"' >]+)", html_text)
+
+
+def test_index_in_a_headless_browser(indexed_root, tmp_path):
+    """Chromium parses the page: its DOM lists one <img> per figure, each resolving to the figure's PNG."""
+    import shutil
+    import subprocess
+    from urllib.parse import unquote, urljoin
+    from urllib.request import url2pathname
+    browser = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    if browser is None:
+        pytest.skip("no Chromium installed (apt-get install chromium)")
+    index = utils.results_dir(indexed_root) / "figures" / "index.html"
+    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path}",
+                          "--dump-dom", index.as_uri()], capture_output=True, text=True, timeout=60, check=True).stdout
+    srcs = _srcs(dom)
+    assert len(srcs) == len(INDEXED)
+    found = {Path(url2pathname(unquote(urljoin(index.as_uri(), s)[len("file://"):]))).resolve() for s in srcs}
+    assert found == {(indexed_root / name).resolve() for name in INDEXED}

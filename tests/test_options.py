@@ -89,7 +89,7 @@ FIT = ["--weights", "none", "--device", "cpu", "--image-size", "64", "--rois", "
      "--type histogram: allowed one of summaries, transfer-matrix, classification-task, classification-task-pooled-avg, "
      "classification-task-pooled-const, lower-bound-mi, lower-bound-mi-pooled-avg, lower-bound-mi-pooled-const, "
      "voxel-counts, save-embeddings, save-test-fmri-responses, random-rois-list, "
-     "figures, salience-maps, paper-figures, compare-published"),
+     "figures, salience-maps, paper-figures, compare-published, results-table, index"),
     (fit_encoding_models.main, FIT + ["--method", "tuned"], "--method tuned: allowed one of " + ", ".join(utils.METHODS)),
     (cl_model_training.main, TRAIN + ["--hemisphere", "up"], "--hemisphere up: allowed one of left, right, lh, rh"),
 ])

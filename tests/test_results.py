@@ -367,7 +367,7 @@ def test_figures_salience_and_landscape_notebook(pipeline_root, monkeypatch):
     assert {p.name for p in folder.iterdir()} >= {
         "classification_caltech256_cl-tuned_e1.png", "mi_bound_cl-tuned_e1.pdf", "mi_bound_pooled-avg_e1.png",
         "classification_caltech256_pooled-avg_e1.png",
-        f"salience_caltech256_subj1_{rois[0]}_cl-tuned_e1_img3.png"}
+        f"salience_caltech256_Subj1_{rois[0]}_cl-tuned_e1_img3.png"}
     # The notebook, run headless on these outputs with injected parameters.
     text = notebook_text(demo.run_notebook(root, "caltech256"))
     n_models = len(list((utils.classification_preds_dir(root) / "caltech256").glob("*.npz")))

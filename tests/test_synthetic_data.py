@@ -81,6 +81,37 @@ def test_generated_masks(synthetic_root):
     assert len({tuple(c) for c in counts}) == 4  # sizes differ by subject and hemisphere
 
 
+def test_generated_rois_are_patches_where_the_real_ones_lie(synthetic_root):
+    """Each ROI, as a cortical map draws it (a vertex shows its first ROI in canonical order), is one patch of
+    fsaverage5 vertices: V1v at the ventral occipital pole, FFA-1 on the ventral surface (nilearn's mesh)."""
+    from nilearn import datasets, surface
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    fs = datasets.fetch_surf_fsaverage("fsaverage5")
+    for hemi, side in (("lh", "left"), ("rh", "right")):
+        pial = surface.load_surf_mesh(fs[f"pial_{side}"])
+        xyz, faces = np.asarray(pial.coordinates), np.asarray(pial.faces)
+        for subj in (1, 2):
+            rows = np.flatnonzero(np.load(utils.fsaverage_mask_path(synthetic_root, subj, hemi)))
+            assert rows.max() < 10242  # fsaverage5's own vertices: drawn as they are
+            labels = labels_of(synthetic_root, subj, hemi)
+            first = np.full(len(rows), -1)
+            for k, roi in reversed(list(enumerate(utils.ROIS))):
+                first[labels[utils.ROI_CLASS[roi]] == utils.ROI_CODE[roi]] = k
+            for k, roi in enumerate(utils.ROIS):
+                patch = rows[first == k]
+                if len(patch) < 20:  # a small ROI may be squeezed between earlier ones
+                    continue
+                edges = faces[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2)
+                edges = edges[np.isin(edges, patch).all(axis=1)]
+                graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(10242, 10242))
+                _, component = connected_components(graph, directed=False)
+                assert np.bincount(component[patch]).max() >= 0.9 * len(patch), (subj, hemi, roi)
+            v1v, ffa = rows[first == utils.ROIS.index("V1v")], rows[first == utils.ROIS.index("FFA-1")]
+            assert xyz[v1v, 1].mean() < np.percentile(xyz[:, 1], 5) and xyz[v1v, 2].mean() < xyz[:, 2].mean()
+            assert xyz[ffa, 2].mean() < np.percentile(xyz[:, 2], 25)
+
+
 def test_deterministic_for_a_seed(tmp_path):
     kw = dict(n_subjects=1, n_images=12, image_size=24)
     a = synthetic_data.write_algonauts_dataset(tmp_path / "a", seed=3, **kw)
