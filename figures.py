@@ -484,19 +484,23 @@ def _subject_number_columns(matrix):
     return matrix[subjects].rename(columns=lambda c: c[4:])
 
 
-def transfer_both(root, min_voxels=utils.MIN_VOXELS):
-    """``encoding_results.transfer_table`` of cl-tuned in both hemispheres (the paper's ROIs), per-method protocol."""
-    table = encoding_results.transfer_table(root, "cl-tuned", utils.HEMISPHERES, PAPER_ROIS, "per-method", min_voxels)
+def transfer_both(root, protocol, min_voxels=utils.MIN_VOXELS):
+    """``encoding_results.transfer_table`` of cl-tuned in both hemispheres (the paper's ROIs) under ``protocol``:
+    'untuned-layer' for the cross-subject matrices (the authors'), 'per-method' for the scatter against
+    the pooled models (whose results are per-method)."""
+    table = encoding_results.transfer_table(root, "cl-tuned", utils.HEMISPHERES, PAPER_ROIS, protocol, min_voxels)
     if not (table["status"] == "fitted").any():
-        raise Missing("no cl-tuned results of any subject: make them with python fit_encoding_models.py --method cl-tuned "
-                      "--subj X, and --model-subj Y for the cross-subject ones, then untuned for the same subjects")
+        raise Missing(f"no cl-tuned results of the {protocol} protocol of any subject: make them with python "
+                      f"fit_encoding_models.py --method cl-tuned --protocol {protocol} --subj X, and --model-subj Y "
+                      "for the cross-subject ones, then untuned for the same subjects")
     return table
 
 
 def cs_matrix(transfer, rois):
-    """Model subject x evaluation subject: over the (hemisphere, ROI) of ``rois``, the authors' mean
-    (``encoding_results.transfer_matrices``, an absent ROI counting 0) of the fraction of the evaluation
-    subject's voxels whose test r with the model subject's CL model beats its untuned test r.
+    """Model subject x evaluation subject: over the (hemisphere, ROI) of ``rois`` present in every subject,
+    the unweighted mean (``encoding_results.transfer_matrices``, the authors' aggregation) of the fraction
+    of the evaluation subject's voxels whose test r with the model subject's CL model beats its untuned
+    test r. ``transfer`` is ``transfer_both`` of the untuned-layer protocol for the authors' matrices.
 
     Returns None when no ROI of ``rois`` has a result."""
     keyed = transfer.assign(roi=transfer["hemisphere"] + " " + transfer["roi"])
@@ -1342,9 +1346,11 @@ FIGURE_INDEX = [
     ("The paper's figures", _PAPER + r"roi_subj_presence_table\.png",
      "voxels of each ROI-hemisphere and subject: black present, grey under 20 voxels, white absent", None),
     ("The paper's figures", _PAPER + r"(?P<group>\w+)_group_cs_avgs_picture\.png",
-     "cross-subject transfer, {group} ROIs: fraction of voxels above untuned, model subject x evaluation subject", None),
+     "cross-subject transfer, {group} ROIs: fraction of voxels above untuned (both at the untuned layer and alphas), "
+     "model subject x evaluation subject", None),
     ("The paper's figures", _PAPER + r"cs_vs_pooled_(?P<h>\w+)_scatterplot\.png",
-     "% of voxels above untuned: other subjects' CL models (x) against the pooled model h-{h} (y)", None),
+     "% of voxels above untuned: other subjects' CL models (x) against the pooled model h-{h} (y), per-method protocol",
+     None),
     ("The paper's figures", _PAPER + r"lower_bound_mi_estimates_specific_vs_pooled_h(?P<h>\w+)\.png",
      "MI bound against ROI size, subject-specific CL models and the pooled model h-{h}", None),
     ("The paper's figures", _PAPER + r"mi_lower_bound_matrix\.png",
@@ -1506,13 +1512,15 @@ def paper_figures(root, epochs=utils.DEFAULT_EPOCHS["cl-tuned"], mesh="fsaverage
 
 def _results_figures(root, table, epochs, min_voxels, folder, attempt):
     """The paper's figures made from the transfer results, MI bounds and probes under ROOT."""
-    transfer = functools.cache(lambda: transfer_both(root, min_voxels))  # read once, for five figures
+    # Each protocol's results read once: the authors' matrices (untuned layer), the pooled scatters (per method).
+    authors = functools.cache(lambda: transfer_both(root, "untuned-layer", min_voxels))
+    per_method = functools.cache(lambda: transfer_both(root, "per-method", min_voxels))
     for group in ("all", "early", "higher"):  # the paper's three cross-subject figures
         rois = utils.ROI_GROUPS[group]
-        attempt(f"{group}_group_cs_avgs_picture", _cs_figure, transfer, group, rois, folder)
+        attempt(f"{group}_group_cs_avgs_picture", _cs_figure, authors, group, rois, folder)
     for pooled in POOLED:
         h = pooled.split("-")[1]
-        attempt(f"cs_vs_pooled_{h}_scatterplot", _cs_vs_pooled_figure, transfer, table, pooled, folder)
+        attempt(f"cs_vs_pooled_{h}_scatterplot", _cs_vs_pooled_figure, per_method, table, pooled, folder)
         attempt(f"lower_bound_mi_estimates_specific_vs_pooled_h{h}", _mi_size_figure, root, pooled, epochs, folder)
     attempt("mi_lower_bound_matrix", lambda: plot_value_matrix(
         mi_matrix(root, epochs), "MI lower bound estimates, subject-specific CL models\n"
@@ -1599,11 +1607,12 @@ def _cortical_key(root, table, encoding, meshes, folder):
 def _cs_figure(transfer, group, rois, folder):
     frac = cs_matrix(transfer(), rois)
     if frac is None:
-        raise Missing(f"no cl-tuned result of a {group} ROI: make them with python fit_encoding_models.py "
-                      "--method cl-tuned --model-subj Y --rois ...")
+        raise Missing(f"no cl-tuned result of a {group} ROI present in every subject: make them with python "
+                      "fit_encoding_models.py --method cl-tuned --protocol untuned-layer --model-subj Y --rois ...")
     name = "all ROIs" if group == "all" else f"{group} group"
     return plot_cs_matrix(frac, f"Avg. cross-subject voxel improvement fraction vs. untuned, {name}\n"
-                                "CL model of the model subject on the evaluation subject; mean over ROI-hemispheres",
+                                "CL model of the model subject on the evaluation subject, at the untuned layer;\n"
+                                "mean over the ROI-hemispheres present in every subject",
                           folder / f"{group}_group_cs_avgs_picture")
 
 
@@ -1611,11 +1620,11 @@ def _cs_vs_pooled_figure(transfer, table, pooled, folder):
     pairs = cs_vs_pooled(transfer(), _require(table, pooled), pooled)
     if pairs.empty:
         raise Missing(f"no (subject, ROI) has both cross-subject cl-tuned and {pooled} results: fit both with "
-                      f"python fit_encoding_models.py --method cl-tuned --model-subj Y / --method {pooled}")
+                      f"python fit_encoding_models.py --method cl-tuned --model-subj Y / --method {pooled} (per-method protocol)")
     h = pooled.split("-")[1]
     return plot_pairs(pairs, "Cross Subject: voxels improved (%)", f"Pooled ({'Avg' if h == 'avg' else 'Constant'}): "
                       "voxels improved (%)", "Cross subject and pooled voxels improved over untuned (test r)\n"
-                      "x: mean over the other subjects' CL models", folder / f"cs_vs_pooled_{h}_scatterplot",
+                      "x: mean over the other subjects' CL models; per-method protocol", folder / f"cs_vs_pooled_{h}_scatterplot",
                       zero_lines=False, limits=(0, 100))[0]
 
 

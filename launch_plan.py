@@ -134,11 +134,13 @@ def stage_jobs(name, lay, stages=tuple(STAGES)):
         return [(f"{utils.subj_dir(s)} {h} {roi} {m}", ["--subj", str(s), "--hemisphere", h, "--method", m, "--rois", roi])
                 for m in TUNED for s, h, roi in per_roi]
     if name == "transfer":
+        # The untuned-layer matrices' diagonal is the subject's own model at the untuned layer (the
+        # per-method one is the tuned stage's result).
         return [(f"{utils.subj_dir(t)} from {utils.subj_dir(m)} {h} {p}",
                  ["--subj", str(t), "--model-subj", str(m), "--hemisphere", h, "--method", "cl-tuned", "--protocol", p,
                   "--rois", *common])
-                for p in utils.PROTOCOLS for t in subjects for m in subjects if m != t for h in hemis
-                for common in [[roi for roi in present[(t, h)] if roi in present[(m, h)]]] if common]
+                for p in utils.PROTOCOLS for t in subjects for m in subjects if m != t or p == "untuned-layer"
+                for h in hemis for common in [[roi for roi in present[(t, h)] if roi in present[(m, h)]]] if common]
     if name == "nod":
         return [("NOD", [])] if (Path(lay.root) / "nod").is_dir() else []
     hemispheres = ["--hemispheres", *hemis]

@@ -26,12 +26,18 @@ def _write_result(root, subj, tag, hemi, roi, test_r, best_layer="features.5", l
     """A result as fit_encoding_models.py saves it; CV r is test r shifted by 0.05 (a transfer tag names its model subject)."""
     voxels = utils.roi_voxel_indices(root, subj, hemi, roi)
     n = len(voxels)
-    model_subj = int(tag.split("_from-Subj")[1]) if "_from-" in tag else subj
+    model_subj = _model_subj(tag, subj)
+    protocol = "untuned-layer" if tag.endswith("_untuned-layer") else "per-method"
     encoding_results.save_result({"voxels": voxels, "alphas": np.ones(n), "alpha_index": np.zeros(n, int),
                     "cv_r": test_r + 0.05, "test_r": test_r, "method": tag.split("_")[0], "hemisphere": hemi, "roi": roi,
-                    "best_layer": best_layer, "model_subj": model_subj, "protocol": "per-method",
+                    "best_layer": best_layer, "model_subj": model_subj, "protocol": protocol,
                     "layer_scores": layer_scores or {layer: 0.0 for layer in utils.LAYERS}},
                    encoding_results.result_path(root, subj, tag, hemi, roi))
+
+
+def _model_subj(tag, subj):
+    """The model subject a result's tag names (cl-tuned_from-Subj2[_untuned-layer]), else its own subject."""
+    return int(tag.split("_from-Subj")[1].split("_")[0]) if "_from-" in tag else subj
 
 
 def _layer_scores(s, k, hemi):
@@ -44,8 +50,8 @@ def _layer_scores(s, k, hemi):
 @pytest.fixture(scope="module")
 def results_root(tmp_path_factory, shared_masks):
     """Real masks of subjects 1-3; encoding results of 4 methods on 5 ROIs (subject 3 lacks FFA-1 and pooled-const),
-    cross-subject cl-tuned results of every model subject on the others (none on subject 3's FFA-1), MI bounds,
-    voxel counts and caltech256 probes, with known values."""
+    cross-subject cl-tuned results of every model subject on the others in both protocols, with other values
+    in each (none on subject 3's FFA-1), MI bounds, voxel counts and caltech256 probes, with known values."""
     root = tmp_path_factory.mktemp("paper")
     (root / "roi_masks").mkdir()
     for s in SUBJECTS:
@@ -63,10 +69,12 @@ def results_root(tmp_path_factory, shared_masks):
                 _write_result(root, s, "pooled-avg", h, roi, base + rng.normal(0.005, 0.01, n))
                 if s != 3:
                     _write_result(root, s, "pooled-const", h, roi, base - 0.002 + rng.normal(0, 0.01, n))
+                _write_result(root, s, "cl-tuned_untuned-layer", h, roi, base + rng.normal(0.003 * k, 0.01, n))
                 for y in SUBJECTS:
                     if y != s:
-                        _write_result(root, s, f"cl-tuned_from-{utils.subj_dir(y)}", h, roi,
-                                      base + rng.normal(0.002 * y - 0.004 * k, 0.01, n))
+                        for suffix in ("", "_untuned-layer"):
+                            _write_result(root, s, f"cl-tuned_from-{utils.subj_dir(y)}{suffix}", h, roi,
+                                          base + rng.normal(0.002 * y - 0.004 * k, 0.01, n))
     safe_io.atomic_write_text(ru.voxel_counts(root).to_csv(index=False), utils.results_dir(root) / "voxel_counts.csv")
     bound = lambda bits: {"scaled_bits": bits}
     for h in utils.HEMISPHERES:
@@ -136,8 +144,9 @@ def _frac_improved(root, target, tag, hemi, roi):
         return float(np.mean(a["test_r"] > b["test_r"]))
 
 
-def _transfer_tag(model, target):
-    return "cl-tuned" if model == target else f"cl-tuned_from-{utils.subj_dir(model)}"
+def _transfer_tag(model, target, protocol):
+    tag = "cl-tuned" if model == target else f"cl-tuned_from-{utils.subj_dir(model)}"
+    return tag + ("_untuned-layer" if protocol == "untuned-layer" else "")
 
 
 def test_paper_figures_from_saved_results(results_root, drawn):
@@ -199,23 +208,26 @@ def test_paper_figure_values(results_root):
     assert counts.loc["LH V1v", 1] == 710 and counts.loc["LH FBA-2", 1] == 0
     assert counts.loc["RH EBA", 2] == utils.roi_voxel_count(results_root, 2, "rh", "EBA")
 
-    # Cross-subject matrices: the mean over ROI-hemispheres of the fraction improved, from the files.
-    transfer = figures.transfer_both(results_root)
+    # Cross-subject matrices (the authors': untuned-layer protocol, the diagonal the subject's own model at the
+    # untuned layer): the mean over ROI-hemispheres of the fraction improved, from the files.
+    transfer = figures.transfer_both(results_root, "untuned-layer")
     early = figures.cs_matrix(transfer, utils.ROI_GROUPS["early"])
     for model in SUBJECTS:
         for target in SUBJECTS:
-            expected = np.mean([_frac_improved(results_root, target, _transfer_tag(model, target), h, roi)
+            expected = np.mean([_frac_improved(results_root, target, _transfer_tag(model, target, "untuned-layer"), h, roi)
                                 for h in utils.HEMISPHERES for roi in ("V1v", "hV4")])
             assert early.loc[model, target] == pytest.approx(expected, abs=1e-12)
     higher = figures.cs_matrix(transfer, utils.ROI_GROUPS["higher"])
     assert higher[3].isna().all() and higher.loc[:, [1, 2]].notna().all().all()  # no transfer on subject 3's FFA-1
 
-    # Pooled vs cross subject: x the mean over the other subjects' models, y the pooled model, both in %.
+    # Pooled vs cross subject (per-method protocol, as the pooled results): x the mean over the other
+    # subjects' models, y the pooled model, both in %.
     table = figures.encoding_table(encoding)
+    transfer = figures.transfer_both(results_root, "per-method")
     pairs = figures.cs_vs_pooled(transfer, table, "pooled-avg").set_index(["subject", "hemisphere", "roi"])
     assert len(pairs) == 2 * (2 * 4 + 3) and "early" not in pairs.index.get_level_values("roi")
     for (s, h, roi), row in pairs.iterrows():
-        others = [_frac_improved(results_root, s, _transfer_tag(y, s), h, roi) for y in SUBJECTS if y != s]
+        others = [_frac_improved(results_root, s, _transfer_tag(y, s, "per-method"), h, roi) for y in SUBJECTS if y != s]
         assert row["x"] == pytest.approx(100 * np.mean(others), abs=1e-9)
         assert row["y"] == pytest.approx(100 * _frac_improved(results_root, s, "pooled-avg", h, roi), abs=1e-9)
 
@@ -457,8 +469,9 @@ def test_results_table_holds_every_saved_result(results_root, tmp_path, capsys):
     table = pd.read_csv(utils.results_dir(results_root) / "encoding_results.csv")
     assert list(table.columns) == encoding_results.RESULTS_TABLE_COLUMNS
     files = sorted(utils.encoding_dir(results_root, 1).parent.glob("Subj*/*/*.npz"))
-    # Subjects 1, 2: 5 ROIs x 6 tags (4 methods, 2 transfers); subject 3: 4 ROIs (no FFA-1) x 5 (no pooled-const).
-    assert len(table) == len(files) == 2 * (2 * 5 * 6 + 4 * 5)
+    # Subjects 1, 2: 5 ROIs x 9 tags (4 methods, cl-tuned at the untuned layer, 2 transfers of each protocol);
+    # subject 3: 4 ROIs (no FFA-1) x 8 (no pooled-const).
+    assert len(table) == len(files) == 2 * (2 * 5 * 9 + 4 * 8)
     rows = table.set_index(["subject", "tag", "hemisphere", "roi"])
     for path in files:
         subj, tag, (hemi, roi) = int(path.parts[-3][4:]), path.parent.name, path.stem.split("_", 1)
@@ -467,8 +480,9 @@ def test_results_table_holds_every_saved_result(results_root, tmp_path, capsys):
             assert row["n_voxels"] == len(a["voxels"]) == utils.roi_voxel_count(results_root, subj, hemi, roi)
             assert row["mean_test_r"] == pytest.approx(a["test_r"].mean(), abs=1e-12)
             assert row["mean_cv_r"] == pytest.approx(a["test_r"].mean() + 0.05, abs=1e-12)
-            assert row["method"] == tag.split("_")[0] and row["protocol"] == "per-method"
-            assert row["model_subj"] == (int(tag[-1]) if "_from-" in tag else subj)
+            assert row["method"] == tag.split("_")[0]
+            assert row["protocol"] == ("untuned-layer" if tag.endswith("_untuned-layer") else "per-method")
+            assert row["model_subj"] == _model_subj(tag, subj)
             if tag == "untuned":
                 assert np.isnan(row["gain_test_r"]) and np.isnan(row["pct_beats_untuned"])
             else:

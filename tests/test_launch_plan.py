@@ -142,11 +142,13 @@ def test_dry_run_counts_the_jobs_of_the_real_masks(shared_masks, tmp_path, capsy
                     present.setdefault((s, h), set()).add(roi)
     triples = sum(len(v) for v in present.values())
     pairs = {(h, roi) for (s, h), rois in present.items() for roi in rois}
+    # Per-method: every ordered pair of other subjects; untuned-layer: each subject's own model too.
     transfer = sum(1 for t in range(1, 9) for m in range(1, 9) if m != t for h in ("lh", "rh")
                    if present[(t, h)] & present[(m, h)])
+    own = sum(1 for t in range(1, 9) for h in ("lh", "rh") if present[(t, h)])
     assert triples == 424 and len(pairs) == 57  # docs/cluster.md's counts
     assert rows == {"mappings": 1, "untuned": 16, "cl": triples, "reg": triples, "pooled": 2 * len(pairs),
-                    "tuned": 4 * triples, "transfer": 2 * transfer, "summaries": 3}
+                    "tuned": 4 * triples, "transfer": 2 * transfer + own, "summaries": 3}
     assert not (tmp_path / "launch_logs").exists()
 
 
