@@ -30,8 +30,9 @@ def run_error(argv, capsys):
 def run_transfer_matrix(root, *argv):
     """generate_results --type transfer-matrix of cl-tuned, left hemisphere (unless ``argv`` says otherwise):
     (table, {group: (mean_r, frac, stem)})."""
+    hemispheres = [] if "--hemispheres" in argv else ["--hemispheres", "left"]  # a list flag is given once
     return generate_results.main(["--root", str(root), "--type", "transfer-matrix", "--method", "cl-tuned",
-                                  "--hemispheres", "left", *argv])
+                                  *hemispheres, *argv])
 
 
 def untuned_reference(root, subj, hemi, roi, alexnet=None, n_components=encoding.N_COMPONENTS):
