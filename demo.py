@@ -6,7 +6,8 @@
   3. CL tuning of the ROIS of every subject, regression tuning for SUBJ, pooled (h-avg)
      tuning over all subjects, for a few epochs;
   4. fit_encoding_models.py for untuned, cl-tuned and pooled-avg (every subject) and
-     reg-tuned (SUBJ);
+     reg-tuned (SUBJ); every subject's CL model on every subject at the untuned layer (the
+     authors' cross-subject protocol) and the transfer matrices;
   5. generate_results.py: MI bounds, fc7 classification probes on a synthetic ImageFolder
      (ROOT/datasets/caltech256, classes of separable colour and orientation), figures;
   6. the landscape notebook, headless;
@@ -266,6 +267,13 @@ def main(argv=None):
                                                "--weights", weights, "--cl-epochs", str(opts.EPOCHS),
                                                "--reg-epochs", str(opts.EPOCHS), "--pooled-epochs", str(opts.EPOCHS)]
                                      + overwrite)
+    for s in subjects:
+        for model_subj in subjects:
+            fit_encoding_models.main(common + ["--subj", s, "--model-subj", model_subj, "--hemisphere", hemi,
+                                               "--rois", *rois, "--method", "cl-tuned", "--protocol", "untuned-layer",
+                                               "--weights", weights, "--cl-epochs", str(opts.EPOCHS)] + overwrite)
+    generate_results.main(["--root", root, "--type", "transfer-matrix", "--method", "cl-tuned", "--hemispheres", hemi,
+                           "--rois", *rois])
     print("5. MI bounds, classification probes and figures")
     folder = Path(root) / "datasets" / DATASET
     if not folder.is_dir() or opts.OVERWRITE:
