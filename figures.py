@@ -1220,9 +1220,9 @@ def mesh_note(counts, n_mesh):
     return f"every fitted vertex is drawn on fsaverage{each}; {OVERLAP_NOTE}"
 
 
-def covered(root, subj, voxels, hemisphere, n_mesh):
-    """(number of challenge-space ``voxels``, number of mesh vertices they are drawn on)."""
-    return len(voxels), len(np.unique(mesh_vertices(fsaverage_rows(root, subj, hemisphere)[voxels], n_mesh)))
+def covered(rows, voxels, n_mesh):
+    """(number of challenge-space ``voxels``, number of mesh vertices they are drawn on); ``rows`` as ``to_mesh``'s."""
+    return len(voxels), len(np.unique(mesh_vertices(rows[voxels], n_mesh)))
 
 
 def cortical_figures(root, encoding, meshes=None, surfaces=SURFACES, views=VIEWS, folder=None, kind="all", score="test_r"):
@@ -1239,7 +1239,7 @@ def cortical_figures(root, encoding, meshes=None, surfaces=SURFACES, views=VIEWS
     for subj, results in encoding.items():
         fitted = {h: np.unique(np.concatenate([r["voxels"] for k, r in results.items() if k[1] == h]))
                   for h in utils.HEMISPHERES if any(k[1] == h for k in results)}
-        where = mesh_note({h: covered(root, subj, v, h, n) for h, v in fitted.items()}, n)
+        where = mesh_note({h: covered(fsaverage_rows(root, subj, h), v, n) for h, v in fitted.items()}, n)
         methods = [m for m in utils.METHODS if any(k[0] == m for k in results)]
         jobs = [(f"{score}_{m}", score_of(m, score), f"{utils.subj_dir(subj)}: {name} of {m}", f"{name} (Pearson)", None)
                 for m in methods if kind == "all"]
@@ -1296,7 +1296,7 @@ def cortical_key(root, subj, meshes, folder):
         rows = fsaverage_rows(root, subj, h)
         values = vertex_values(None, h, len(rows), code)
         maps[h] = to_mesh(values, rows, n, categorical=True)
-        counts[h] = covered(root, subj, np.flatnonzero(np.isfinite(values)), h, n)
+        counts[h] = covered(rows, np.flatnonzero(np.isfinite(values)), n)
     colours = {roi: ROI_KEY_COLOURS[roi] for roi in rois}
     stem = Path(folder) / "cortical_results_key"
     return plot_cortical_map(maps, meshes, f"ROI key: the ROIs of {utils.subj_dir(subj)}", "ROI", stem, categories=colours,
@@ -1308,18 +1308,19 @@ def cortical_key(root, subj, meshes, folder):
 _SUBJ = r"(?P<subj>Subj(?P<n>\d+))"
 _PAPER = "results/figures/(?P<source>paper|published)/"
 _CORTICAL = _PAPER + "cortical/" + _SUBJ
+_SUMMARIES = "python generate_results.py --type summaries --subjects {n}  (also drawn by fit_encoding_models.py)"
 # Every figure the scripts write: (section, regular expression of its path below ROOT, caption, command); the
 # named groups fill the caption and the command. The first expression that matches a path gives its entry.
 FIGURE_INDEX = [
     ("Encoding results of each subject", _SUBJ.join(("encoding_results/", r"/(?P<tag>[^/]+)/layer_scores_(?P<hemi>[lr]h)\.png")),
      "{subj} {hemi}, {tag}: the ROI mean 5-fold CV r of each AlexNet layer, the best layer of each ROI boxed",
-     "python generate_results.py --type summaries --subjects {n}  (also drawn by fit_encoding_models.py)"),
+     _SUMMARIES),
     ("Encoding results of each subject", _SUBJ.join(("encoding_results/", r"/methods_(?P<hemi>[lr]h)\.png")),
      "{subj} {hemi}: mean test r of each method (untuned first) per ROI; error bars: 25th-75th percentile over voxels",
-     "python generate_results.py --type summaries --subjects {n}  (also drawn by fit_encoding_models.py)"),
+     _SUMMARIES),
     ("Encoding results of each subject", _SUBJ.join(("encoding_results/", r"/scatter_(?P<tag>.+)_vs_untuned_(?P<hemi>[lr]h)\.png")),
      "{subj} {hemi}: per-voxel test r of {tag} against untuned, over the ROIs that have both",
-     "python generate_results.py --type summaries --subjects {n}  (also drawn by fit_encoding_models.py)"),
+     _SUMMARIES),
     ("Transfer across subjects",
      r"encoding_results/transfer_(?P<method>[a-z-]+?)(?P<layer>_untuned-layer)?_(?P<hemis>[lr]h(?:-rh)?)_(?P<group>[a-z]+)"
      r"(?:_(?P<aggregation>absent-zero|voxels))?\.png",
@@ -1397,7 +1398,6 @@ _DERIVED = {
 
 def figure_entry(relative):
     """(section, caption, command) of a figure's path below ROOT (posix), from FIGURE_INDEX; None if unknown."""
-    import re
     for section, pattern, caption, command in FIGURE_INDEX:
         match = re.fullmatch(pattern, relative)
         if match:

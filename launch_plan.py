@@ -127,9 +127,9 @@ def stage_jobs(name, lay, stages=tuple(STAGES)):
         return [(f"{utils.subj_dir(s)} {h} {roi}", ["--subj", str(s), "--hemisphere", h, "--roi", roi])
                 for s, h, roi in per_roi]
     if name == "pooled":
-        rois = [roi for roi in utils.ROIS if any(roi in present[(s, h)] for s in subjects for h in hemis)]
         return [(f"{h} {roi} h{m}", ["--hemisphere", h, "--roi", roi, "--h-method", m, *everyone])
-                for h in hemis for roi in rois if any(roi in present[(s, h)] for s in subjects) for m in ("avg", "const")]
+                for h in hemis for roi in utils.ROIS if any(roi in present[(s, h)] for s in subjects)
+                for m in ("avg", "const")]
     if name == "tuned":
         return [(f"{utils.subj_dir(s)} {h} {roi} {m}", ["--subj", str(s), "--hemisphere", h, "--method", m, "--rois", roi])
                 for m in TUNED for s, h, roi in per_roi]
@@ -167,7 +167,7 @@ def stage_jobs(name, lay, stages=tuple(STAGES)):
     if name == "figures":
         return ([("voxel counts", ["--type", "voxel-counts", *everyone])]
                 + [(f"{d} {m} heatmaps", ["--type", "figures", "--dataset", d, "--method", m])
-                   for d in datasets(lay.root) for m in TUNED[:1] + TUNED[2:3]]
+                   for d in datasets(lay.root) for m in ("cl-tuned", "pooled-avg")]
                 + [("paper figures", ["--type", "paper-figures", *everyone])])
     raise KeyError(name)
 
